@@ -1,0 +1,45 @@
+//! The file as written: serde structs that mirror the TOML, with spans for error lines.
+//!
+//! Numbers are read as `i64` and durations and addresses as strings, so that a zero weight or a
+//! bad address reaches [`super::validate`], which can say what would be valid.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub workers: Option<Spanned<i64>>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub drain_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub listeners: BTreeMap<String, Spanned<RawListener>>,
+    #[serde(default)]
+    pub pools: BTreeMap<String, Spanned<RawPool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub bind: Spanned<String>,
+    pub pool: Spanned<String>,
+    pub idle_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub algorithm: Option<Spanned<String>>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub backends: Spanned<Vec<Spanned<RawBackend>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub address: Spanned<String>,
+    pub weight: Option<Spanned<i64>>,
+}

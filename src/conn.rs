@@ -1,0 +1,759 @@
+//! One proxied connection as a state machine that makes no syscalls.
+//!
+//! The worker feeds it completions ([`Event`]) and commands (start, close, buffers are back);
+//! it answers with the operations to submit ([`Op`]). It counts its own operations in flight,
+//! so it is the one that knows when its fds may be closed and its slot freed: only after the
+//! last completion (STYLE rule 7). Tests drive it without a ring.
+//!
+//! Data moves in two [`Dir`]ections, each a loop of "receive into a ring buffer, send it all,
+//! receive again": a direction never has more than one buffer, and a slow reader stops its
+//! writer's receives (backpressure). End of stream in one direction becomes shutdown(SHUT_WR) on
+//! the other side while the reverse direction keeps running; a reset on one side becomes a
+//! reset on the other.
+
+use std::os::fd::RawFd;
+
+/// A buffer id in the worker's provided-buffer ring.
+pub type BufId = u16;
+
+/// One end of a proxied connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
+/// A direction of data: `Up` reads the client and writes the backend, `Down` the reverse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    Up,
+    Down,
+}
+
+impl Dir {
+    pub const BOTH: [Dir; 2] = [Dir::Up, Dir::Down];
+
+    pub fn src(self) -> Side {
+        match self {
+            Dir::Up => Side::Client,
+            Dir::Down => Side::Backend,
+        }
+    }
+
+    pub fn dst(self) -> Side {
+        match self {
+            Dir::Up => Side::Backend,
+            Dir::Down => Side::Client,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// An operation for the worker to carry out. All but `Recycle`, `WaitForBuffer` and `Free`
+/// become submissions whose completions come back as [`Event`]s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Open a socket to the next backend and connect it under a linked timeout. Two
+    /// completions (connect, timeout), or [`Conn::socket_failed`] if no socket could be made.
+    Connect,
+    /// Receive from `fd` into a ring buffer.
+    Recv { dir: Dir, fd: RawFd },
+    /// Send `len` bytes from offset `offset` of buffer `buf` to `fd`.
+    Send { dir: Dir, fd: RawFd, buf: BufId, offset: u32, len: u32 },
+    /// shutdown(SHUT_WR) on `fd`: the other side finished sending. Done by the worker with a
+    /// direct syscall, which never blocks (IORING_OP_SHUTDOWN always runs on an io-wq thread);
+    /// no completion.
+    Shutdown { fd: RawFd },
+    /// Cancel every operation in flight on `fd`.
+    Cancel { fd: RawFd },
+    /// Close `fd`; with `reset`, SO_LINGER 0 first so the peer sees RST, not FIN.
+    Close { fd: RawFd, reset: bool },
+    /// Hand a buffer back to the ring; no completion.
+    Recycle(BufId),
+    /// The ring had no buffer: call [`Conn::buffer_available`] for `dir` when one returns.
+    WaitForBuffer(Dir),
+    /// Nothing is in flight and every fd is closed: the slot may be freed.
+    Free,
+}
+
+impl Op {
+    /// How many completions the operation will produce.
+    fn completions(self) -> u32 {
+        match self {
+            Op::Connect => 2,
+            Op::Recv { .. } | Op::Send { .. } | Op::Cancel { .. } | Op::Close { .. } => 1,
+            Op::Shutdown { .. } | Op::Recycle(_) | Op::WaitForBuffer(_) | Op::Free => 0,
+        }
+    }
+
+    /// The side whose socket the operation works on, if a cancel by fd would reach it.
+    fn side(self) -> Option<Side> {
+        match self {
+            Op::Connect => Some(Side::Backend),
+            Op::Recv { dir, .. } => Some(dir.src()),
+            Op::Send { dir, .. } => Some(dir.dst()),
+            _ => None,
+        }
+    }
+}
+
+/// A completion for this connection, decoded by the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// The connect finished: 0 or -errno (-ECANCELED when the linked timeout fired).
+    Connected(i32),
+    /// The connect's linked timeout finished (its result carries no extra information).
+    ConnectTimerDone,
+    /// A receive finished: bytes (0 = end of stream) or -errno, and the buffer if one was used.
+    Received { dir: Dir, result: i32, buf: Option<BufId> },
+    /// A send finished: bytes or -errno.
+    Sent { dir: Dir, result: i32 },
+    /// A cancel request finished.
+    Cancelled,
+    /// A close finished.
+    Closed,
+}
+
+impl Event {
+    /// The side whose socket the finished operation worked on (see [`Op::side`]).
+    fn side(self) -> Option<Side> {
+        match self {
+            Event::Connected(_) => Some(Side::Backend),
+            Event::Received { dir, .. } => Some(dir.src()),
+            Event::Sent { dir, .. } => Some(dir.dst()),
+            _ => None,
+        }
+    }
+}
+
+/// Why a connection ended, for counters and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both directions finished with end of stream.
+    Finished,
+    /// One side reset or failed; the reset was passed on to the other side.
+    Reset(Side),
+    /// No backend could be connected to.
+    NoBackend,
+    /// No socket could be opened (local resource shortage).
+    LocalError,
+    /// Closed by the worker: idle timeout, drain deadline.
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    /// Not started (still connecting).
+    Idle,
+    /// A receive is in flight.
+    Receiving,
+    /// The ring was out of buffers; waiting for one.
+    Starved,
+    /// A send of `buf[offset..len]` is in flight.
+    Sending { buf: BufId, offset: u32, len: u32 },
+    /// End of stream was passed on (or the direction failed).
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Connecting,
+    Relaying,
+    /// Waiting for cancelled operations to complete, then for the closes.
+    Closing { reset_client: bool, reset_backend: bool, closes_sent: bool },
+}
+
+/// Outcome of one connect attempt, for the worker's counters, logs and backend choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectOutcome {
+    Connected,
+    /// Failed with this errno (ETIMEDOUT when the linked timeout fired); another backend is
+    /// tried if any is left.
+    Failed(i32),
+}
+
+/// The state of one proxied connection.
+#[derive(Debug)]
+pub struct Conn {
+    pub generation: u32,
+    pub client: RawFd,
+    pub backend: Option<RawFd>,
+    /// Index of the listener that accepted the connection.
+    pub listener: u16,
+    /// Index of the backend (in the listener's pool) being connected to or relayed to.
+    pub backend_index: u32,
+    /// Connect attempts still allowed, counting the one in flight.
+    attempts_left: u32,
+    /// Backends a socket was opened for so far.
+    tried: u32,
+    phase: Phase,
+    flows: [Flow; 2],
+    inflight: u32,
+    /// Operations in flight on each side's socket (indexed by `Side as usize`): what a close
+    /// must cancel first.
+    busy: [u16; 2],
+    /// Milliseconds (worker clock) of the last byte moved, or of the accept.
+    pub last_active: u64,
+    pub bytes: [u64; 2],
+    end: Option<End>,
+}
+
+impl Conn {
+    /// A connection just accepted on `client`; `attempts` is how many backends may be tried.
+    pub fn new(generation: u32, client: RawFd, listener: u16, attempts: u32, now: u64) -> Conn {
+        Conn {
+            generation,
+            client,
+            backend: None,
+            listener,
+            backend_index: 0,
+            attempts_left: attempts.max(1),
+            tried: 0,
+            phase: Phase::Connecting,
+            flows: [Flow::Idle; 2],
+            inflight: 0,
+            busy: [0; 2],
+            last_active: now,
+            bytes: [0; 2],
+            end: None,
+        }
+    }
+
+    /// Why the connection ended, once it is closing.
+    pub fn end(&self) -> Option<End> {
+        self.end
+    }
+
+    pub fn is_relaying(&self) -> bool {
+        self.phase == Phase::Relaying
+    }
+
+    pub fn is_closing(&self) -> bool {
+        matches!(self.phase, Phase::Closing { .. })
+    }
+
+    /// Operations in flight for this connection.
+    pub fn inflight(&self) -> u32 {
+        self.inflight
+    }
+
+    fn emit(&mut self, op: Op, ops: &mut Vec<Op>) {
+        self.inflight += op.completions();
+        if let Some(side) = op.side() {
+            self.busy[side as usize] += 1;
+        }
+        ops.push(op);
+    }
+
+    /// Starts the first connect.
+    pub fn start(&mut self, ops: &mut Vec<Op>) {
+        self.emit(Op::Connect, ops);
+    }
+
+    /// The worker opened `fd` for the connect it was asked for, to backend `index`.
+    pub fn backend_opened(&mut self, fd: RawFd, index: u32) {
+        self.backend = Some(fd);
+        self.backend_index = index;
+        self.tried += 1;
+    }
+
+    /// How many backends a connect was started to (0 before the first).
+    pub fn tried(&self) -> u32 {
+        self.tried
+    }
+
+    /// The worker could not open a socket for [`Op::Connect`]: no completion will come.
+    pub fn socket_failed(&mut self, ops: &mut Vec<Op>) {
+        self.inflight -= Op::Connect.completions();
+        self.busy[Side::Backend as usize] -= 1;
+        self.begin_close(End::LocalError, false, false, ops);
+    }
+
+    /// Closes the connection from the worker's side (idle timeout, drain deadline): FIN both ways.
+    pub fn close(&mut self, ops: &mut Vec<Op>) {
+        self.begin_close(End::Closed, false, false, ops);
+    }
+
+    /// A buffer came back to the ring; a starved direction may receive again.
+    pub fn buffer_available(&mut self, dir: Dir, ops: &mut Vec<Op>) {
+        if self.phase == Phase::Relaying && self.flows[dir.index()] == Flow::Starved {
+            self.receive(dir, ops);
+        }
+    }
+
+    /// Whether `dir` waits for a buffer.
+    pub fn is_starved(&self, dir: Dir) -> bool {
+        self.flows[dir.index()] == Flow::Starved
+    }
+
+    fn fd(&self, side: Side) -> Option<RawFd> {
+        match side {
+            Side::Client => Some(self.client),
+            Side::Backend => self.backend,
+        }
+    }
+
+    fn receive(&mut self, dir: Dir, ops: &mut Vec<Op>) {
+        match self.fd(dir.src()) {
+            Some(fd) => {
+                self.flows[dir.index()] = Flow::Receiving;
+                self.emit(Op::Recv { dir, fd }, ops);
+            }
+            None => debug_assert!(false, "receive without a socket"),
+        }
+    }
+
+    fn send(&mut self, dir: Dir, buf: BufId, offset: u32, len: u32, ops: &mut Vec<Op>) {
+        match self.fd(dir.dst()) {
+            Some(fd) => {
+                self.flows[dir.index()] = Flow::Sending { buf, offset, len };
+                self.emit(Op::Send { dir, fd, buf, offset, len }, ops);
+            }
+            None => debug_assert!(false, "send without a socket"),
+        }
+    }
+
+    /// Handles one completion. Returns the connect outcome when the event settles an attempt.
+    pub fn on_event(&mut self, event: Event, now: u64, ops: &mut Vec<Op>) -> Option<ConnectOutcome> {
+        debug_assert!(self.inflight > 0, "completion with nothing in flight: {event:?}");
+        self.inflight = self.inflight.saturating_sub(1);
+        if let Some(side) = event.side() {
+            self.busy[side as usize] = self.busy[side as usize].saturating_sub(1);
+        }
+        let outcome = match self.phase {
+            Phase::Closing { .. } => {
+                self.settle_while_closing(event, ops);
+                None
+            }
+            Phase::Connecting | Phase::Relaying => self.handle(event, now, ops),
+        };
+        self.advance_close(ops);
+        outcome
+    }
+
+    fn handle(&mut self, event: Event, now: u64, ops: &mut Vec<Op>) -> Option<ConnectOutcome> {
+        match event {
+            Event::Connected(result) => return Some(self.connected(result, now, ops)),
+            Event::ConnectTimerDone | Event::Cancelled | Event::Closed => {}
+            Event::Received { dir, result, buf } => self.received(dir, result, buf, now, ops),
+            Event::Sent { dir, result } => self.sent(dir, result, now, ops),
+        }
+        None
+    }
+
+    fn connected(&mut self, result: i32, now: u64, ops: &mut Vec<Op>) -> ConnectOutcome {
+        debug_assert_eq!(self.phase, Phase::Connecting);
+        if result >= 0 {
+            self.phase = Phase::Relaying;
+            self.last_active = now;
+            self.receive(Dir::Up, ops);
+            self.receive(Dir::Down, ops);
+            return ConnectOutcome::Connected;
+        }
+        // The linked timeout cancels the connect: report it as a timeout.
+        let errno = if -result == libc::ECANCELED { libc::ETIMEDOUT } else { -result };
+        if let Some(fd) = self.backend.take() {
+            self.emit(Op::Close { fd, reset: false }, ops);
+        }
+        self.attempts_left -= 1;
+        if self.attempts_left > 0 {
+            self.emit(Op::Connect, ops);
+        } else {
+            self.begin_close(End::NoBackend, false, false, ops);
+        }
+        ConnectOutcome::Failed(errno)
+    }
+
+    fn received(&mut self, dir: Dir, result: i32, buf: Option<BufId>, now: u64, ops: &mut Vec<Op>) {
+        match (result, buf) {
+            (n, Some(buf)) if n > 0 => {
+                self.last_active = now;
+                self.bytes[dir.index()] += n as u64;
+                self.send(dir, buf, 0, n as u32, ops);
+            }
+            (0, buf) => {
+                if let Some(buf) = buf {
+                    ops.push(Op::Recycle(buf));
+                }
+                if let Some(fd) = self.fd(dir.dst()) {
+                    self.emit(Op::Shutdown { fd }, ops);
+                }
+                self.flows[dir.index()] = Flow::Done;
+                if self.flows.iter().all(|f| *f == Flow::Done) {
+                    self.begin_close(End::Finished, false, false, ops);
+                }
+            }
+            (err, buf) => {
+                if let Some(buf) = buf {
+                    ops.push(Op::Recycle(buf));
+                }
+                match -err {
+                    libc::ENOBUFS => {
+                        self.flows[dir.index()] = Flow::Starved;
+                        ops.push(Op::WaitForBuffer(dir));
+                    }
+                    libc::EINTR | libc::EAGAIN => self.receive(dir, ops),
+                    // The source reset or failed (or a positive count came without a buffer,
+                    // which the kernel never does): pass the reset on to the destination.
+                    _ => self.reset_from(dir.src(), ops),
+                }
+            }
+        }
+    }
+
+    fn sent(&mut self, dir: Dir, result: i32, now: u64, ops: &mut Vec<Op>) {
+        let Flow::Sending { buf, offset, len } = self.flows[dir.index()] else {
+            debug_assert!(false, "send completion while not sending");
+            return;
+        };
+        if result > 0 {
+            self.last_active = now;
+            let offset = offset + result as u32;
+            if offset < len {
+                self.send(dir, buf, offset, len, ops);
+            } else {
+                ops.push(Op::Recycle(buf));
+                self.receive(dir, ops);
+            }
+        } else if matches!(-result, libc::EINTR | libc::EAGAIN) {
+            self.send(dir, buf, offset, len, ops);
+        } else {
+            // The destination reset (EPIPE, ECONNRESET) or failed: pass it on to the source.
+            ops.push(Op::Recycle(buf));
+            self.flows[dir.index()] = Flow::Done;
+            self.reset_from(dir.dst(), ops);
+        }
+    }
+
+    /// `side` reset or failed: close both, resetting the other side so its peer learns of it.
+    fn reset_from(&mut self, side: Side, ops: &mut Vec<Op>) {
+        let (reset_client, reset_backend) = match side {
+            Side::Client => (false, true),
+            Side::Backend => (true, false),
+        };
+        self.begin_close(End::Reset(side), reset_client, reset_backend, ops);
+    }
+
+    fn begin_close(&mut self, end: End, reset_client: bool, reset_backend: bool, ops: &mut Vec<Op>) {
+        if self.is_closing() {
+            return;
+        }
+        self.end = Some(end);
+        self.phase = Phase::Closing { reset_client, reset_backend, closes_sent: false };
+        // Closing an fd does not stop operations on it: cancel them, and close only after
+        // their completions are in (see advance_close).
+        for side in [Side::Client, Side::Backend] {
+            if self.busy[side as usize] > 0
+                && let Some(fd) = self.fd(side)
+            {
+                self.emit(Op::Cancel { fd }, ops);
+            }
+        }
+        self.advance_close(ops);
+    }
+
+    /// While closing, completions only give back what they held.
+    fn settle_while_closing(&mut self, event: Event, ops: &mut Vec<Op>) {
+        match event {
+            Event::Received { buf: Some(buf), .. } => ops.push(Op::Recycle(buf)),
+            Event::Sent { dir, .. } => {
+                if let Flow::Sending { buf, .. } = self.flows[dir.index()] {
+                    ops.push(Op::Recycle(buf));
+                    self.flows[dir.index()] = Flow::Done;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Once nothing is in flight: close the fds, then (when those closes are in) free the slot.
+    fn advance_close(&mut self, ops: &mut Vec<Op>) {
+        let Phase::Closing { reset_client, reset_backend, closes_sent } = self.phase else {
+            return;
+        };
+        if self.inflight > 0 {
+            return;
+        }
+        if !closes_sent {
+            self.phase = Phase::Closing { reset_client, reset_backend, closes_sent: true };
+            let client = self.client;
+            self.emit(Op::Close { fd: client, reset: reset_client }, ops);
+            if let Some(fd) = self.backend.take() {
+                self.emit(Op::Close { fd, reset: reset_backend }, ops);
+            }
+        } else {
+            ops.push(Op::Free);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLIENT: RawFd = 10;
+    const BACKEND: RawFd = 11;
+    const BACKEND2: RawFd = 12;
+
+    /// A connection with its ops log, driven like the worker drives it.
+    struct Harness {
+        conn: Conn,
+        ops: Vec<Op>,
+        now: u64,
+    }
+
+    impl Harness {
+        fn new(attempts: u32) -> Harness {
+            let mut h = Harness { conn: Conn::new(1, CLIENT, 0, attempts, 0), ops: Vec::new(), now: 0 };
+            h.conn.start(&mut h.ops);
+            assert_eq!(h.take(), vec![Op::Connect]);
+            h.conn.backend_opened(BACKEND, 0);
+            h
+        }
+
+        fn relaying() -> Harness {
+            let mut h = Harness::new(1);
+            h.event(Event::ConnectTimerDone);
+            let outcome = h.conn.on_event(Event::Connected(0), h.now, &mut h.ops);
+            assert_eq!(outcome, Some(ConnectOutcome::Connected));
+            assert_eq!(
+                h.take(),
+                vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Recv { dir: Dir::Down, fd: BACKEND }]
+            );
+            assert!(h.conn.is_relaying());
+            h
+        }
+
+        fn event(&mut self, event: Event) -> Vec<Op> {
+            self.now += 1;
+            self.conn.on_event(event, self.now, &mut self.ops);
+            self.take()
+        }
+
+        fn take(&mut self) -> Vec<Op> {
+            std::mem::take(&mut self.ops)
+        }
+
+        /// Completes the closes and checks the slot is freed only then.
+        fn finish_close(&mut self, closes: usize) {
+            for i in 0..closes {
+                let ops = self.event(Event::Closed);
+                if i + 1 < closes {
+                    assert!(ops.is_empty(), "freed before the last close: {ops:?}");
+                } else {
+                    assert_eq!(ops, vec![Op::Free]);
+                }
+            }
+            assert_eq!(self.conn.inflight(), 0);
+        }
+    }
+
+    #[test]
+    fn relays_and_recycles() {
+        let mut h = Harness::relaying();
+        let ops = h.event(Event::Received { dir: Dir::Up, result: 100, buf: Some(3) });
+        assert_eq!(ops, vec![Op::Send { dir: Dir::Up, fd: BACKEND, buf: 3, offset: 0, len: 100 }]);
+        assert_eq!(h.conn.last_active, h.now);
+        // A short send resends the rest from the same buffer.
+        let ops = h.event(Event::Sent { dir: Dir::Up, result: 60 });
+        assert_eq!(ops, vec![Op::Send { dir: Dir::Up, fd: BACKEND, buf: 3, offset: 60, len: 100 }]);
+        let ops = h.event(Event::Sent { dir: Dir::Up, result: 40 });
+        assert_eq!(ops, vec![Op::Recycle(3), Op::Recv { dir: Dir::Up, fd: CLIENT }]);
+        assert_eq!(h.conn.bytes, [100, 0]);
+        assert_eq!(h.conn.inflight(), 2, "one receive per direction");
+    }
+
+    #[test]
+    fn half_close_keeps_reverse_direction() {
+        let mut h = Harness::relaying();
+        // Client sends FIN: shut down writing to the backend, keep relaying the other way.
+        let ops = h.event(Event::Received { dir: Dir::Up, result: 0, buf: None });
+        assert_eq!(ops, vec![Op::Shutdown { fd: BACKEND }]);
+        let ops = h.event(Event::Received { dir: Dir::Down, result: 5, buf: Some(1) });
+        assert_eq!(ops, vec![Op::Send { dir: Dir::Down, fd: CLIENT, buf: 1, offset: 0, len: 5 }]);
+        let ops = h.event(Event::Sent { dir: Dir::Down, result: 5 });
+        assert_eq!(ops, vec![Op::Recycle(1), Op::Recv { dir: Dir::Down, fd: BACKEND }]);
+        // Backend finishes too: shutdown the client, then close both with FIN.
+        let ops = h.event(Event::Received { dir: Dir::Down, result: 0, buf: None });
+        assert_eq!(
+            ops,
+            vec![Op::Shutdown { fd: CLIENT }, Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: false }]
+        );
+        assert_eq!(h.conn.end(), Some(End::Finished));
+        h.finish_close(2);
+    }
+
+    #[test]
+    fn eof_with_a_buffer_recycles_it() {
+        let mut h = Harness::relaying();
+        let ops = h.event(Event::Received { dir: Dir::Down, result: 0, buf: Some(9) });
+        assert_eq!(ops, vec![Op::Recycle(9), Op::Shutdown { fd: CLIENT }]);
+    }
+
+    #[test]
+    fn backend_reset_resets_client_after_cancelling() {
+        let mut h = Harness::relaying();
+        let ops = h.event(Event::Received { dir: Dir::Down, result: -libc::ECONNRESET, buf: None });
+        // The client's receive is still in flight: cancel it before closing.
+        assert_eq!(ops, vec![Op::Cancel { fd: CLIENT }]);
+        assert_eq!(h.conn.end(), Some(End::Reset(Side::Backend)));
+        assert!(h.event(Event::Cancelled).is_empty());
+        let ops = h.event(Event::Received { dir: Dir::Up, result: -libc::ECANCELED, buf: None });
+        assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: true }, Op::Close { fd: BACKEND, reset: false }]);
+        h.finish_close(2);
+    }
+
+    #[test]
+    fn client_reset_resets_backend() {
+        let mut h = Harness::relaying();
+        let ops = h.event(Event::Received { dir: Dir::Up, result: -libc::ECONNRESET, buf: None });
+        assert_eq!(ops, vec![Op::Cancel { fd: BACKEND }]);
+        h.event(Event::Cancelled);
+        let ops = h.event(Event::Received { dir: Dir::Down, result: -libc::ECANCELED, buf: None });
+        assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: true }]);
+    }
+
+    #[test]
+    fn failed_send_resets_the_source_and_returns_the_buffer() {
+        let mut h = Harness::relaying();
+        h.event(Event::Received { dir: Dir::Down, result: 10, buf: Some(4) });
+        let ops = h.event(Event::Sent { dir: Dir::Down, result: -libc::EPIPE });
+        // The backend has nothing in flight (its direction was sending); the client's receive is.
+        assert_eq!(ops, vec![Op::Recycle(4), Op::Cancel { fd: CLIENT }]);
+        assert_eq!(h.conn.end(), Some(End::Reset(Side::Client)));
+        h.event(Event::Cancelled);
+        let ops = h.event(Event::Received { dir: Dir::Up, result: -libc::ECANCELED, buf: None });
+        assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: true }]);
+    }
+
+    #[test]
+    fn buffer_held_by_cancelled_send_is_recycled_on_its_completion() {
+        let mut h = Harness::relaying();
+        h.event(Event::Received { dir: Dir::Up, result: 10, buf: Some(2) });
+        h.conn.close(&mut h.ops);
+        // Both operations in flight (up send, down receive) are on the backend's socket.
+        assert_eq!(h.take(), vec![Op::Cancel { fd: BACKEND }]);
+        assert_eq!(h.event(Event::Sent { dir: Dir::Up, result: -libc::ECANCELED }), vec![Op::Recycle(2)]);
+        h.event(Event::Cancelled);
+        let ops = h.event(Event::Received { dir: Dir::Down, result: -libc::ECANCELED, buf: None });
+        assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: false }]);
+        h.finish_close(2);
+    }
+
+    #[test]
+    fn no_buffers_waits_then_resumes() {
+        let mut h = Harness::relaying();
+        let ops = h.event(Event::Received { dir: Dir::Up, result: -libc::ENOBUFS, buf: None });
+        assert_eq!(ops, vec![Op::WaitForBuffer(Dir::Up)]);
+        assert!(h.conn.is_starved(Dir::Up));
+        h.conn.buffer_available(Dir::Up, &mut h.ops);
+        assert_eq!(h.take(), vec![Op::Recv { dir: Dir::Up, fd: CLIENT }]);
+        // A second notice for a direction no longer starved does nothing.
+        h.conn.buffer_available(Dir::Up, &mut h.ops);
+        assert!(h.take().is_empty());
+    }
+
+    #[test]
+    fn starved_connection_closes_without_waiting_for_a_buffer() {
+        let mut h = Harness::relaying();
+        h.event(Event::Received { dir: Dir::Up, result: -libc::ENOBUFS, buf: None });
+        h.conn.close(&mut h.ops);
+        // The down receive is in flight; the starved up direction has nothing in flight.
+        assert_eq!(h.take(), vec![Op::Cancel { fd: BACKEND }]);
+        h.event(Event::Received { dir: Dir::Down, result: -libc::ECANCELED, buf: None });
+        let ops = h.event(Event::Cancelled);
+        assert_eq!(ops.len(), 2);
+        h.conn.buffer_available(Dir::Up, &mut h.ops);
+        assert!(h.take().is_empty(), "no receive after close began");
+    }
+
+    #[test]
+    fn refused_connect_tries_next_backend() {
+        let mut h = Harness::new(2);
+        let outcome = h.conn.on_event(Event::Connected(-libc::ECONNREFUSED), 1, &mut h.ops);
+        assert_eq!(outcome, Some(ConnectOutcome::Failed(libc::ECONNREFUSED)));
+        assert_eq!(h.take(), vec![Op::Close { fd: BACKEND, reset: false }, Op::Connect]);
+        assert_eq!(h.conn.backend, None);
+        h.conn.backend_opened(BACKEND2, 1);
+        // Completions of the first attempt's timer and close arrive in any order.
+        assert!(h.event(Event::ConnectTimerDone).is_empty());
+        assert!(h.event(Event::Closed).is_empty());
+        let outcome = h.conn.on_event(Event::Connected(0), 5, &mut h.ops);
+        assert_eq!(outcome, Some(ConnectOutcome::Connected));
+        assert_eq!(h.take(), vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Recv { dir: Dir::Down, fd: BACKEND2 }]);
+        assert_eq!(h.conn.backend_index, 1);
+    }
+
+    #[test]
+    fn timed_out_connect_is_reported_as_timeout() {
+        let mut h = Harness::new(2);
+        assert!(h.event(Event::ConnectTimerDone).is_empty());
+        let outcome = h.conn.on_event(Event::Connected(-libc::ECANCELED), 1, &mut h.ops);
+        assert_eq!(outcome, Some(ConnectOutcome::Failed(libc::ETIMEDOUT)));
+        assert_eq!(h.take(), vec![Op::Close { fd: BACKEND, reset: false }, Op::Connect]);
+    }
+
+    #[test]
+    fn all_backends_failing_closes_client_once_everything_completed() {
+        let mut h = Harness::new(1);
+        h.conn.on_event(Event::Connected(-libc::ECONNREFUSED), 1, &mut h.ops);
+        assert_eq!(h.take(), vec![Op::Close { fd: BACKEND, reset: false }]);
+        assert_eq!(h.conn.end(), Some(End::NoBackend));
+        // Nothing is on the client's fd, so nothing is cancelled, but the client is closed only
+        // after the timer and the backend close are in.
+        assert_eq!(h.conn.inflight(), 2);
+        assert!(h.event(Event::ConnectTimerDone).is_empty());
+        let ops = h.event(Event::Closed);
+        assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }]);
+        h.finish_close(1);
+    }
+
+    #[test]
+    fn socket_failure_closes_client() {
+        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, 3, 0), ops: Vec::new(), now: 0 };
+        h.conn.start(&mut h.ops);
+        h.take();
+        h.conn.socket_failed(&mut h.ops);
+        assert_eq!(h.take(), vec![Op::Close { fd: CLIENT, reset: false }]);
+        assert_eq!(h.conn.end(), Some(End::LocalError));
+        h.finish_close(1);
+    }
+
+    #[test]
+    fn close_while_connecting_cancels_connect() {
+        let mut h = Harness::new(1);
+        h.conn.close(&mut h.ops);
+        assert_eq!(h.take(), vec![Op::Cancel { fd: BACKEND }], "the client is not read while connecting");
+        h.event(Event::Cancelled);
+        assert!(h.event(Event::Connected(-libc::ECANCELED)).is_empty());
+        let ops = h.event(Event::ConnectTimerDone);
+        assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: false }]);
+        h.finish_close(2);
+    }
+
+    #[test]
+    fn close_is_idempotent() {
+        let mut h = Harness::relaying();
+        h.conn.close(&mut h.ops);
+        assert_eq!(h.take(), vec![Op::Cancel { fd: CLIENT }, Op::Cancel { fd: BACKEND }]);
+        h.conn.close(&mut h.ops);
+        assert!(h.take().is_empty());
+    }
+
+    #[test]
+    fn interrupted_operations_are_retried() {
+        let mut h = Harness::relaying();
+        assert_eq!(
+            h.event(Event::Received { dir: Dir::Up, result: -libc::EINTR, buf: None }),
+            vec![Op::Recv { dir: Dir::Up, fd: CLIENT }]
+        );
+        h.event(Event::Received { dir: Dir::Up, result: 7, buf: Some(0) });
+        assert_eq!(
+            h.event(Event::Sent { dir: Dir::Up, result: -libc::EAGAIN }),
+            vec![Op::Send { dir: Dir::Up, fd: BACKEND, buf: 0, offset: 0, len: 7 }]
+        );
+    }
+}

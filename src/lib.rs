@@ -1,0 +1,29 @@
+//! ringlb: a layer-4 TCP load balancer on io_uring, one ring per core.
+//!
+//! How the pieces fit, in the order a connection meets them:
+//!
+//! - [`config`] reads the TOML file and validates it into a typed [`config::Config`]; nothing
+//!   past startup sees config types.
+//! - [`server`] binds one SO_REUSEPORT listener per worker per configured listener, builds the
+//!   first [`pool::Snapshot`], starts the workers and turns SIGTERM/SIGINT into a drain.
+//! - [`control`] is what the control side shares with the workers: the run state, the current
+//!   snapshot (swapped whole, never edited), per-worker [`stats`], and an eventfd doorbell per
+//!   worker that says "look at the shared state".
+//! - [`worker`] is one pinned thread with its own [`ring`]: it accepts (multishot), picks a
+//!   backend with its [`balance`] state, and drives every [`conn::Conn`] by turning
+//!   completions into events and the connection's operations into submissions.
+//! - [`conn`] is the per-connection state machine (connect with retries, relay both ways,
+//!   half-close, reset, close after the last completion). It makes no syscalls.
+//! - [`ring`] and [`sys`] hold all the `unsafe`: the io_uring wrapper, the provided-buffer ring,
+//!   and the few syscalls made outside the ring.
+
+pub mod balance;
+pub mod config;
+pub mod conn;
+pub mod control;
+pub mod pool;
+pub mod ring;
+pub mod server;
+pub mod stats;
+pub mod sys;
+pub mod worker;

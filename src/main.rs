@@ -1,0 +1,104 @@
+//! The `ringlb` command: parses the command line, loads the config, starts logging and the
+//! server, and waits for a stop signal. Everything else is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use log::{error, info};
+
+use ringlb::config::Config;
+use ringlb::server::Server;
+use ringlb::sys;
+
+const EXAMPLES: &str = "\
+Examples:
+  ringlb check -c config/ringlb.toml    validate a config and print what it sets up
+  ringlb run -c config/ringlb.toml      serve until SIGTERM or SIGINT
+  RUST_LOG=debug ringlb run -c FILE     log every connection
+
+Stopping: SIGTERM or SIGINT stops accepting and lets open connections finish for up to
+drain_timeout (default 30s); a second signal closes them at once. Exit status 0.";
+
+#[derive(Parser)]
+#[command(name = "ringlb", version, about = "A layer-4 TCP load balancer on io_uring", after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the load balancer.
+    Run {
+        /// The TOML configuration file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and print a summary; exit 1 if it is invalid.
+    Check {
+        /// The TOML configuration file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match cli.command {
+        Command::Check { config: path } => match Config::load(&path) {
+            Ok(config) => {
+                println!("{}: OK\n{}", path.display(), config.summary());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config } => run(&config),
+    }
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Block the stop signals before any thread starts, so only sigtimedwait here sees them.
+    let signals = sys::shutdown_signals();
+    if let Err(e) = sys::block_signals(&signals) {
+        error!("cannot block signals: {e}");
+        return ExitCode::FAILURE;
+    }
+    sys::ignore_sigpipe();
+    info!("ringlb {} starting with {}", env!("CARGO_PKG_VERSION"), path.display());
+    let server = match Server::start(&config) {
+        Ok(server) => server,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for (name, address) in &server.listen_addrs {
+        let listener = config.listeners.iter().find(|l| &l.name == name).expect("listener from config");
+        let pool = &config.pools[listener.pool];
+        info!(
+            "listener {name} on {address} -> pool {} ({}, {} backends)",
+            pool.name,
+            pool.algorithm.name(),
+            pool.backends.len()
+        );
+    }
+    match server.serve_until_stopped(&signals) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

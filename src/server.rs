@@ -1,0 +1,232 @@
+//! Starting and stopping ringlb: binds every worker's listeners, starts the pinned workers,
+//! and turns stop requests (SIGTERM, SIGINT) into a drain and, on a second request or at the
+//! drain deadline, a close of what is left.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::{error, info};
+
+use crate::config::Config;
+use crate::control::{RunState, Shared};
+use crate::pool::Snapshot;
+use crate::stats;
+use crate::sys;
+use crate::worker::{RingSizes, Worker, WorkerListener, WorkerPlan};
+
+/// The listen backlog of every listener.
+const BACKLOG: i32 = 4096;
+/// Descriptors kept aside for listeners, rings, eventfds, logs and the like.
+const RESERVED_FDS: u64 = 64;
+
+/// Why ringlb could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("listener {listener}: cannot listen on {address}: {source}")]
+    Bind { listener: String, address: SocketAddr, source: io::Error },
+    #[error("worker {worker}: cannot set up io_uring: {source} (ringlb needs Linux 6.1 or later with io_uring enabled)")]
+    Ring { worker: usize, source: io::Error },
+    #[error("cannot start a worker thread: {0}")]
+    Thread(io::Error),
+    #[error("cannot create the workers' doorbells: {0}")]
+    Doorbell(io::Error),
+}
+
+/// A running ringlb: its workers and the state they share.
+pub struct Server {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<io::Result<()>>>,
+    /// The address each listener is bound to (with the real port when the config said 0), in
+    /// config order.
+    pub listen_addrs: Vec<(String, SocketAddr)>,
+    /// How many connections the file-descriptor limit allows.
+    pub connection_capacity: u64,
+}
+
+impl Server {
+    /// Binds the listeners and starts the workers; returns once every worker's ring is up.
+    pub fn start(config: &Config) -> Result<Server, StartError> {
+        Self::start_with(config, RingSizes::default())
+    }
+
+    pub fn start_with(config: &Config, sizes: RingSizes) -> Result<Server, StartError> {
+        let fd_limit = match sys::raise_nofile_limit() {
+            Ok(limit) => limit,
+            Err(e) => {
+                log::warn!("cannot raise the file-descriptor limit: {e}");
+                1024
+            }
+        };
+        let workers = config.workers.get();
+        let cpus = sys::allowed_cpus();
+
+        // Bind every worker's listener here, so a bad address fails the start, not a thread.
+        let mut per_worker: Vec<Vec<WorkerListener>> = (0..workers).map(|_| Vec::new()).collect();
+        let mut listen_addrs = Vec::new();
+        for listener in &config.listeners {
+            let mut address = listener.bind;
+            for worker_listeners in per_worker.iter_mut() {
+                let socket = sys::listener(address, BACKLOG).map_err(|source| StartError::Bind {
+                    listener: listener.name.clone(),
+                    address,
+                    source,
+                })?;
+                // With port 0 the first bind picks the port; the other workers share it.
+                if address.port() == 0
+                    && let Some(bound) = socket.local_addr().ok().and_then(|a| a.as_socket())
+                {
+                    address = bound;
+                }
+                worker_listeners.push(WorkerListener {
+                    name: listener.name.clone(),
+                    socket,
+                    pool: listener.pool,
+                    idle_timeout: listener.idle_timeout,
+                });
+            }
+            listen_addrs.push((listener.name.clone(), address));
+        }
+
+        let snapshot = Snapshot::from_config(config, 1);
+        let shared = Arc::new(Shared::new(snapshot, workers).map_err(StartError::Doorbell)?);
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let mut handles = Vec::with_capacity(workers);
+        for (index, listeners) in per_worker.into_iter().enumerate() {
+            let plan = WorkerPlan {
+                index,
+                cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),
+                listeners,
+                drain_timeout: config.drain_timeout,
+                sizes,
+                doorbell: shared.doorbell(index),
+            };
+            let shared = Arc::clone(&shared);
+            let ready = ready_tx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("ringlb-w{index}"))
+                .spawn(move || match Worker::new(plan, shared) {
+                    Ok(worker) => {
+                        let _ = ready.send((index, None));
+                        worker.run()
+                    }
+                    Err(e) => {
+                        let message = e.to_string();
+                        let _ = ready.send((index, Some(e)));
+                        Err(io::Error::other(message))
+                    }
+                })
+                .map_err(StartError::Thread)?;
+            handles.push(handle);
+        }
+        drop(ready_tx);
+
+        let mut failure = None;
+        for _ in 0..workers {
+            match ready_rx.recv() {
+                Ok((_, None)) => {}
+                Ok((worker, Some(source))) => {
+                    failure.get_or_insert(StartError::Ring { worker, source });
+                }
+                Err(_) => {
+                    failure.get_or_insert(StartError::Thread(io::Error::other("a worker exited while starting")));
+                }
+            }
+        }
+        let connection_capacity = fd_limit.saturating_sub(RESERVED_FDS + (workers * config.listeners.len()) as u64) / 2;
+        let server = Server { shared, workers: handles, listen_addrs, connection_capacity };
+        if let Some(failure) = failure {
+            server.shared.advance(RunState::Closing);
+            let _ = server.join();
+            return Err(failure);
+        }
+        info!(
+            "{} workers running; the file-descriptor limit ({fd_limit}) allows about {} concurrent connections (2 descriptors each)",
+            workers, server.connection_capacity
+        );
+        Ok(server)
+    }
+
+    /// Stops accepting and lets open connections finish (until the drain deadline).
+    pub fn drain(&self) {
+        self.shared.advance(RunState::Draining);
+    }
+
+    /// Closes every connection now.
+    pub fn close_now(&self) {
+        self.shared.advance(RunState::Closing);
+    }
+
+    /// Whether any worker has exited (all do, after a drain; one alone means it failed).
+    pub fn any_worker_exited(&self) -> bool {
+        self.workers.iter().any(|w| w.is_finished())
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Waits for every worker; the first worker error, if any, is returned.
+    pub fn join(self) -> io::Result<()> {
+        let mut result = Ok(());
+        for (index, handle) in self.workers.into_iter().enumerate() {
+            let outcome = handle.join().unwrap_or_else(|_| Err(io::Error::other("worker panicked")));
+            if let Err(e) = outcome {
+                error!("worker {index} failed: {e}");
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        result
+    }
+
+    /// Serves until SIGTERM or SIGINT, then drains: a second signal closes what is left at
+    /// once. Returns when every worker has stopped. The signals must already be blocked in
+    /// every thread (see [`sys::block_signals`]), which `main` does before starting.
+    pub fn serve_until_stopped(self, signals: &libc::sigset_t) -> io::Result<()> {
+        let mut stopping = false;
+        loop {
+            match sys::wait_signal_timeout(signals, Duration::from_millis(200))? {
+                Some(signal) if !stopping => {
+                    stopping = true;
+                    info!("{}: draining; stop accepting, open connections may finish", signal_name(signal));
+                    self.drain();
+                }
+                Some(signal) => {
+                    info!("{}: closing remaining connections now", signal_name(signal));
+                    self.close_now();
+                }
+                None => {}
+            }
+            if self.any_worker_exited() {
+                if !stopping {
+                    error!("a worker stopped unexpectedly; stopping the others");
+                }
+                self.close_now();
+                break;
+            }
+        }
+        let shared = Arc::clone(&self.shared);
+        let result = self.join();
+        let totals = stats::totals(&shared.stats);
+        let summary: Vec<String> = totals
+            .iter()
+            .filter(|(name, _, _)| !name.ends_with("_active"))
+            .map(|(name, _, value)| format!("{}={value}", name.trim_start_matches("ringlb_")))
+            .collect();
+        info!("stopped: {}", summary.join(" "));
+        result
+    }
+}
+
+fn signal_name(signal: libc::c_int) -> &'static str {
+    match signal {
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        _ => "signal",
+    }
+}

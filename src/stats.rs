@@ -1,0 +1,90 @@
+//! Counters each worker keeps about its connections, readable from any thread.
+//!
+//! Each worker is the only writer of its own [`WorkerStats`], so an increment is a plain load
+//! and store (no locked instruction on the hot path); readers sum over workers. Each worker's
+//! block sits on its own cache lines.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A counter written by one thread and read by any.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`; only the owning worker calls this.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(self.0.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        self.0.store(self.0.load(Ordering::Relaxed).wrapping_sub(n), Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+macro_rules! worker_stats {
+    ($($field:ident: $name:literal, $help:literal;)*) => {
+        /// One worker's counters.
+        #[derive(Debug, Default)]
+        #[repr(align(128))]
+        pub struct WorkerStats {
+            $(#[doc = $help] pub $field: Counter,)*
+        }
+
+        impl WorkerStats {
+            /// (metric name, help, value) for every counter, for logs and metrics output.
+            pub fn values(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$(($name, $help, self.$field.get()),)*]
+            }
+        }
+    };
+}
+
+worker_stats! {
+    accepted: "ringlb_connections_accepted_total", "Client connections accepted.";
+    active: "ringlb_connections_active", "Client connections open now.";
+    finished: "ringlb_connections_finished_total", "Connections both sides closed normally.";
+    reset: "ringlb_connections_reset_total", "Connections ended by a reset or error on one side, passed on to the other.";
+    no_backend: "ringlb_connections_no_backend_total", "Connections closed because no backend could be connected to.";
+    local_error: "ringlb_connections_local_error_total", "Connections closed because no socket could be opened.";
+    idle_closed: "ringlb_connections_idle_closed_total", "Connections closed by the idle timeout.";
+    drain_closed: "ringlb_connections_drain_closed_total", "Connections closed at the drain deadline.";
+    connect_failed: "ringlb_backend_connect_failures_total", "Backend connect attempts that failed or timed out.";
+    accept_errors: "ringlb_accept_errors_total", "Accept failures (including file-descriptor exhaustion).";
+    bytes_up: "ringlb_bytes_client_to_backend_total", "Bytes relayed from clients to backends.";
+    bytes_down: "ringlb_bytes_backend_to_client_total", "Bytes relayed from backends to clients.";
+    buffer_waits: "ringlb_buffer_waits_total", "Receives that found the buffer ring empty and waited.";
+}
+
+/// Sums the counters of several workers, by metric name.
+pub fn totals(workers: &[WorkerStats]) -> Vec<(&'static str, &'static str, u64)> {
+    let mut sums = WorkerStats::default().values();
+    for worker in workers {
+        for (sum, (_, _, value)) in sums.iter_mut().zip(worker.values()) {
+            sum.2 += value;
+        }
+    }
+    sums
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_sum_workers() {
+        let workers = [WorkerStats::default(), WorkerStats::default()];
+        workers[0].accepted.add(2);
+        workers[1].accepted.add(3);
+        workers[1].active.add(2);
+        workers[1].active.sub(1);
+        let sums = totals(&workers);
+        assert!(sums.contains(&("ringlb_connections_accepted_total", "Client connections accepted.", 5)));
+        assert_eq!(sums.iter().find(|(n, _, _)| *n == "ringlb_connections_active").unwrap().2, 1);
+    }
+}

@@ -1,0 +1,239 @@
+//! Thin, safe wrappers over the few syscalls ringlb makes outside the ring: CPU affinity,
+//! file-descriptor limits, signal masks, eventfds and socket options.
+//!
+//! Every `unsafe` block outside the ring lives here, each with the reason it is sound.
+
+use std::io;
+use std::mem;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+/// The CPUs this process may run on (its affinity mask), in ascending order.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set, and sched_getaffinity
+    // writes at most size_of::<cpu_set_t>() bytes into it.
+    let mut set: libc::cpu_set_t = unsafe { mem::zeroed() };
+    let ret = unsafe { libc::sched_getaffinity(0, mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if ret != 0 {
+        return (0..std::thread::available_parallelism().map_or(1, NonZeroUsize::get)).collect();
+    }
+    // SAFETY: CPU_ISSET only reads the set, and i stays below CPU_SETSIZE.
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
+        .collect()
+}
+
+/// How many CPUs this process may run on: the default worker count.
+pub fn available_cpus() -> NonZeroUsize {
+    NonZeroUsize::new(allowed_cpus().len()).unwrap_or(NonZeroUsize::MIN)
+}
+
+/// Pins the calling thread to one CPU.
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    // SAFETY: as in allowed_cpus; CPU_SET writes inside the set for cpu < CPU_SETSIZE.
+    let mut set: libc::cpu_set_t = unsafe { mem::zeroed() };
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: the set is initialised and its size is passed.
+    check(unsafe { libc::sched_setaffinity(0, mem::size_of::<libc::cpu_set_t>(), &set) }).map(drop)
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit and returns the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) })?;
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        // SAFETY: setrlimit only reads the struct.
+        check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) })?;
+        limit = raised;
+    }
+    Ok(limit.rlim_cur)
+}
+
+/// The signals the main thread handles; every other thread keeps them blocked.
+pub fn shutdown_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and modify the set we own.
+    unsafe {
+        let mut set: libc::sigset_t = mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+/// Blocks `set` in the calling thread; threads spawned afterwards inherit the mask.
+pub fn block_signals(set: &libc::sigset_t) -> io::Result<()> {
+    // SAFETY: the set is initialised; the old mask is not requested.
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, set, std::ptr::null_mut()) };
+    if ret != 0 { Err(io::Error::from_raw_os_error(ret)) } else { Ok(()) }
+}
+
+/// Waits up to `timeout` for one of the (blocked) signals in `set`.
+pub fn wait_signal_timeout(set: &libc::sigset_t, timeout: std::time::Duration) -> io::Result<Option<libc::c_int>> {
+    let ts = libc::timespec { tv_sec: timeout.as_secs() as _, tv_nsec: timeout.subsec_nanos() as _ };
+    // SAFETY: the set and timespec are initialised; no siginfo is requested.
+    let ret = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
+    if ret >= 0 {
+        return Ok(Some(ret));
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(None),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// Ignores SIGPIPE: a write to a closed socket must be an error, not the end of the process.
+pub fn ignore_sigpipe() {
+    // SAFETY: SIG_IGN is a valid disposition for SIGPIPE.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
+/// A close-on-exec eventfd: the doorbell the control side rings for a worker. It is blocking
+/// on purpose: io_uring answers a read of an O_NONBLOCK file with EAGAIN instead of waiting.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd returns a new fd that nobody else owns.
+    let fd = check(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) })?;
+    // SAFETY: fd was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds one to an eventfd's counter, waking whatever reads it.
+pub fn eventfd_ring(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 to an fd we hold open. A full counter (EAGAIN)
+    // already means a pending wakeup, so the result does not matter.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+/// A listener socket for one worker: SO_REUSEPORT so every worker binds the same address.
+pub fn listener(addr: SocketAddr, backlog: i32) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener.
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket)
+}
+
+/// A non-blocking TCP socket for a backend connection, with TCP_NODELAY, returned as a raw fd
+/// because the ring, not Rust, decides when it is closed.
+pub fn backend_socket(addr: &SockAddr) -> io::Result<RawFd> {
+    let family = addr.family() as libc::c_int;
+    // SAFETY: socket() creates a new fd owned by nobody else.
+    let fd = check(unsafe {
+        libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, libc::IPPROTO_TCP)
+    })?;
+    if let Err(err) = set_int_option(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1) {
+        close(fd);
+        return Err(err);
+    }
+    Ok(fd)
+}
+
+fn set_int_option(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: passes a pointer to a live c_int and its size.
+    check(unsafe {
+        libc::setsockopt(fd, level, name, (&value as *const libc::c_int).cast(), mem::size_of::<libc::c_int>() as _)
+    })
+    .map(drop)
+}
+
+/// Sets SO_LINGER {on, 0}: the next close sends RST instead of FIN.
+pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: passes a pointer to a live linger struct and its size.
+    check(unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, (&linger as *const libc::linger).cast(), mem::size_of::<libc::linger>() as _)
+    })
+    .map(drop)
+}
+
+/// shutdown(SHUT_WR): sends FIN after whatever is queued; never blocks.
+pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    // SAFETY: shutdown takes an fd and a constant; the fd is open (owned by a connection).
+    check(unsafe { libc::shutdown(fd, libc::SHUT_WR) }).map(drop)
+}
+
+/// The address of the peer of a connected socket.
+pub fn peer_addr(fd: RawFd) -> io::Result<SocketAddr> {
+    // SAFETY: SockAddr::try_init hands getpeername a storage buffer and its length.
+    let (_, addr) = unsafe {
+        SockAddr::try_init(|storage, len| check(libc::getpeername(fd, storage.cast(), len)).map(drop))
+    }?;
+    addr.as_socket().ok_or_else(|| io::Error::from_raw_os_error(libc::EAFNOSUPPORT))
+}
+
+/// Closes an fd synchronously; for fds that never reached the ring.
+pub fn close(fd: RawFd) {
+    // SAFETY: callers pass an fd they own and never use again.
+    unsafe { libc::close(fd) };
+}
+
+/// Counts the calling process's open file descriptors (for tests and diagnostics).
+pub fn open_fd_count() -> io::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/fd")?.count().saturating_sub(1))
+}
+
+/// A coarse monotonic clock in milliseconds: cheap enough to read once per ring wakeup.
+pub fn now_millis() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into the struct we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowed_cpus_is_not_empty() {
+        assert!(!allowed_cpus().is_empty());
+        assert_eq!(available_cpus().get(), allowed_cpus().len());
+    }
+
+    #[test]
+    fn nofile_soft_limit_reaches_hard() {
+        let soft = raise_nofile_limit().unwrap();
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        assert_eq!(soft, limit.rlim_max);
+        assert_eq!(limit.rlim_cur, limit.rlim_max);
+    }
+
+    #[test]
+    fn listeners_share_a_port() {
+        let first = listener("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = first.local_addr().unwrap().as_socket().unwrap();
+        let second = listener(addr, 16).unwrap();
+        assert_eq!(second.local_addr().unwrap().as_socket(), Some(addr));
+    }
+
+    #[test]
+    fn backend_socket_and_peer_addr() {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        let (accepted, _) = server.accept().unwrap();
+        assert_eq!(peer_addr(accepted.as_raw_fd()).unwrap(), client.local_addr().unwrap());
+        let fd = backend_socket(&SockAddr::from(server.local_addr().unwrap())).unwrap();
+        set_linger_zero(fd).unwrap();
+        close(fd);
+    }
+}

@@ -1,0 +1,693 @@
+//! A worker: one thread, pinned to one core, owning one ring, its own SO_REUSEPORT listeners
+//! and a slab of [`Conn`]s. It turns completions into connection events and the connections'
+//! [`Op`]s into submissions; this is the only place that touches the ring.
+//!
+//! Lifecycle: accept until the control side asks to drain (cancel the accepts, then close the
+//! listeners), relay until the connections end or the drain deadline closes them, cancel the
+//! worker's own timers and doorbell read, and return once every completion is in.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use io_uring::{opcode, squeue, types};
+use log::{debug, error, info, warn};
+use slab::Slab;
+use socket2::Socket;
+
+use crate::balance::Picker;
+use crate::conn::{ConnectOutcome, Conn, Dir, End, Event, Op};
+use crate::control::{RunState, Shared};
+use crate::pool::Snapshot;
+use crate::ring::{BufRing, Completion, GENERATION_MASK, Kind, Ring, Token};
+use crate::stats::WorkerStats;
+use crate::sys;
+
+/// Sizes of a worker's ring and buffers.
+#[derive(Debug, Clone, Copy)]
+pub struct RingSizes {
+    /// Submission queue entries; the completion queue gets four times as many.
+    pub entries: u32,
+    /// Buffers in the provided-buffer ring (a power of two).
+    pub buffers: u16,
+    /// Bytes per buffer: the most one receive moves.
+    pub buffer_size: u32,
+}
+
+impl Default for RingSizes {
+    fn default() -> RingSizes {
+        RingSizes { entries: 1024, buffers: 512, buffer_size: 32 * 1024 }
+    }
+}
+
+/// A listener as a worker sees it.
+#[derive(Debug)]
+pub struct WorkerListener {
+    pub name: String,
+    pub socket: Socket,
+    /// Index into the snapshot's pools.
+    pub pool: usize,
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Everything a worker is started with.
+#[derive(Debug)]
+pub struct WorkerPlan {
+    pub index: usize,
+    pub cpu: Option<usize>,
+    pub listeners: Vec<WorkerListener>,
+    pub drain_timeout: Duration,
+    pub sizes: RingSizes,
+    pub doorbell: Arc<OwnedFd>,
+}
+
+struct ListenerState {
+    name: String,
+    /// `None` once closed.
+    socket: Option<Socket>,
+    pool: usize,
+    idle_timeout_ms: Option<u64>,
+    accept_armed: bool,
+}
+
+/// Logs a message at most once per interval and counts what it held back.
+struct RateLimit {
+    next_ms: u64,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    const INTERVAL_MS: u64 = 1000;
+
+    fn new() -> RateLimit {
+        RateLimit { next_ms: 0, suppressed: 0 }
+    }
+
+    /// Returns how many messages were suppressed since the last one, if this one may be logged.
+    fn allow(&mut self, now: u64) -> Option<u64> {
+        if now >= self.next_ms {
+            self.next_ms = now + Self::INTERVAL_MS;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Running,
+    Draining,
+}
+
+/// Slots for timespecs the kernel reads at submission; boxed so their addresses are stable.
+struct Timers {
+    connect: Vec<types::Timespec>,
+    tick: types::Timespec,
+    backoff: types::Timespec,
+    drain: types::Timespec,
+}
+
+fn timespec(d: Duration) -> types::Timespec {
+    types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos())
+}
+
+/// How long accepting pauses after the process ran out of file descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+pub struct Worker {
+    // Declared first so it is dropped before the buffer memory the kernel may write to.
+    ring: Ring,
+    bufs: BufRing,
+    index: usize,
+    shared: Arc<Shared>,
+    doorbell: Arc<OwnedFd>,
+    doorbell_value: Box<u64>,
+    listeners: Vec<ListenerState>,
+    snapshot: Arc<Snapshot>,
+    /// Snapshots replaced since the last submission: kept until then because a queued connect
+    /// points at their addresses.
+    retired: Vec<Arc<Snapshot>>,
+    pickers: Vec<Picker>,
+    timers: Box<Timers>,
+    conns: Slab<Conn>,
+    next_generation: u32,
+    /// Scratch space reused for every connection step and every batch of completions.
+    ops: Vec<Op>,
+    completions: Vec<Completion>,
+    scratch_slots: Vec<usize>,
+    /// Directions waiting for a buffer, oldest first, with their connection's generation.
+    starved: VecDeque<(usize, u32, Dir)>,
+    /// Buffers recycled since starved directions were last served.
+    recycled: usize,
+    /// Worker-level operations in flight (accepts, doorbell, timers, cancels).
+    misc_inflight: u32,
+    mode: Mode,
+    closing_all: bool,
+    accept_backoff_armed: bool,
+    cancel_all_sent: bool,
+    drain_timeout: Duration,
+    now: u64,
+    accept_log: RateLimit,
+    connect_log: RateLimit,
+}
+
+impl Worker {
+    /// Builds the worker's ring and buffers; call on the worker's own thread (the ring is
+    /// SINGLE_ISSUER).
+    pub fn new(plan: WorkerPlan, shared: Arc<Shared>) -> io::Result<Worker> {
+        if let Some(cpu) = plan.cpu
+            && let Err(e) = sys::pin_current_thread(cpu)
+        {
+            warn!("worker {}: cannot pin to CPU {cpu}: {e}", plan.index);
+        }
+        let ring = Ring::new(plan.sizes.entries)?;
+        let bufs = BufRing::new(&ring, 0, plan.sizes.buffers, plan.sizes.buffer_size)?;
+        let snapshot = shared.snapshot();
+        let pickers = snapshot.pools.iter().map(Picker::new).collect();
+        let min_idle = plan.listeners.iter().filter_map(|l| l.idle_timeout).min();
+        let timers = Box::new(Timers {
+            connect: snapshot.pools.iter().map(|p| timespec(p.connect_timeout)).collect(),
+            tick: timespec(tick_interval(min_idle)),
+            backoff: timespec(ACCEPT_BACKOFF),
+            drain: timespec(plan.drain_timeout),
+        });
+        let listeners = plan
+            .listeners
+            .into_iter()
+            .map(|l| ListenerState {
+                name: l.name,
+                socket: Some(l.socket),
+                pool: l.pool,
+                idle_timeout_ms: l.idle_timeout.map(|d| d.as_millis() as u64),
+                accept_armed: false,
+            })
+            .collect();
+        Ok(Worker {
+            ring,
+            bufs,
+            index: plan.index,
+            shared,
+            doorbell: plan.doorbell,
+            doorbell_value: Box::new(0),
+            listeners,
+            snapshot,
+            retired: Vec::new(),
+            pickers,
+            timers,
+            conns: Slab::with_capacity(1024),
+            next_generation: 0,
+            ops: Vec::with_capacity(16),
+            completions: Vec::with_capacity(256),
+            scratch_slots: Vec::new(),
+            starved: VecDeque::new(),
+            recycled: 0,
+            misc_inflight: 0,
+            mode: Mode::Running,
+            closing_all: false,
+            accept_backoff_armed: false,
+            cancel_all_sent: false,
+            drain_timeout: plan.drain_timeout,
+            now: sys::now_millis(),
+            accept_log: RateLimit::new(),
+            connect_log: RateLimit::new(),
+        })
+    }
+
+    fn stats(&self) -> &WorkerStats {
+        &self.shared.stats[self.index]
+    }
+
+    /// Runs until drained and every completion is in.
+    pub fn run(mut self) -> io::Result<()> {
+        self.arm_doorbell();
+        for l in 0..self.listeners.len() {
+            self.arm_accept(l);
+        }
+        if self.listeners.iter().any(|l| l.idle_timeout_ms.is_some()) {
+            self.push_misc(opcode::Timeout::new(&self.timers.tick).count(0).flags(types::TimeoutFlags::MULTISHOT).build(), Kind::Tick, 0);
+        }
+        // The state may have changed before the doorbell read was armed.
+        self.check_run_state();
+        loop {
+            self.ring.submit_and_wait(1)?;
+            if !self.ring.has_overflow() {
+                self.retired.clear();
+            }
+            self.now = sys::now_millis();
+            let mut completions = std::mem::take(&mut self.completions);
+            self.ring.reap(&mut completions);
+            for completion in completions.drain(..) {
+                self.dispatch(completion);
+            }
+            self.completions = completions;
+            self.serve_starved();
+            if self.finished() {
+                break;
+            }
+        }
+        self.bufs.unregister(&self.ring);
+        debug!("worker {}: stopped", self.index);
+        Ok(())
+    }
+
+    /// Queues a worker-level operation.
+    fn push_misc(&mut self, entry: squeue::Entry, kind: Kind, slot: usize) {
+        self.misc_inflight += 1;
+        // SAFETY: worker-level entries point only at fields of `self` (timers, doorbell value)
+        // that live until `run` returns, which is after every completion is in.
+        unsafe { self.ring.push(entry.user_data(Token::new(kind, slot, 0).encode())) };
+    }
+
+    fn arm_doorbell(&mut self) {
+        let fd = self.doorbell.as_raw_fd();
+        let buf = (&mut *self.doorbell_value as *mut u64).cast::<u8>();
+        self.push_misc(opcode::Read::new(types::Fd(fd), buf, 8).build(), Kind::Doorbell, 0);
+    }
+
+    fn arm_accept(&mut self, l: usize) {
+        let listener = &mut self.listeners[l];
+        let Some(socket) = &listener.socket else { return };
+        if listener.accept_armed {
+            return;
+        }
+        listener.accept_armed = true;
+        let fd = socket.as_raw_fd();
+        self.push_misc(opcode::AcceptMulti::new(types::Fd(fd)).flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK).build(), Kind::Accept, l);
+    }
+
+    fn dispatch(&mut self, c: Completion) {
+        let Some(token) = Token::decode(c.user_data) else {
+            error!("worker {}: completion with unknown user_data {:#x}", self.index, c.user_data);
+            return;
+        };
+        match token.kind {
+            Kind::Accept => self.on_accept(token.slot as usize, c),
+            Kind::Doorbell => {
+                self.misc_inflight -= 1;
+                self.check_run_state();
+                if !self.cancel_all_sent {
+                    self.arm_doorbell();
+                }
+            }
+            Kind::Tick => {
+                if !c.more() {
+                    self.misc_inflight -= 1;
+                }
+                if c.result == -libc::ETIME {
+                    self.close_idle();
+                }
+            }
+            Kind::AcceptBackoff => {
+                self.misc_inflight -= 1;
+                self.accept_backoff_armed = false;
+                if self.mode == Mode::Running {
+                    for l in 0..self.listeners.len() {
+                        self.arm_accept(l);
+                    }
+                }
+            }
+            Kind::DrainDeadline => {
+                self.misc_inflight -= 1;
+                if c.result == -libc::ETIME {
+                    self.close_all("drain deadline");
+                }
+            }
+            Kind::AcceptCancel | Kind::CancelAll => self.misc_inflight -= 1,
+            _ => self.on_conn_completion(token, c),
+        }
+    }
+
+    /// Acts on what the control side asked for.
+    fn check_run_state(&mut self) {
+        match self.shared.run_state() {
+            RunState::Running => {
+                let current = self.shared.snapshot();
+                if current.generation != self.snapshot.generation {
+                    self.install(current);
+                }
+            }
+            RunState::Draining => self.start_drain(),
+            RunState::Closing => {
+                self.start_drain();
+                self.close_all("second stop signal");
+            }
+        }
+    }
+
+    fn install(&mut self, snapshot: Arc<Snapshot>) {
+        let old = std::mem::replace(&mut self.snapshot, snapshot);
+        self.pickers = self.snapshot.pools.iter().map(Picker::new).collect();
+        self.timers.connect = self.snapshot.pools.iter().map(|p| timespec(p.connect_timeout)).collect();
+        self.retired.push(old);
+    }
+
+    fn start_drain(&mut self) {
+        if self.mode == Mode::Draining {
+            return;
+        }
+        self.mode = Mode::Draining;
+        for l in 0..self.listeners.len() {
+            if self.listeners[l].accept_armed {
+                // Closing a listener does not end its multishot accept: cancel it, and close
+                // the listener when the accept's last completion arrives.
+                let token = Token::new(Kind::Accept, l, 0).encode();
+                self.push_misc(opcode::AsyncCancel2::new(types::CancelBuilder::user_data(token)).build(), Kind::AcceptCancel, l);
+            } else {
+                self.listeners[l].socket = None;
+            }
+        }
+        if !self.drain_timeout.is_zero() {
+            self.push_misc(opcode::Timeout::new(&self.timers.drain).build(), Kind::DrainDeadline, 0);
+        } else {
+            self.close_all("drain_timeout 0");
+        }
+    }
+
+    fn close_all(&mut self, why: &str) {
+        if self.closing_all {
+            return;
+        }
+        self.closing_all = true;
+        let open = self.conns.len();
+        if open > 0 {
+            info!("worker {}: closing {open} connections ({why})", self.index);
+        }
+        self.scratch_slots.clear();
+        self.scratch_slots.extend(self.conns.iter().filter(|(_, c)| !c.is_closing()).map(|(slot, _)| slot));
+        for i in 0..self.scratch_slots.len() {
+            let slot = self.scratch_slots[i];
+            self.stats().drain_closed.add(1);
+            self.step(slot, |conn, ops| conn.close(ops));
+        }
+    }
+
+    fn close_idle(&mut self) {
+        let now = self.now;
+        self.scratch_slots.clear();
+        for (slot, conn) in self.conns.iter() {
+            if let Some(limit) = self.listeners[conn.listener as usize].idle_timeout_ms
+                && conn.is_relaying()
+                && now.saturating_sub(conn.last_active) >= limit
+            {
+                self.scratch_slots.push(slot);
+            }
+        }
+        for i in 0..self.scratch_slots.len() {
+            let slot = self.scratch_slots[i];
+            self.stats().idle_closed.add(1);
+            self.step(slot, |conn, ops| conn.close(ops));
+        }
+    }
+
+    fn finished(&mut self) -> bool {
+        if self.mode != Mode::Draining || !self.conns.is_empty() || self.listeners.iter().any(|l| l.socket.is_some()) {
+            return false;
+        }
+        if !self.cancel_all_sent {
+            // Only the worker's own timers and doorbell read are left: cancel them all.
+            self.cancel_all_sent = true;
+            self.push_misc(opcode::AsyncCancel2::new(types::CancelBuilder::any()).build(), Kind::CancelAll, 0);
+            return false;
+        }
+        self.misc_inflight == 0
+    }
+
+    fn on_accept(&mut self, l: usize, c: Completion) {
+        if !c.more() {
+            self.misc_inflight -= 1;
+            self.listeners[l].accept_armed = false;
+        }
+        if c.result >= 0 {
+            let fd = c.result;
+            if self.mode == Mode::Running {
+                self.open_conn(l, fd);
+            } else {
+                sys::close(fd);
+            }
+        } else if c.result != -libc::ECANCELED {
+            let errno = -c.result;
+            self.stats().accept_errors.add(1);
+            if let Some(suppressed) = self.accept_log.allow(self.now) {
+                warn!(
+                    "worker {}: listener {}: accept failed: {} ({suppressed} more since the last message)",
+                    self.index,
+                    self.listeners[l].name,
+                    io::Error::from_raw_os_error(errno)
+                );
+            }
+            if matches!(errno, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) && !c.more() {
+                // Out of descriptors or memory: retrying now would spin. Pause all accepts.
+                if !self.accept_backoff_armed && self.mode == Mode::Running {
+                    self.accept_backoff_armed = true;
+                    self.push_misc(opcode::Timeout::new(&self.timers.backoff).build(), Kind::AcceptBackoff, 0);
+                }
+                return;
+            }
+        }
+        if !self.listeners[l].accept_armed {
+            if self.mode == Mode::Running {
+                if !self.accept_backoff_armed {
+                    self.arm_accept(l);
+                }
+            } else {
+                self.listeners[l].socket = None;
+            }
+        }
+    }
+
+    fn open_conn(&mut self, l: usize, fd: RawFd) {
+        let pool = &self.snapshot.pools[self.listeners[l].pool];
+        let generation = self.next_generation;
+        self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
+        let conn = Conn::new(generation, fd, l as u16, pool.backends.len() as u32, self.now);
+        let slot = self.conns.insert(conn);
+        let stats = self.stats();
+        stats.accepted.add(1);
+        stats.active.add(1);
+        self.step(slot, |conn, ops| conn.start(ops));
+    }
+
+    fn on_conn_completion(&mut self, token: Token, c: Completion) {
+        let slot = token.slot as usize;
+        match self.conns.get(slot) {
+            Some(conn) if conn.generation == token.generation => {}
+            _ => {
+                // Cannot happen while slots outlive their operations; recover the buffer anyway.
+                error!("worker {}: completion {:?} for a freed connection", self.index, token.kind);
+                debug_assert!(false, "completion for a freed slot");
+                if let Some(buf) = c.buffer() {
+                    self.recycle(buf);
+                }
+                return;
+            }
+        }
+        let event = match token.kind {
+            Kind::Connect => Event::Connected(c.result),
+            Kind::ConnectTimeout => Event::ConnectTimerDone,
+            Kind::RecvUp | Kind::RecvDown => {
+                let dir = if token.kind == Kind::RecvUp { Dir::Up } else { Dir::Down };
+                if c.result > 0 {
+                    let stats = self.stats();
+                    match dir {
+                        Dir::Up => stats.bytes_up.add(c.result as u64),
+                        Dir::Down => stats.bytes_down.add(c.result as u64),
+                    }
+                }
+                Event::Received { dir, result: c.result, buf: c.buffer() }
+            }
+            Kind::SendUp => Event::Sent { dir: Dir::Up, result: c.result },
+            Kind::SendDown => Event::Sent { dir: Dir::Down, result: c.result },
+            Kind::Cancel => Event::Cancelled,
+            Kind::Close => Event::Closed,
+            _ => unreachable!("worker-level kinds are dispatched before"),
+        };
+        let now = self.now;
+        let mut outcome = None;
+        self.step(slot, |conn, ops| outcome = conn.on_event(event, now, ops));
+        if let Some(ConnectOutcome::Failed(errno)) = outcome {
+            self.connect_failed(slot, errno);
+        }
+    }
+
+    fn connect_failed(&mut self, slot: usize, errno: i32) {
+        self.stats().connect_failed.add(1);
+        let Some(suppressed) = self.connect_log.allow(self.now) else { return };
+        // The slot may already be gone if this was the last attempt and nothing was in flight.
+        let (pool, backend) = match self.conns.get(slot) {
+            Some(conn) => {
+                let pool = &self.snapshot.pools[self.listeners[conn.listener as usize].pool];
+                (pool.name.as_str(), pool.backends.get(conn.backend_index as usize).map(|b| b.address.to_string()))
+            }
+            None => ("?", None),
+        };
+        warn!(
+            "worker {}: pool {pool}: connect to backend {} failed: {} ({suppressed} more since the last message)",
+            self.index,
+            backend.as_deref().unwrap_or("?"),
+            io::Error::from_raw_os_error(errno)
+        );
+    }
+
+    /// Runs one step of a connection and carries out the operations it returns (which may
+    /// feed more steps, e.g. when no socket can be opened).
+    fn step(&mut self, slot: usize, f: impl FnOnce(&mut Conn, &mut Vec<Op>)) {
+        let mut ops = std::mem::take(&mut self.ops);
+        f(&mut self.conns[slot], &mut ops);
+        let mut i = 0;
+        while i < ops.len() {
+            let op = ops[i];
+            i += 1;
+            self.execute(slot, op, &mut ops);
+        }
+        ops.clear();
+        self.ops = ops;
+    }
+
+    fn execute(&mut self, slot: usize, op: Op, ops: &mut Vec<Op>) {
+        let generation = self.conns[slot].generation;
+        let token = |kind: Kind| Token::new(kind, slot, generation).encode();
+        let entry = match op {
+            Op::Connect => return self.connect(slot, ops),
+            Op::Recv { dir, fd } => opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), 0)
+                .buf_group(self.bufs.group())
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT)
+                .user_data(token(if dir == Dir::Up { Kind::RecvUp } else { Kind::RecvDown })),
+            Op::Send { dir, fd, buf, offset, len } => {
+                // SAFETY: offset < len <= buffer size, so the pointer stays in buffer `buf`.
+                let ptr = unsafe { self.bufs.ptr(buf).add(offset as usize) };
+                opcode::Send::new(types::Fd(fd), ptr, len - offset)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(token(if dir == Dir::Up { Kind::SendUp } else { Kind::SendDown }))
+            }
+            Op::Shutdown { fd } => {
+                if let Err(e) = sys::shutdown_write(fd) {
+                    // The peer is already gone; the other direction will see it.
+                    debug!("worker {}: shutdown of fd {fd}: {e}", self.index);
+                }
+                return;
+            }
+            Op::Cancel { fd } => {
+                opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all()).build().user_data(token(Kind::Cancel))
+            }
+            Op::Close { fd, reset } => {
+                if reset && let Err(e) = sys::set_linger_zero(fd) {
+                    debug!("worker {}: SO_LINGER on fd {fd}: {e}", self.index);
+                }
+                opcode::Close::new(types::Fd(fd)).build().user_data(token(Kind::Close))
+            }
+            Op::Recycle(buf) => return self.recycle(buf),
+            Op::WaitForBuffer(dir) => {
+                self.stats().buffer_waits.add(1);
+                return self.starved.push_back((slot, generation, dir));
+            }
+            Op::Free => return self.free(slot),
+        };
+        // SAFETY: the entry points into a ring buffer held by this connection's direction
+        // until the send completes, or at nothing at all.
+        unsafe { self.ring.push(entry) };
+    }
+
+    fn connect(&mut self, slot: usize, ops: &mut Vec<Op>) {
+        let conn = &mut self.conns[slot];
+        let pool_index = self.listeners[conn.listener as usize].pool;
+        let pool = &self.snapshot.pools[pool_index];
+        let backend_index = if conn.tried() == 0 {
+            self.pickers[pool_index].pick(pool)
+        } else {
+            self.pickers[pool_index].next_after(pool, conn.backend_index as usize)
+        };
+        let backend = &pool.backends[backend_index];
+        match sys::backend_socket(&backend.sockaddr) {
+            Ok(fd) => {
+                conn.backend_opened(fd, backend_index as u32);
+                let token = |kind| Token::new(kind, slot, conn.generation).encode();
+                let connect = opcode::Connect::new(types::Fd(fd), backend.sockaddr.as_ptr().cast(), backend.sockaddr.len())
+                    .build()
+                    .user_data(token(Kind::Connect));
+                let timeout = opcode::LinkTimeout::new(&self.timers.connect[pool_index]).build().user_data(token(Kind::ConnectTimeout));
+                // SAFETY: the address lives in the snapshot, kept (in `retired` if replaced)
+                // until this submission, when the kernel copies it; the timespec lives in
+                // `self.timers`, likewise copied at submission.
+                unsafe { self.ring.push_linked(connect, timeout) };
+            }
+            Err(e) => {
+                if let Some(suppressed) = self.connect_log.allow(self.now) {
+                    warn!("worker {}: cannot open a socket for pool {}: {e} ({suppressed} more since the last message)", self.index, pool.name);
+                }
+                conn.socket_failed(ops);
+            }
+        }
+    }
+
+    fn recycle(&mut self, buf: u16) {
+        self.bufs.recycle(buf);
+        self.recycled += 1;
+    }
+
+    /// Gives each buffer recycled this round to one starved direction, oldest first.
+    fn serve_starved(&mut self) {
+        while self.recycled > 0
+            && let Some((slot, generation, dir)) = self.starved.pop_front()
+        {
+            if self.conns.get(slot).is_some_and(|c| c.generation == generation && c.is_starved(dir)) {
+                self.recycled -= 1;
+                self.step(slot, |conn, ops| conn.buffer_available(dir, ops));
+            }
+        }
+        self.recycled = 0;
+    }
+
+    fn free(&mut self, slot: usize) {
+        let conn = self.conns.remove(slot);
+        let stats = &self.shared.stats[self.index];
+        stats.active.sub(1);
+        match conn.end() {
+            Some(End::Finished) => stats.finished.add(1),
+            Some(End::Reset(_)) => stats.reset.add(1),
+            Some(End::NoBackend) => stats.no_backend.add(1),
+            Some(End::LocalError) => stats.local_error.add(1),
+            Some(End::Closed) | None => {}
+        }
+        debug!(
+            "worker {}: connection closed ({:?}), {} bytes up, {} down",
+            self.index,
+            conn.end(),
+            conn.bytes[0],
+            conn.bytes[1]
+        );
+    }
+}
+
+/// How often idle connections are looked for: a tenth of the shortest idle timeout, between
+/// 10 ms and 1 s, so a timeout fires at most 10% late.
+fn tick_interval(min_idle: Option<Duration>) -> Duration {
+    min_idle.map_or(Duration::from_secs(1), |d| (d / 10).clamp(Duration::from_millis(10), Duration::from_secs(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tick_interval_bounds() {
+        assert_eq!(tick_interval(None), Duration::from_secs(1));
+        assert_eq!(tick_interval(Some(Duration::from_secs(3600))), Duration::from_secs(1));
+        assert_eq!(tick_interval(Some(Duration::from_millis(500))), Duration::from_millis(50));
+        assert_eq!(tick_interval(Some(Duration::from_millis(20))), Duration::from_millis(10));
+    }
+
+    #[test]
+    fn rate_limit_allows_one_per_interval_and_counts_the_rest() {
+        let mut limit = RateLimit::new();
+        assert_eq!(limit.allow(5000), Some(0));
+        assert_eq!(limit.allow(5001), None);
+        assert_eq!(limit.allow(5999), None);
+        assert_eq!(limit.allow(6000), Some(2));
+    }
+}
