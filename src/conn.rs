@@ -63,6 +63,10 @@ pub enum Op {
     Recv { dir: Dir, fd: RawFd },
     /// Send `len` bytes from offset `offset` of buffer `buf` to `fd`.
     Send { dir: Dir, fd: RawFd, buf: BufId, offset: u32, len: u32 },
+    /// Wait until `fd` can take more bytes. Sends carry MSG_DONTWAIT and come back with EAGAIN
+    /// when the socket is full: left to itself, the kernel hands a send that finds the socket
+    /// full twice to an io-wq thread, where it blocks.
+    WaitWritable { dir: Dir, fd: RawFd },
     /// shutdown(SHUT_WR) on `fd`: the other side finished sending. Done by the worker with a
     /// direct syscall, which never blocks (IORING_OP_SHUTDOWN always runs on an io-wq thread);
     /// no completion.
@@ -84,7 +88,7 @@ impl Op {
     fn completions(self) -> u32 {
         match self {
             Op::Connect => 2,
-            Op::Recv { .. } | Op::Send { .. } | Op::Cancel { .. } | Op::Close { .. } => 1,
+            Op::Recv { .. } | Op::Send { .. } | Op::WaitWritable { .. } | Op::Cancel { .. } | Op::Close { .. } => 1,
             Op::Shutdown { .. } | Op::Recycle(_) | Op::WaitForBuffer(_) | Op::Free => 0,
         }
     }
@@ -94,7 +98,7 @@ impl Op {
         match self {
             Op::Connect => Some(Side::Backend),
             Op::Recv { dir, .. } => Some(dir.src()),
-            Op::Send { dir, .. } => Some(dir.dst()),
+            Op::Send { dir, .. } | Op::WaitWritable { dir, .. } => Some(dir.dst()),
             _ => None,
         }
     }
@@ -111,6 +115,8 @@ pub enum Event {
     Received { dir: Dir, result: i32, buf: Option<BufId> },
     /// A send finished: bytes or -errno.
     Sent { dir: Dir, result: i32 },
+    /// The destination of `dir` became writable (or failed; the resend will tell).
+    Writable { dir: Dir },
     /// A cancel request finished.
     Cancelled,
     /// A close finished.
@@ -123,7 +129,7 @@ impl Event {
         match self {
             Event::Connected(_) => Some(Side::Backend),
             Event::Received { dir, .. } => Some(dir.src()),
-            Event::Sent { dir, .. } => Some(dir.dst()),
+            Event::Sent { dir, .. } | Event::Writable { dir } => Some(dir.dst()),
             _ => None,
         }
     }
@@ -163,7 +169,11 @@ enum Phase {
     Connecting,
     Relaying,
     /// Waiting for cancelled operations to complete, then for the closes.
-    Closing { reset_client: bool, reset_backend: bool, closes_sent: bool },
+    Closing {
+        reset_client: bool,
+        reset_backend: bool,
+        closes_sent: bool,
+    },
 }
 
 /// Outcome of one connect attempt, for the worker's counters, logs and backend choice.
@@ -340,6 +350,11 @@ impl Conn {
             Event::ConnectTimerDone | Event::Cancelled | Event::Closed => {}
             Event::Received { dir, result, buf } => self.received(dir, result, buf, now, ops),
             Event::Sent { dir, result } => self.sent(dir, result, now, ops),
+            Event::Writable { dir } => {
+                if let Flow::Sending { buf, offset, len } = self.flows[dir.index()] {
+                    self.send(dir, buf, offset, len, ops);
+                }
+            }
         }
         None
     }
@@ -418,7 +433,11 @@ impl Conn {
                 ops.push(Op::Recycle(buf));
                 self.receive(dir, ops);
             }
-        } else if matches!(-result, libc::EINTR | libc::EAGAIN) {
+        } else if -result == libc::EAGAIN
+            && let Some(fd) = self.fd(dir.dst())
+        {
+            self.emit(Op::WaitWritable { dir, fd }, ops);
+        } else if -result == libc::EINTR {
             self.send(dir, buf, offset, len, ops);
         } else {
             // The destination reset (EPIPE, ECONNRESET) or failed: pass it on to the source.
@@ -459,7 +478,7 @@ impl Conn {
     fn settle_while_closing(&mut self, event: Event, ops: &mut Vec<Op>) {
         match event {
             Event::Received { buf: Some(buf), .. } => ops.push(Op::Recycle(buf)),
-            Event::Sent { dir, .. } => {
+            Event::Sent { dir, .. } | Event::Writable { dir } => {
                 if let Flow::Sending { buf, .. } = self.flows[dir.index()] {
                     ops.push(Op::Recycle(buf));
                     self.flows[dir.index()] = Flow::Done;
@@ -519,10 +538,7 @@ mod tests {
             h.event(Event::ConnectTimerDone);
             let outcome = h.conn.on_event(Event::Connected(0), h.now, &mut h.ops);
             assert_eq!(outcome, Some(ConnectOutcome::Connected));
-            assert_eq!(
-                h.take(),
-                vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Recv { dir: Dir::Down, fd: BACKEND }]
-            );
+            assert_eq!(h.take(), vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Recv { dir: Dir::Down, fd: BACKEND }]);
             assert!(h.conn.is_relaying());
             h
         }
@@ -580,7 +596,11 @@ mod tests {
         let ops = h.event(Event::Received { dir: Dir::Down, result: 0, buf: None });
         assert_eq!(
             ops,
-            vec![Op::Shutdown { fd: CLIENT }, Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: false }]
+            vec![
+                Op::Shutdown { fd: CLIENT },
+                Op::Close { fd: CLIENT, reset: false },
+                Op::Close { fd: BACKEND, reset: false }
+            ]
         );
         assert_eq!(h.conn.end(), Some(End::Finished));
         h.finish_close(2);
@@ -752,8 +772,37 @@ mod tests {
         );
         h.event(Event::Received { dir: Dir::Up, result: 7, buf: Some(0) });
         assert_eq!(
-            h.event(Event::Sent { dir: Dir::Up, result: -libc::EAGAIN }),
+            h.event(Event::Sent { dir: Dir::Up, result: -libc::EINTR }),
             vec![Op::Send { dir: Dir::Up, fd: BACKEND, buf: 0, offset: 0, len: 7 }]
         );
+    }
+
+    #[test]
+    fn full_socket_waits_for_writable_then_resends_the_rest() {
+        let mut h = Harness::relaying();
+        h.event(Event::Received { dir: Dir::Down, result: 100, buf: Some(5) });
+        h.event(Event::Sent { dir: Dir::Down, result: 30 });
+        assert_eq!(
+            h.event(Event::Sent { dir: Dir::Down, result: -libc::EAGAIN }),
+            vec![Op::WaitWritable { dir: Dir::Down, fd: CLIENT }]
+        );
+        assert_eq!(
+            h.event(Event::Writable { dir: Dir::Down }),
+            vec![Op::Send { dir: Dir::Down, fd: CLIENT, buf: 5, offset: 30, len: 100 }]
+        );
+    }
+
+    #[test]
+    fn close_while_waiting_for_writable_recycles_the_buffer() {
+        let mut h = Harness::relaying();
+        h.event(Event::Received { dir: Dir::Down, result: 100, buf: Some(5) });
+        h.event(Event::Sent { dir: Dir::Down, result: -libc::EAGAIN });
+        h.conn.close(&mut h.ops);
+        // The up receive and the poll are both on the client's socket.
+        assert_eq!(h.take(), vec![Op::Cancel { fd: CLIENT }]);
+        assert_eq!(h.event(Event::Writable { dir: Dir::Down }), vec![Op::Recycle(5)]);
+        h.event(Event::Received { dir: Dir::Up, result: -libc::ECANCELED, buf: None });
+        let ops = h.event(Event::Cancelled);
+        assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: false }]);
     }
 }

@@ -49,7 +49,11 @@ impl Snapshot {
                 backends: pool
                     .backends
                     .iter()
-                    .map(|b| Backend { address: b.address, weight: b.weight.get(), sockaddr: SockAddr::from(b.address) })
+                    .map(|b| Backend {
+                        address: b.address,
+                        weight: b.weight.get(),
+                        sockaddr: SockAddr::from(b.address),
+                    })
                     .collect(),
             })
             .collect();

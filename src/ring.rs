@@ -23,6 +23,8 @@ pub enum Kind {
     RecvDown,
     SendUp,
     SendDown,
+    PollUp,
+    PollDown,
     Cancel,
     Close,
     // Per-worker operations: the slot is a listener index or unused.
@@ -36,13 +38,15 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 15] = [
+    const ALL: [Kind; 17] = [
         Kind::Connect,
         Kind::ConnectTimeout,
         Kind::RecvUp,
         Kind::RecvDown,
         Kind::SendUp,
         Kind::SendDown,
+        Kind::PollUp,
+        Kind::PollDown,
         Kind::Cancel,
         Kind::Close,
         Kind::Accept,
@@ -111,6 +115,8 @@ impl Completion {
 /// A worker's ring plus a queue for entries that did not fit in the SQ.
 pub struct Ring {
     ring: IoUring,
+    /// Entries that found the SQ full, since last taken.
+    sq_full: u64,
     /// Entries waiting for SQ space, each with whether it is linked to the next one (a linked
     /// pair must enter the SQ together).
     overflow: VecDeque<(squeue::Entry, bool)>,
@@ -119,17 +125,17 @@ pub struct Ring {
 impl Ring {
     /// Builds a ring for the calling thread only: SINGLE_ISSUER and DEFER_TASKRUN keep
     /// completion work on this thread, where it runs when we ask for events.
-    pub fn new(entries: u32) -> io::Result<Ring> {
+    pub fn new(entries: u32, cq_entries: u32) -> io::Result<Ring> {
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
             .setup_submit_all()
-            .setup_cqsize(entries * 4)
+            .setup_cqsize(cq_entries.max(entries))
             .build(entries)?;
         if !ring.params().is_feature_nodrop() {
             return Err(io::Error::other("kernel io_uring lacks IORING_FEAT_NODROP (need Linux 5.5 or later)"));
         }
-        Ok(Ring { ring, overflow: VecDeque::new() })
+        Ok(Ring { ring, sq_full: 0, overflow: VecDeque::new() })
     }
 
     /// Queues one entry.
@@ -142,6 +148,7 @@ impl Ring {
     pub unsafe fn push(&mut self, entry: squeue::Entry) {
         // SAFETY: the caller upholds the entry's validity as documented.
         if !self.overflow.is_empty() || unsafe { self.ring.submission().push(&entry) }.is_err() {
+            self.sq_full += 1;
             self.overflow.push_back((entry, false));
         }
     }
@@ -157,6 +164,7 @@ impl Ring {
         let pair = [first.clone(), second.clone()];
         // SAFETY: the caller upholds both entries' validity.
         if !self.overflow.is_empty() || unsafe { self.ring.submission().push_multiple(&pair) }.is_err() {
+            self.sq_full += 2;
             self.overflow.push_back((first, true));
             self.overflow.push_back((second, false));
         }
@@ -206,6 +214,17 @@ impl Ring {
                 return Ok(());
             }
         }
+    }
+
+    /// How many entries found the SQ full since the last call.
+    pub fn take_sq_full(&mut self) -> u64 {
+        std::mem::take(&mut self.sq_full)
+    }
+
+    /// Whether the kernel is holding completions back because the CQ was full (it keeps them,
+    /// NODROP, and hands them over as the CQ is reaped).
+    pub fn cq_overflowed(&mut self) -> bool {
+        self.ring.submission().cq_overflow()
     }
 
     /// Whether entries are still waiting for SQ space (they were not submitted yet).
@@ -275,7 +294,8 @@ impl BufRing {
                 return Err(e);
             }
         };
-        let mut bufs = BufRing { entries, entries_len, memory, memory_len, count, size, group, tail: 0, registered: false };
+        let mut bufs =
+            BufRing { entries, entries_len, memory, memory_len, count, size, group, tail: 0, registered: false };
         // SAFETY: the entry array is page-aligned (mmap), `count` entries long, and lives until
         // Drop, which unregisters it first.
         unsafe { ring.submitter().register_buf_ring_with_flags(entries.as_ptr() as u64, count, group, 0)? };

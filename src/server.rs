@@ -20,15 +20,18 @@ use crate::worker::{RingSizes, Worker, WorkerListener, WorkerPlan};
 
 /// The listen backlog of every listener.
 const BACKLOG: i32 = 4096;
-/// Descriptors kept aside for listeners, rings, eventfds, logs and the like.
-const RESERVED_FDS: u64 = 64;
+/// Descriptors kept aside beyond those open at startup (log output, /proc reads, the odd
+/// accept that slips past the cap).
+const SPARE_FDS: u64 = 16;
 
 /// Why ringlb could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("listener {listener}: cannot listen on {address}: {source}")]
     Bind { listener: String, address: SocketAddr, source: io::Error },
-    #[error("worker {worker}: cannot set up io_uring: {source} (ringlb needs Linux 6.1 or later with io_uring enabled)")]
+    #[error(
+        "worker {worker}: cannot set up io_uring: {source} (ringlb needs Linux 6.1 or later with io_uring enabled)"
+    )]
     Ring { worker: usize, source: io::Error },
     #[error("cannot start a worker thread: {0}")]
     Thread(io::Error),
@@ -43,8 +46,8 @@ pub struct Server {
     /// The address each listener is bound to (with the real port when the config said 0), in
     /// config order.
     pub listen_addrs: Vec<(String, SocketAddr)>,
-    /// How many connections the file-descriptor limit allows.
-    pub connection_capacity: u64,
+    /// How many connections the workers accept at most, together.
+    pub max_connections: usize,
 }
 
 impl Server {
@@ -65,11 +68,11 @@ impl Server {
         let cpus = sys::allowed_cpus();
 
         // Bind every worker's listener here, so a bad address fails the start, not a thread.
-        let mut per_worker: Vec<Vec<WorkerListener>> = (0..workers).map(|_| Vec::new()).collect();
+        let mut listeners_by_worker: Vec<Vec<WorkerListener>> = (0..workers).map(|_| Vec::new()).collect();
         let mut listen_addrs = Vec::new();
         for listener in &config.listeners {
             let mut address = listener.bind;
-            for worker_listeners in per_worker.iter_mut() {
+            for worker_listeners in listeners_by_worker.iter_mut() {
                 let socket = sys::listener(address, BACKLOG).map_err(|source| StartError::Bind {
                     listener: listener.name.clone(),
                     address,
@@ -93,14 +96,31 @@ impl Server {
 
         let snapshot = Snapshot::from_config(config, 1);
         let shared = Arc::new(Shared::new(snapshot, workers).map_err(StartError::Doorbell)?);
+
+        // Every connection holds two descriptors; the rings (one each) are not open yet.
+        let open_now = sys::open_fd_count().map_or(64, |n| n as u64);
+        let connection_capacity = fd_limit.saturating_sub(open_now + workers as u64 + SPARE_FDS) / 2;
+        let max_connections = match config.max_connections {
+            Some(max) => {
+                if max.get() as u64 > connection_capacity {
+                    log::warn!(
+                        "max_connections {max} is more than the file-descriptor limit ({fd_limit}) allows (about {connection_capacity}); past that, accepting backs off"
+                    );
+                }
+                max.get()
+            }
+            None => connection_capacity as usize,
+        };
+        let per_worker = (max_connections / workers).max(1);
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut handles = Vec::with_capacity(workers);
-        for (index, listeners) in per_worker.into_iter().enumerate() {
+        for (index, listeners) in listeners_by_worker.into_iter().enumerate() {
             let plan = WorkerPlan {
                 index,
                 cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),
                 listeners,
                 drain_timeout: config.drain_timeout,
+                max_connections: per_worker,
                 sizes,
                 doorbell: shared.doorbell(index),
             };
@@ -136,16 +156,15 @@ impl Server {
                 }
             }
         }
-        let connection_capacity = fd_limit.saturating_sub(RESERVED_FDS + (workers * config.listeners.len()) as u64) / 2;
-        let server = Server { shared, workers: handles, listen_addrs, connection_capacity };
+        let server = Server { shared, workers: handles, listen_addrs, max_connections: per_worker * workers };
         if let Some(failure) = failure {
             server.shared.advance(RunState::Closing);
             let _ = server.join();
             return Err(failure);
         }
         info!(
-            "{} workers running; the file-descriptor limit ({fd_limit}) allows about {} concurrent connections (2 descriptors each)",
-            workers, server.connection_capacity
+            "{workers} workers running, up to {} connections ({per_worker} per worker); the file-descriptor limit ({fd_limit}) allows about {connection_capacity} (2 descriptors each)",
+            server.max_connections
         );
         Ok(server)
     }
@@ -163,6 +182,10 @@ impl Server {
     /// Whether any worker has exited (all do, after a drain; one alone means it failed).
     pub fn any_worker_exited(&self) -> bool {
         self.workers.iter().any(|w| w.is_finished())
+    }
+
+    pub fn all_workers_exited(&self) -> bool {
+        self.workers.iter().all(|w| w.is_finished())
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -202,11 +225,12 @@ impl Server {
                 }
                 None => {}
             }
-            if self.any_worker_exited() {
-                if !stopping {
-                    error!("a worker stopped unexpectedly; stopping the others");
-                }
+            if !stopping && self.any_worker_exited() {
+                error!("a worker stopped unexpectedly; stopping the others");
                 self.close_now();
+                break;
+            }
+            if stopping && self.all_workers_exited() {
                 break;
             }
         }

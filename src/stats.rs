@@ -56,9 +56,12 @@ worker_stats! {
     drain_closed: "ringlb_connections_drain_closed_total", "Connections closed at the drain deadline.";
     connect_failed: "ringlb_backend_connect_failures_total", "Backend connect attempts that failed or timed out.";
     accept_errors: "ringlb_accept_errors_total", "Accept failures (including file-descriptor exhaustion).";
+    over_limit: "ringlb_connections_over_limit_total", "Connections closed at accept because max_connections were open.";
     bytes_up: "ringlb_bytes_client_to_backend_total", "Bytes relayed from clients to backends.";
     bytes_down: "ringlb_bytes_backend_to_client_total", "Bytes relayed from backends to clients.";
     buffer_waits: "ringlb_buffer_waits_total", "Receives that found the buffer ring empty and waited.";
+    sq_full: "ringlb_ring_sq_full_total", "Submissions that found the submission queue full and waited for the next submit.";
+    cq_overflow: "ringlb_ring_cq_overflow_total", "Completions the kernel held back because the completion queue was full.";
 }
 
 /// Sums the counters of several workers, by metric name.

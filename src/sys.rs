@@ -25,9 +25,7 @@ pub fn allowed_cpus() -> Vec<usize> {
         return (0..std::thread::available_parallelism().map_or(1, NonZeroUsize::get)).collect();
     }
     // SAFETY: CPU_ISSET only reads the set, and i stays below CPU_SETSIZE.
-    (0..libc::CPU_SETSIZE as usize)
-        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
-        .collect()
+    (0..libc::CPU_SETSIZE as usize).filter(|&i| unsafe { libc::CPU_ISSET(i, &set) }).collect()
 }
 
 /// How many CPUs this process may run on: the default worker count.
@@ -160,7 +158,13 @@ pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };
     // SAFETY: passes a pointer to a live linger struct and its size.
     check(unsafe {
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, (&linger as *const libc::linger).cast(), mem::size_of::<libc::linger>() as _)
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            mem::size_of::<libc::linger>() as _,
+        )
     })
     .map(drop)
 }
@@ -174,9 +178,8 @@ pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
 /// The address of the peer of a connected socket.
 pub fn peer_addr(fd: RawFd) -> io::Result<SocketAddr> {
     // SAFETY: SockAddr::try_init hands getpeername a storage buffer and its length.
-    let (_, addr) = unsafe {
-        SockAddr::try_init(|storage, len| check(libc::getpeername(fd, storage.cast(), len)).map(drop))
-    }?;
+    let (_, addr) =
+        unsafe { SockAddr::try_init(|storage, len| check(libc::getpeername(fd, storage.cast(), len)).map(drop)) }?;
     addr.as_socket().ok_or_else(|| io::Error::from_raw_os_error(libc::EAFNOSUPPORT))
 }
 

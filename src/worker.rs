@@ -18,7 +18,7 @@ use slab::Slab;
 use socket2::Socket;
 
 use crate::balance::Picker;
-use crate::conn::{ConnectOutcome, Conn, Dir, End, Event, Op};
+use crate::conn::{Conn, ConnectOutcome, Dir, End, Event, Op};
 use crate::control::{RunState, Shared};
 use crate::pool::Snapshot;
 use crate::ring::{BufRing, Completion, GENERATION_MASK, Kind, Ring, Token};
@@ -28,8 +28,11 @@ use crate::sys;
 /// Sizes of a worker's ring and buffers.
 #[derive(Debug, Clone, Copy)]
 pub struct RingSizes {
-    /// Submission queue entries; the completion queue gets four times as many.
+    /// Submission queue entries.
     pub entries: u32,
+    /// Completion queue entries (at least `entries`); completions beyond it are held back by
+    /// the kernel until reaped, not lost.
+    pub cq_entries: u32,
     /// Buffers in the provided-buffer ring (a power of two).
     pub buffers: u16,
     /// Bytes per buffer: the most one receive moves.
@@ -38,7 +41,7 @@ pub struct RingSizes {
 
 impl Default for RingSizes {
     fn default() -> RingSizes {
-        RingSizes { entries: 1024, buffers: 512, buffer_size: 32 * 1024 }
+        RingSizes { entries: 1024, cq_entries: 4096, buffers: 512, buffer_size: 32 * 1024 }
     }
 }
 
@@ -59,6 +62,8 @@ pub struct WorkerPlan {
     pub cpu: Option<usize>,
     pub listeners: Vec<WorkerListener>,
     pub drain_timeout: Duration,
+    /// Connections this worker holds at most; at the cap it stops accepting.
+    pub max_connections: usize,
     pub sizes: RingSizes,
     pub doorbell: Arc<OwnedFd>,
 }
@@ -147,7 +152,11 @@ pub struct Worker {
     misc_inflight: u32,
     mode: Mode,
     closing_all: bool,
+    /// Accepting is paused after running out of descriptors, until the backoff timer fires.
     accept_backoff_armed: bool,
+    /// Accepting is paused because `max_connections` are open.
+    at_capacity: bool,
+    max_connections: usize,
     cancel_all_sent: bool,
     drain_timeout: Duration,
     now: u64,
@@ -164,7 +173,7 @@ impl Worker {
         {
             warn!("worker {}: cannot pin to CPU {cpu}: {e}", plan.index);
         }
-        let ring = Ring::new(plan.sizes.entries)?;
+        let ring = Ring::new(plan.sizes.entries, plan.sizes.cq_entries)?;
         let bufs = BufRing::new(&ring, 0, plan.sizes.buffers, plan.sizes.buffer_size)?;
         let snapshot = shared.snapshot();
         let pickers = snapshot.pools.iter().map(Picker::new).collect();
@@ -209,6 +218,8 @@ impl Worker {
             mode: Mode::Running,
             closing_all: false,
             accept_backoff_armed: false,
+            at_capacity: false,
+            max_connections: plan.max_connections.max(1),
             cancel_all_sent: false,
             drain_timeout: plan.drain_timeout,
             now: sys::now_millis(),
@@ -224,11 +235,13 @@ impl Worker {
     /// Runs until drained and every completion is in.
     pub fn run(mut self) -> io::Result<()> {
         self.arm_doorbell();
-        for l in 0..self.listeners.len() {
-            self.arm_accept(l);
-        }
+        self.resume_accepts();
         if self.listeners.iter().any(|l| l.idle_timeout_ms.is_some()) {
-            self.push_misc(opcode::Timeout::new(&self.timers.tick).count(0).flags(types::TimeoutFlags::MULTISHOT).build(), Kind::Tick, 0);
+            self.push_misc(
+                opcode::Timeout::new(&self.timers.tick).count(0).flags(types::TimeoutFlags::MULTISHOT).build(),
+                Kind::Tick,
+                0,
+            );
         }
         // The state may have changed before the doorbell read was armed.
         self.check_run_state();
@@ -239,12 +252,19 @@ impl Worker {
             }
             self.now = sys::now_millis();
             let mut completions = std::mem::take(&mut self.completions);
+            if self.ring.cq_overflowed() {
+                self.stats().cq_overflow.add(1);
+            }
             self.ring.reap(&mut completions);
             for completion in completions.drain(..) {
                 self.dispatch(completion);
             }
             self.completions = completions;
             self.serve_starved();
+            let sq_full = self.ring.take_sq_full();
+            if sq_full > 0 {
+                self.stats().sq_full.add(sq_full);
+            }
             if self.finished() {
                 break;
             }
@@ -276,7 +296,11 @@ impl Worker {
         }
         listener.accept_armed = true;
         let fd = socket.as_raw_fd();
-        self.push_misc(opcode::AcceptMulti::new(types::Fd(fd)).flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK).build(), Kind::Accept, l);
+        self.push_misc(
+            opcode::AcceptMulti::new(types::Fd(fd)).flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK).build(),
+            Kind::Accept,
+            l,
+        );
     }
 
     fn dispatch(&mut self, c: Completion) {
@@ -304,11 +328,7 @@ impl Worker {
             Kind::AcceptBackoff => {
                 self.misc_inflight -= 1;
                 self.accept_backoff_armed = false;
-                if self.mode == Mode::Running {
-                    for l in 0..self.listeners.len() {
-                        self.arm_accept(l);
-                    }
-                }
+                self.resume_accepts();
             }
             Kind::DrainDeadline => {
                 self.misc_inflight -= 1;
@@ -355,7 +375,11 @@ impl Worker {
                 // Closing a listener does not end its multishot accept: cancel it, and close
                 // the listener when the accept's last completion arrives.
                 let token = Token::new(Kind::Accept, l, 0).encode();
-                self.push_misc(opcode::AsyncCancel2::new(types::CancelBuilder::user_data(token)).build(), Kind::AcceptCancel, l);
+                self.push_misc(
+                    opcode::AsyncCancel2::new(types::CancelBuilder::user_data(token)).build(),
+                    Kind::AcceptCancel,
+                    l,
+                );
             } else {
                 self.listeners[l].socket = None;
             }
@@ -439,27 +463,76 @@ impl Worker {
                     io::Error::from_raw_os_error(errno)
                 );
             }
-            if matches!(errno, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) && !c.more() {
-                // Out of descriptors or memory: retrying now would spin. Pause all accepts.
-                if !self.accept_backoff_armed && self.mode == Mode::Running {
-                    self.accept_backoff_armed = true;
-                    self.push_misc(opcode::Timeout::new(&self.timers.backoff).build(), Kind::AcceptBackoff, 0);
-                }
+            if is_resource_shortage(errno) && !c.more() {
+                self.pause_accepts();
                 return;
             }
         }
         if !self.listeners[l].accept_armed {
             if self.mode == Mode::Running {
-                if !self.accept_backoff_armed {
-                    self.arm_accept(l);
-                }
+                self.resume_accepts();
             } else {
                 self.listeners[l].socket = None;
             }
         }
     }
 
+    /// Whether the listeners should have an accept armed now.
+    fn accepting(&self) -> bool {
+        self.mode == Mode::Running && !self.accept_backoff_armed && !self.at_capacity
+    }
+
+    /// Arms every listener's accept if accepting is wanted and it is not armed yet.
+    fn resume_accepts(&mut self) {
+        if self.accepting() {
+            for l in 0..self.listeners.len() {
+                self.arm_accept(l);
+            }
+        }
+    }
+
+    /// Cancels every armed accept; new connections wait in the kernel's backlog. The accepts'
+    /// last completions come back with ECANCELED and are not re-armed while paused.
+    fn cancel_accepts(&mut self) {
+        for l in 0..self.listeners.len() {
+            if self.listeners[l].accept_armed {
+                let token = Token::new(Kind::Accept, l, 0).encode();
+                self.push_misc(
+                    opcode::AsyncCancel2::new(types::CancelBuilder::user_data(token)).build(),
+                    Kind::AcceptCancel,
+                    l,
+                );
+            }
+        }
+    }
+
+    /// Out of descriptors or memory: accepting more would only fail again (and spin), so stop
+    /// every accept for a moment; the backoff timer re-arms them.
+    fn pause_accepts(&mut self) {
+        if self.accept_backoff_armed || self.mode != Mode::Running {
+            return;
+        }
+        self.accept_backoff_armed = true;
+        self.push_misc(opcode::Timeout::new(&self.timers.backoff).build(), Kind::AcceptBackoff, 0);
+        self.cancel_accepts();
+    }
+
     fn open_conn(&mut self, l: usize, fd: RawFd) {
+        if self.conns.len() >= self.max_connections {
+            // Accepted in the same batch as the one that reached the cap, before the cancel
+            // took effect: over the limit the operator set, so refuse it.
+            sys::close(fd);
+            self.stats().over_limit.add(1);
+            if let Some(suppressed) = self.accept_log.allow(self.now) {
+                warn!(
+                    "worker {}: listener {}: {} connections open (max_connections); closed a new one ({suppressed} more since the last message)",
+                    self.index,
+                    self.listeners[l].name,
+                    self.conns.len()
+                );
+            }
+            return;
+        }
         let pool = &self.snapshot.pools[self.listeners[l].pool];
         let generation = self.next_generation;
         self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
@@ -468,6 +541,10 @@ impl Worker {
         let stats = self.stats();
         stats.accepted.add(1);
         stats.active.add(1);
+        if self.conns.len() >= self.max_connections && !self.at_capacity {
+            self.at_capacity = true;
+            self.cancel_accepts();
+        }
         self.step(slot, |conn, ops| conn.start(ops));
     }
 
@@ -501,6 +578,8 @@ impl Worker {
             }
             Kind::SendUp => Event::Sent { dir: Dir::Up, result: c.result },
             Kind::SendDown => Event::Sent { dir: Dir::Down, result: c.result },
+            Kind::PollUp => Event::Writable { dir: Dir::Up },
+            Kind::PollDown => Event::Writable { dir: Dir::Down },
             Kind::Cancel => Event::Cancelled,
             Kind::Close => Event::Closed,
             _ => unreachable!("worker-level kinds are dispatched before"),
@@ -560,11 +639,16 @@ impl Worker {
             Op::Send { dir, fd, buf, offset, len } => {
                 // SAFETY: offset < len <= buffer size, so the pointer stays in buffer `buf`.
                 let ptr = unsafe { self.bufs.ptr(buf).add(offset as usize) };
+                // MSG_DONTWAIT: a full socket answers EAGAIN (then WaitWritable) instead of
+                // the kernel moving the send to an io-wq thread.
                 opcode::Send::new(types::Fd(fd), ptr, len - offset)
-                    .flags(libc::MSG_NOSIGNAL)
+                    .flags(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
                     .build()
                     .user_data(token(if dir == Dir::Up { Kind::SendUp } else { Kind::SendDown }))
             }
+            Op::WaitWritable { dir, fd } => opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
+                .build()
+                .user_data(token(if dir == Dir::Up { Kind::PollUp } else { Kind::PollDown })),
             Op::Shutdown { fd } => {
                 if let Err(e) = sys::shutdown_write(fd) {
                     // The peer is already gone; the other direction will see it.
@@ -572,9 +656,9 @@ impl Worker {
                 }
                 return;
             }
-            Op::Cancel { fd } => {
-                opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all()).build().user_data(token(Kind::Cancel))
-            }
+            Op::Cancel { fd } => opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
+                .build()
+                .user_data(token(Kind::Cancel)),
             Op::Close { fd, reset } => {
                 if reset && let Err(e) = sys::set_linger_zero(fd) {
                     debug!("worker {}: SO_LINGER on fd {fd}: {e}", self.index);
@@ -607,10 +691,13 @@ impl Worker {
             Ok(fd) => {
                 conn.backend_opened(fd, backend_index as u32);
                 let token = |kind| Token::new(kind, slot, conn.generation).encode();
-                let connect = opcode::Connect::new(types::Fd(fd), backend.sockaddr.as_ptr().cast(), backend.sockaddr.len())
+                let connect =
+                    opcode::Connect::new(types::Fd(fd), backend.sockaddr.as_ptr().cast(), backend.sockaddr.len())
+                        .build()
+                        .user_data(token(Kind::Connect));
+                let timeout = opcode::LinkTimeout::new(&self.timers.connect[pool_index])
                     .build()
-                    .user_data(token(Kind::Connect));
-                let timeout = opcode::LinkTimeout::new(&self.timers.connect[pool_index]).build().user_data(token(Kind::ConnectTimeout));
+                    .user_data(token(Kind::ConnectTimeout));
                 // SAFETY: the address lives in the snapshot, kept (in `retired` if replaced)
                 // until this submission, when the kernel copies it; the timespec lives in
                 // `self.timers`, likewise copied at submission.
@@ -618,9 +705,15 @@ impl Worker {
             }
             Err(e) => {
                 if let Some(suppressed) = self.connect_log.allow(self.now) {
-                    warn!("worker {}: cannot open a socket for pool {}: {e} ({suppressed} more since the last message)", self.index, pool.name);
+                    warn!(
+                        "worker {}: cannot open a socket for pool {}: {e} ({suppressed} more since the last message)",
+                        self.index, pool.name
+                    );
                 }
                 conn.socket_failed(ops);
+                if e.raw_os_error().is_some_and(is_resource_shortage) {
+                    self.pause_accepts();
+                }
             }
         }
     }
@@ -645,6 +738,10 @@ impl Worker {
 
     fn free(&mut self, slot: usize) {
         let conn = self.conns.remove(slot);
+        if self.at_capacity && self.conns.len() < self.max_connections {
+            self.at_capacity = false;
+            self.resume_accepts();
+        }
         let stats = &self.shared.stats[self.index];
         stats.active.sub(1);
         match conn.end() {
@@ -662,6 +759,10 @@ impl Worker {
             conn.bytes[1]
         );
     }
+}
+
+fn is_resource_shortage(errno: i32) -> bool {
+    matches!(errno, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
 }
 
 /// How often idle connections are looked for: a tenth of the shortest idle timeout, between

@@ -49,7 +49,10 @@ fn main() -> ExitCode {
             }
         }
     }
-    eprintln!("ringlb-demo-backend: echoing on {}", cli.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "));
+    eprintln!(
+        "ringlb-demo-backend: echoing on {}",
+        cli.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+    );
     let greet = cli.greet;
     let threads: Vec<_> = listeners
         .into_iter()

@@ -6,13 +6,7 @@
 use std::time::Duration;
 
 /// The units accepted, longest suffix first so that "ms" is not read as "m".
-const UNITS: [(&str, u64); 5] = [
-    ("ms", 1),
-    ("s", 1_000),
-    ("m", 60_000),
-    ("h", 3_600_000),
-    ("d", 86_400_000),
-];
+const UNITS: [(&str, u64); 5] = [("ms", 1), ("s", 1_000), ("m", 60_000), ("h", 3_600_000), ("d", 86_400_000)];
 
 /// What a duration string may look like, for error messages.
 pub const DURATION_HINT: &str = "a whole number followed by ms, s, m, h or d, e.g. \"500ms\", \"3s\", \"1h\"";
@@ -28,12 +22,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let Some(&(_, millis_per_unit)) = UNITS.iter().find(|(name, _)| *name == unit) else {
         return Err(format!("{text:?} has no known unit; use {DURATION_HINT}"));
     };
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is too large"))?;
-    let millis = value
-        .checked_mul(millis_per_unit)
-        .ok_or_else(|| format!("{text:?} is too large"))?;
+    let value: u64 = number.parse().map_err(|_| format!("{text:?} is too large"))?;
+    let millis = value.checked_mul(millis_per_unit).ok_or_else(|| format!("{text:?} is too large"))?;
     Ok(Duration::from_millis(millis))
 }
 
@@ -55,7 +45,16 @@ mod tests {
     #[test]
     fn rejects_malformed() {
         for bad in [
-            "", "s", "3", "3 s", "1.5s", "-1s", "1h30m", "3sec", "ms", "18446744073709551616s",
+            "",
+            "s",
+            "3",
+            "3 s",
+            "1.5s",
+            "-1s",
+            "1h30m",
+            "3sec",
+            "ms",
+            "18446744073709551616s",
             "18446744073709551615h",
         ] {
             let err = parse_duration(bad).expect_err(bad);

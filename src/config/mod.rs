@@ -22,6 +22,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Upper bound on `weight`, as HAProxy's.
 pub const MAX_WEIGHT: u32 = 256;
+/// Upper bound on `max_connections`.
+pub const MAX_CONNECTIONS: usize = 100_000_000;
 /// Upper bound on `workers`; more threads than this is a typo, not a machine.
 pub const MAX_WORKERS: usize = 1024;
 
@@ -30,6 +32,9 @@ pub const MAX_WORKERS: usize = 1024;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub workers: NonZeroUsize,
+    /// Most client connections open at once, split evenly across workers; `None` = as many as
+    /// the file-descriptor limit allows.
+    pub max_connections: Option<NonZeroUsize>,
     /// How long SIGTERM waits for open connections before closing them.
     pub drain_timeout: Duration,
     pub listeners: Vec<ListenerConfig>,
@@ -89,25 +94,13 @@ impl Algorithm {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     /// The file is not valid TOML or does not have the expected shape.
     #[error("{path}:{line}: {message}")]
-    Syntax {
-        path: String,
-        line: usize,
-        message: String,
-    },
+    Syntax { path: String, line: usize, message: String },
     /// The shape is right but a value is not usable.
     #[error("{path}:{line}: {key}: {message}")]
-    Invalid {
-        path: String,
-        line: usize,
-        key: String,
-        message: String,
-    },
+    Invalid { path: String, line: usize, key: String, message: String },
 }
 
 impl ConfigError {
@@ -132,10 +125,7 @@ impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: shown.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
         Config::parse(&text, &shown)
     }
 
@@ -149,8 +139,9 @@ impl Config {
         use std::fmt::Write;
         let backends: usize = self.pools.iter().map(|p| p.backends.len()).sum();
         let mut out = format!(
-            "{} workers, {} listeners, {} pools, {} backends, drain_timeout {:?}",
+            "{} workers, max_connections {}, {} listeners, {} pools, {} backends, drain_timeout {:?}",
             self.workers,
+            self.max_connections.map_or_else(|| "from the file-descriptor limit".to_string(), |n| n.to_string()),
             self.listeners.len(),
             self.pools.len(),
             backends,
@@ -167,9 +158,7 @@ impl Config {
                 pool.algorithm.name(),
                 pool.backends.len(),
                 pool.connect_timeout,
-                listener
-                    .idle_timeout
-                    .map_or_else(|| "none".to_string(), |d| format!("{d:?}")),
+                listener.idle_timeout.map_or_else(|| "none".to_string(), |d| format!("{d:?}")),
             );
         }
         out

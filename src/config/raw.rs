@@ -12,6 +12,7 @@ use toml::Spanned;
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub workers: Option<Spanned<i64>>,
+    pub max_connections: Option<Spanned<i64>>,
     pub connect_timeout: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,
     pub drain_timeout: Option<Spanned<String>>,

@@ -12,11 +12,10 @@ use toml::Spanned;
 use super::raw::{RawBackend, RawConfig, RawListener, RawPool};
 use super::{
     Algorithm, BackendConfig, Config, ConfigError, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT, ListenerConfig, MAX_WEIGHT, MAX_WORKERS, PoolConfig, parse_duration,
+    DEFAULT_IDLE_TIMEOUT, ListenerConfig, MAX_CONNECTIONS, MAX_WEIGHT, MAX_WORKERS, PoolConfig, parse_duration,
 };
 
-const ADDRESS_HINT: &str =
-    "use IP:port, e.g. \"127.0.0.1:9001\" or \"[::1]:9001\" (host names are not resolved)";
+const ADDRESS_HINT: &str = "use IP:port, e.g. \"127.0.0.1:9001\" or \"[::1]:9001\" (host names are not resolved)";
 
 /// Where errors point: the file's name and text, to turn byte offsets into lines.
 struct Source<'a> {
@@ -44,27 +43,16 @@ impl Source<'_> {
         }
     }
 
-    fn duration(
-        &self,
-        value: &Option<Spanned<String>>,
-        key: &str,
-        default: Duration,
-    ) -> Result<Duration, ConfigError> {
+    fn duration(&self, value: &Option<Spanned<String>>, key: &str, default: Duration) -> Result<Duration, ConfigError> {
         match value {
             None => Ok(default),
-            Some(v) => {
-                parse_duration(v.get_ref()).map_err(|reason| self.invalid(v.span(), key, reason))
-            }
+            Some(v) => parse_duration(v.get_ref()).map_err(|reason| self.invalid(v.span(), key, reason)),
         }
     }
 
     fn address(&self, value: &Spanned<String>, key: &str) -> Result<SocketAddr, ConfigError> {
         value.get_ref().trim().parse().map_err(|_| {
-            self.invalid(
-                value.span(),
-                key,
-                format!("{:?} is not an address; {ADDRESS_HINT}", value.get_ref()),
-            )
+            self.invalid(value.span(), key, format!("{:?} is not an address; {ADDRESS_HINT}", value.get_ref()))
         })
     }
 }
@@ -102,6 +90,25 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
                 )
             })?,
     };
+    let max_connections = match &raw.max_connections {
+        None => None,
+        Some(m) => Some(
+            usize::try_from(*m.get_ref())
+                .ok()
+                .filter(|n| (1..=MAX_CONNECTIONS).contains(n))
+                .and_then(NonZeroUsize::new)
+                .ok_or_else(|| {
+                    src.invalid(
+                        m.span(),
+                        "max_connections",
+                        format!(
+                            "{} is not a connection count; use 1 to {MAX_CONNECTIONS}, or leave it out to allow what the file-descriptor limit allows",
+                            m.get_ref()
+                        ),
+                    )
+                })?,
+        ),
+    };
     let connect_timeout = src.duration(&raw.connect_timeout, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)?;
     let idle_timeout = src.duration(&raw.idle_timeout, "idle_timeout", DEFAULT_IDLE_TIMEOUT)?;
     let drain_timeout = src.duration(&raw.drain_timeout, "drain_timeout", DEFAULT_DRAIN_TIMEOUT)?;
@@ -111,8 +118,7 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     for (name, pool) in &raw.pools {
         pools.push(validate_pool(src, name, pool, connect_timeout)?);
     }
-    let pool_index: BTreeMap<&str, usize> =
-        pools.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
+    let pool_index: BTreeMap<&str, usize> = pools.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
 
     if raw.listeners.is_empty() {
         return Err(src.invalid(
@@ -140,6 +146,7 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
 
     Ok(Config {
         workers,
+        max_connections,
         drain_timeout,
         listeners: listeners.into_iter().map(|(l, _)| l).collect(),
         pools,
@@ -153,11 +160,9 @@ fn nonzero_connect_timeout(
     parsed: Duration,
 ) -> Result<(), ConfigError> {
     match value {
-        Some(v) if parsed.is_zero() => Err(src.invalid(
-            v.span(),
-            key,
-            "a connect timeout of 0 would fail every connection; use e.g. \"3s\"",
-        )),
+        Some(v) if parsed.is_zero() => {
+            Err(src.invalid(v.span(), key, "a connect timeout of 0 would fail every connection; use e.g. \"3s\""))
+        }
         _ => Ok(()),
     }
 }
@@ -195,12 +200,7 @@ fn validate_listener(
         )
     })?;
     let idle = src.duration(&raw.idle_timeout, &key("idle_timeout"), default_idle)?;
-    Ok(ListenerConfig {
-        name: name.to_string(),
-        bind,
-        pool,
-        idle_timeout: (!idle.is_zero()).then_some(idle),
-    })
+    Ok(ListenerConfig { name: name.to_string(), bind, pool, idle_timeout: (!idle.is_zero()).then_some(idle) })
 }
 
 fn validate_pool(
@@ -217,11 +217,7 @@ fn validate_pool(
             src.invalid(
                 a.span(),
                 &key("algorithm"),
-                format!(
-                    "{:?} is not an algorithm; use one of: {}",
-                    a.get_ref(),
-                    Algorithm::NAMES.join(", ")
-                ),
+                format!("{:?} is not an algorithm; use one of: {}", a.get_ref(), Algorithm::NAMES.join(", ")),
             )
         })?,
     };
@@ -250,12 +246,7 @@ fn validate_pool(
         }
         backends.push(validated);
     }
-    Ok(PoolConfig {
-        name: name.to_string(),
-        algorithm,
-        connect_timeout,
-        backends,
-    })
+    Ok(PoolConfig { name: name.to_string(), algorithm, connect_timeout, backends })
 }
 
 fn validate_backend(src: &Source<'_>, key: &str, raw: &RawBackend) -> Result<BackendConfig, ConfigError> {
@@ -269,17 +260,15 @@ fn validate_backend(src: &Source<'_>, key: &str, raw: &RawBackend) -> Result<Bac
     }
     let weight = match &raw.weight {
         None => NonZeroU32::MIN,
-        Some(w) => u32::try_from(*w.get_ref())
-            .ok()
-            .filter(|w| *w <= MAX_WEIGHT)
-            .and_then(NonZeroU32::new)
-            .ok_or_else(|| {
+        Some(w) => u32::try_from(*w.get_ref()).ok().filter(|w| *w <= MAX_WEIGHT).and_then(NonZeroU32::new).ok_or_else(
+            || {
                 src.invalid(
                     w.span(),
                     &format!("{key}.weight"),
                     format!("{} is not a weight; use 1 to {MAX_WEIGHT}", w.get_ref()),
                 )
-            })?,
+            },
+        )?,
     };
     Ok(BackendConfig { address, weight })
 }
@@ -366,7 +355,11 @@ backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight
     fn unknown_keys_are_rejected_everywhere() {
         assert_error(&GOOD.replace("workers = 2", "wrokers = 2"), 2, &["wrokers", "workers"]);
         assert_error(&GOOD.replace("pool = \"web\"\nidle", "pool = \"web\"\nport = 1\nidle"), 8, &["port", "bind"]);
-        assert_error(&GOOD.replace("connect_timeout = \"250ms\"", "timeout = \"1s\""), 16, &["timeout", "connect_timeout"]);
+        assert_error(
+            &GOOD.replace("connect_timeout = \"250ms\"", "timeout = \"1s\""),
+            16,
+            &["timeout", "connect_timeout"],
+        );
         assert_error(&GOOD.replace("weight = 2", "wieght = 2"), 17, &["wieght", "weight"]);
     }
 
@@ -382,12 +375,23 @@ backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight
 
     #[test]
     fn unknown_pool() {
-        assert_error(&GOOD.replace("pool = \"web\"\nidle", "pool = \"wbe\"\nidle"), 7, &["listeners.web.pool", "\"wbe\"", "defined pools: web"]);
+        assert_error(
+            &GOOD.replace("pool = \"web\"\nidle", "pool = \"wbe\"\nidle"),
+            7,
+            &["listeners.web.pool", "\"wbe\"", "defined pools: web"],
+        );
     }
 
     #[test]
     fn no_backends() {
-        assert_error(&GOOD.replace(r#"backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight = 2 }]"#, "backends = []"), 17, &["pools.web.backends", "no backends"]);
+        assert_error(
+            &GOOD.replace(
+                r#"backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight = 2 }]"#,
+                "backends = []",
+            ),
+            17,
+            &["pools.web.backends", "no backends"],
+        );
     }
 
     #[test]
@@ -404,27 +408,48 @@ backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight
         assert_error(&GOOD.replace("[::1]:5432", "0.0.0.0:8080"), 6, &["listeners.web.bind", "overlaps"]);
         // Different families or port 0 do not collide.
         Config::parse(&GOOD.replace("[::1]:5432", "[::]:8080"), "t").unwrap();
-        Config::parse(&GOOD.replace("[::1]:5432", "127.0.0.1:0").replace("127.0.0.1:8080", "127.0.0.1:0"), "t").unwrap();
+        Config::parse(&GOOD.replace("[::1]:5432", "127.0.0.1:0").replace("127.0.0.1:8080", "127.0.0.1:0"), "t")
+            .unwrap();
     }
 
     #[test]
     fn bad_addresses() {
-        assert_error(&GOOD.replace("127.0.0.1:8080", "localhost:8080"), 6, &["listeners.web.bind", "\"localhost:8080\"", "IP:port"]);
+        assert_error(
+            &GOOD.replace("127.0.0.1:8080", "localhost:8080"),
+            6,
+            &["listeners.web.bind", "\"localhost:8080\"", "IP:port"],
+        );
         assert_error(&GOOD.replace("127.0.0.1:8080", "127.0.0.1"), 6, &["listeners.web.bind", "IP:port"]);
-        assert_error(&GOOD.replace("127.0.0.1:9002", "127.0.0.1:99999"), 17, &["pools.web.backends[1].address", "IP:port"]);
-        assert_error(&GOOD.replace("127.0.0.1:9002", "0.0.0.0:9002"), 17, &["pools.web.backends[1].address", "cannot be connected"]);
+        assert_error(
+            &GOOD.replace("127.0.0.1:9002", "127.0.0.1:99999"),
+            17,
+            &["pools.web.backends[1].address", "IP:port"],
+        );
+        assert_error(
+            &GOOD.replace("127.0.0.1:9002", "0.0.0.0:9002"),
+            17,
+            &["pools.web.backends[1].address", "cannot be connected"],
+        );
         assert_error(&GOOD.replace("127.0.0.1:9002", "127.0.0.1:0"), 17, &["pools.web.backends[1].address"]);
     }
 
     #[test]
     fn duplicate_backend() {
-        assert_error(&GOOD.replace("127.0.0.1:9002", "127.0.0.1:9001"), 17, &["pools.web.backends[1].address", "twice"]);
+        assert_error(
+            &GOOD.replace("127.0.0.1:9002", "127.0.0.1:9001"),
+            17,
+            &["pools.web.backends[1].address", "twice"],
+        );
     }
 
     #[test]
     fn bad_weights() {
         for bad in ["0", "-1", "257", "4294967297"] {
-            assert_error(&GOOD.replace("weight = 2", &format!("weight = {bad}")), 17, &["pools.web.backends[1].weight", "1 to 256"]);
+            assert_error(
+                &GOOD.replace("weight = 2", &format!("weight = {bad}")),
+                17,
+                &["pools.web.backends[1].weight", "1 to 256"],
+            );
         }
     }
 
@@ -436,8 +461,26 @@ backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight
     }
 
     #[test]
+    fn max_connections() {
+        let config = Config::parse(&GOOD.replace("workers = 2", "workers = 2\nmax_connections = 500"), "t").unwrap();
+        assert_eq!(config.max_connections.map(NonZeroUsize::get), Some(500));
+        assert_eq!(Config::parse(GOOD, "t").unwrap().max_connections, None);
+        for bad in ["0", "-5", "100000001"] {
+            assert_error(
+                &GOOD.replace("workers = 2", &format!("workers = 2\nmax_connections = {bad}")),
+                3,
+                &["max_connections", "1 to 100000000"],
+            );
+        }
+    }
+
+    #[test]
     fn bad_algorithm() {
-        assert_error(&GOOD.replace("\"round_robin\"", "\"fastest\""), 15, &["pools.web.algorithm", "\"fastest\"", "round_robin"]);
+        assert_error(
+            &GOOD.replace("\"round_robin\"", "\"fastest\""),
+            15,
+            &["pools.web.algorithm", "\"fastest\"", "round_robin"],
+        );
     }
 
     #[test]

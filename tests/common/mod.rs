@@ -1,0 +1,343 @@
+//! Shared helpers for integration tests: start the real `ringlb` binary on free ports, run
+//! real backend sockets, and look at the process from /proc.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Lets this test process open thousands of sockets.
+pub fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+}
+
+/// A running `ringlb run` process with its log.
+pub struct Ringlb {
+    child: Child,
+    /// Listener name -> the address it is bound to.
+    pub addrs: HashMap<String, SocketAddr>,
+    log: Arc<Mutex<String>>,
+    config_path: std::path::PathBuf,
+}
+
+fn temp_path(suffix: &str) -> std::path::PathBuf {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        "ringlb-test-{}-{}.{suffix}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// Writes `text` to a fresh temporary file and returns its path.
+pub fn write_temp(text: &str, suffix: &str) -> std::path::PathBuf {
+    let path = temp_path(suffix);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+impl Ringlb {
+    /// Starts ringlb with `config` and waits until every listener is up.
+    pub fn start(config: &str) -> Ringlb {
+        Self::start_with_fd_limit(config, None)
+    }
+
+    /// As `start`, with the process's hard RLIMIT_NOFILE lowered to `fd_limit`.
+    pub fn start_with_fd_limit(config: &str, fd_limit: Option<u64>) -> Ringlb {
+        let config_path = write_temp(config, "toml");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ringlb"));
+        command
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(limit) = fd_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child here.
+            unsafe {
+                command.pre_exec(move || {
+                    let l = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().expect("start ringlb");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let log_writer = Arc::clone(&log);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("] listener ").nth(1) {
+                    let mut words = rest.split_whitespace();
+                    let name = words.next().unwrap().to_string();
+                    let addr: SocketAddr = words.nth(1).unwrap().parse().unwrap();
+                    let _ = tx.send((name, addr));
+                }
+                let mut log = log_writer.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let expected = config.matches("[listeners.").count();
+        let mut addrs = HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while addrs.len() < expected {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((name, addr)) => {
+                    addrs.insert(name, addr);
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("ringlb did not start; log:\n{}", log.lock().unwrap());
+                }
+            }
+        }
+        Ringlb { child, addrs, log, config_path }
+    }
+
+    /// The address of the only (or the named) listener.
+    pub fn addr(&self) -> SocketAddr {
+        assert_eq!(self.addrs.len(), 1, "several listeners; use addrs[name]");
+        *self.addrs.values().next().unwrap()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, signal: i32) {
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM, waits for a clean exit and returns the counters of the final log line.
+    pub fn stop(&mut self) -> HashMap<String, u64> {
+        self.signal(libc::SIGTERM);
+        let status = self.wait_exit(Duration::from_secs(40)).expect("ringlb did not stop after SIGTERM");
+        assert!(status.success(), "exit status {status}; log:\n{}", self.log());
+        // The reader thread may still be appending the last lines.
+        Ringlb::eventually(Duration::from_secs(5), || self.log().contains("] stopped: "));
+        let log = self.log();
+        let line = log.lines().find(|l| l.contains("] stopped: ")).expect("final counters line");
+        line.split("] stopped: ")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
+            .collect()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Names of the process's threads.
+    pub fn thread_names(&self) -> Vec<String> {
+        let dir = format!("/proc/{}/task", self.pid());
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|s| s.trim().to_string())
+            .collect()
+    }
+
+    /// How many file descriptors the process has open.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count()
+    }
+
+    /// Polls until `f` holds or `timeout` passes; returns whether it held.
+    pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if f() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Ringlb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config_path);
+    }
+}
+
+/// A config with one listener on a free port and one pool with `backends` (address, weight).
+pub fn config_for(backends: &[SocketAddr], extra_top: &str, extra_pool: &str) -> String {
+    let list: Vec<String> = backends.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
+    let workers = if extra_top.contains("workers") { "" } else { "workers = 2" };
+    format!(
+        "{workers}\n{extra_top}\n[listeners.test]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n\n[pools.p]\nbackends = [{}]\n{extra_pool}\n",
+        list.join(", ")
+    )
+}
+
+/// A backend listening on a free port; each connection is handed to `handler` on its own thread.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Backend {
+    pub fn start(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let handler = Arc::new(handler);
+        let (accepted2, stop2) = (Arc::clone(&accepted), Arc::clone(&stop));
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                accepted2.fetch_add(1, Ordering::SeqCst);
+                let handler = Arc::clone(&handler);
+                thread::Builder::new().stack_size(128 * 1024).spawn(move || handler(stream)).unwrap();
+            }
+        });
+        Backend { addr, accepted, stop }
+    }
+
+    /// Echoes everything back and passes end of stream on.
+    pub fn echo() -> Backend {
+        Backend::start(echo)
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+pub fn echo(mut stream: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                let _ = stream.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// An address whose port is held but not listening: connecting to it is refused.
+pub fn refusing_addr() -> (socket2::Socket, SocketAddr) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    (socket, addr)
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), different for each seed.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Connects, with a read timeout so a broken relay fails the test instead of hanging it.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream
+}
+
+/// Sends `data` on a second thread while reading everything back until EOF.
+pub fn send_and_read_all(stream: TcpStream, data: Arc<Vec<u8>>) -> std::io::Result<Vec<u8>> {
+    let mut writer = stream.try_clone()?;
+    let sender = thread::spawn(move || -> std::io::Result<()> {
+        for chunk in data.chunks(256 * 1024) {
+            writer.write_all(chunk)?;
+        }
+        writer.shutdown(Shutdown::Write)
+    });
+    let mut received = Vec::new();
+    let mut reader = stream;
+    reader.read_to_end(&mut received)?;
+    sender.join().unwrap()?;
+    Ok(received)
+}
+
+/// Reads until EOF or error, returning what came and how it ended.
+pub fn read_until_end(stream: &mut TcpStream) -> (Vec<u8>, std::io::Result<()>) {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return (data, Ok(())),
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return (data, Err(e)),
+        }
+    }
+}
+
+/// One request/response round trip on an echoing connection.
+pub fn round_trip(stream: &mut TcpStream, message: &[u8]) -> std::io::Result<()> {
+    stream.write_all(message)?;
+    let mut back = vec![0u8; message.len()];
+    stream.read_exact(&mut back)?;
+    assert_eq!(back, message);
+    Ok(())
+}

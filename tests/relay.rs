@@ -1,0 +1,229 @@
+//! The relay end to end: the real binary between real client and backend sockets.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn sixteen_connections_of_8_mib_echo_intact() {
+    let backend = Backend::echo();
+    let lb = Ringlb::start(&config_for(&[backend.addr], "", ""));
+    let addr = lb.addr();
+    let clients: Vec<_> = (0..16u64)
+        .map(|i| {
+            thread::spawn(move || {
+                let data = Arc::new(random_bytes(8 << 20, i + 1));
+                let received = send_and_read_all(connect(addr), Arc::clone(&data)).expect("relay");
+                assert_eq!(received.len(), data.len(), "connection {i}: length");
+                assert!(received == *data, "connection {i}: bytes differ");
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+    assert_eq!(backend.accepted(), 16);
+}
+
+#[test]
+fn no_io_wq_thread_during_bulk_transfer() {
+    let backend = Backend::echo();
+    let lb = Ringlb::start(&config_for(&[backend.addr], "", ""));
+    let addr = lb.addr();
+    let transfers: Vec<_> = (0..4u64)
+        .map(|i| {
+            thread::spawn(move || send_and_read_all(connect(addr), Arc::new(random_bytes(32 << 20, i))).unwrap().len())
+        })
+        .collect();
+    let mut samples = 0;
+    while !transfers.iter().all(|t| t.is_finished()) {
+        let names = lb.thread_names();
+        assert!(!names.iter().any(|n| n.starts_with("iou-wrk")), "io-wq worker threads: {names:?}");
+        samples += 1;
+        thread::sleep(Duration::from_millis(5));
+    }
+    for t in transfers {
+        assert_eq!(t.join().unwrap(), 32 << 20);
+    }
+    assert!(samples > 0);
+    let names = lb.thread_names();
+    assert!(!names.iter().any(|n| n.starts_with("iou-wrk")), "io-wq worker threads after transfer: {names:?}");
+}
+
+#[test]
+fn half_close_delivers_the_whole_echo_then_eof() {
+    // The backend reads everything until the client's FIN, and only then echoes it back.
+    let backend = Backend::start(|mut stream| {
+        let mut all = Vec::new();
+        stream.read_to_end(&mut all).unwrap();
+        stream.write_all(&all).unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+    });
+    let lb = Ringlb::start(&config_for(&[backend.addr], "", ""));
+    let mut stream = connect(lb.addr());
+    let data = random_bytes(3 << 20, 7);
+    stream.write_all(&data).unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let (received, end) = read_until_end(&mut stream);
+    end.expect("clean EOF after the echo");
+    assert!(received == data, "got {} of {} bytes", received.len(), data.len());
+}
+
+#[test]
+fn backend_reset_reaches_client() {
+    let backend = Backend::start(|mut stream| {
+        let mut buf = [0u8; 5];
+        stream.read_exact(&mut buf).unwrap();
+        stream.write_all(b"bye").unwrap();
+        socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(stream);
+    });
+    let lb = Ringlb::start(&config_for(&[backend.addr], "", ""));
+    let mut stream = connect(lb.addr());
+    stream.write_all(b"hello").unwrap();
+    let (_, end) = read_until_end(&mut stream);
+    let err = end.expect_err("the client should see the backend's reset, not EOF");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+}
+
+#[test]
+fn client_reset_reaches_backend() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let backend = Backend::start(move |mut stream| {
+        let mut buf = [0u8; 5];
+        stream.read_exact(&mut buf).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let (_, end) = read_until_end(&mut stream);
+        let _ = tx.send(end.map_err(|e| e.kind()));
+    });
+    let lb = Ringlb::start(&config_for(&[backend.addr], "", ""));
+    let stream = connect(lb.addr());
+    (&stream).write_all(b"hello").unwrap();
+    thread::sleep(Duration::from_millis(200));
+    socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(stream);
+    let end = rx.recv_timeout(Duration::from_secs(20)).expect("backend saw nothing");
+    assert_eq!(end, Err(ErrorKind::ConnectionReset));
+}
+
+#[test]
+fn refused_backend_is_retried_on_another_without_client_error() {
+    let (_held, refusing) = refusing_addr();
+    let backend = Backend::echo();
+    let lb = Ringlb::start(&config_for(&[refusing, backend.addr], "", ""));
+    for i in 0..20 {
+        let mut stream = connect(lb.addr());
+        round_trip(&mut stream, format!("request {i}").as_bytes()).expect("no client error");
+    }
+    assert_eq!(backend.accepted(), 20);
+    assert!(lb.log().contains("connect to backend"), "the refusal should be logged:\n{}", lb.log());
+}
+
+#[test]
+fn timed_out_connect_is_retried_on_another_backend() {
+    // A listener with a full accept queue drops SYNs, so connecting to it times out.
+    let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    full.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    full.listen(0).unwrap();
+    let silent = full.local_addr().unwrap().as_socket().unwrap();
+    let _fillers: Vec<_> =
+        (0..4).filter_map(|_| TcpStream::connect_timeout(&silent, Duration::from_millis(200)).ok()).collect();
+    let backend = Backend::echo();
+    let lb = Ringlb::start(&config_for(&[silent, backend.addr], "connect_timeout = \"300ms\"", ""));
+    for i in 0..4 {
+        let mut stream = connect(lb.addr());
+        round_trip(&mut stream, format!("request {i}").as_bytes()).expect("no client error");
+    }
+    assert!(lb.log().contains("timed out"), "the timeout should be logged:\n{}", lb.log());
+}
+
+#[test]
+fn all_backends_down_closes_client_promptly() {
+    let (_a, down1) = refusing_addr();
+    let (_b, down2) = refusing_addr();
+    let lb = Ringlb::start(&config_for(&[down1, down2], "", ""));
+    let mut stream = connect(lb.addr());
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (data, end) = read_until_end(&mut stream);
+    assert!(data.is_empty());
+    if let Err(e) = end {
+        assert!(e.kind() != ErrorKind::WouldBlock && e.kind() != ErrorKind::TimedOut, "client was not closed: {e}");
+    }
+    let mut lb = lb;
+    let counters = lb.stop();
+    assert_eq!(counters["connections_no_backend_total"], 1, "{counters:?}");
+    assert_eq!(counters["backend_connect_failures_total"], 2, "each backend tried once: {counters:?}");
+}
+
+#[test]
+fn idle_connection_is_closed_but_busy_one_is_not() {
+    let backend = Backend::echo();
+    let lb = Ringlb::start(&config_for(&[backend.addr], "idle_timeout = \"400ms\"", ""));
+    // Busy: a round trip every 50 ms for twice the idle timeout.
+    let mut busy = connect(lb.addr());
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(800) {
+        round_trip(&mut busy, b"still here").expect("a busy connection must stay open");
+        thread::sleep(Duration::from_millis(50));
+    }
+    // Idle: after one round trip, nothing; ringlb must close it.
+    let mut idle = busy;
+    idle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (data, end) = read_until_end(&mut idle);
+    assert!(data.is_empty());
+    end.expect("idle close is a FIN, not a reset or a read timeout");
+    let mut lb = lb;
+    let counters = lb.stop();
+    assert_eq!(counters["connections_idle_closed_total"], 1, "{counters:?}");
+}
+
+#[test]
+fn thousand_concurrent_connections() {
+    raise_fd_limit();
+    let backend = Backend::echo();
+    let lb = Ringlb::start(&config_for(&[backend.addr], "", ""));
+    let mut streams: Vec<TcpStream> = (0..1000).map(|_| connect(lb.addr())).collect();
+    for (i, stream) in streams.iter_mut().enumerate() {
+        stream.write_all(format!("{i:>8}").as_bytes()).unwrap();
+    }
+    for (i, stream) in streams.iter_mut().enumerate() {
+        let mut back = [0u8; 8];
+        stream.read_exact(&mut back).unwrap();
+        assert_eq!(&back, format!("{i:>8}").as_bytes());
+    }
+    assert_eq!(backend.accepted(), 1000, "all 1000 held open at once");
+    // A second round trip on every connection, all still open.
+    for stream in streams.iter_mut() {
+        round_trip(stream, b"again").unwrap();
+    }
+}
+
+#[test]
+fn fd_count_returns_to_baseline() {
+    let backend = Backend::echo();
+    let lb = Ringlb::start(&config_for(&[backend.addr], "", ""));
+    let baseline = lb.fd_count();
+    let mut streams: Vec<TcpStream> = (0..50).map(|_| connect(lb.addr())).collect();
+    for stream in streams.iter_mut() {
+        round_trip(stream, b"x").unwrap();
+    }
+    assert!(lb.fd_count() >= baseline + 100, "two fds per connection while open");
+    // Close half with FIN and half with RST.
+    for (i, stream) in streams.into_iter().enumerate() {
+        if i % 2 == 0 {
+            socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO)).unwrap();
+        }
+        drop(stream);
+    }
+    assert!(
+        Ringlb::eventually(Duration::from_secs(10), || lb.fd_count() == baseline),
+        "fd count {} did not return to baseline {baseline}",
+        lb.fd_count()
+    );
+}
