@@ -192,7 +192,7 @@ pub struct Conn {
     pub client: RawFd,
     pub backend: Option<RawFd>,
     /// Index of the listener that accepted the connection.
-    pub listener: u16,
+    pub listener: u32,
     /// Index of the backend (in the listener's pool) being connected to or relayed to.
     pub backend_index: u32,
     /// Connect attempts still allowed, counting the one in flight.
@@ -213,7 +213,7 @@ pub struct Conn {
 
 impl Conn {
     /// A connection just accepted on `client`; `attempts` is how many backends may be tried.
-    pub fn new(generation: u32, client: RawFd, listener: u16, attempts: u32, now: u64) -> Conn {
+    pub fn new(generation: u32, client: RawFd, listener: u32, attempts: u32, now: u64) -> Conn {
         Conn {
             generation,
             client,
@@ -804,5 +804,235 @@ mod tests {
         h.event(Event::Received { dir: Dir::Up, result: -libc::ECANCELED, buf: None });
         let ops = h.event(Event::Cancelled);
         assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: false }]);
+    }
+}
+
+/// A simulated kernel drives a connection with random completions; whatever the order and the
+/// results, the connection must keep the rules the worker relies on.
+#[cfg(test)]
+mod model {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const CLIENT: RawFd = 100;
+    const BACKENDS: [RawFd; 3] = [101, 102, 103];
+
+    /// An operation the simulated kernel holds.
+    #[derive(Debug, Clone, Copy)]
+    enum Pending {
+        Connect(RawFd),
+        ConnectTimer,
+        Recv(Dir, RawFd),
+        Send(Dir, RawFd, u32),
+        Poll(Dir),
+        Cancel,
+        Close,
+    }
+
+    /// One choice of the test: which pending operation completes and how.
+    #[derive(Debug, Clone, Copy)]
+    struct Choice {
+        pick: usize,
+        outcome: u8,
+        size: u16,
+    }
+
+    fn choice() -> impl Strategy<Value = Choice> {
+        (any::<usize>(), any::<u8>(), 1u16..2000).prop_map(|(pick, outcome, size)| Choice { pick, outcome, size })
+    }
+
+    struct Model {
+        conn: Conn,
+        pending: Vec<Pending>,
+        open_fds: BTreeSet<RawFd>,
+        closed_fds: BTreeSet<RawFd>,
+        held_buffers: BTreeSet<BufId>,
+        next_buffer: BufId,
+        next_backend: usize,
+        freed: bool,
+        steps: usize,
+    }
+
+    impl Model {
+        fn new(attempts: u32) -> Model {
+            let mut model = Model {
+                conn: Conn::new(1, CLIENT, 0, attempts, 0),
+                pending: Vec::new(),
+                open_fds: BTreeSet::from([CLIENT]),
+                closed_fds: BTreeSet::new(),
+                held_buffers: BTreeSet::new(),
+                next_buffer: 0,
+                next_backend: 0,
+                freed: false,
+                steps: 0,
+            };
+            let mut ops = Vec::new();
+            model.conn.start(&mut ops);
+            model.apply(ops, false);
+            model
+        }
+
+        /// Carries out the connection's operations as the worker would.
+        fn apply(&mut self, ops: Vec<Op>, socket_fails: bool) {
+            let mut queue = std::collections::VecDeque::from(ops);
+            while let Some(op) = queue.pop_front() {
+                assert!(!self.freed, "operation after Free: {op:?}");
+                match op {
+                    Op::Connect => {
+                        if socket_fails || self.next_backend == BACKENDS.len() {
+                            let mut more = Vec::new();
+                            self.conn.socket_failed(&mut more);
+                            queue.extend(more);
+                        } else {
+                            let fd = BACKENDS[self.next_backend];
+                            self.next_backend += 1;
+                            self.open_fds.insert(fd);
+                            self.conn.backend_opened(fd, self.next_backend as u32 - 1);
+                            self.pending.push(Pending::Connect(fd));
+                            self.pending.push(Pending::ConnectTimer);
+                        }
+                    }
+                    Op::Recv { dir, fd } => {
+                        assert!(self.open_fds.contains(&fd), "recv on a closed fd");
+                        self.pending.push(Pending::Recv(dir, fd));
+                    }
+                    Op::Send { dir, fd, buf, offset, len } => {
+                        assert!(self.open_fds.contains(&fd), "send on a closed fd");
+                        assert!(self.held_buffers.contains(&buf), "send from a buffer not held");
+                        assert!(offset < len);
+                        self.pending.push(Pending::Send(dir, fd, len - offset));
+                    }
+                    Op::WaitWritable { dir, fd } => {
+                        assert!(self.open_fds.contains(&fd), "poll on a closed fd");
+                        self.pending.push(Pending::Poll(dir));
+                    }
+                    Op::Shutdown { fd } => assert!(self.open_fds.contains(&fd), "shutdown of a closed fd"),
+                    Op::Cancel { fd } => {
+                        // Once closing, every completion below comes back ECANCELED.
+                        assert!(self.open_fds.contains(&fd), "cancel on a closed fd");
+                        self.pending.push(Pending::Cancel);
+                    }
+                    Op::Close { fd, .. } => {
+                        let in_use = self.pending.iter().any(|p| {
+                            matches!(*p, Pending::Connect(f) | Pending::Recv(_, f) | Pending::Send(_, f, _) if f == fd)
+                        });
+                        assert!(!in_use, "close of fd {fd} with an operation in flight on it");
+                        assert!(self.open_fds.remove(&fd), "close of fd {fd} twice");
+                        self.closed_fds.insert(fd);
+                        self.pending.push(Pending::Close);
+                    }
+                    Op::Recycle(buf) => assert!(self.held_buffers.remove(&buf), "buffer {buf} recycled twice"),
+                    Op::WaitForBuffer(dir) => {
+                        // The worker calls back when a buffer returns: do it at once.
+                        let mut more = Vec::new();
+                        self.conn.buffer_available(dir, &mut more);
+                        queue.extend(more);
+                    }
+                    Op::Free => {
+                        assert!(self.pending.is_empty(), "freed with operations in flight: {:?}", self.pending);
+                        assert!(self.open_fds.is_empty(), "freed with fds open: {:?}", self.open_fds);
+                        assert!(self.held_buffers.is_empty(), "freed holding buffers {:?}", self.held_buffers);
+                        self.freed = true;
+                    }
+                }
+            }
+            assert_eq!(self.conn.inflight() as usize, self.pending.len(), "inflight count drifted");
+        }
+
+        /// Completes one pending operation as `choice` says.
+        fn complete(&mut self, choice: Choice) {
+            self.steps += 1;
+            let index = choice.pick % self.pending.len();
+            let pending = self.pending.swap_remove(index);
+            let closing = self.conn.is_closing();
+            let event = match pending {
+                Pending::Connect(_) => Event::Connected(match choice.outcome % 4 {
+                    _ if closing => -libc::ECANCELED,
+                    0 => -libc::ECONNREFUSED,
+                    1 => -libc::ECANCELED,
+                    _ => 0,
+                }),
+                Pending::ConnectTimer => Event::ConnectTimerDone,
+                Pending::Recv(dir, _) => {
+                    let result = match choice.outcome % 8 {
+                        _ if closing => -libc::ECANCELED,
+                        0 => 0,
+                        1 => -libc::ECONNRESET,
+                        2 => -libc::ENOBUFS,
+                        _ => i32::from(choice.size),
+                    };
+                    let buf = (result > 0).then(|| {
+                        let buf = self.next_buffer;
+                        self.next_buffer = self.next_buffer.wrapping_add(1);
+                        assert!(self.held_buffers.insert(buf));
+                        buf
+                    });
+                    Event::Received { dir, result, buf }
+                }
+                Pending::Send(dir, _, len) => Event::Sent {
+                    dir,
+                    result: match choice.outcome % 6 {
+                        _ if closing => -libc::ECANCELED,
+                        0 => -libc::EPIPE,
+                        1 => -libc::EAGAIN,
+                        2 => (len / 2).max(1) as i32,
+                        _ => len as i32,
+                    },
+                },
+                Pending::Poll(dir) => Event::Writable { dir },
+                Pending::Cancel => Event::Cancelled,
+                Pending::Close => Event::Closed,
+            };
+            let mut ops = Vec::new();
+            self.conn.on_event(event, self.steps as u64, &mut ops);
+            self.apply(ops, choice.outcome == 255);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any order and any results: the slot is freed only after its last completion, with
+        /// every fd closed once and every buffer returned once, and it always gets there.
+        #[test]
+        fn connection_always_ends_cleanly(
+            attempts in 1u32..=3,
+            close_at in proptest::option::of(0usize..60),
+            choices in proptest::collection::vec(choice(), 1..400),
+        ) {
+            let mut model = Model::new(attempts);
+            for (i, choice) in choices.iter().enumerate() {
+                if model.freed {
+                    break;
+                }
+                if close_at == Some(i) {
+                    let mut ops = Vec::new();
+                    model.conn.close(&mut ops);
+                    model.apply(ops, false);
+                }
+                if model.pending.is_empty() {
+                    break;
+                }
+                model.complete(*choice);
+            }
+            // Whatever state it reached, closing it and completing everything frees it.
+            if !model.freed {
+                let mut ops = Vec::new();
+                model.conn.close(&mut ops);
+                model.apply(ops, false);
+                let mut n = 0usize;
+                while !model.freed {
+                    prop_assert!(!model.pending.is_empty(), "stuck: nothing in flight and not freed");
+                    model.complete(Choice { pick: n, outcome: 7, size: 1 });
+                    n += 1;
+                    prop_assert!(n < 1000, "does not converge");
+                }
+            }
+            prop_assert!(model.open_fds.is_empty());
+            prop_assert!(model.closed_fds.contains(&CLIENT));
+        }
     }
 }

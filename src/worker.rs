@@ -536,7 +536,7 @@ impl Worker {
         let pool = &self.snapshot.pools[self.listeners[l].pool];
         let generation = self.next_generation;
         self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
-        let conn = Conn::new(generation, fd, l as u16, pool.backends.len() as u32, self.now);
+        let conn = Conn::new(generation, fd, l as u32, pool.backends.len() as u32, self.now);
         let slot = self.conns.insert(conn);
         let stats = self.stats();
         stats.accepted.add(1);
