@@ -22,7 +22,7 @@ use crate::conn::{Conn, ConnectOutcome, Dir, End, Event, Op};
 use crate::control::{RunState, Shared};
 use crate::pool::Snapshot;
 use crate::ring::{BufRing, Completion, GENERATION_MASK, Kind, Ring, Token};
-use crate::stats::WorkerStats;
+use crate::stats::{Counter, WorkerStats};
 use crate::sys;
 
 /// Sizes of a worker's ring and buffers.
@@ -370,19 +370,11 @@ impl Worker {
             return;
         }
         self.mode = Mode::Draining;
-        for l in 0..self.listeners.len() {
-            if self.listeners[l].accept_armed {
-                // Closing a listener does not end its multishot accept: cancel it, and close
-                // the listener when the accept's last completion arrives.
-                let token = Token::new(Kind::Accept, l, 0).encode();
-                self.push_misc(
-                    opcode::AsyncCancel2::new(types::CancelBuilder::user_data(token)).build(),
-                    Kind::AcceptCancel,
-                    l,
-                );
-            } else {
-                self.listeners[l].socket = None;
-            }
+        // Closing a listener does not end its multishot accept: cancel it, and close the
+        // listener when the accept's last completion arrives (see on_accept).
+        self.cancel_accepts();
+        for listener in self.listeners.iter_mut().filter(|l| !l.accept_armed) {
+            listener.socket = None;
         }
         if !self.drain_timeout.is_zero() {
             self.push_misc(opcode::Timeout::new(&self.timers.drain).build(), Kind::DrainDeadline, 0);
@@ -402,11 +394,7 @@ impl Worker {
         }
         self.scratch_slots.clear();
         self.scratch_slots.extend(self.conns.iter().filter(|(_, c)| !c.is_closing()).map(|(slot, _)| slot));
-        for i in 0..self.scratch_slots.len() {
-            let slot = self.scratch_slots[i];
-            self.stats().drain_closed.add(1);
-            self.step(slot, |conn, ops| conn.close(ops));
-        }
+        self.close_scratch_slots(|stats| &stats.drain_closed);
     }
 
     fn close_idle(&mut self) {
@@ -420,11 +408,17 @@ impl Worker {
                 self.scratch_slots.push(slot);
             }
         }
-        for i in 0..self.scratch_slots.len() {
-            let slot = self.scratch_slots[i];
-            self.stats().idle_closed.add(1);
+        self.close_scratch_slots(|stats| &stats.idle_closed);
+    }
+
+    /// Closes the connections listed in `scratch_slots`, counting each in `counter`.
+    fn close_scratch_slots(&mut self, counter: fn(&WorkerStats) -> &Counter) {
+        let slots = std::mem::take(&mut self.scratch_slots);
+        for &slot in &slots {
+            counter(self.stats()).add(1);
             self.step(slot, |conn, ops| conn.close(ops));
         }
+        self.scratch_slots = slots;
     }
 
     fn finished(&mut self) -> bool {

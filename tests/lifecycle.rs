@@ -156,12 +156,14 @@ fn out_of_file_descriptors_backs_off_and_keeps_serving() {
     assert!(failures < 200, "{failures} accept failures in ~1.5 s: accept is spinning");
 
     drop(streams);
-    // Once the queued connections are through, descriptors are free again and new
-    // connections are served.
+    // Once the queued connections are through (out of the accept queue and closed),
+    // descriptors are free again and new connections are served.
     assert!(
-        Ringlb::eventually(Duration::from_secs(20), || lb.fd_count() == baseline),
-        "fd count {} did not return to {baseline}",
-        lb.fd_count()
+        Ringlb::eventually(Duration::from_secs(20), || Ringlb::accept_queue(addr.port()) == 0
+            && lb.fd_count() == baseline),
+        "fd count {} did not return to {baseline}, or {} still queued",
+        lb.fd_count(),
+        Ringlb::accept_queue(addr.port())
     );
     for i in 0..5 {
         let mut stream = connect(addr);

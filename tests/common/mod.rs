@@ -178,6 +178,23 @@ impl Ringlb {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count()
     }
 
+    /// Connections waiting in the accept queues of the listeners on `port` (IPv4), from
+    /// /proc/net/tcp, where a listening socket's rx_queue is its accept-queue length.
+    pub fn accept_queue(port: u16) -> usize {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let local_port = u16::from_str_radix(fields.get(1)?.rsplit(':').next()?, 16).ok()?;
+                let listening = *fields.get(3)? == "0A";
+                let rx_queue = usize::from_str_radix(fields.get(4)?.split(':').nth(1)?, 16).ok()?;
+                (listening && local_port == port).then_some(rx_queue)
+            })
+            .sum()
+    }
+
     /// Polls until `f` holds or `timeout` passes; returns whether it held.
     pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         let deadline = Instant::now() + timeout;
