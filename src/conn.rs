@@ -148,6 +148,8 @@ pub enum End {
     LocalError,
     /// Closed by the worker: idle timeout, drain deadline.
     Closed,
+    /// Cut because the backend was marked down (`on_down = "close"`).
+    BackendDown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +195,8 @@ pub struct Conn {
     pub backend: Option<RawFd>,
     /// Index of the listener that accepted the connection.
     pub listener: u32,
+    /// The client's address, when something needs it (Maglev hashing, logs).
+    pub client_addr: Option<std::net::SocketAddr>,
     /// Index of the backend (in the listener's pool) being connected to or relayed to.
     pub backend_index: u32,
     /// Connect attempts still allowed, counting the one in flight.
@@ -219,6 +223,7 @@ impl Conn {
             client,
             backend: None,
             listener,
+            client_addr: None,
             backend_index: 0,
             attempts_left: attempts.max(1),
             tried: 0,
@@ -285,6 +290,13 @@ impl Conn {
     /// Closes the connection from the worker's side (idle timeout, drain deadline): FIN both ways.
     pub fn close(&mut self, ops: &mut Vec<Op>) {
         self.begin_close(End::Closed, false, false, ops);
+    }
+
+    /// Cuts the connection because its backend was marked down: both sides get a reset, so
+    /// the client knows at once that the session is gone (a database client then reconnects
+    /// and lands on a healthy backend).
+    pub fn cut(&mut self, ops: &mut Vec<Op>) {
+        self.begin_close(End::BackendDown, true, true, ops);
     }
 
     /// A buffer came back to the ring; a starved direction may receive again.

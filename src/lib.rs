@@ -7,10 +7,13 @@
 //! - [`server`] binds one SO_REUSEPORT listener per worker per configured listener, builds the
 //!   first [`pool::Snapshot`], starts the workers and turns SIGTERM/SIGINT into a drain.
 //! - [`control`] is what the control side shares with the workers: the run state, the current
-//!   snapshot (swapped whole, never edited), per-worker [`stats`], and an eventfd doorbell per
-//!   worker that says "look at the shared state".
+//!   snapshot (swapped whole, never edited), per-worker [`stats`], per-backend counters, and an
+//!   eventfd doorbell per worker that says "look at the shared state". Its control thread runs
+//!   [`health`] checks (HAProxy's rise/fall), takes workers' failed connects as failed checks,
+//!   publishes a new snapshot when a backend goes up or down, and serves [`metrics`].
 //! - [`worker`] is one pinned thread with its own [`ring`]: it accepts (multishot), picks a
-//!   backend with its [`balance`] state, and drives every [`conn::Conn`] by turning
+//!   usable backend with its [`balance`] state (round robin, least connections, random two,
+//!   Maglev over the snapshot's table), and drives every [`conn::Conn`] by turning
 //!   completions into events and the connection's operations into submissions.
 //! - [`conn`] is the per-connection state machine (connect with retries, relay both ways,
 //!   half-close, reset, close after the last completion). It makes no syscalls.
@@ -21,6 +24,8 @@ pub mod balance;
 pub mod config;
 pub mod conn;
 pub mod control;
+pub mod health;
+pub mod metrics;
 pub mod pool;
 pub mod ring;
 pub mod server;

@@ -94,6 +94,9 @@ fn run(path: &std::path::Path) -> ExitCode {
             pool.backends.len()
         );
     }
+    if let Some(address) = server.metrics_addr {
+        info!("metrics on http://{address}/metrics");
+    }
     match server.serve_until_stopped(&signals) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

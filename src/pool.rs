@@ -1,5 +1,6 @@
-//! Pools of backends as the workers see them: an immutable [`Snapshot`] built from the
-//! configuration and published to every worker, which only ever reads it.
+//! Pools of backends as the workers see them: an immutable [`Snapshot`] that the control side
+//! builds (from the configuration and the backends' health) and publishes to every worker,
+//! which only ever reads it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,24 +8,90 @@ use std::time::Duration;
 
 use socket2::SockAddr;
 
-use crate::config::{Algorithm, Config};
+use crate::balance::maglev::{self, MaglevTable};
+use crate::config::{Algorithm, Config, OnDown, PoolConfig};
 
 /// One backend: where it is and how much traffic it should get.
 #[derive(Debug)]
 pub struct Backend {
     pub address: SocketAddr,
+    /// The address as text, the backend's name in hashing and logs.
+    pub name: String,
     pub weight: u32,
     /// The address in the form `connect` takes, built once.
     pub sockaddr: SockAddr,
 }
 
-/// One pool of backends.
+/// One pool of backends with their health at the time the snapshot was built.
 #[derive(Debug)]
 pub struct Pool {
     pub name: String,
     pub algorithm: Algorithm,
     pub connect_timeout: Duration,
+    pub on_down: OnDown,
     pub backends: Vec<Backend>,
+    /// Health: `up[i]` is whether backend i passes its checks.
+    pub up: Vec<bool>,
+    /// Indices of the backends new connections may go to: the up ones, or all when none is up.
+    usable: Vec<u32>,
+    /// For `maglev` pools, built over the usable backends.
+    pub maglev: Option<MaglevTable>,
+}
+
+impl Pool {
+    /// Builds a pool for `config` with the given health (`up[i]` for backend i).
+    pub fn build(config: &PoolConfig, up: &[bool]) -> Pool {
+        debug_assert_eq!(up.len(), config.backends.len());
+        let backends: Vec<Backend> = config
+            .backends
+            .iter()
+            .map(|b| Backend {
+                address: b.address,
+                name: b.address.to_string(),
+                weight: b.weight.get(),
+                sockaddr: SockAddr::from(b.address),
+            })
+            .collect();
+        let mut usable: Vec<u32> = (0..backends.len() as u32).filter(|&i| up[i as usize]).collect();
+        if usable.is_empty() {
+            // Fail open: with every backend down, trying them all beats refusing everyone.
+            usable = (0..backends.len() as u32).collect();
+        }
+        let maglev = match config.algorithm {
+            Algorithm::Maglev { table_size, .. } => {
+                let entries: Vec<maglev::Entry<'_>> = usable
+                    .iter()
+                    .map(|&i| maglev::Entry {
+                        name: &backends[i as usize].name,
+                        weight: backends[i as usize].weight,
+                        index: i,
+                    })
+                    .collect();
+                Some(MaglevTable::build(&entries, table_size))
+            }
+            _ => None,
+        };
+        Pool {
+            name: config.name.clone(),
+            algorithm: config.algorithm,
+            connect_timeout: config.connect_timeout,
+            on_down: config.on_down,
+            backends,
+            up: up.to_vec(),
+            usable,
+            maglev,
+        }
+    }
+
+    /// The backends a new connection may go to; never empty.
+    pub fn usable(&self) -> &[u32] {
+        &self.usable
+    }
+
+    /// Whether every backend is down (and traffic goes to all of them: fail open).
+    pub fn all_down(&self) -> bool {
+        !self.up.iter().any(|&u| u)
+    }
 }
 
 /// Everything a worker needs to choose and reach a backend. Replaced as a whole, never
@@ -34,29 +101,20 @@ pub struct Snapshot {
     /// Increases with every snapshot published.
     pub generation: u64,
     /// Indexed like [`Config::pools`].
-    pub pools: Vec<Pool>,
+    pub pools: Vec<Arc<Pool>>,
 }
 
 impl Snapshot {
-    pub fn from_config(config: &Config, generation: u64) -> Arc<Snapshot> {
-        let pools = config
-            .pools
-            .iter()
-            .map(|pool| Pool {
-                name: pool.name.clone(),
-                algorithm: pool.algorithm,
-                connect_timeout: pool.connect_timeout,
-                backends: pool
-                    .backends
-                    .iter()
-                    .map(|b| Backend {
-                        address: b.address,
-                        weight: b.weight.get(),
-                        sockaddr: SockAddr::from(b.address),
-                    })
-                    .collect(),
-            })
-            .collect();
-        Arc::new(Snapshot { generation, pools })
+    /// The first snapshot: every backend up.
+    pub fn from_config(config: &Config) -> Arc<Snapshot> {
+        let pools = config.pools.iter().map(|p| Arc::new(Pool::build(p, &vec![true; p.backends.len()]))).collect();
+        Arc::new(Snapshot { generation: 1, pools })
+    }
+
+    /// The next snapshot, with pool `index` replaced and the others shared.
+    pub fn with_pool(&self, index: usize, pool: Pool) -> Arc<Snapshot> {
+        let mut pools = self.pools.clone();
+        pools[index] = Arc::new(pool);
+        Arc::new(Snapshot { generation: self.generation + 1, pools })
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use log::{error, info};
 
 use crate::config::Config;
-use crate::control::{RunState, Shared};
+use crate::control::{ControlEvent, RunState, Shared};
 use crate::pool::Snapshot;
 use crate::stats;
 use crate::sys;
@@ -43,6 +43,9 @@ pub enum StartError {
 pub struct Server {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<io::Result<()>>>,
+    control: Option<JoinHandle<()>>,
+    /// Where the metrics page is served, if it is.
+    pub metrics_addr: Option<SocketAddr>,
     /// The address each listener is bound to (with the real port when the config said 0), in
     /// config order.
     pub listen_addrs: Vec<(String, SocketAddr)>,
@@ -94,8 +97,19 @@ impl Server {
             listen_addrs.push((listener.name.clone(), address));
         }
 
-        let snapshot = Snapshot::from_config(config, 1);
-        let shared = Arc::new(Shared::new(snapshot, workers).map_err(StartError::Doorbell)?);
+        let metrics = match config.metrics_bind {
+            Some(address) => Some(std::net::TcpListener::bind(address).map_err(|source| StartError::Bind {
+                listener: "metrics".into(),
+                address,
+                source,
+            })?),
+            None => None,
+        };
+        let metrics_addr = metrics.as_ref().and_then(|m| m.local_addr().ok());
+
+        let snapshot = Snapshot::from_config(config);
+        let (shared, events) = Shared::new(snapshot, workers).map_err(StartError::Doorbell)?;
+        let shared = Arc::new(shared);
 
         // Every connection holds two descriptors; the rings (one each) are not open yet.
         let open_now = sys::open_fd_count().map_or(64, |n| n as u64);
@@ -156,7 +170,24 @@ impl Server {
                 }
             }
         }
-        let server = Server { shared, workers: handles, listen_addrs, max_connections: per_worker * workers };
+        let control = match failure {
+            None => crate::control::thread::spawn(Arc::new(config.clone()), Arc::clone(&shared), events, metrics)
+                .map(Some)
+                .map_err(StartError::Thread),
+            Some(failure) => Err(failure),
+        };
+        let (control, failure) = match control {
+            Ok(control) => (control, None),
+            Err(failure) => (None, Some(failure)),
+        };
+        let server = Server {
+            shared,
+            workers: handles,
+            control,
+            listen_addrs,
+            metrics_addr,
+            max_connections: per_worker * workers,
+        };
         if let Some(failure) = failure {
             server.shared.advance(RunState::Closing);
             let _ = server.join();
@@ -192,7 +223,8 @@ impl Server {
         &self.shared
     }
 
-    /// Waits for every worker; the first worker error, if any, is returned.
+    /// Waits for every worker, then stops the control thread; the first worker error, if any,
+    /// is returned.
     pub fn join(self) -> io::Result<()> {
         let mut result = Ok(());
         for (index, handle) in self.workers.into_iter().enumerate() {
@@ -203,6 +235,12 @@ impl Server {
                     result = Err(e);
                 }
             }
+        }
+        self.shared.notify(ControlEvent::Stop);
+        if let Some(control) = self.control
+            && control.join().is_err()
+        {
+            error!("the control thread panicked");
         }
         result
     }

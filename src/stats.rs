@@ -54,6 +54,7 @@ worker_stats! {
     local_error: "ringlb_connections_local_error_total", "Connections closed because no socket could be opened.";
     idle_closed: "ringlb_connections_idle_closed_total", "Connections closed by the idle timeout.";
     drain_closed: "ringlb_connections_drain_closed_total", "Connections closed at the drain deadline.";
+    backend_down_closed: "ringlb_connections_backend_down_closed_total", "Connections cut because their backend was marked down (on_down = close).";
     connect_failed: "ringlb_backend_connect_failures_total", "Backend connect attempts that failed or timed out.";
     accept_errors: "ringlb_accept_errors_total", "Accept failures (including file-descriptor exhaustion).";
     over_limit: "ringlb_connections_over_limit_total", "Connections closed at accept because max_connections were open.";

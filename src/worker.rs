@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use io_uring::{opcode, squeue, types};
@@ -18,8 +19,9 @@ use slab::Slab;
 use socket2::Socket;
 
 use crate::balance::Picker;
+use crate::config::OnDown;
 use crate::conn::{Conn, ConnectOutcome, Dir, End, Event, Op};
-use crate::control::{RunState, Shared};
+use crate::control::{ControlEvent, RunState, Shared};
 use crate::pool::Snapshot;
 use crate::ring::{BufRing, Completion, GENERATION_MASK, Kind, Ring, Token};
 use crate::stats::{Counter, WorkerStats};
@@ -176,7 +178,8 @@ impl Worker {
         let ring = Ring::new(plan.sizes.entries, plan.sizes.cq_entries)?;
         let bufs = BufRing::new(&ring, 0, plan.sizes.buffers, plan.sizes.buffer_size)?;
         let snapshot = shared.snapshot();
-        let pickers = snapshot.pools.iter().map(Picker::new).collect();
+        let pickers =
+            snapshot.pools.iter().enumerate().map(|(p, pool)| Picker::new(pool, picker_seed(plan.index, p))).collect();
         let min_idle = plan.listeners.iter().filter_map(|l| l.idle_timeout).min();
         let timers = Box::new(Timers {
             connect: snapshot.pools.iter().map(|p| timespec(p.connect_timeout)).collect(),
@@ -343,13 +346,12 @@ impl Worker {
 
     /// Acts on what the control side asked for.
     fn check_run_state(&mut self) {
+        let current = self.shared.snapshot();
+        if current.generation != self.snapshot.generation {
+            self.install(current);
+        }
         match self.shared.run_state() {
-            RunState::Running => {
-                let current = self.shared.snapshot();
-                if current.generation != self.snapshot.generation {
-                    self.install(current);
-                }
-            }
+            RunState::Running => {}
             RunState::Draining => self.start_drain(),
             RunState::Closing => {
                 self.start_drain();
@@ -358,11 +360,55 @@ impl Worker {
         }
     }
 
+    /// Takes a new snapshot into use: pools that changed get fresh balancing state, and
+    /// with `on_down = "close"` the connections of backends that went down are cut.
     fn install(&mut self, snapshot: Arc<Snapshot>) {
         let old = std::mem::replace(&mut self.snapshot, snapshot);
-        self.pickers = self.snapshot.pools.iter().map(Picker::new).collect();
-        self.timers.connect = self.snapshot.pools.iter().map(|p| timespec(p.connect_timeout)).collect();
+        for p in 0..self.snapshot.pools.len() {
+            let (before, after) = (&old.pools[p], &self.snapshot.pools[p]);
+            if Arc::ptr_eq(before, after) {
+                continue;
+            }
+            self.pickers[p] = Picker::new(after, picker_seed(self.index, p));
+            if after.on_down == OnDown::Close {
+                let went_down: Vec<bool> = before.up.iter().zip(&after.up).map(|(&b, &a)| b && !a).collect();
+                if went_down.iter().any(|&d| d) {
+                    self.cut_connections(p, &went_down);
+                }
+            }
+        }
         self.retired.push(old);
+    }
+
+    /// Cuts the connections of pool `pool` to backends marked in `went_down`.
+    fn cut_connections(&mut self, pool: usize, went_down: &[bool]) {
+        let listeners = &self.listeners;
+        self.scratch_slots.clear();
+        self.scratch_slots.extend(
+            self.conns
+                .iter()
+                .filter(|(_, c)| {
+                    listeners[c.listener as usize].pool == pool
+                        && c.tried() > 0
+                        && !c.is_closing()
+                        && went_down.get(c.backend_index as usize).copied().unwrap_or(false)
+                })
+                .map(|(slot, _)| slot),
+        );
+        if !self.scratch_slots.is_empty() {
+            info!(
+                "worker {}: pool {}: cutting {} connections to backends marked down",
+                self.index,
+                self.snapshot.pools[pool].name,
+                self.scratch_slots.len()
+            );
+        }
+        let slots = std::mem::take(&mut self.scratch_slots);
+        for &slot in &slots {
+            self.stats().backend_down_closed.add(1);
+            self.step(slot, |conn, ops| conn.cut(ops));
+        }
+        self.scratch_slots = slots;
     }
 
     fn start_drain(&mut self) {
@@ -527,10 +573,14 @@ impl Worker {
             }
             return;
         }
-        let pool = &self.snapshot.pools[self.listeners[l].pool];
+        let pool_index = self.listeners[l].pool;
+        let pool = &self.snapshot.pools[pool_index];
         let generation = self.next_generation;
         self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
-        let conn = Conn::new(generation, fd, l as u32, pool.backends.len() as u32, self.now);
+        let mut conn = Conn::new(generation, fd, l as u32, pool.usable().len() as u32, self.now);
+        if self.pickers[pool_index].needs_client() {
+            conn.client_addr = sys::peer_addr(fd).ok();
+        }
         let slot = self.conns.insert(conn);
         let stats = self.stats();
         stats.accepted.add(1);
@@ -579,28 +629,39 @@ impl Worker {
             _ => unreachable!("worker-level kinds are dispatched before"),
         };
         let now = self.now;
+        // Which backend a connect result is about, before the step moves on to the next one.
+        let attempt = (token.kind == Kind::Connect).then(|| {
+            let conn = &self.conns[slot];
+            (self.listeners[conn.listener as usize].pool, conn.backend_index as usize)
+        });
         let mut outcome = None;
         self.step(slot, |conn, ops| outcome = conn.on_event(event, now, ops));
         if let Some(ConnectOutcome::Failed(errno)) = outcome {
-            self.connect_failed(slot, errno);
+            self.connect_failed(attempt, errno);
         }
     }
 
-    fn connect_failed(&mut self, slot: usize, errno: i32) {
+    fn connect_failed(&mut self, failed: Option<(usize, usize)>, errno: i32) {
         self.stats().connect_failed.add(1);
+        if let Some((pool, backend)) = failed {
+            self.shared.backends[pool][backend].failures.fetch_add(1, Ordering::Relaxed);
+            // A shortage of local ports says nothing about the backend.
+            if errno != libc::EADDRNOTAVAIL {
+                self.shared.notify(ControlEvent::ConnectFailed { pool, backend, errno });
+            }
+        }
         let Some(suppressed) = self.connect_log.allow(self.now) else { return };
-        // The slot may already be gone if this was the last attempt and nothing was in flight.
-        let (pool, backend) = match self.conns.get(slot) {
-            Some(conn) => {
-                let pool = &self.snapshot.pools[self.listeners[conn.listener as usize].pool];
-                (pool.name.as_str(), pool.backends.get(conn.backend_index as usize).map(|b| b.address.to_string()))
+        let (pool, backend) = match failed {
+            Some((pool, backend)) => {
+                let pool = &self.snapshot.pools[pool];
+                (pool.name.as_str(), pool.backends.get(backend).map(|b| b.name.as_str()))
             }
             None => ("?", None),
         };
         warn!(
             "worker {}: pool {pool}: connect to backend {} failed: {} ({suppressed} more since the last message)",
             self.index,
-            backend.as_deref().unwrap_or("?"),
+            backend.unwrap_or("?"),
             io::Error::from_raw_os_error(errno)
         );
     }
@@ -675,14 +736,21 @@ impl Worker {
         let conn = &mut self.conns[slot];
         let pool_index = self.listeners[conn.listener as usize].pool;
         let pool = &self.snapshot.pools[pool_index];
+        let counters = &self.shared.backends[pool_index];
         let backend_index = if conn.tried() == 0 {
-            self.pickers[pool_index].pick(pool)
+            self.pickers[pool_index].pick(pool, counters, conn.client_addr)
         } else {
             self.pickers[pool_index].next_after(pool, conn.backend_index as usize)
         };
         let backend = &pool.backends[backend_index];
         match sys::backend_socket(&backend.sockaddr) {
             Ok(fd) => {
+                // The active count follows the backend the connection is on.
+                if conn.tried() > 0 {
+                    counters[conn.backend_index as usize].active.fetch_sub(1, Ordering::Relaxed);
+                }
+                counters[backend_index].active.fetch_add(1, Ordering::Relaxed);
+                counters[backend_index].connections.fetch_add(1, Ordering::Relaxed);
                 conn.backend_opened(fd, backend_index as u32);
                 let token = |kind| Token::new(kind, slot, conn.generation).encode();
                 let connect =
@@ -732,6 +800,10 @@ impl Worker {
 
     fn free(&mut self, slot: usize) {
         let conn = self.conns.remove(slot);
+        if conn.tried() > 0 {
+            let pool = self.listeners[conn.listener as usize].pool;
+            self.shared.backends[pool][conn.backend_index as usize].active.fetch_sub(1, Ordering::Relaxed);
+        }
         if self.at_capacity && self.conns.len() < self.max_connections {
             self.at_capacity = false;
             self.resume_accepts();
@@ -743,7 +815,7 @@ impl Worker {
             Some(End::Reset(_)) => stats.reset.add(1),
             Some(End::NoBackend) => stats.no_backend.add(1),
             Some(End::LocalError) => stats.local_error.add(1),
-            Some(End::Closed) | None => {}
+            Some(End::Closed | End::BackendDown) | None => {}
         }
         debug!(
             "worker {}: connection closed ({:?}), {} bytes up, {} down",
@@ -753,6 +825,11 @@ impl Worker {
             conn.bytes[1]
         );
     }
+}
+
+/// Seeds a worker's random choices for one pool, different for every worker and pool.
+fn picker_seed(worker: usize, pool: usize) -> u64 {
+    (worker as u64) << 32 | pool as u64
 }
 
 fn is_resource_shortage(errno: i32) -> bool {

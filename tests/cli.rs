@@ -22,6 +22,8 @@ fn check_accepts_the_bundled_config() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("OK"), "{out}");
     assert!(out.contains("listener demo on 127.0.0.1:8080 -> pool demo (round_robin, 3 backends"), "{out}");
+    assert!(out.contains("pool demo: TCP connect check every 2s, timeout 1s, rise 2, fall 3, on_down keep"), "{out}");
+    assert!(out.contains("metrics on http://127.0.0.1:9100/metrics"), "{out}");
 }
 
 #[test]

@@ -27,9 +27,26 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(millis))
 }
 
+/// Formats a duration the way the config spells it: the largest unit that divides it.
+pub fn format_duration(d: Duration) -> String {
+    let millis = d.as_millis() as u64;
+    if millis == 0 {
+        return "0s".to_string();
+    }
+    let (name, size) = UNITS.iter().rev().find(|(_, size)| millis.is_multiple_of(*size)).copied().unwrap_or(("ms", 1));
+    format!("{}{name}", millis / size)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formats_back_to_what_parses() {
+        for text in ["500ms", "3s", "2m", "1h", "1d", "0s", "1500ms", "90s"] {
+            assert_eq!(format_duration(parse_duration(text).unwrap()), text);
+        }
+    }
 
     #[test]
     fn accepts_each_unit() {

@@ -6,6 +6,7 @@
 //! valid. `ringlb check` and `ringlb run` go through exactly this path.
 
 mod duration;
+mod escape;
 mod raw;
 mod validate;
 
@@ -14,7 +15,8 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::Path;
 use std::time::Duration;
 
-pub use duration::parse_duration;
+pub use duration::{format_duration, parse_duration};
+pub use escape::{escape_bytes, parse_escapes};
 
 /// Defaults, in one place so the README and `--help` can quote them.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -39,6 +41,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub listeners: Vec<ListenerConfig>,
     pub pools: Vec<PoolConfig>,
+    /// Where the Prometheus metrics endpoint listens, if anywhere.
+    pub metrics_bind: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +62,11 @@ pub struct PoolConfig {
     pub algorithm: Algorithm,
     pub connect_timeout: Duration,
     pub backends: Vec<BackendConfig>,
+    /// What happens to relayed connections when their backend is marked down.
+    pub on_down: OnDown,
+    /// Active health checks (and passive marking from connect failures); `None` = off, every
+    /// backend is always up.
+    pub health: Option<HealthConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,21 +80,94 @@ pub struct BackendConfig {
 pub enum Algorithm {
     /// Weighted smooth round robin, the sequence nginx produces.
     RoundRobin,
+    /// Fewest active connections (counted across all workers) per unit of weight.
+    LeastConn,
+    /// Two random backends; the one with fewer active connections per unit of weight.
+    RandomTwo,
+    /// Weighted Maglev consistent hashing of the client address.
+    Maglev { table_size: u32, hash_key: HashKey },
 }
 
 impl Algorithm {
-    pub const NAMES: &'static [&'static str] = &["round_robin"];
+    pub const NAMES: &'static [&'static str] = &["round_robin", "least_conn", "random_two", "maglev"];
 
     pub fn name(self) -> &'static str {
         match self {
             Algorithm::RoundRobin => "round_robin",
+            Algorithm::LeastConn => "least_conn",
+            Algorithm::RandomTwo => "random_two",
+            Algorithm::Maglev { .. } => "maglev",
         }
     }
+}
 
-    fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "round_robin" => Some(Algorithm::RoundRobin),
-            _ => None,
+/// What Maglev hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashKey {
+    /// The client's IP address: the same client reaches the same backend (affinity).
+    ClientIp,
+    /// The client's IP address and port: spreads one client's connections.
+    ClientIpPort,
+}
+
+impl HashKey {
+    pub const NAMES: &'static [&'static str] = &["client_ip", "client_ip_port"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HashKey::ClientIp => "client_ip",
+            HashKey::ClientIpPort => "client_ip_port",
+        }
+    }
+}
+
+/// What happens to established connections when their backend is marked down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDown {
+    /// Leave them; they end when either side ends them.
+    Keep,
+    /// Close them (with a reset on both sides), as a database failover wants.
+    Close,
+}
+
+/// Default Maglev lookup table size: a prime, good for up to 655 backends.
+pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
+/// Largest Maglev table accepted (a table is 4 bytes per entry, per pool, shared by workers).
+pub const MAX_TABLE_SIZE: u32 = 16_777_259;
+
+/// Active health checking of a pool's backends, with HAProxy's rise/fall semantics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Time from the start of one check to the start of the next.
+    pub interval: Duration,
+    /// Connect plus reply must finish within this.
+    pub timeout: Duration,
+    /// Consecutive passed checks that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failed checks (or failed connects seen by workers) that take an up backend down.
+    pub fall: u32,
+    /// Bytes sent after connecting, if any.
+    pub send: Option<Vec<u8>>,
+    /// The reply must start with these bytes, if set.
+    pub expect: Option<Vec<u8>>,
+}
+
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_RISE: u32 = 2;
+pub const DEFAULT_FALL: u32 = 3;
+/// Largest `send` or `expect`, in bytes.
+pub const MAX_CHECK_BYTES: usize = 4096;
+
+impl Default for HealthConfig {
+    fn default() -> HealthConfig {
+        HealthConfig {
+            interval: DEFAULT_HEALTH_INTERVAL,
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+            rise: DEFAULT_RISE,
+            fall: DEFAULT_FALL,
+            send: None,
+            expect: None,
         }
     }
 }
@@ -139,27 +221,46 @@ impl Config {
         use std::fmt::Write;
         let backends: usize = self.pools.iter().map(|p| p.backends.len()).sum();
         let mut out = format!(
-            "{} workers, max_connections {}, {} listeners, {} pools, {} backends, drain_timeout {:?}",
+            "{} workers, max_connections {}, {} listeners, {} pools, {} backends, drain_timeout {}",
             self.workers,
             self.max_connections.map_or_else(|| "from the file-descriptor limit".to_string(), |n| n.to_string()),
             self.listeners.len(),
             self.pools.len(),
             backends,
-            self.drain_timeout
+            format_duration(self.drain_timeout)
         );
+        if let Some(metrics) = self.metrics_bind {
+            let _ = write!(out, "\n  metrics on http://{metrics}/metrics");
+        }
         for listener in &self.listeners {
             let pool = &self.pools[listener.pool];
             let _ = write!(
                 out,
-                "\n  listener {} on {} -> pool {} ({}, {} backends, connect_timeout {:?}, idle_timeout {})",
+                "\n  listener {} on {} -> pool {} ({}, {} backends, connect_timeout {}, idle_timeout {})",
                 listener.name,
                 listener.bind,
                 pool.name,
                 pool.algorithm.name(),
                 pool.backends.len(),
-                pool.connect_timeout,
-                listener.idle_timeout.map_or_else(|| "none".to_string(), |d| format!("{d:?}")),
+                format_duration(pool.connect_timeout),
+                listener.idle_timeout.map_or_else(|| "none".to_string(), format_duration),
             );
+        }
+        for pool in &self.pools {
+            let on_down = if pool.on_down == OnDown::Close { "close" } else { "keep" };
+            let _ = match &pool.health {
+                None => write!(out, "\n  pool {}: health checks off, on_down {on_down}", pool.name),
+                Some(h) => write!(
+                    out,
+                    "\n  pool {}: {} check every {}, timeout {}, rise {}, fall {}, on_down {on_down}",
+                    pool.name,
+                    if h.send.is_some() || h.expect.is_some() { "send/expect" } else { "TCP connect" },
+                    format_duration(h.interval),
+                    format_duration(h.timeout),
+                    h.rise,
+                    h.fall,
+                ),
+            };
         }
         out
     }

@@ -16,6 +16,7 @@ pub struct RawConfig {
     pub connect_timeout: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,
     pub drain_timeout: Option<Spanned<String>>,
+    pub metrics_bind: Option<Spanned<String>>,
     #[serde(default)]
     pub listeners: BTreeMap<String, Spanned<RawListener>>,
     #[serde(default)]
@@ -34,8 +35,24 @@ pub struct RawListener {
 #[serde(deny_unknown_fields)]
 pub struct RawPool {
     pub algorithm: Option<Spanned<String>>,
+    pub table_size: Option<Spanned<i64>>,
+    pub hash_key: Option<Spanned<String>>,
+    pub on_down: Option<Spanned<String>>,
     pub connect_timeout: Option<Spanned<String>>,
     pub backends: Spanned<Vec<Spanned<RawBackend>>>,
+    pub health: Option<Spanned<RawHealth>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub enabled: Option<Spanned<bool>>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub rise: Option<Spanned<i64>>,
+    pub fall: Option<Spanned<i64>>,
+    pub send: Option<Spanned<String>>,
+    pub expect: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -9,11 +9,8 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{RawBackend, RawConfig, RawListener, RawPool};
-use super::{
-    Algorithm, BackendConfig, Config, ConfigError, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT, ListenerConfig, MAX_CONNECTIONS, MAX_WEIGHT, MAX_WORKERS, PoolConfig, parse_duration,
-};
+use super::raw::{RawBackend, RawConfig, RawHealth, RawListener, RawPool};
+use super::*;
 
 const ADDRESS_HINT: &str = "use IP:port, e.g. \"127.0.0.1:9001\" or \"[::1]:9001\" (host names are not resolved)";
 
@@ -50,6 +47,36 @@ impl Source<'_> {
         }
     }
 
+    /// A whole number in `range`; `what` completes "use {range}" in the error, e.g. "a weight".
+    fn integer(
+        &self,
+        value: &Spanned<i64>,
+        key: &str,
+        range: std::ops::RangeInclusive<u64>,
+        what: &str,
+        otherwise: &str,
+    ) -> Result<u64, ConfigError> {
+        u64::try_from(*value.get_ref()).ok().filter(|n| range.contains(n)).ok_or_else(|| {
+            self.invalid(
+                value.span(),
+                key,
+                format!("{} is not {what}; use {} to {}{otherwise}", value.get_ref(), range.start(), range.end()),
+            )
+        })
+    }
+
+    /// One of a fixed set of names.
+    fn choice<T: Copy>(&self, value: &Spanned<String>, key: &str, choices: &[(&str, T)]) -> Result<T, ConfigError> {
+        choices.iter().find(|(name, _)| name == value.get_ref()).map(|(_, v)| *v).ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+            self.invalid(
+                value.span(),
+                key,
+                format!("{:?} is not valid here; use one of: {}", value.get_ref(), names.join(", ")),
+            )
+        })
+    }
+
     fn address(&self, value: &Spanned<String>, key: &str) -> Result<SocketAddr, ConfigError> {
         value.get_ref().trim().parse().map_err(|_| {
             self.invalid(value.span(), key, format!("{:?} is not an address; {ADDRESS_HINT}", value.get_ref()))
@@ -75,40 +102,25 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
 fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     let workers = match &raw.workers {
         None => crate::sys::available_cpus(),
-        Some(w) => usize::try_from(*w.get_ref())
-            .ok()
-            .filter(|n| (1..=MAX_WORKERS).contains(n))
-            .and_then(NonZeroUsize::new)
-            .ok_or_else(|| {
-                src.invalid(
-                    w.span(),
-                    "workers",
-                    format!(
-                        "{} is not a worker count; use 1 to {MAX_WORKERS}, or leave it out to run one per CPU",
-                        w.get_ref()
-                    ),
-                )
-            })?,
+        Some(w) => nonzero(src.integer(
+            w,
+            "workers",
+            1..=MAX_WORKERS as u64,
+            "a worker count",
+            ", or leave it out to run one per CPU",
+        )?),
     };
     let max_connections = match &raw.max_connections {
         None => None,
-        Some(m) => Some(
-            usize::try_from(*m.get_ref())
-                .ok()
-                .filter(|n| (1..=MAX_CONNECTIONS).contains(n))
-                .and_then(NonZeroUsize::new)
-                .ok_or_else(|| {
-                    src.invalid(
-                        m.span(),
-                        "max_connections",
-                        format!(
-                            "{} is not a connection count; use 1 to {MAX_CONNECTIONS}, or leave it out to allow what the file-descriptor limit allows",
-                            m.get_ref()
-                        ),
-                    )
-                })?,
-        ),
+        Some(m) => Some(nonzero(src.integer(
+            m,
+            "max_connections",
+            1..=MAX_CONNECTIONS as u64,
+            "a connection count",
+            ", or leave it out to allow what the file-descriptor limit allows",
+        )?)),
     };
+    let metrics_bind = raw.metrics_bind.as_ref().map(|m| src.address(m, "metrics_bind")).transpose()?;
     let connect_timeout = src.duration(&raw.connect_timeout, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)?;
     let idle_timeout = src.duration(&raw.idle_timeout, "idle_timeout", DEFAULT_IDLE_TIMEOUT)?;
     let drain_timeout = src.duration(&raw.drain_timeout, "drain_timeout", DEFAULT_DRAIN_TIMEOUT)?;
@@ -144,13 +156,29 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         listeners.push((validated, bind_span));
     }
 
+    if let Some(metrics) = metrics_bind
+        && let Some((listener, _)) = listeners.iter().find(|(l, _)| binds_overlap(l.bind, metrics))
+    {
+        return Err(src.invalid(
+            raw.metrics_bind.as_ref().map_or(0..0, |m| m.span()),
+            "metrics_bind",
+            format!("{metrics} overlaps the bind of listener {:?}; give metrics its own port", listener.name),
+        ));
+    }
+
     Ok(Config {
         workers,
         max_connections,
+        metrics_bind,
         drain_timeout,
         listeners: listeners.into_iter().map(|(l, _)| l).collect(),
         pools,
     })
+}
+
+/// For numbers already checked to be at least 1.
+fn nonzero(n: u64) -> NonZeroUsize {
+    NonZeroUsize::new(n as usize).unwrap_or(NonZeroUsize::MIN)
 }
 
 fn nonzero_connect_timeout(
@@ -211,16 +239,79 @@ fn validate_pool(
 ) -> Result<PoolConfig, ConfigError> {
     let raw = pool.get_ref();
     let key = |field: &str| format!("pools.{name}.{field}");
+    let backend_count = raw.backends.get_ref().len() as u64;
+    let algorithm_name = raw.algorithm.as_ref().map_or("round_robin", |a| a.get_ref().as_str());
     let algorithm = match &raw.algorithm {
         None => Algorithm::RoundRobin,
-        Some(a) => Algorithm::from_name(a.get_ref()).ok_or_else(|| {
-            src.invalid(
-                a.span(),
-                &key("algorithm"),
-                format!("{:?} is not an algorithm; use one of: {}", a.get_ref(), Algorithm::NAMES.join(", ")),
-            )
-        })?,
+        Some(a) => src.choice(
+            a,
+            &key("algorithm"),
+            &[
+                ("round_robin", Algorithm::RoundRobin),
+                ("least_conn", Algorithm::LeastConn),
+                ("random_two", Algorithm::RandomTwo),
+                ("maglev", Algorithm::Maglev { table_size: DEFAULT_TABLE_SIZE, hash_key: HashKey::ClientIp }),
+            ],
+        )?,
     };
+    let algorithm = match algorithm {
+        Algorithm::Maglev { .. } => {
+            let table_size = match &raw.table_size {
+                None => DEFAULT_TABLE_SIZE,
+                Some(t) => {
+                    let size = src.integer(t, &key("table_size"), 101..=MAX_TABLE_SIZE as u64, "a table size", "")?;
+                    if !is_prime(size) {
+                        return Err(src.invalid(
+                            t.span(),
+                            &key("table_size"),
+                            format!("{size} is not prime; Maglev needs a prime, e.g. 65537 or {}", next_prime(size)),
+                        ));
+                    }
+                    size as u32
+                }
+            };
+            if u64::from(table_size) <= 100 * backend_count {
+                return Err(src.invalid(
+                    raw.table_size.as_ref().map_or(raw.backends.span(), |t| t.span()),
+                    &key("table_size"),
+                    format!(
+                        "a table of {table_size} is too small for {backend_count} backends to be balanced within 1%; use a prime above {}, e.g. {}",
+                        100 * backend_count,
+                        next_prime(100 * backend_count + 1)
+                    ),
+                ));
+            }
+            let hash_key = match &raw.hash_key {
+                None => HashKey::ClientIp,
+                Some(h) => src.choice(
+                    h,
+                    &key("hash_key"),
+                    &[("client_ip", HashKey::ClientIp), ("client_ip_port", HashKey::ClientIpPort)],
+                )?,
+            };
+            Algorithm::Maglev { table_size, hash_key }
+        }
+        other => {
+            for (field, span) in [
+                ("table_size", raw.table_size.as_ref().map(|t| t.span())),
+                ("hash_key", raw.hash_key.as_ref().map(|h| h.span())),
+            ] {
+                if let Some(span) = span {
+                    return Err(src.invalid(
+                        span,
+                        &key(field),
+                        format!("{field} only applies to algorithm = \"maglev\" (this pool uses {algorithm_name:?})"),
+                    ));
+                }
+            }
+            other
+        }
+    };
+    let on_down = match &raw.on_down {
+        None => OnDown::Keep,
+        Some(o) => src.choice(o, &key("on_down"), &[("keep", OnDown::Keep), ("close", OnDown::Close)])?,
+    };
+    let health = validate_health(src, name, raw.health.as_ref())?;
     let connect_timeout = src.duration(&raw.connect_timeout, &key("connect_timeout"), default_connect)?;
     nonzero_connect_timeout(src, &raw.connect_timeout, &key("connect_timeout"), connect_timeout)?;
 
@@ -246,7 +337,58 @@ fn validate_pool(
         }
         backends.push(validated);
     }
-    Ok(PoolConfig { name: name.to_string(), algorithm, connect_timeout, backends })
+    Ok(PoolConfig { name: name.to_string(), algorithm, connect_timeout, backends, on_down, health })
+}
+
+fn validate_health(
+    src: &Source<'_>,
+    pool: &str,
+    raw: Option<&Spanned<RawHealth>>,
+) -> Result<Option<HealthConfig>, ConfigError> {
+    let Some(raw) = raw.map(Spanned::get_ref) else {
+        return Ok(Some(HealthConfig::default()));
+    };
+    let key = |field: &str| format!("pools.{pool}.health.{field}");
+    if raw.enabled.as_ref().is_some_and(|e| !*e.get_ref()) {
+        return Ok(None);
+    }
+    let positive = |value: &Option<Spanned<String>>, field: &str, default: Duration| -> Result<Duration, ConfigError> {
+        let d = src.duration(value, &key(field), default)?;
+        match value {
+            Some(v) if d.is_zero() => Err(src.invalid(v.span(), &key(field), "must be more than 0, e.g. \"2s\"")),
+            _ => Ok(d),
+        }
+    };
+    let count = |value: &Option<Spanned<i64>>, field: &str, default: u32| -> Result<u32, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) => Ok(src.integer(v, &key(field), 1..=1000, "a check count", "")? as u32),
+        }
+    };
+    let bytes = |value: &Option<Spanned<String>>, field: &str| -> Result<Option<Vec<u8>>, ConfigError> {
+        let Some(v) = value else { return Ok(None) };
+        let parsed = parse_escapes(v.get_ref()).map_err(|reason| src.invalid(v.span(), &key(field), reason))?;
+        if parsed.is_empty() || parsed.len() > MAX_CHECK_BYTES {
+            return Err(src.invalid(v.span(), &key(field), format!("must be 1 to {MAX_CHECK_BYTES} bytes long")));
+        }
+        Ok(Some(parsed))
+    };
+    Ok(Some(HealthConfig {
+        interval: positive(&raw.interval, "interval", DEFAULT_HEALTH_INTERVAL)?,
+        timeout: positive(&raw.timeout, "timeout", DEFAULT_HEALTH_TIMEOUT)?,
+        rise: count(&raw.rise, "rise", DEFAULT_RISE)?,
+        fall: count(&raw.fall, "fall", DEFAULT_FALL)?,
+        send: bytes(&raw.send, "send")?,
+        expect: bytes(&raw.expect, "expect")?,
+    }))
+}
+
+fn is_prime(n: u64) -> bool {
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
+}
+
+fn next_prime(n: u64) -> u64 {
+    (n..).find(|&c| is_prime(c)).unwrap_or(n)
 }
 
 fn validate_backend(src: &Source<'_>, key: &str, raw: &RawBackend) -> Result<BackendConfig, ConfigError> {
@@ -260,15 +402,10 @@ fn validate_backend(src: &Source<'_>, key: &str, raw: &RawBackend) -> Result<Bac
     }
     let weight = match &raw.weight {
         None => NonZeroU32::MIN,
-        Some(w) => u32::try_from(*w.get_ref()).ok().filter(|w| *w <= MAX_WEIGHT).and_then(NonZeroU32::new).ok_or_else(
-            || {
-                src.invalid(
-                    w.span(),
-                    &format!("{key}.weight"),
-                    format!("{} is not a weight; use 1 to {MAX_WEIGHT}", w.get_ref()),
-                )
-            },
-        )?,
+        Some(w) => {
+            NonZeroU32::new(src.integer(w, &format!("{key}.weight"), 1..=u64::from(MAX_WEIGHT), "a weight", "")? as u32)
+                .unwrap_or(NonZeroU32::MIN)
+        }
     };
     Ok(BackendConfig { address, weight })
 }
@@ -474,12 +611,123 @@ backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight
         }
     }
 
+    /// GOOD with its pool section replaced by `pool` (the listener lines stay the same).
+    fn with_pool(pool: &str) -> String {
+        let head = &GOOD[..GOOD.find("[pools.web]").unwrap()];
+        format!(
+            "{head}[pools.web]\n{pool}\nbackends = [{{ address = \"127.0.0.1:9001\" }}, {{ address = \"127.0.0.1:9002\" }}]\n"
+        )
+    }
+
+    #[test]
+    fn algorithms() {
+        for (name, expected) in [
+            ("round_robin", Algorithm::RoundRobin),
+            ("least_conn", Algorithm::LeastConn),
+            ("random_two", Algorithm::RandomTwo),
+            ("maglev", Algorithm::Maglev { table_size: 65_537, hash_key: HashKey::ClientIp }),
+        ] {
+            let config = Config::parse(&with_pool(&format!("algorithm = \"{name}\"")), "t").unwrap();
+            assert_eq!(config.pools[0].algorithm, expected);
+            assert_eq!(config.pools[0].algorithm.name(), name);
+        }
+        let config =
+            Config::parse(&with_pool("algorithm = \"maglev\"\ntable_size = 1009\nhash_key = \"client_ip_port\""), "t")
+                .unwrap();
+        assert_eq!(config.pools[0].algorithm, Algorithm::Maglev { table_size: 1009, hash_key: HashKey::ClientIpPort });
+    }
+
+    #[test]
+    fn maglev_options() {
+        // Line 15 is the first line of the pool section in `with_pool`.
+        assert_error(
+            &with_pool("algorithm = \"maglev\"\ntable_size = 1000"),
+            16,
+            &["pools.web.table_size", "not prime", "1009"],
+        );
+        assert_error(
+            &with_pool("algorithm = \"maglev\"\ntable_size = 101"),
+            16,
+            &["pools.web.table_size", "too small for 2 backends", "above 200", "211"],
+        );
+        assert_error(&with_pool("algorithm = \"maglev\"\ntable_size = 7"), 16, &["pools.web.table_size", "101 to"]);
+        assert_error(
+            &with_pool("algorithm = \"maglev\"\nhash_key = \"source\""),
+            16,
+            &["pools.web.hash_key", "client_ip, client_ip_port"],
+        );
+        assert_error(
+            &with_pool("table_size = 1009"),
+            15,
+            &["pools.web.table_size", "only applies to algorithm = \"maglev\"", "\"round_robin\""],
+        );
+        assert_error(
+            &with_pool("algorithm = \"least_conn\"\nhash_key = \"client_ip\""),
+            16,
+            &["pools.web.hash_key", "only applies"],
+        );
+    }
+
+    #[test]
+    fn on_down() {
+        assert_eq!(Config::parse(&with_pool(""), "t").unwrap().pools[0].on_down, OnDown::Keep);
+        assert_eq!(Config::parse(&with_pool("on_down = \"close\""), "t").unwrap().pools[0].on_down, OnDown::Close);
+        assert_error(&with_pool("on_down = \"kill\""), 15, &["pools.web.on_down", "keep, close"]);
+    }
+
+    #[test]
+    fn health_defaults_and_options() {
+        let config = Config::parse(&with_pool(""), "t").unwrap();
+        assert_eq!(config.pools[0].health, Some(HealthConfig::default()), "checks are on by default");
+        let text = format!(
+            "{}[pools.web.health]\ninterval = \"500ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 5\nsend = \"PING\\r\\n\"\nexpect = \"+PONG\"\n",
+            with_pool("")
+        );
+        let health = Config::parse(&text, "t").unwrap().pools[0].health.clone().unwrap();
+        assert_eq!(health.interval, Duration::from_millis(500));
+        assert_eq!(health.timeout, Duration::from_millis(200));
+        assert_eq!((health.rise, health.fall), (1, 5));
+        assert_eq!(health.send.as_deref(), Some(&b"PING\r\n"[..]));
+        assert_eq!(health.expect.as_deref(), Some(&b"+PONG"[..]));
+        let off = format!("{}[pools.web.health]\nenabled = false\n", with_pool(""));
+        assert_eq!(Config::parse(&off, "t").unwrap().pools[0].health, None);
+    }
+
+    #[test]
+    fn bad_health() {
+        let base = with_pool("");
+        let line = base.lines().count() + 2;
+        for (setting, needles) in [
+            ("interval = \"0s\"", &["pools.web.health.interval", "more than 0"][..]),
+            ("timeout = \"soon\"", &["pools.web.health.timeout"][..]),
+            ("rise = 0", &["pools.web.health.rise", "1 to 1000"][..]),
+            ("fall = 1001", &["pools.web.health.fall", "1 to 1000"][..]),
+            ("send = \"\\\\q\"", &["pools.web.health.send", "not an escape"][..]),
+            ("expect = \"\"", &["pools.web.health.expect", "1 to 4096 bytes"][..]),
+            ("port = 1", &["port", "interval"][..]),
+        ] {
+            assert_error(&format!("{base}[pools.web.health]\n{setting}\n"), line, needles);
+        }
+    }
+
+    #[test]
+    fn metrics_bind() {
+        let config = Config::parse(&format!("metrics_bind = \"127.0.0.1:9100\"\n{GOOD}"), "t").unwrap();
+        assert_eq!(config.metrics_bind, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_error(
+            &format!("metrics_bind = \"127.0.0.1:8080\"\n{GOOD}"),
+            1,
+            &["metrics_bind", "overlaps", "\"web\""],
+        );
+        assert_error(&format!("metrics_bind = \"localhost\"\n{GOOD}"), 1, &["metrics_bind", "IP:port"]);
+    }
+
     #[test]
     fn bad_algorithm() {
         assert_error(
             &GOOD.replace("\"round_robin\"", "\"fastest\""),
             15,
-            &["pools.web.algorithm", "\"fastest\"", "round_robin"],
+            &["pools.web.algorithm", "\"fastest\"", "round_robin, least_conn, random_two, maglev"],
         );
     }
 

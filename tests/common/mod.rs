@@ -26,6 +26,8 @@ pub struct Ringlb {
     child: Child,
     /// Listener name -> the address it is bound to.
     pub addrs: HashMap<String, SocketAddr>,
+    /// Where the metrics page is, when the config has `metrics_bind`.
+    pub metrics_addr: Option<SocketAddr>,
     log: Arc<Mutex<String>>,
     config_path: std::path::PathBuf,
 }
@@ -90,12 +92,16 @@ impl Ringlb {
                     let addr: SocketAddr = words.nth(1).unwrap().parse().unwrap();
                     let _ = tx.send((name, addr));
                 }
+                if let Some(rest) = line.split("] metrics on http://").nth(1) {
+                    let addr: SocketAddr = rest.trim_end_matches("/metrics").parse().unwrap();
+                    let _ = tx.send(("metrics on".to_string(), addr));
+                }
                 let mut log = log_writer.lock().unwrap();
                 log.push_str(&line);
                 log.push('\n');
             }
         });
-        let expected = config.matches("[listeners.").count();
+        let expected = config.matches("[listeners.").count() + usize::from(config.contains("metrics_bind"));
         let mut addrs = HashMap::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         while addrs.len() < expected {
@@ -110,7 +116,31 @@ impl Ringlb {
                 }
             }
         }
-        Ringlb { child, addrs, log, config_path }
+        let metrics_addr = addrs.remove("metrics on");
+        Ringlb { child, addrs, metrics_addr, log, config_path }
+    }
+
+    /// Scrapes the metrics page: series (name with labels) -> value.
+    pub fn metrics(&self) -> HashMap<String, f64> {
+        let addr = self.metrics_addr.expect("config has no metrics_bind");
+        let mut stream = connect(addr);
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: ringlb\r\n\r\n").unwrap();
+        let (response, end) = read_until_end(&mut stream);
+        end.unwrap();
+        let text = String::from_utf8(response).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+        body.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| l.rsplit_once(' '))
+            .map(|(series, value)| (series.to_string(), value.parse().unwrap()))
+            .collect()
+    }
+
+    /// One backend's value of a per-backend metric.
+    pub fn backend_metric(&self, name: &str, pool: &str, backend: SocketAddr) -> f64 {
+        let series = format!("{name}{{pool=\"{pool}\",backend=\"{backend}\"}}");
+        *self.metrics().get(&series).unwrap_or_else(|| panic!("no series {series}"))
     }
 
     /// The address of the only (or the named) listener.
@@ -218,12 +248,15 @@ impl Drop for Ringlb {
     }
 }
 
-/// A config with one listener on a free port and one pool with `backends` (address, weight).
+/// A config with one listener on a free port and one pool `p` with `backends`. Health checks
+/// are off unless `extra_pool` has a `[pools.p.health]` table: their probe connections would
+/// show in backend accept counts and fd counts.
 pub fn config_for(backends: &[SocketAddr], extra_top: &str, extra_pool: &str) -> String {
     let list: Vec<String> = backends.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
     let workers = if extra_top.contains("workers") { "" } else { "workers = 2" };
+    let health = if extra_pool.contains("[pools.p.health]") { "" } else { "\n[pools.p.health]\nenabled = false" };
     format!(
-        "{workers}\n{extra_top}\n[listeners.test]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n\n[pools.p]\nbackends = [{}]\n{extra_pool}\n",
+        "{workers}\n{extra_top}\n[listeners.test]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n\n[pools.p]\nbackends = [{}]\n{extra_pool}\n{health}\n",
         list.join(", ")
     )
 }
@@ -237,7 +270,12 @@ pub struct Backend {
 
 impl Backend {
     pub fn start(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Backend::start_on("127.0.0.1:0".parse().unwrap(), handler)
+    }
+
+    /// A backend on a given address, e.g. to bring one back on the port it had.
+    pub fn start_on(addr: SocketAddr, handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Backend {
+        let listener = TcpListener::bind(addr).unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -265,6 +303,19 @@ impl Backend {
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
+
+    /// Closes the listening socket (new connections are refused); connections already
+    /// accepted keep being served, as when a server stops accepting.
+    pub fn stop_listening(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+        // The accept thread drops the listener when it sees the flag.
+        assert!(
+            Ringlb::eventually(Duration::from_secs(5), || TcpStream::connect(self.addr).is_err()),
+            "backend {} still accepting",
+            self.addr
+        );
+    }
 }
 
 impl Drop for Backend {
@@ -289,6 +340,62 @@ pub fn echo(mut stream: TcpStream) {
             }
         }
     }
+}
+
+/// A backend that answers "WHO\n" with "NAME\n" and "PING\r\n" with "+PONG\r\n", and echoes
+/// anything else; `served` counts connections that sent a WHO (clients, not health checks).
+pub fn identity(name: &'static str, served: Arc<AtomicUsize>) -> impl Fn(TcpStream) + Send + Sync + 'static {
+    move |stream| {
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut writer = stream;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => {
+                    let _ = writer.shutdown(Shutdown::Write);
+                    return;
+                }
+                Ok(_) => {}
+            }
+            let reply = match line.as_str() {
+                "WHO\n" => {
+                    served.fetch_add(1, Ordering::SeqCst);
+                    format!("{name}\n")
+                }
+                "PING\r\n" => "+PONG\r\n".to_string(),
+                other => other.to_string(),
+            };
+            if writer.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Asks an identity backend (through ringlb) who it is.
+pub fn who(stream: &mut TcpStream) -> std::io::Result<String> {
+    stream.write_all(b"WHO\n")?;
+    let mut name = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        if stream.read(&mut byte)? == 0 {
+            return Err(std::io::Error::new(ErrorKind::UnexpectedEof, "closed before answering"));
+        }
+        name.push(byte[0]);
+    }
+    name.pop();
+    Ok(String::from_utf8(name).unwrap())
+}
+
+/// Connects to `addr` from source address `source` (any 127.0.0.0/8 address works here).
+pub fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::new(source, 0).into()).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream
 }
 
 /// An address whose port is held but not listening: connecting to it is refused.

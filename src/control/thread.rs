@@ -1,0 +1,182 @@
+//! The control thread: a tokio-uring runtime that probes every backend of every pool with
+//! health checks enabled, counts workers' failed connects as failed checks, publishes a new
+//! snapshot when a backend goes up or down, and serves the metrics page.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use log::{error, info, warn};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::time::{Duration, Instant, sleep_until, timeout};
+
+use super::{ControlEvent, Shared};
+use crate::config::{Config, HealthConfig};
+use crate::health::{CheckFailure, HealthState, probe};
+use crate::metrics;
+use crate::pool::Pool;
+
+/// One check's result, from a probe task to the control loop.
+struct Checked {
+    pool: usize,
+    backend: usize,
+    result: Result<(), CheckFailure>,
+}
+
+/// Health of every backend of one pool, kept by the control thread.
+struct PoolHealth {
+    states: Vec<HealthState>,
+    up: Vec<bool>,
+}
+
+/// Starts the control thread and returns once its runtime is up. `metrics` is an already
+/// bound listener for the metrics page.
+pub fn spawn(
+    config: Arc<Config>,
+    shared: Arc<Shared>,
+    events: UnboundedReceiver<ControlEvent>,
+    metrics: Option<std::net::TcpListener>,
+) -> io::Result<JoinHandle<()>> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new().name("ringlb-control".into()).spawn(move || {
+        let runtime = match tokio_uring::Runtime::new(&tokio_uring::builder()) {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            if let Some(listener) = metrics {
+                tokio_uring::spawn(serve_metrics(
+                    tokio_uring::net::TcpListener::from_std(listener),
+                    Arc::clone(&shared),
+                ));
+            }
+            let _ = ready_tx.send(Ok(()));
+            control_loop(&config, &shared, events).await;
+        })
+    })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(io::Error::other("the control thread exited while starting")),
+    }
+}
+
+async fn control_loop(config: &Config, shared: &Shared, mut events: UnboundedReceiver<ControlEvent>) {
+    let (checked_tx, mut checked) = unbounded_channel();
+    let mut health: Vec<Option<PoolHealth>> = Vec::with_capacity(config.pools.len());
+    for (p, pool) in config.pools.iter().enumerate() {
+        let Some(check) = &pool.health else {
+            health.push(None);
+            continue;
+        };
+        for (b, backend) in pool.backends.iter().enumerate() {
+            tokio_uring::spawn(check_forever(p, b, backend.address, check.clone(), checked_tx.clone()));
+        }
+        health.push(Some(PoolHealth {
+            states: pool.backends.iter().map(|_| HealthState::new(check.rise, check.fall)).collect(),
+            up: vec![true; pool.backends.len()],
+        }));
+    }
+    drop(checked_tx);
+
+    loop {
+        let (pool, backend, result) = tokio::select! {
+            Some(c) = checked.recv() => (c.pool, c.backend, c.result),
+            event = events.recv() => match event {
+                Some(ControlEvent::ConnectFailed { pool, backend, errno }) => (pool, backend, Err(CheckFailure::Passive(errno))),
+                Some(ControlEvent::Stop) | None => return,
+            },
+        };
+        let Some(pool_health) = health.get_mut(pool).and_then(Option::as_mut) else {
+            // No health checks for this pool: nothing could bring a backend back, so a
+            // worker's failed connect does not mark it down.
+            continue;
+        };
+        let state = &mut pool_health.states[backend];
+        let Some(now_up) = state.record(result.is_ok()) else { continue };
+        let pool_config = &config.pools[pool];
+        let name = &pool_config.name;
+        let address = pool_config.backends[backend].address;
+        let streak = state.streak();
+        match &result {
+            Ok(()) => info!("pool {name}: backend {address} UP after {streak} passed checks"),
+            Err(why) => warn!("pool {name}: backend {address} DOWN after {streak} failed checks ({why})"),
+        }
+        let was_all_down = !pool_health.up.iter().any(|&u| u);
+        pool_health.up[backend] = now_up;
+        let all_down = !pool_health.up.iter().any(|&u| u);
+        if all_down && !was_all_down {
+            error!("pool {name}: every backend is down; sending connections to all of them (fail open)");
+        } else if was_all_down && !all_down {
+            info!("pool {name}: a backend is up again; no longer failing open");
+        }
+        let current = shared.snapshot();
+        shared.publish(current.with_pool(pool, Pool::build(pool_config, &pool_health.up)));
+    }
+}
+
+/// Checks one backend every `interval` (start to start) until the control loop is gone.
+async fn check_forever(
+    pool: usize,
+    backend: usize,
+    address: SocketAddr,
+    check: HealthConfig,
+    results: UnboundedSender<Checked>,
+) {
+    loop {
+        let started = Instant::now();
+        let result = probe(address, &check).await;
+        if results.send(Checked { pool, backend, result }).is_err() {
+            return;
+        }
+        sleep_until(started + check.interval).await;
+    }
+}
+
+/// How long a metrics client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most of a request read; the page is the same whatever it asks.
+const MAX_REQUEST: usize = 8192;
+
+async fn serve_metrics(listener: tokio_uring::net::TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio_uring::spawn(answer_metrics(stream, Arc::clone(&shared)));
+            }
+            Err(e) => {
+                warn!("metrics: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn answer_metrics(stream: tokio_uring::net::TcpStream, shared: Arc<Shared>) {
+    // Read the request head; only its first line matters.
+    let mut request = Vec::new();
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < MAX_REQUEST {
+        match timeout(REQUEST_TIMEOUT, stream.read(vec![0u8; 1024])).await {
+            Ok((Ok(n), buf)) if n > 0 => request.extend_from_slice(&buf[..n]),
+            _ => return,
+        }
+    }
+    let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
+    let (status, body) = if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ") {
+        ("200 OK", metrics::render(&shared))
+    } else {
+        ("404 Not Found", "ringlb serves GET /metrics\n".to_string())
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (result, _) = stream.write_all(response.into_bytes()).await;
+    if result.is_ok() {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
+}

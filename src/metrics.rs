@@ -1,0 +1,97 @@
+//! Metrics in the Prometheus text format, served by the control thread on `metrics_bind`:
+//! the workers' counters summed, and per backend its health and connection counts.
+
+use std::fmt::Write;
+
+use crate::control::{RunState, Shared};
+use crate::stats;
+
+/// Metric names that are not in [`stats::WorkerStats`], in one place.
+pub const BACKEND_UP: &str = "ringlb_backend_up";
+pub const BACKEND_ACTIVE: &str = "ringlb_backend_active_connections";
+pub const BACKEND_CONNECTIONS: &str = "ringlb_backend_connections_total";
+pub const BACKEND_FAILURES: &str = "ringlb_backend_connect_failures_total";
+pub const DRAINING: &str = "ringlb_draining";
+
+fn header(out: &mut String, name: &str, help: &str) {
+    let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Label values escaped as the text format requires.
+fn label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The whole metrics page.
+pub fn render(shared: &Shared) -> String {
+    let mut out = String::with_capacity(4096);
+    for (name, help, value) in stats::totals(&shared.stats) {
+        header(&mut out, name, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    header(&mut out, DRAINING, "1 once a stop signal arrived and ringlb is draining.");
+    let _ = writeln!(out, "{DRAINING} {}", u8::from(shared.run_state() != RunState::Running));
+
+    let snapshot = shared.snapshot();
+    let families: [(&str, &str); 4] = [
+        (BACKEND_UP, "Whether the backend is up (passes its health checks)."),
+        (BACKEND_ACTIVE, "Connections open to the backend now, over all workers."),
+        (BACKEND_CONNECTIONS, "Connections started to the backend."),
+        (BACKEND_FAILURES, "Connects to the backend that failed or timed out."),
+    ];
+    for (name, help) in families {
+        header(&mut out, name, help);
+        for (pool, counters) in snapshot.pools.iter().zip(shared.backends.iter()) {
+            for (i, (backend, counter)) in pool.backends.iter().zip(counters.iter()).enumerate() {
+                let value = match name {
+                    BACKEND_UP => u64::from(pool.up[i]),
+                    BACKEND_ACTIVE => counter.active(),
+                    BACKEND_CONNECTIONS => counter.connections.load(std::sync::atomic::Ordering::Relaxed),
+                    _ => counter.failures.load(std::sync::atomic::Ordering::Relaxed),
+                };
+                let _ = writeln!(
+                    out,
+                    "{name}{{pool=\"{}\",backend=\"{}\"}} {value}",
+                    label(&pool.name),
+                    label(&backend.name)
+                );
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::pool::Snapshot;
+
+    #[test]
+    fn renders_counters_and_backends() {
+        let config = Config::parse(
+            "[listeners.a]\nbind = \"127.0.0.1:1\"\npool = \"p\"\n[pools.p]\nbackends = [{ address = \"127.0.0.1:2\" }, { address = \"127.0.0.1:3\" }]\n",
+            "t",
+        )
+        .unwrap();
+        let (shared, _events) = Shared::new(Snapshot::from_config(&config), 2).unwrap();
+        shared.stats[0].accepted.add(3);
+        shared.stats[1].accepted.add(4);
+        shared.backends[0][1].active.store(5, std::sync::atomic::Ordering::Relaxed);
+        let page = render(&shared);
+        assert!(
+            page.contains("# TYPE ringlb_connections_accepted_total counter\nringlb_connections_accepted_total 7\n"),
+            "{page}"
+        );
+        assert!(page.contains("ringlb_backend_up{pool=\"p\",backend=\"127.0.0.1:2\"} 1\n"), "{page}");
+        assert!(page.contains("ringlb_backend_active_connections{pool=\"p\",backend=\"127.0.0.1:3\"} 5\n"), "{page}");
+        assert!(page.contains("# TYPE ringlb_connections_active gauge\n"), "{page}");
+        assert!(page.contains("ringlb_draining 0\n"));
+    }
+
+    #[test]
+    fn label_escaping() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
