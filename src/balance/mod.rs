@@ -321,6 +321,7 @@ mod tests {
         let algorithm = Algorithm::Maglev { table_size: 65_537, hash_key: HashKey::ClientIp };
         let up = pool(algorithm, &[1, 1, 1], &[true; 3]);
         let one_down = pool(algorithm, &[1, 1, 1], &[true, false, true]);
+        let back_up = pool(algorithm, &[1, 1, 1], &[true; 3]);
         let c = counters(&[0; 3]);
         let mut picker = Picker::new(&up, 0);
         let (mut on_survivors, mut moved) = (0, 0);
@@ -329,6 +330,7 @@ mod tests {
             let before = picker.pick(&up, &c, client);
             let after = picker.pick(&one_down, &c, client);
             assert_ne!(after, 1);
+            assert_eq!(picker.pick(&back_up, &c, client), before, "clients return when the backend comes back");
             if before != 1 {
                 on_survivors += 1;
                 moved += usize::from(before != after);
