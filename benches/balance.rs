@@ -60,10 +60,13 @@ fn pool(algorithm: Algorithm, n: usize) -> Pool {
             .map(|(i, name)| BackendConfig {
                 address: name.parse().unwrap(),
                 weight: NonZeroU32::new(1 + (i % 3) as u32).unwrap(),
+                max_conns: None,
             })
             .collect(),
         on_down: OnDown::Keep,
         health: None,
+        send_proxy: None,
+        queue_timeout: Duration::from_secs(1),
     };
     Pool::build(&config, &vec![true; n])
 }

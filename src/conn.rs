@@ -5,6 +5,11 @@
 //! so it is the one that knows when its fds may be closed and its slot freed: only after the
 //! last completion (STYLE rule 7). Tests drive it without a ring.
 //!
+//! Before connecting, a connection may read from the client into its own [`Prefix`] buffer
+//! (a PROXY protocol header, a TLS ClientHello) so the worker can route it; those bytes, and an
+//! outgoing PROXY header, are sent to the backend before relaying starts. A connection may also
+//! wait in a queue for a backend below its connection limit.
+//!
 //! Data moves in two [`Dir`]ections, each a loop of "receive into a ring buffer, send it all,
 //! receive again": a direction never has more than one buffer, and a slow reader stops its
 //! writer's receives (backpressure). End of stream in one direction becomes shutdown(SHUT_WR) on
@@ -12,6 +17,8 @@
 //! reset on the other.
 
 use std::os::fd::RawFd;
+
+use crate::proxy_protocol;
 
 /// A buffer id in the worker's provided-buffer ring.
 pub type BufId = u16;
@@ -59,6 +66,10 @@ pub enum Op {
     /// Open a socket to the next backend and connect it under a linked timeout. Two
     /// completions (connect, timeout), or [`Conn::socket_failed`] if no socket could be made.
     Connect,
+    /// Receive from the client `fd` into the free end of the connection's [`Prefix`].
+    ReadPrefix { fd: RawFd },
+    /// Send the pending bytes of the connection's [`Prefix`] to the backend `fd`.
+    SendPrefix { fd: RawFd },
     /// Receive from `fd` into a ring buffer.
     Recv { dir: Dir, fd: RawFd },
     /// Send `len` bytes from offset `offset` of buffer `buf` to `fd`.
@@ -88,7 +99,13 @@ impl Op {
     fn completions(self) -> u32 {
         match self {
             Op::Connect => 2,
-            Op::Recv { .. } | Op::Send { .. } | Op::WaitWritable { .. } | Op::Cancel { .. } | Op::Close { .. } => 1,
+            Op::ReadPrefix { .. }
+            | Op::SendPrefix { .. }
+            | Op::Recv { .. }
+            | Op::Send { .. }
+            | Op::WaitWritable { .. }
+            | Op::Cancel { .. }
+            | Op::Close { .. } => 1,
             Op::Shutdown { .. } | Op::Recycle(_) | Op::WaitForBuffer(_) | Op::Free => 0,
         }
     }
@@ -96,7 +113,8 @@ impl Op {
     /// The side whose socket the operation works on, if a cancel by fd would reach it.
     fn side(self) -> Option<Side> {
         match self {
-            Op::Connect => Some(Side::Backend),
+            Op::Connect | Op::SendPrefix { .. } => Some(Side::Backend),
+            Op::ReadPrefix { .. } => Some(Side::Client),
             Op::Recv { dir, .. } => Some(dir.src()),
             Op::Send { dir, .. } | Op::WaitWritable { dir, .. } => Some(dir.dst()),
             _ => None,
@@ -111,6 +129,8 @@ pub enum Event {
     Connected(i32),
     /// The connect's linked timeout finished (its result carries no extra information).
     ConnectTimerDone,
+    /// A read into the prefix finished: bytes (0 = the client closed) or -errno.
+    PrefixRead { result: i32 },
     /// A receive finished: bytes (0 = end of stream) or -errno, and the buffer if one was used.
     Received { dir: Dir, result: i32, buf: Option<BufId> },
     /// A send finished: bytes or -errno.
@@ -128,6 +148,7 @@ impl Event {
     fn side(self) -> Option<Side> {
         match self {
             Event::Connected(_) => Some(Side::Backend),
+            Event::PrefixRead { .. } => Some(Side::Client),
             Event::Received { dir, .. } => Some(dir.src()),
             Event::Sent { dir, .. } | Event::Writable { dir } => Some(dir.dst()),
             _ => None,
@@ -150,6 +171,12 @@ pub enum End {
     Closed,
     /// Cut because the backend was marked down (`on_down = "close"`).
     BackendDown,
+    /// Refused by access rules or a connection limit (reset).
+    Refused,
+    /// No usable PROXY header or ClientHello, or no route for it, or none in time (reset).
+    HandshakeFailed,
+    /// Waited for a backend below its `max_conns` longer than `queue_timeout` (reset).
+    QueueTimeout,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,12 +189,20 @@ enum Flow {
     Starved,
     /// A send of `buf[offset..len]` is in flight.
     Sending { buf: BufId, offset: u32, len: u32 },
+    /// Up only: the prefix is being sent to the backend, before any receive from the client.
+    Prefix,
     /// End of stream was passed on (or the direction failed).
     Done,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
+    /// Just accepted, nothing started.
+    New,
+    /// Reading from the client into the prefix until the worker can route it.
+    Handshake,
+    /// Waiting for a backend below its connection limit; nothing in flight.
+    Queued,
     Connecting,
     Relaying,
     /// Waiting for cancelled operations to complete, then for the closes.
@@ -178,13 +213,71 @@ enum Phase {
     },
 }
 
-/// Outcome of one connect attempt, for the worker's counters, logs and backend choice.
+/// What a completion meant, when the worker has to act on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnectOutcome {
+pub enum Notice {
     Connected,
-    /// Failed with this errno (ETIMEDOUT when the linked timeout fired); another backend is
-    /// tried if any is left.
-    Failed(i32),
+    /// A connect failed with this errno (ETIMEDOUT when the linked timeout fired); another
+    /// backend is tried if any is left.
+    ConnectFailed(i32),
+    /// More client bytes arrived in the prefix: the worker looks whether it can route now.
+    PrefixGrew,
+}
+
+/// Room kept in front of the bytes read from the client, for the outgoing PROXY header.
+const HEADROOM: usize = proxy_protocol::V1_MAX;
+
+/// Bytes sent to the backend before relaying: an outgoing PROXY header and the client bytes
+/// read while routing. Boxed, so its address stays put while the kernel reads or writes it,
+/// and freed once sent.
+#[derive(Debug)]
+pub struct Prefix {
+    data: Box<[u8]>,
+    /// Start and end of the bytes still to send (after `prepare`), or of the bytes read.
+    start: usize,
+    end: usize,
+}
+
+impl Prefix {
+    /// A prefix that can read `capacity` client bytes.
+    pub fn new(capacity: usize) -> Box<Prefix> {
+        Box::new(Prefix { data: vec![0; HEADROOM + capacity].into_boxed_slice(), start: HEADROOM, end: HEADROOM })
+    }
+
+    /// The client bytes read so far.
+    pub fn received(&self) -> &[u8] {
+        &self.data[HEADROOM..self.end]
+    }
+
+    /// Whether there is room to read more.
+    pub fn has_room(&self) -> bool {
+        self.end < self.data.len()
+    }
+
+    /// Where the next read goes and how much it may take.
+    pub fn free_space(&mut self) -> (*mut u8, u32) {
+        let len = self.data.len() - self.end;
+        // SAFETY: end <= data.len(), so the pointer is in (or one past) the allocation.
+        (unsafe { self.data.as_mut_ptr().add(self.end) }, len as u32)
+    }
+
+    /// Sets what is sent: `header`, then the client bytes read after the first `skip` (an
+    /// incoming PROXY header, which is not passed on).
+    pub fn prepare(&mut self, skip: usize, header: &[u8]) {
+        let first = (HEADROOM + skip).min(self.end);
+        debug_assert!(header.len() <= first);
+        self.start = first - header.len();
+        self.data[self.start..first].copy_from_slice(header);
+    }
+
+    /// The bytes still to send.
+    pub fn pending(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+
+    fn advance(&mut self, sent: usize) {
+        self.start = (self.start + sent).min(self.end);
+    }
 }
 
 /// The state of one proxied connection.
@@ -195,10 +288,23 @@ pub struct Conn {
     pub backend: Option<RawFd>,
     /// Index of the listener that accepted the connection.
     pub listener: u32,
-    /// The client's address, when something needs it (Maglev hashing, logs).
+    /// The client's address, when something needs it (access rules, Maglev, PROXY headers);
+    /// with `accept_proxy`, the address the header carried.
     pub client_addr: Option<std::net::SocketAddr>,
-    /// Index of the backend (in the listener's pool) being connected to or relayed to.
+    /// The address the client connected to (for outgoing PROXY headers).
+    pub local_addr: Option<std::net::SocketAddr>,
+    /// Whether the connection holds a count in its listener's per-source limit.
+    pub source_counted: bool,
+    /// Whether the connection holds a slot (an active count) on `backend_index`.
+    pub holds_slot: bool,
+    /// When the connection started waiting in its pool's queue, if it is waiting.
+    pub queued_since: Option<u64>,
+    /// Index of the pool the connection was routed to.
+    pub pool: u32,
+    /// Index of the backend (in the pool) being connected to or relayed to.
     pub backend_index: u32,
+    /// Bytes to read before routing and to send before relaying; `None` when there are none.
+    pub prefix: Option<Box<Prefix>>,
     /// Connect attempts still allowed, counting the one in flight.
     attempts_left: u32,
     /// Backends a socket was opened for so far.
@@ -216,18 +322,24 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// A connection just accepted on `client`; `attempts` is how many backends may be tried.
-    pub fn new(generation: u32, client: RawFd, listener: u32, attempts: u32, now: u64) -> Conn {
+    /// A connection just accepted on `client`.
+    pub fn new(generation: u32, client: RawFd, listener: u32, now: u64) -> Conn {
         Conn {
             generation,
             client,
             backend: None,
             listener,
             client_addr: None,
+            local_addr: None,
+            source_counted: false,
+            holds_slot: false,
+            queued_since: None,
+            pool: 0,
             backend_index: 0,
-            attempts_left: attempts.max(1),
+            prefix: None,
+            attempts_left: 1,
             tried: 0,
-            phase: Phase::Connecting,
+            phase: Phase::New,
             flows: [Flow::Idle; 2],
             inflight: 0,
             busy: [0; 2],
@@ -244,6 +356,15 @@ impl Conn {
 
     pub fn is_relaying(&self) -> bool {
         self.phase == Phase::Relaying
+    }
+
+    /// Whether the connection is still reading what routes it.
+    pub fn in_handshake(&self) -> bool {
+        self.phase == Phase::Handshake
+    }
+
+    pub fn is_queued(&self) -> bool {
+        self.phase == Phase::Queued
     }
 
     pub fn is_closing(&self) -> bool {
@@ -263,9 +384,39 @@ impl Conn {
         ops.push(op);
     }
 
-    /// Starts the first connect.
-    pub fn start(&mut self, ops: &mut Vec<Op>) {
+    /// Reads (more) client bytes into the prefix, before the connection can be routed.
+    pub fn read_prefix(&mut self, ops: &mut Vec<Op>) {
+        debug_assert!(matches!(self.phase, Phase::New | Phase::Handshake));
+        debug_assert!(self.prefix.as_ref().is_some_and(|p| p.has_room()));
+        self.phase = Phase::Handshake;
+        let fd = self.client;
+        self.emit(Op::ReadPrefix { fd }, ops);
+    }
+
+    /// Routes the connection to pool `pool`, where `attempts` backends may be tried, and
+    /// starts the first connect.
+    pub fn route(&mut self, pool: u32, attempts: u32, ops: &mut Vec<Op>) {
+        debug_assert!(matches!(self.phase, Phase::New | Phase::Handshake));
+        self.pool = pool;
+        self.attempts_left = attempts.max(1);
+        self.phase = Phase::Connecting;
         self.emit(Op::Connect, ops);
+    }
+
+    /// The worker found no backend with room for the connect it was asked for: nothing was
+    /// submitted; the connection waits until [`Conn::resume`].
+    pub fn defer_connect(&mut self) {
+        self.inflight -= Op::Connect.completions();
+        self.busy[Side::Backend as usize] -= 1;
+        self.phase = Phase::Queued;
+    }
+
+    /// A backend has room again: connect.
+    pub fn resume(&mut self, ops: &mut Vec<Op>) {
+        if self.phase == Phase::Queued {
+            self.phase = Phase::Connecting;
+            self.emit(Op::Connect, ops);
+        }
     }
 
     /// The worker opened `fd` for the connect it was asked for, to backend `index`.
@@ -297,6 +448,12 @@ impl Conn {
     /// and lands on a healthy backend).
     pub fn cut(&mut self, ops: &mut Vec<Op>) {
         self.begin_close(End::BackendDown, true, true, ops);
+    }
+
+    /// Ends the connection for `end` (refused, handshake failed, queue timeout) with a reset
+    /// to the client, before any backend saw it.
+    pub fn reject(&mut self, end: End, ops: &mut Vec<Op>) {
+        self.begin_close(end, true, false, ops);
     }
 
     /// A buffer came back to the ring; a starved direction may receive again.
@@ -339,7 +496,7 @@ impl Conn {
     }
 
     /// Handles one completion. Returns the connect outcome when the event settles an attempt.
-    pub fn on_event(&mut self, event: Event, now: u64, ops: &mut Vec<Op>) -> Option<ConnectOutcome> {
+    pub fn on_event(&mut self, event: Event, now: u64, ops: &mut Vec<Op>) -> Option<Notice> {
         debug_assert!(self.inflight > 0, "completion with nothing in flight: {event:?}");
         self.inflight = self.inflight.saturating_sub(1);
         if let Some(side) = event.side() {
@@ -350,35 +507,58 @@ impl Conn {
                 self.settle_while_closing(event, ops);
                 None
             }
-            Phase::Connecting | Phase::Relaying => self.handle(event, now, ops),
+            Phase::New | Phase::Handshake | Phase::Queued | Phase::Connecting | Phase::Relaying => {
+                self.handle(event, now, ops)
+            }
         };
         self.advance_close(ops);
         outcome
     }
 
-    fn handle(&mut self, event: Event, now: u64, ops: &mut Vec<Op>) -> Option<ConnectOutcome> {
+    fn handle(&mut self, event: Event, now: u64, ops: &mut Vec<Op>) -> Option<Notice> {
         match event {
             Event::Connected(result) => return Some(self.connected(result, now, ops)),
+            Event::PrefixRead { result } => {
+                if result > 0
+                    && let Some(prefix) = self.prefix.as_mut()
+                {
+                    prefix.end = (prefix.end + result as usize).min(prefix.data.len());
+                    return Some(Notice::PrefixGrew);
+                }
+                if -result == libc::EINTR || -result == libc::EAGAIN {
+                    self.read_prefix(ops);
+                } else {
+                    // The client left (or failed) before it could be routed.
+                    self.begin_close(End::HandshakeFailed, result != 0, false, ops);
+                }
+            }
             Event::ConnectTimerDone | Event::Cancelled | Event::Closed => {}
             Event::Received { dir, result, buf } => self.received(dir, result, buf, now, ops),
             Event::Sent { dir, result } => self.sent(dir, result, now, ops),
-            Event::Writable { dir } => {
-                if let Flow::Sending { buf, offset, len } = self.flows[dir.index()] {
-                    self.send(dir, buf, offset, len, ops);
-                }
-            }
+            Event::Writable { dir } => match self.flows[dir.index()] {
+                Flow::Sending { buf, offset, len } => self.send(dir, buf, offset, len, ops),
+                Flow::Prefix => self.send_prefix(ops),
+                _ => {}
+            },
         }
         None
     }
 
-    fn connected(&mut self, result: i32, now: u64, ops: &mut Vec<Op>) -> ConnectOutcome {
+    fn connected(&mut self, result: i32, now: u64, ops: &mut Vec<Op>) -> Notice {
         debug_assert_eq!(self.phase, Phase::Connecting);
         if result >= 0 {
             self.phase = Phase::Relaying;
             self.last_active = now;
-            self.receive(Dir::Up, ops);
+            if self.prefix.as_ref().is_some_and(|p| !p.pending().is_empty()) {
+                // The prefix goes first; the client is read only after it.
+                self.flows[Dir::Up.index()] = Flow::Prefix;
+                self.send_prefix(ops);
+            } else {
+                self.prefix = None;
+                self.receive(Dir::Up, ops);
+            }
             self.receive(Dir::Down, ops);
-            return ConnectOutcome::Connected;
+            return Notice::Connected;
         }
         // The linked timeout cancels the connect: report it as a timeout.
         let errno = if -result == libc::ECANCELED { libc::ETIMEDOUT } else { -result };
@@ -391,7 +571,36 @@ impl Conn {
         } else {
             self.begin_close(End::NoBackend, false, false, ops);
         }
-        ConnectOutcome::Failed(errno)
+        Notice::ConnectFailed(errno)
+    }
+
+    fn send_prefix(&mut self, ops: &mut Vec<Op>) {
+        match self.backend {
+            Some(fd) => self.emit(Op::SendPrefix { fd }, ops),
+            None => debug_assert!(false, "prefix without a backend"),
+        }
+    }
+
+    fn sent_prefix(&mut self, result: i32, ops: &mut Vec<Op>) {
+        if result > 0 {
+            let prefix = self.prefix.as_mut().expect("a prefix is being sent");
+            prefix.advance(result as usize);
+            if prefix.pending().is_empty() {
+                self.prefix = None;
+                self.receive(Dir::Up, ops);
+            } else {
+                self.send_prefix(ops);
+            }
+        } else if -result == libc::EAGAIN
+            && let Some(fd) = self.backend
+        {
+            self.emit(Op::WaitWritable { dir: Dir::Up, fd }, ops);
+        } else if -result == libc::EINTR {
+            self.send_prefix(ops);
+        } else {
+            self.flows[Dir::Up.index()] = Flow::Done;
+            self.reset_from(Side::Backend, ops);
+        }
     }
 
     fn received(&mut self, dir: Dir, result: i32, buf: Option<BufId>, now: u64, ops: &mut Vec<Op>) {
@@ -432,6 +641,9 @@ impl Conn {
     }
 
     fn sent(&mut self, dir: Dir, result: i32, now: u64, ops: &mut Vec<Op>) {
+        if self.flows[dir.index()] == Flow::Prefix {
+            return self.sent_prefix(result, ops);
+        }
         let Flow::Sending { buf, offset, len } = self.flows[dir.index()] else {
             debug_assert!(false, "send completion while not sending");
             return;
@@ -490,12 +702,14 @@ impl Conn {
     fn settle_while_closing(&mut self, event: Event, ops: &mut Vec<Op>) {
         match event {
             Event::Received { buf: Some(buf), .. } => ops.push(Op::Recycle(buf)),
-            Event::Sent { dir, .. } | Event::Writable { dir } => {
-                if let Flow::Sending { buf, .. } = self.flows[dir.index()] {
+            Event::Sent { dir, .. } | Event::Writable { dir } => match self.flows[dir.index()] {
+                Flow::Sending { buf, .. } => {
                     ops.push(Op::Recycle(buf));
                     self.flows[dir.index()] = Flow::Done;
                 }
-            }
+                Flow::Prefix => self.flows[dir.index()] = Flow::Done,
+                _ => {}
+            },
             _ => {}
         }
     }
@@ -538,8 +752,8 @@ mod tests {
 
     impl Harness {
         fn new(attempts: u32) -> Harness {
-            let mut h = Harness { conn: Conn::new(1, CLIENT, 0, attempts, 0), ops: Vec::new(), now: 0 };
-            h.conn.start(&mut h.ops);
+            let mut h = Harness { conn: Conn::new(1, CLIENT, 0, 0), ops: Vec::new(), now: 0 };
+            h.conn.route(0, attempts, &mut h.ops);
             assert_eq!(h.take(), vec![Op::Connect]);
             h.conn.backend_opened(BACKEND, 0);
             h
@@ -549,7 +763,7 @@ mod tests {
             let mut h = Harness::new(1);
             h.event(Event::ConnectTimerDone);
             let outcome = h.conn.on_event(Event::Connected(0), h.now, &mut h.ops);
-            assert_eq!(outcome, Some(ConnectOutcome::Connected));
+            assert_eq!(outcome, Some(Notice::Connected));
             assert_eq!(h.take(), vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Recv { dir: Dir::Down, fd: BACKEND }]);
             assert!(h.conn.is_relaying());
             h
@@ -706,7 +920,7 @@ mod tests {
     fn refused_connect_tries_next_backend() {
         let mut h = Harness::new(2);
         let outcome = h.conn.on_event(Event::Connected(-libc::ECONNREFUSED), 1, &mut h.ops);
-        assert_eq!(outcome, Some(ConnectOutcome::Failed(libc::ECONNREFUSED)));
+        assert_eq!(outcome, Some(Notice::ConnectFailed(libc::ECONNREFUSED)));
         assert_eq!(h.take(), vec![Op::Close { fd: BACKEND, reset: false }, Op::Connect]);
         assert_eq!(h.conn.backend, None);
         h.conn.backend_opened(BACKEND2, 1);
@@ -714,7 +928,7 @@ mod tests {
         assert!(h.event(Event::ConnectTimerDone).is_empty());
         assert!(h.event(Event::Closed).is_empty());
         let outcome = h.conn.on_event(Event::Connected(0), 5, &mut h.ops);
-        assert_eq!(outcome, Some(ConnectOutcome::Connected));
+        assert_eq!(outcome, Some(Notice::Connected));
         assert_eq!(h.take(), vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Recv { dir: Dir::Down, fd: BACKEND2 }]);
         assert_eq!(h.conn.backend_index, 1);
     }
@@ -724,7 +938,7 @@ mod tests {
         let mut h = Harness::new(2);
         assert!(h.event(Event::ConnectTimerDone).is_empty());
         let outcome = h.conn.on_event(Event::Connected(-libc::ECANCELED), 1, &mut h.ops);
-        assert_eq!(outcome, Some(ConnectOutcome::Failed(libc::ETIMEDOUT)));
+        assert_eq!(outcome, Some(Notice::ConnectFailed(libc::ETIMEDOUT)));
         assert_eq!(h.take(), vec![Op::Close { fd: BACKEND, reset: false }, Op::Connect]);
     }
 
@@ -745,8 +959,8 @@ mod tests {
 
     #[test]
     fn socket_failure_closes_client() {
-        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, 3, 0), ops: Vec::new(), now: 0 };
-        h.conn.start(&mut h.ops);
+        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, 0), ops: Vec::new(), now: 0 };
+        h.conn.route(0, 3, &mut h.ops);
         h.take();
         h.conn.socket_failed(&mut h.ops);
         assert_eq!(h.take(), vec![Op::Close { fd: CLIENT, reset: false }]);
@@ -787,6 +1001,70 @@ mod tests {
             h.event(Event::Sent { dir: Dir::Up, result: -libc::EINTR }),
             vec![Op::Send { dir: Dir::Up, fd: BACKEND, buf: 0, offset: 0, len: 7 }]
         );
+    }
+
+    #[test]
+    fn handshake_reads_then_prefix_goes_first() {
+        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, 0), ops: Vec::new(), now: 0 };
+        h.conn.prefix = Some(Prefix::new(100));
+        h.conn.read_prefix(&mut h.ops);
+        assert_eq!(h.take(), vec![Op::ReadPrefix { fd: CLIENT }]);
+        assert!(h.conn.in_handshake());
+        // 10 bytes arrive; the worker is told to look at them.
+        h.now += 1;
+        let notice = h.conn.on_event(Event::PrefixRead { result: 10 }, h.now, &mut h.ops);
+        assert_eq!(notice, Some(Notice::PrefixGrew));
+        assert_eq!(h.conn.prefix.as_ref().unwrap().received().len(), 10);
+        // It routes: the first 4 were an incoming header, replaced by a 3-byte outgoing one.
+        h.conn.prefix.as_mut().unwrap().prepare(4, b"HDR");
+        assert_eq!(h.conn.prefix.as_ref().unwrap().pending().len(), 3 + 6);
+        h.conn.route(0, 1, &mut h.ops);
+        assert_eq!(h.take(), vec![Op::Connect]);
+        h.conn.backend_opened(BACKEND, 0);
+        h.event(Event::ConnectTimerDone);
+        // Connected: the prefix goes to the backend before the client is read.
+        let ops = h.event(Event::Connected(0));
+        assert_eq!(ops, vec![Op::SendPrefix { fd: BACKEND }, Op::Recv { dir: Dir::Down, fd: BACKEND }]);
+        assert_eq!(h.event(Event::Sent { dir: Dir::Up, result: 5 }), vec![Op::SendPrefix { fd: BACKEND }]);
+        assert_eq!(
+            h.event(Event::Sent { dir: Dir::Up, result: -libc::EAGAIN }),
+            vec![Op::WaitWritable { dir: Dir::Up, fd: BACKEND }]
+        );
+        assert_eq!(h.event(Event::Writable { dir: Dir::Up }), vec![Op::SendPrefix { fd: BACKEND }]);
+        assert_eq!(h.conn.prefix.as_ref().unwrap().pending().len(), 4);
+        assert_eq!(h.event(Event::Sent { dir: Dir::Up, result: 4 }), vec![Op::Recv { dir: Dir::Up, fd: CLIENT }]);
+        assert!(h.conn.prefix.is_none(), "freed once sent");
+    }
+
+    #[test]
+    fn client_leaving_during_handshake_ends_it() {
+        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, 0), ops: Vec::new(), now: 0 };
+        h.conn.prefix = Some(Prefix::new(100));
+        h.conn.read_prefix(&mut h.ops);
+        h.take();
+        let ops = h.event(Event::PrefixRead { result: 0 });
+        assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }]);
+        assert_eq!(h.conn.end(), Some(End::HandshakeFailed));
+        h.finish_close(1);
+    }
+
+    #[test]
+    fn queued_connection_resumes_or_closes_at_once() {
+        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, 0), ops: Vec::new(), now: 0 };
+        h.conn.route(0, 2, &mut h.ops);
+        assert_eq!(h.take(), vec![Op::Connect]);
+        h.conn.defer_connect();
+        assert!(h.conn.is_queued());
+        assert_eq!(h.conn.inflight(), 0);
+        h.conn.resume(&mut h.ops);
+        assert_eq!(h.take(), vec![Op::Connect]);
+        h.conn.defer_connect();
+        // A queue timeout: nothing in flight, so the client is reset at once.
+        h.conn.reject(End::QueueTimeout, &mut h.ops);
+        assert_eq!(h.take(), vec![Op::Close { fd: CLIENT, reset: true }]);
+        h.conn.resume(&mut h.ops);
+        assert!(h.take().is_empty(), "no connect after closing began");
+        h.finish_close(1);
     }
 
     #[test]
@@ -835,6 +1113,8 @@ mod model {
     /// An operation the simulated kernel holds.
     #[derive(Debug, Clone, Copy)]
     enum Pending {
+        ReadPrefix,
+        SendPrefix(u32),
         Connect(RawFd),
         ConnectTimer,
         Recv(Dir, RawFd),
@@ -864,27 +1144,61 @@ mod model {
         held_buffers: BTreeSet<BufId>,
         next_buffer: BufId,
         next_backend: usize,
+        attempts: u32,
         freed: bool,
         steps: usize,
+        /// The next connect is deferred to the queue (as when every backend is full).
+        defer_next: bool,
+        queued: bool,
     }
 
     impl Model {
-        fn new(attempts: u32) -> Model {
+        /// `handshake`: the connection reads a prefix before it is routed; `proxy`: a prefix
+        /// (PROXY header) is sent to the backend first.
+        fn new(attempts: u32, handshake: bool, proxy: bool, defer: bool) -> Model {
             let mut model = Model {
-                conn: Conn::new(1, CLIENT, 0, attempts, 0),
+                conn: Conn::new(1, CLIENT, 0, 0),
                 pending: Vec::new(),
                 open_fds: BTreeSet::from([CLIENT]),
                 closed_fds: BTreeSet::new(),
                 held_buffers: BTreeSet::new(),
                 next_buffer: 0,
                 next_backend: 0,
+                attempts: 0,
                 freed: false,
                 steps: 0,
+                defer_next: defer,
+                queued: false,
             };
             let mut ops = Vec::new();
-            model.conn.start(&mut ops);
+            if handshake {
+                model.conn.prefix = Some(Prefix::new(64));
+                model.conn.read_prefix(&mut ops);
+            } else {
+                if proxy {
+                    let mut prefix = Prefix::new(0);
+                    prefix.prepare(0, b"PROXY UNKNOWN\r\n");
+                    model.conn.prefix = Some(prefix);
+                }
+                model.conn.route(0, attempts, &mut ops);
+            }
+            model.attempts = attempts;
             model.apply(ops, false);
             model
+        }
+
+        /// What the worker does when the prefix grew: route once 20 bytes are in (or it is
+        /// full), else read more.
+        fn routed_or_read_more(&mut self) {
+            let mut ops = Vec::new();
+            let prefix = self.conn.prefix.as_mut().unwrap();
+            if prefix.received().len() >= 20 || !prefix.has_room() {
+                prefix.prepare(3, b"HDR");
+                self.conn.route(0, self.attempts, &mut ops);
+            } else {
+                self.conn.read_prefix(&mut ops);
+            }
+            self.apply(ops, false);
         }
 
         /// Carries out the connection's operations as the worker would.
@@ -893,6 +1207,22 @@ mod model {
             while let Some(op) = queue.pop_front() {
                 assert!(!self.freed, "operation after Free: {op:?}");
                 match op {
+                    Op::ReadPrefix { fd } => {
+                        assert_eq!(fd, CLIENT);
+                        assert!(self.conn.prefix.as_ref().is_some_and(|p| p.has_room()), "read without room");
+                        self.pending.push(Pending::ReadPrefix);
+                    }
+                    Op::SendPrefix { fd } => {
+                        assert!(self.open_fds.contains(&fd), "prefix sent on a closed fd");
+                        let pending = self.conn.prefix.as_ref().expect("a prefix to send").pending().len();
+                        assert!(pending > 0, "empty prefix send");
+                        self.pending.push(Pending::SendPrefix(pending as u32));
+                    }
+                    Op::Connect if self.defer_next => {
+                        self.defer_next = false;
+                        self.conn.defer_connect();
+                        self.queued = true;
+                    }
                     Op::Connect => {
                         if socket_fails || self.next_backend == BACKENDS.len() {
                             let mut more = Vec::new();
@@ -909,6 +1239,9 @@ mod model {
                     }
                     Op::Recv { dir, fd } => {
                         assert!(self.open_fds.contains(&fd), "recv on a closed fd");
+                        if dir == Dir::Up {
+                            assert!(self.conn.prefix.is_none(), "client read before the prefix was sent");
+                        }
                         self.pending.push(Pending::Recv(dir, fd));
                     }
                     Op::Send { dir, fd, buf, offset, len } => {
@@ -961,6 +1294,27 @@ mod model {
             let pending = self.pending.swap_remove(index);
             let closing = self.conn.is_closing();
             let event = match pending {
+                Pending::ReadPrefix => Event::PrefixRead {
+                    result: match choice.outcome % 6 {
+                        _ if closing => -libc::ECANCELED,
+                        0 => 0,
+                        1 => -libc::ECONNRESET,
+                        _ => {
+                            let room = self.conn.prefix.as_mut().unwrap().free_space().1;
+                            i32::from(choice.size).min(room as i32).max(1)
+                        }
+                    },
+                },
+                Pending::SendPrefix(len) => Event::Sent {
+                    dir: Dir::Up,
+                    result: match choice.outcome % 5 {
+                        _ if closing => -libc::ECANCELED,
+                        0 => -libc::EPIPE,
+                        1 => -libc::EAGAIN,
+                        2 => (len / 2).max(1) as i32,
+                        _ => len as i32,
+                    },
+                },
                 Pending::Connect(_) => Event::Connected(match choice.outcome % 4 {
                     _ if closing => -libc::ECANCELED,
                     0 => -libc::ECONNREFUSED,
@@ -999,8 +1353,21 @@ mod model {
                 Pending::Close => Event::Closed,
             };
             let mut ops = Vec::new();
-            self.conn.on_event(event, self.steps as u64, &mut ops);
+            let notice = self.conn.on_event(event, self.steps as u64, &mut ops);
             self.apply(ops, choice.outcome == 255);
+            if notice == Some(Notice::PrefixGrew) {
+                self.routed_or_read_more();
+            }
+        }
+
+        /// The queue moves (as when a backend slot frees).
+        fn resume(&mut self) {
+            if self.queued && self.conn.is_queued() {
+                self.queued = false;
+                let mut ops = Vec::new();
+                self.conn.resume(&mut ops);
+                self.apply(ops, false);
+            }
         }
     }
 
@@ -1012,10 +1379,13 @@ mod model {
         #[test]
         fn connection_always_ends_cleanly(
             attempts in 1u32..=3,
+            handshake in any::<bool>(),
+            proxy in any::<bool>(),
+            defer in any::<bool>(),
             close_at in proptest::option::of(0usize..60),
             choices in proptest::collection::vec(choice(), 1..400),
         ) {
-            let mut model = Model::new(attempts);
+            let mut model = Model::new(attempts, handshake, proxy, defer);
             for (i, choice) in choices.iter().enumerate() {
                 if model.freed {
                     break;
@@ -1024,6 +1394,9 @@ mod model {
                     let mut ops = Vec::new();
                     model.conn.close(&mut ops);
                     model.apply(ops, false);
+                }
+                if model.queued && (model.pending.is_empty() || choice.outcome % 4 == 0) {
+                    model.resume();
                 }
                 if model.pending.is_empty() {
                     break;

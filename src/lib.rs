@@ -20,6 +20,8 @@
 //! - [`ring`] and [`sys`] hold all the `unsafe`: the io_uring wrapper, the provided-buffer ring,
 //!   and the few syscalls made outside the ring.
 
+pub mod acl;
+pub mod admission;
 pub mod balance;
 pub mod config;
 pub mod conn;
@@ -27,8 +29,10 @@ pub mod control;
 pub mod health;
 pub mod metrics;
 pub mod pool;
+pub mod proxy_protocol;
 pub mod ring;
 pub mod server;
 pub mod stats;
 pub mod sys;
+pub mod tls;
 pub mod worker;

@@ -86,13 +86,14 @@ fn run(path: &std::path::Path) -> ExitCode {
     };
     for (name, address) in &server.listen_addrs {
         let listener = config.listeners.iter().find(|l| &l.name == name).expect("listener from config");
-        let pool = &config.pools[listener.pool];
-        info!(
-            "listener {name} on {address} -> pool {} ({}, {} backends)",
-            pool.name,
-            pool.algorithm.name(),
-            pool.backends.len()
-        );
+        let pools: Vec<String> = listener
+            .pools(&config)
+            .into_iter()
+            .map(|p| &config.pools[p])
+            .map(|p| format!("{} ({}, {} backends)", p.name, p.algorithm.name(), p.backends.len()))
+            .collect();
+        let by_name = if listener.sni.is_empty() { "" } else { " by TLS server name" };
+        info!("listener {name} on {address} -> pool {}{by_name}", pools.join(", "));
     }
     if let Some(address) = server.metrics_addr {
         info!("metrics on http://{address}/metrics");

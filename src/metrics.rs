@@ -75,7 +75,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        let (shared, _events) = Shared::new(Snapshot::from_config(&config), 2).unwrap();
+        let (shared, _events) = Shared::new(Snapshot::from_config(&config), 2, Box::new([None])).unwrap();
         shared.stats[0].accepted.add(3);
         shared.stats[1].accepted.add(4);
         shared.backends[0][1].active.store(5, std::sync::atomic::Ordering::Relaxed);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use socket2::SockAddr;
 
 use crate::balance::maglev::{self, MaglevTable};
-use crate::config::{Algorithm, Config, OnDown, PoolConfig};
+use crate::config::{Algorithm, Config, OnDown, PoolConfig, ProxyVersion};
 
 /// One backend: where it is and how much traffic it should get.
 #[derive(Debug)]
@@ -18,6 +18,8 @@ pub struct Backend {
     /// The address as text, the backend's name in hashing and logs.
     pub name: String,
     pub weight: u32,
+    /// Most connections at once, over all workers (`max_conns`).
+    pub max_conns: Option<u32>,
     /// The address in the form `connect` takes, built once.
     pub sockaddr: SockAddr,
 }
@@ -29,6 +31,10 @@ pub struct Pool {
     pub algorithm: Algorithm,
     pub connect_timeout: Duration,
     pub on_down: OnDown,
+    pub send_proxy: Option<ProxyVersion>,
+    pub queue_timeout: Duration,
+    /// Whether any backend has `max_conns` (and connections may queue).
+    pub limited: bool,
     pub backends: Vec<Backend>,
     /// Health: `up[i]` is whether backend i passes its checks.
     pub up: Vec<bool>,
@@ -49,6 +55,7 @@ impl Pool {
                 address: b.address,
                 name: b.address.to_string(),
                 weight: b.weight.get(),
+                max_conns: b.max_conns.map(|m| m.get()),
                 sockaddr: SockAddr::from(b.address),
             })
             .collect();
@@ -76,6 +83,9 @@ impl Pool {
             algorithm: config.algorithm,
             connect_timeout: config.connect_timeout,
             on_down: config.on_down,
+            send_proxy: config.send_proxy,
+            queue_timeout: config.queue_timeout,
+            limited: config.backends.iter().any(|b| b.max_conns.is_some()),
             backends,
             up: up.to_vec(),
             usable,

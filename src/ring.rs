@@ -19,6 +19,7 @@ pub enum Kind {
     // Per-connection operations: the slot and generation identify the connection.
     Connect = 1,
     ConnectTimeout,
+    RecvPrefix,
     RecvUp,
     RecvDown,
     SendUp,
@@ -38,9 +39,10 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 17] = [
+    const ALL: [Kind; 18] = [
         Kind::Connect,
         Kind::ConnectTimeout,
+        Kind::RecvPrefix,
         Kind::RecvUp,
         Kind::RecvDown,
         Kind::SendUp,

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use log::{error, info};
 
+use crate::admission::Admission;
 use crate::config::Config;
-use crate::control::{ControlEvent, RunState, Shared};
+use crate::control::{ControlEvent, RunState, Shared, SourceLimit};
 use crate::pool::Snapshot;
 use crate::stats;
 use crate::sys;
@@ -90,8 +91,14 @@ impl Server {
                 worker_listeners.push(WorkerListener {
                     name: listener.name.clone(),
                     socket,
-                    pool: listener.pool,
+                    admission: Admission {
+                        accept_proxy: listener.accept_proxy,
+                        sni: listener.sni.clone(),
+                        default_pool: listener.pool,
+                    },
+                    access: listener.access.clone(),
                     idle_timeout: listener.idle_timeout,
+                    handshake_timeout: listener.handshake_timeout,
                 });
             }
             listen_addrs.push((listener.name.clone(), address));
@@ -108,7 +115,9 @@ impl Server {
         let metrics_addr = metrics.as_ref().and_then(|m| m.local_addr().ok());
 
         let snapshot = Snapshot::from_config(config);
-        let (shared, events) = Shared::new(snapshot, workers).map_err(StartError::Doorbell)?;
+        let sources =
+            config.listeners.iter().map(|l| l.max_conns_per_source.map(|n| SourceLimit::new(n.get()))).collect();
+        let (shared, events) = Shared::new(snapshot, workers, sources).map_err(StartError::Doorbell)?;
         let shared = Arc::new(shared);
 
         // Every connection holds two descriptors; the rings (one each) are not open yet.

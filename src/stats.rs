@@ -58,6 +58,11 @@ worker_stats! {
     connect_failed: "ringlb_backend_connect_failures_total", "Backend connect attempts that failed or timed out.";
     accept_errors: "ringlb_accept_errors_total", "Accept failures (including file-descriptor exhaustion).";
     over_limit: "ringlb_connections_over_limit_total", "Connections closed at accept because max_connections were open.";
+    refused_access: "ringlb_connections_refused_access_total", "Connections refused by a listener's allow/deny rules.";
+    refused_source_limit: "ringlb_connections_refused_source_limit_total", "Connections refused by max_conns_per_source.";
+    handshake_failed: "ringlb_connections_handshake_failed_total", "Connections closed for a missing, malformed or late PROXY header or ClientHello, or no route for it.";
+    queued: "ringlb_connections_queued_total", "Connections that waited for a backend below its max_conns.";
+    queue_timeout: "ringlb_connections_queue_timeout_total", "Connections closed after waiting queue_timeout for a backend.";
     bytes_up: "ringlb_bytes_client_to_backend_total", "Bytes relayed from clients to backends.";
     bytes_down: "ringlb_bytes_backend_to_client_total", "Bytes relayed from backends to clients.";
     buffer_waits: "ringlb_buffer_waits_total", "Receives that found the buffer ring empty and waited.";

@@ -183,6 +183,14 @@ pub fn peer_addr(fd: RawFd) -> io::Result<SocketAddr> {
     addr.as_socket().ok_or_else(|| io::Error::from_raw_os_error(libc::EAFNOSUPPORT))
 }
 
+/// The local address of a socket: for an accepted one, the address the client connected to.
+pub fn local_addr(fd: RawFd) -> io::Result<SocketAddr> {
+    // SAFETY: SockAddr::try_init hands getsockname a storage buffer and its length.
+    let (_, addr) =
+        unsafe { SockAddr::try_init(|storage, len| check(libc::getsockname(fd, storage.cast(), len)).map(drop)) }?;
+    addr.as_socket().ok_or_else(|| io::Error::from_raw_os_error(libc::EAFNOSUPPORT))
+}
+
 /// Closes an fd synchronously; for fds that never reached the ring.
 pub fn close(fd: RawFd) {
     // SAFETY: callers pass an fd they own and never use again.

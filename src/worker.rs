@@ -18,11 +18,14 @@ use log::{debug, error, info, warn};
 use slab::Slab;
 use socket2::Socket;
 
+use crate::acl::AccessRules;
+use crate::admission::{Admission, Step};
 use crate::balance::Picker;
 use crate::config::OnDown;
-use crate::conn::{Conn, ConnectOutcome, Dir, End, Event, Op};
+use crate::conn::{Conn, Dir, End, Event, Notice, Op, Prefix};
 use crate::control::{ControlEvent, RunState, Shared};
 use crate::pool::Snapshot;
+use crate::proxy_protocol;
 use crate::ring::{BufRing, Completion, GENERATION_MASK, Kind, Ring, Token};
 use crate::stats::{Counter, WorkerStats};
 use crate::sys;
@@ -52,9 +55,11 @@ impl Default for RingSizes {
 pub struct WorkerListener {
     pub name: String,
     pub socket: Socket,
-    /// Index into the snapshot's pools.
-    pub pool: usize,
+    /// What a connection must send before it can be routed, and where it goes.
+    pub admission: Admission,
+    pub access: AccessRules,
     pub idle_timeout: Option<Duration>,
+    pub handshake_timeout: Duration,
 }
 
 /// Everything a worker is started with.
@@ -74,8 +79,10 @@ struct ListenerState {
     name: String,
     /// `None` once closed.
     socket: Option<Socket>,
-    pool: usize,
+    admission: Admission,
+    access: AccessRules,
     idle_timeout_ms: Option<u64>,
+    handshake_timeout_ms: u64,
     accept_armed: bool,
 }
 
@@ -141,6 +148,9 @@ pub struct Worker {
     pickers: Vec<Picker>,
     timers: Box<Timers>,
     conns: Slab<Conn>,
+    /// Per pool: connections (slot, generation) waiting for a backend below `max_conns`,
+    /// oldest first.
+    queues: Vec<VecDeque<(usize, u32)>>,
     next_generation: u32,
     /// Scratch space reused for every connection step and every batch of completions.
     ops: Vec<Op>,
@@ -164,6 +174,7 @@ pub struct Worker {
     now: u64,
     accept_log: RateLimit,
     connect_log: RateLimit,
+    refuse_log: RateLimit,
 }
 
 impl Worker {
@@ -178,12 +189,20 @@ impl Worker {
         let ring = Ring::new(plan.sizes.entries, plan.sizes.cq_entries)?;
         let bufs = BufRing::new(&ring, 0, plan.sizes.buffers, plan.sizes.buffer_size)?;
         let snapshot = shared.snapshot();
+        let queues = (0..snapshot.pools.len()).map(|_| VecDeque::new()).collect();
         let pickers =
             snapshot.pools.iter().enumerate().map(|(p, pool)| Picker::new(pool, picker_seed(plan.index, p))).collect();
-        let min_idle = plan.listeners.iter().filter_map(|l| l.idle_timeout).min();
+        // The tick finds idle connections, slow handshakes and connections queued too long.
+        let shortest = plan
+            .listeners
+            .iter()
+            .flat_map(|l| [l.idle_timeout, l.admission.reads_first().then_some(l.handshake_timeout)])
+            .chain(snapshot.pools.iter().map(|p| p.limited.then_some(p.queue_timeout)))
+            .flatten()
+            .min();
         let timers = Box::new(Timers {
             connect: snapshot.pools.iter().map(|p| timespec(p.connect_timeout)).collect(),
-            tick: timespec(tick_interval(min_idle)),
+            tick: timespec(tick_interval(shortest)),
             backoff: timespec(ACCEPT_BACKOFF),
             drain: timespec(plan.drain_timeout),
         });
@@ -193,8 +212,10 @@ impl Worker {
             .map(|l| ListenerState {
                 name: l.name,
                 socket: Some(l.socket),
-                pool: l.pool,
+                admission: l.admission,
+                access: l.access,
                 idle_timeout_ms: l.idle_timeout.map(|d| d.as_millis() as u64),
+                handshake_timeout_ms: l.handshake_timeout.as_millis() as u64,
                 accept_armed: false,
             })
             .collect();
@@ -210,6 +231,7 @@ impl Worker {
             retired: Vec::new(),
             pickers,
             timers,
+            queues,
             conns: Slab::with_capacity(1024),
             next_generation: 0,
             ops: Vec::with_capacity(16),
@@ -228,6 +250,7 @@ impl Worker {
             now: sys::now_millis(),
             accept_log: RateLimit::new(),
             connect_log: RateLimit::new(),
+            refuse_log: RateLimit::new(),
         })
     }
 
@@ -239,7 +262,8 @@ impl Worker {
     pub fn run(mut self) -> io::Result<()> {
         self.arm_doorbell();
         self.resume_accepts();
-        if self.listeners.iter().any(|l| l.idle_timeout_ms.is_some()) {
+        let queues = self.snapshot.pools.iter().any(|p| p.limited);
+        if queues || self.listeners.iter().any(|l| l.idle_timeout_ms.is_some() || l.admission.reads_first()) {
             self.push_misc(
                 opcode::Timeout::new(&self.timers.tick).count(0).flags(types::TimeoutFlags::MULTISHOT).build(),
                 Kind::Tick,
@@ -326,6 +350,7 @@ impl Worker {
                 }
                 if c.result == -libc::ETIME {
                     self.close_idle();
+                    self.expire_waiting();
                 }
             }
             Kind::AcceptBackoff => {
@@ -349,6 +374,9 @@ impl Worker {
         let current = self.shared.snapshot();
         if current.generation != self.snapshot.generation {
             self.install(current);
+        }
+        for pool in 0..self.queues.len() {
+            self.serve_queue(pool);
         }
         match self.shared.run_state() {
             RunState::Running => {}
@@ -382,14 +410,13 @@ impl Worker {
 
     /// Cuts the connections of pool `pool` to backends marked in `went_down`.
     fn cut_connections(&mut self, pool: usize, went_down: &[bool]) {
-        let listeners = &self.listeners;
         self.scratch_slots.clear();
         self.scratch_slots.extend(
             self.conns
                 .iter()
                 .filter(|(_, c)| {
-                    listeners[c.listener as usize].pool == pool
-                        && c.tried() > 0
+                    c.pool as usize == pool
+                        && c.holds_slot
                         && !c.is_closing()
                         && went_down.get(c.backend_index as usize).copied().unwrap_or(false)
                 })
@@ -573,15 +600,9 @@ impl Worker {
             }
             return;
         }
-        let pool_index = self.listeners[l].pool;
-        let pool = &self.snapshot.pools[pool_index];
         let generation = self.next_generation;
         self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
-        let mut conn = Conn::new(generation, fd, l as u32, pool.usable().len() as u32, self.now);
-        if self.pickers[pool_index].needs_client() {
-            conn.client_addr = sys::peer_addr(fd).ok();
-        }
-        let slot = self.conns.insert(conn);
+        let slot = self.conns.insert(Conn::new(generation, fd, l as u32, self.now));
         let stats = self.stats();
         stats.accepted.add(1);
         stats.active.add(1);
@@ -589,7 +610,162 @@ impl Worker {
             self.at_capacity = true;
             self.cancel_accepts();
         }
-        self.step(slot, |conn, ops| conn.start(ops));
+        // Without a PROXY header the connection's own peer is the client: check it at once.
+        // With one, the check waits for the address the header carries (see examine).
+        if !self.listeners[l].admission.accept_proxy && !self.admit(slot) {
+            return;
+        }
+        let admission = &self.listeners[l].admission;
+        if admission.reads_first() {
+            let capacity = admission.read_capacity();
+            self.step(slot, |conn, ops| {
+                conn.prefix = Some(Prefix::new(capacity));
+                conn.read_prefix(ops);
+            });
+        } else {
+            let pool = admission.default_pool.unwrap_or(0);
+            self.route(slot, pool, 0);
+        }
+    }
+
+    /// Applies the listener's access rules and per-source limit to the client's address (the
+    /// connection's own peer, or the one its PROXY header carried); rejects the connection and
+    /// returns false if it may not go on.
+    fn admit(&mut self, slot: usize) -> bool {
+        let conn = &mut self.conns[slot];
+        let l = conn.listener as usize;
+        let limited = self.shared.sources[l].is_some();
+        if self.listeners[l].access.is_empty() && !limited {
+            return true;
+        }
+        if conn.client_addr.is_none() {
+            conn.client_addr = sys::peer_addr(conn.client).ok();
+        }
+        let Some(client) = conn.client_addr else { return true };
+        let refusal = if !self.listeners[l].access.permits(client.ip()) {
+            self.stats().refused_access.add(1);
+            Some("not allowed by the listener's allow/deny rules")
+        } else if let Some(limit) = &self.shared.sources[l] {
+            if limit.try_acquire(client.ip()) {
+                conn.source_counted = true;
+                None
+            } else {
+                self.stats().refused_source_limit.add(1);
+                Some("over max_conns_per_source")
+            }
+        } else {
+            None
+        };
+        let Some(why) = refusal else { return true };
+        if let Some(suppressed) = self.refuse_log.allow(self.now) {
+            warn!(
+                "worker {}: listener {}: refused {}: {why} ({suppressed} more refusals since the last message)",
+                self.index,
+                self.listeners[l].name,
+                client.ip()
+            );
+        }
+        self.step(slot, |conn, ops| conn.reject(End::Refused, ops));
+        false
+    }
+
+    /// The connection's prefix grew: route it if its PROXY header and ClientHello say enough.
+    fn examine(&mut self, slot: usize) {
+        let conn = &self.conns[slot];
+        let l = conn.listener as usize;
+        let Some(prefix) = conn.prefix.as_ref() else { return };
+        match self.listeners[l].admission.examine(prefix.received(), !prefix.has_room()) {
+            Step::NeedMore => self.step(slot, |conn, ops| conn.read_prefix(ops)),
+            Step::Reject(reason) => self.reject_handshake(slot, &reason.to_string()),
+            Step::Route { pool, skip, carried } => {
+                if let Some((client, local)) = carried {
+                    let conn = &mut self.conns[slot];
+                    conn.client_addr = Some(client);
+                    conn.local_addr = Some(local);
+                }
+                if self.listeners[l].admission.accept_proxy && !self.admit(slot) {
+                    return;
+                }
+                self.route(slot, pool, skip);
+            }
+        }
+    }
+
+    fn reject_handshake(&mut self, slot: usize, why: &str) {
+        self.stats().handshake_failed.add(1);
+        if let Some(suppressed) = self.refuse_log.allow(self.now) {
+            let conn = &self.conns[slot];
+            let peer = conn.client_addr.or_else(|| sys::peer_addr(conn.client).ok());
+            warn!(
+                "worker {}: listener {}: closed a connection from {}: {why} ({suppressed} more refusals since the last message)",
+                self.index,
+                self.listeners[conn.listener as usize].name,
+                peer.map_or_else(|| "?".to_string(), |p| p.to_string()),
+            );
+        }
+        self.step(slot, |conn, ops| conn.reject(End::HandshakeFailed, ops));
+    }
+
+    /// Sends the connection on to `pool`: sets what goes to the backend first (an outgoing
+    /// PROXY header; the client bytes read, less the `skip` bytes of incoming header) and
+    /// starts connecting.
+    fn route(&mut self, slot: usize, pool_index: usize, skip: usize) {
+        let pool = &self.snapshot.pools[pool_index];
+        let attempts = pool.usable().len() as u32;
+        let send_proxy = pool.send_proxy;
+        let needs_client = self.pickers[pool_index].needs_client() || send_proxy.is_some();
+        let conn = &mut self.conns[slot];
+        if needs_client && conn.client_addr.is_none() {
+            conn.client_addr = sys::peer_addr(conn.client).ok();
+        }
+        if let Some(version) = send_proxy {
+            if conn.local_addr.is_none() {
+                conn.local_addr = sys::local_addr(conn.client).ok();
+            }
+            if let (Some(client), Some(local)) = (conn.client_addr, conn.local_addr) {
+                let header = proxy_protocol::encode(version, client, local);
+                conn.prefix.get_or_insert_with(|| Prefix::new(0)).prepare(skip, header.as_bytes());
+            }
+        } else if let Some(prefix) = conn.prefix.as_mut() {
+            prefix.prepare(skip, &[]);
+        }
+        self.step(slot, |conn, ops| conn.route(pool_index as u32, attempts, ops));
+    }
+
+    /// Closes connections whose handshake or wait in a queue took too long (on the tick).
+    fn expire_waiting(&mut self) {
+        let now = self.now;
+        self.scratch_slots.clear();
+        for (slot, conn) in self.conns.iter() {
+            let late_handshake = conn.in_handshake()
+                && now.saturating_sub(conn.last_active) >= self.listeners[conn.listener as usize].handshake_timeout_ms;
+            let late_queue = conn.queued_since.is_some_and(|since| {
+                now.saturating_sub(since) >= self.snapshot.pools[conn.pool as usize].queue_timeout.as_millis() as u64
+            });
+            if late_handshake || late_queue {
+                self.scratch_slots.push(slot);
+            }
+        }
+        let slots = std::mem::take(&mut self.scratch_slots);
+        for &slot in &slots {
+            if self.conns[slot].in_handshake() {
+                let timeout = self.listeners[self.conns[slot].listener as usize].handshake_timeout_ms;
+                self.reject_handshake(slot, &format!("no complete handshake within {timeout} ms"));
+            } else {
+                self.stats().queue_timeout.add(1);
+                if let Some(suppressed) = self.refuse_log.allow(self.now) {
+                    let pool = &self.snapshot.pools[self.conns[slot].pool as usize];
+                    warn!(
+                        "worker {}: pool {}: closed a connection that waited {} ms for a backend below max_conns ({suppressed} more refusals since the last message)",
+                        self.index,
+                        pool.name,
+                        pool.queue_timeout.as_millis()
+                    );
+                }
+                self.step(slot, |conn, ops| conn.reject(End::QueueTimeout, ops));
+            }
+        }
+        self.scratch_slots = slots;
     }
 
     fn on_conn_completion(&mut self, token: Token, c: Completion) {
@@ -609,6 +785,7 @@ impl Worker {
         let event = match token.kind {
             Kind::Connect => Event::Connected(c.result),
             Kind::ConnectTimeout => Event::ConnectTimerDone,
+            Kind::RecvPrefix => Event::PrefixRead { result: c.result },
             Kind::RecvUp | Kind::RecvDown => {
                 let dir = if token.kind == Kind::RecvUp { Dir::Up } else { Dir::Down };
                 if c.result > 0 {
@@ -632,12 +809,20 @@ impl Worker {
         // Which backend a connect result is about, before the step moves on to the next one.
         let attempt = (token.kind == Kind::Connect).then(|| {
             let conn = &self.conns[slot];
-            (self.listeners[conn.listener as usize].pool, conn.backend_index as usize)
+            (conn.pool as usize, conn.backend_index as usize)
         });
-        let mut outcome = None;
-        self.step(slot, |conn, ops| outcome = conn.on_event(event, now, ops));
-        if let Some(ConnectOutcome::Failed(errno)) = outcome {
-            self.connect_failed(attempt, errno);
+        if let Some((pool, backend)) = attempt
+            && c.result < 0
+        {
+            // A failed connect gives its backend slot back before the next attempt.
+            self.release_slot(slot, pool, backend);
+        }
+        let mut notice = None;
+        self.step(slot, |conn, ops| notice = conn.on_event(event, now, ops));
+        match notice {
+            Some(Notice::ConnectFailed(errno)) => self.connect_failed(attempt, errno),
+            Some(Notice::PrefixGrew) => self.examine(slot),
+            Some(Notice::Connected) | None => {}
         }
     }
 
@@ -686,6 +871,18 @@ impl Worker {
         let token = |kind: Kind| Token::new(kind, slot, generation).encode();
         let entry = match op {
             Op::Connect => return self.connect(slot, ops),
+            Op::ReadPrefix { fd } => {
+                let prefix = self.conns[slot].prefix.as_mut().expect("read_prefix sets a prefix");
+                let (ptr, len) = prefix.free_space();
+                opcode::Recv::new(types::Fd(fd), ptr, len).build().user_data(token(Kind::RecvPrefix))
+            }
+            Op::SendPrefix { fd } => {
+                let pending = self.conns[slot].prefix.as_ref().expect("a prefix to send").pending();
+                opcode::Send::new(types::Fd(fd), pending.as_ptr(), pending.len() as u32)
+                    .flags(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+                    .build()
+                    .user_data(token(Kind::SendUp))
+            }
             Op::Recv { dir, fd } => opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), 0)
                 .buf_group(self.bufs.group())
                 .build()
@@ -728,28 +925,48 @@ impl Worker {
             Op::Free => return self.free(slot),
         };
         // SAFETY: the entry points into a ring buffer held by this connection's direction
-        // until the send completes, or at nothing at all.
+        // until the send completes, into the connection's boxed prefix, which it frees only
+        // after the operation's completion, or at nothing at all.
         unsafe { self.ring.push(entry) };
     }
 
     fn connect(&mut self, slot: usize, ops: &mut Vec<Op>) {
         let conn = &mut self.conns[slot];
-        let pool_index = self.listeners[conn.listener as usize].pool;
+        let pool_index = conn.pool as usize;
         let pool = &self.snapshot.pools[pool_index];
         let counters = &self.shared.backends[pool_index];
-        let backend_index = if conn.tried() == 0 {
-            self.pickers[pool_index].pick(pool, counters, conn.client_addr)
+        let picker = &mut self.pickers[pool_index];
+        let first = if conn.tried() == 0 {
+            picker.pick(pool, counters, conn.client_addr)
         } else {
-            self.pickers[pool_index].next_after(pool, conn.backend_index as usize)
+            picker.next_after(pool, conn.backend_index as usize)
         };
+        // Take a slot on the chosen backend or, when it is at max_conns, on the next usable one
+        // with room. New connections queue behind ones already waiting.
+        let waiting = pool.limited && conn.tried() == 0 && self.shared.queued[pool_index].load(Ordering::Acquire) > 0;
+        let mut chosen = None;
+        if !waiting {
+            let mut candidate = first;
+            for _ in 0..pool.usable().len() {
+                if counters[candidate].acquire(pool.backends[candidate].max_conns) {
+                    chosen = Some(candidate);
+                    break;
+                }
+                candidate = picker.next_after(pool, candidate);
+            }
+        }
+        let Some(backend_index) = chosen else {
+            conn.defer_connect();
+            conn.queued_since = Some(self.now);
+            self.shared.queued[pool_index].fetch_add(1, Ordering::AcqRel);
+            self.queues[pool_index].push_back((slot, conn.generation));
+            self.stats().queued.add(1);
+            return;
+        };
+        conn.holds_slot = true;
         let backend = &pool.backends[backend_index];
         match sys::backend_socket(&backend.sockaddr) {
             Ok(fd) => {
-                // The active count follows the backend the connection is on.
-                if conn.tried() > 0 {
-                    counters[conn.backend_index as usize].active.fetch_sub(1, Ordering::Relaxed);
-                }
-                counters[backend_index].active.fetch_add(1, Ordering::Relaxed);
                 counters[backend_index].connections.fetch_add(1, Ordering::Relaxed);
                 conn.backend_opened(fd, backend_index as u32);
                 let token = |kind| Token::new(kind, slot, conn.generation).encode();
@@ -772,11 +989,49 @@ impl Worker {
                         self.index, pool.name
                     );
                 }
-                conn.socket_failed(ops);
+                conn.backend_index = backend_index as u32;
+                self.release_slot(slot, pool_index, backend_index);
+                self.conns[slot].socket_failed(ops);
                 if e.raw_os_error().is_some_and(is_resource_shortage) {
                     self.pause_accepts();
                 }
             }
+        }
+    }
+
+    /// Gives back the backend slot a connection holds, and lets a queued connection have it.
+    fn release_slot(&mut self, slot: usize, pool: usize, backend: usize) {
+        let conn = &mut self.conns[slot];
+        if !std::mem::take(&mut conn.holds_slot) {
+            return;
+        }
+        self.shared.backends[pool][backend].release();
+        if self.snapshot.pools[pool].limited && self.shared.queued[pool].load(Ordering::Acquire) > 0 {
+            self.serve_queue(pool);
+            // Connections may wait in other workers too.
+            self.shared.ring_others(self.index);
+        }
+    }
+
+    /// Resumes queued connections of `pool`, oldest first, while a backend has room.
+    fn serve_queue(&mut self, pool_index: usize) {
+        while let Some(&(slot, generation)) = self.queues[pool_index].front() {
+            let Some(conn) = self.conns.get_mut(slot).filter(|c| c.generation == generation && c.is_queued()) else {
+                self.queues[pool_index].pop_front();
+                continue;
+            };
+            let pool = &self.snapshot.pools[pool_index];
+            let counters = &self.shared.backends[pool_index];
+            let room = pool.usable().iter().any(|&b| {
+                pool.backends[b as usize].max_conns.is_none_or(|max| counters[b as usize].active() < u64::from(max))
+            });
+            if !room {
+                return;
+            }
+            self.queues[pool_index].pop_front();
+            conn.queued_since = None;
+            self.shared.queued[pool_index].fetch_sub(1, Ordering::AcqRel);
+            self.step(slot, |conn, ops| conn.resume(ops));
         }
     }
 
@@ -799,10 +1054,16 @@ impl Worker {
     }
 
     fn free(&mut self, slot: usize) {
+        let (pool, backend) = (self.conns[slot].pool as usize, self.conns[slot].backend_index as usize);
+        self.release_slot(slot, pool, backend);
         let conn = self.conns.remove(slot);
-        if conn.tried() > 0 {
-            let pool = self.listeners[conn.listener as usize].pool;
-            self.shared.backends[pool][conn.backend_index as usize].active.fetch_sub(1, Ordering::Relaxed);
+        if conn.queued_since.is_some() {
+            self.shared.queued[pool].fetch_sub(1, Ordering::AcqRel);
+        }
+        if conn.source_counted
+            && let (Some(limit), Some(client)) = (&self.shared.sources[conn.listener as usize], conn.client_addr)
+        {
+            limit.release(client.ip());
         }
         if self.at_capacity && self.conns.len() < self.max_connections {
             self.at_capacity = false;
@@ -815,7 +1076,7 @@ impl Worker {
             Some(End::Reset(_)) => stats.reset.add(1),
             Some(End::NoBackend) => stats.no_backend.add(1),
             Some(End::LocalError) => stats.local_error.add(1),
-            Some(End::Closed | End::BackendDown) | None => {}
+            Some(End::Closed | End::BackendDown | End::Refused | End::HandshakeFailed | End::QueueTimeout) | None => {}
         }
         debug!(
             "worker {}: connection closed ({:?}), {} bytes up, {} down",
@@ -836,10 +1097,10 @@ fn is_resource_shortage(errno: i32) -> bool {
     matches!(errno, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
 }
 
-/// How often idle connections are looked for: a tenth of the shortest idle timeout, between
-/// 10 ms and 1 s, so a timeout fires at most 10% late.
-fn tick_interval(min_idle: Option<Duration>) -> Duration {
-    min_idle.map_or(Duration::from_secs(1), |d| (d / 10).clamp(Duration::from_millis(10), Duration::from_secs(1)))
+/// How often the tick looks for connections past a timeout: a tenth of the shortest one,
+/// between 10 ms and 1 s, so a timeout fires at most 10% late.
+fn tick_interval(shortest: Option<Duration>) -> Duration {
+    shortest.map_or(Duration::from_secs(1), |d| (d / 10).clamp(Duration::from_millis(10), Duration::from_secs(1)))
 }
 
 #[cfg(test)]

@@ -35,6 +35,25 @@ impl BackendCounters {
     pub fn active(&self) -> u64 {
         self.active.load(Ordering::Relaxed)
     }
+
+    /// Takes a connection slot: always without a limit, only below it with one (exact across
+    /// workers: the check and the increment are one atomic step).
+    pub fn acquire(&self, max_conns: Option<u32>) -> bool {
+        match max_conns {
+            None => {
+                self.active.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Some(max) => self
+                .active
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |a| (a < u64::from(max)).then_some(a + 1))
+                .is_ok(),
+        }
+    }
+
+    pub fn release(&self) {
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Weighted smooth round robin, as nginx does it: every pick adds each backend's weight to its
@@ -202,10 +221,13 @@ mod tests {
                 .map(|(i, &w)| BackendConfig {
                     address: format!("10.0.0.{}:80", i + 1).parse().unwrap(),
                     weight: std::num::NonZeroU32::new(w).unwrap(),
+                    max_conns: None,
                 })
                 .collect(),
             on_down: OnDown::Keep,
             health: None,
+            send_proxy: None,
+            queue_timeout: Duration::from_secs(1),
         };
         Pool::build(&config, up)
     }
@@ -347,6 +369,18 @@ mod tests {
         assert_eq!(picker.next_after(&p, 0), 2);
         assert_eq!(picker.next_after(&p, 2), 3);
         assert_eq!(picker.next_after(&p, 3), 0);
+    }
+
+    #[test]
+    fn acquire_respects_max_conns() {
+        let c = BackendCounters::default();
+        assert!(c.acquire(Some(2)) && c.acquire(Some(2)));
+        assert!(!c.acquire(Some(2)));
+        assert_eq!(c.active(), 2);
+        c.release();
+        assert!(c.acquire(Some(2)));
+        assert!(c.acquire(None), "no limit");
+        assert_eq!(c.active(), 3);
     }
 
     #[test]

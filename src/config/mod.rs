@@ -15,6 +15,9 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::Path;
 use std::time::Duration;
 
+pub use crate::acl::{AccessRules, Cidr};
+pub use crate::proxy_protocol::Version as ProxyVersion;
+pub use crate::tls::SniRoutes;
 pub use duration::{format_duration, parse_duration};
 pub use escape::{escape_bytes, parse_escapes};
 
@@ -22,6 +25,9 @@ pub use escape::{escape_bytes, parse_escapes};
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Upper bound on `max_conns` and `max_conns_per_source`.
+pub const MAX_CONNS_LIMIT: u64 = 10_000_000;
 /// Upper bound on `weight`, as HAProxy's.
 pub const MAX_WEIGHT: u32 = 256;
 /// Upper bound on `max_connections`.
@@ -50,10 +56,32 @@ pub struct ListenerConfig {
     pub name: String,
     /// Port 0 asks the kernel for a free port, shared by every worker's listener.
     pub bind: SocketAddr,
-    /// Index into [`Config::pools`].
-    pub pool: usize,
+    /// The pool connections go to (index into [`Config::pools`]); with SNI routes, the pool
+    /// for names no route matches, for no server name and for non-TLS clients. `None` (only
+    /// with routes): close those instead.
+    pub pool: Option<usize>,
     /// A connection with no byte in either direction for this long is closed; `None` = never.
     pub idle_timeout: Option<Duration>,
+    /// Clients must start with a PROXY protocol header (v1 or v2); its address is the client's.
+    pub accept_proxy: bool,
+    /// How long a client may take to send its PROXY header and TLS ClientHello.
+    pub handshake_timeout: Duration,
+    pub access: AccessRules,
+    /// Most connections open at once from one client address, over all workers.
+    pub max_conns_per_source: Option<NonZeroU32>,
+    /// TLS server name routes to pools; empty = no SNI routing.
+    pub sni: SniRoutes,
+}
+
+impl ListenerConfig {
+    /// Every pool this listener may send connections to.
+    pub fn pools(&self, config: &Config) -> Vec<usize> {
+        let mut pools: Vec<usize> = (0..config.pools.len()).filter(|p| self.sni.routes_to(*p)).collect();
+        pools.extend(self.pool);
+        pools.sort_unstable();
+        pools.dedup();
+        pools
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -67,12 +95,19 @@ pub struct PoolConfig {
     /// Active health checks (and passive marking from connect failures); `None` = off, every
     /// backend is always up.
     pub health: Option<HealthConfig>,
+    /// Send a PROXY protocol header to backends before the client's bytes.
+    pub send_proxy: Option<ProxyVersion>,
+    /// How long a connection may wait for a backend below its `max_conns`.
+    pub queue_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackendConfig {
     pub address: SocketAddr,
     pub weight: NonZeroU32,
+    /// Most connections open to this backend at once, over all workers; more wait in the
+    /// pool's queue for up to `queue_timeout` (HAProxy's maxconn and queue).
+    pub max_conns: Option<NonZeroU32>,
 }
 
 /// How a pool picks a backend for a new connection.
@@ -233,18 +268,40 @@ impl Config {
             let _ = write!(out, "\n  metrics on http://{metrics}/metrics");
         }
         for listener in &self.listeners {
-            let pool = &self.pools[listener.pool];
-            let _ = write!(
-                out,
-                "\n  listener {} on {} -> pool {} ({}, {} backends, connect_timeout {}, idle_timeout {})",
-                listener.name,
-                listener.bind,
-                pool.name,
-                pool.algorithm.name(),
-                pool.backends.len(),
-                format_duration(pool.connect_timeout),
-                listener.idle_timeout.map_or_else(|| "none".to_string(), format_duration),
-            );
+            let _ = match listener.pool.map(|p| &self.pools[p]) {
+                Some(pool) => write!(
+                    out,
+                    "\n  listener {} on {} -> pool {} ({}, {} backends, connect_timeout {}, idle_timeout {})",
+                    listener.name,
+                    listener.bind,
+                    pool.name,
+                    pool.algorithm.name(),
+                    pool.backends.len(),
+                    format_duration(pool.connect_timeout),
+                    listener.idle_timeout.map_or_else(|| "none".to_string(), format_duration),
+                ),
+                None => write!(out, "\n  listener {} on {} -> pools by server name only", listener.name, listener.bind),
+            };
+            let mut extras = Vec::new();
+            if !listener.sni.is_empty() {
+                extras.push("routes by TLS server name".to_string());
+            }
+            if listener.accept_proxy {
+                extras.push("requires a PROXY header".to_string());
+            }
+            if !listener.access.is_empty() {
+                extras.push(format!(
+                    "{} allow / {} deny rules",
+                    listener.access.allow.len(),
+                    listener.access.deny.len()
+                ));
+            }
+            if let Some(n) = listener.max_conns_per_source {
+                extras.push(format!("at most {n} connections per source"));
+            }
+            if !extras.is_empty() {
+                let _ = write!(out, "\n    {}", extras.join(", "));
+            }
         }
         for pool in &self.pools {
             let on_down = if pool.on_down == OnDown::Close { "close" } else { "keep" };
@@ -252,13 +309,18 @@ impl Config {
                 None => write!(out, "\n  pool {}: health checks off, on_down {on_down}", pool.name),
                 Some(h) => write!(
                     out,
-                    "\n  pool {}: {} check every {}, timeout {}, rise {}, fall {}, on_down {on_down}",
+                    "\n  pool {}: {} check every {}, timeout {}, rise {}, fall {}, on_down {on_down}{}",
                     pool.name,
                     if h.send.is_some() || h.expect.is_some() { "send/expect" } else { "TCP connect" },
                     format_duration(h.interval),
                     format_duration(h.timeout),
                     h.rise,
                     h.fall,
+                    match pool.send_proxy {
+                        Some(ProxyVersion::V1) => ", sends PROXY v1",
+                        Some(ProxyVersion::V2) => ", sends PROXY v2",
+                        None => "",
+                    },
                 ),
             };
         }

@@ -27,8 +27,14 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawListener {
     pub bind: Spanned<String>,
-    pub pool: Spanned<String>,
+    pub pool: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,
+    pub accept_proxy: Option<Spanned<bool>>,
+    pub handshake_timeout: Option<Spanned<String>>,
+    pub allow: Option<Spanned<Vec<Spanned<String>>>>,
+    pub deny: Option<Spanned<Vec<Spanned<String>>>>,
+    pub max_conns_per_source: Option<Spanned<i64>>,
+    pub sni: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -39,6 +45,8 @@ pub struct RawPool {
     pub hash_key: Option<Spanned<String>>,
     pub on_down: Option<Spanned<String>>,
     pub connect_timeout: Option<Spanned<String>>,
+    pub send_proxy: Option<Spanned<String>>,
+    pub queue_timeout: Option<Spanned<String>>,
     pub backends: Spanned<Vec<Spanned<RawBackend>>>,
     pub health: Option<Spanned<RawHealth>>,
 }
@@ -60,4 +68,5 @@ pub struct RawHealth {
 pub struct RawBackend {
     pub address: Spanned<String>,
     pub weight: Option<Spanned<i64>>,
+    pub max_conns: Option<Spanned<i64>>,
 }

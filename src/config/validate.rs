@@ -214,21 +214,76 @@ fn validate_listener(
     let raw = listener.get_ref();
     let key = |field: &str| format!("listeners.{name}.{field}");
     let bind = src.address(&raw.bind, &key("bind"))?;
-    let pool_name = raw.pool.get_ref();
-    let pool = *pool_index.get(pool_name.as_str()).ok_or_else(|| {
-        let known: Vec<&str> = pool_index.keys().copied().collect();
-        src.invalid(
-            raw.pool.span(),
+    let lookup_pool = |value: &Spanned<String>, key: &str| -> Result<usize, ConfigError> {
+        let pool_name = value.get_ref();
+        pool_index.get(pool_name.as_str()).copied().ok_or_else(|| {
+            let known: Vec<&str> = pool_index.keys().copied().collect();
+            src.invalid(
+                value.span(),
+                key,
+                if known.is_empty() {
+                    format!("pool {pool_name:?} is not defined, and no [pools.NAME] table is")
+                } else {
+                    format!("pool {pool_name:?} is not defined; defined pools: {}", known.join(", "))
+                },
+            )
+        })
+    };
+    let pool = raw.pool.as_ref().map(|p| lookup_pool(p, &key("pool"))).transpose()?;
+    let mut sni = SniRoutes::default();
+    if let Some(routes) = &raw.sni {
+        for (pattern, target) in routes.get_ref() {
+            let route_key = key(&format!("sni.{pattern:?}"));
+            let target_pool = lookup_pool(target, &route_key)?;
+            sni.add(pattern, target_pool).map_err(|reason| src.invalid(target.span(), &route_key, reason))?;
+        }
+    }
+    if pool.is_none() && sni.is_empty() {
+        return Err(src.invalid(
+            listener.span(),
             &key("pool"),
-            if known.is_empty() {
-                format!("pool {pool_name:?} is not defined, and no [pools.NAME] table is")
-            } else {
-                format!("pool {pool_name:?} is not defined; defined pools: {}", known.join(", "))
-            },
-        )
-    })?;
+            "a listener needs a pool (or, with [listeners.NAME.sni] routes, may leave it out to close connections no route matches)",
+        ));
+    }
     let idle = src.duration(&raw.idle_timeout, &key("idle_timeout"), default_idle)?;
-    Ok(ListenerConfig { name: name.to_string(), bind, pool, idle_timeout: (!idle.is_zero()).then_some(idle) })
+    let handshake_timeout =
+        src.duration(&raw.handshake_timeout, &key("handshake_timeout"), DEFAULT_HANDSHAKE_TIMEOUT)?;
+    if let Some(h) = &raw.handshake_timeout
+        && handshake_timeout.is_zero()
+    {
+        return Err(src.invalid(h.span(), &key("handshake_timeout"), "must be more than 0, e.g. \"5s\""));
+    }
+    let networks = |list: &Option<Spanned<Vec<Spanned<String>>>>, field: &str| -> Result<Vec<Cidr>, ConfigError> {
+        let Some(list) = list else { return Ok(Vec::new()) };
+        list.get_ref()
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| {
+                entry
+                    .get_ref()
+                    .parse()
+                    .map_err(|reason| src.invalid(entry.span(), &key(&format!("{field}[{i}]")), reason))
+            })
+            .collect()
+    };
+    let access = AccessRules { allow: networks(&raw.allow, "allow")?, deny: networks(&raw.deny, "deny")? };
+    let max_conns_per_source = raw
+        .max_conns_per_source
+        .as_ref()
+        .map(|m| src.integer(m, &key("max_conns_per_source"), 1..=MAX_CONNS_LIMIT, "a connection count", ""))
+        .transpose()?
+        .and_then(|n| NonZeroU32::new(n as u32));
+    Ok(ListenerConfig {
+        name: name.to_string(),
+        bind,
+        pool,
+        idle_timeout: (!idle.is_zero()).then_some(idle),
+        accept_proxy: raw.accept_proxy.as_ref().is_some_and(|a| *a.get_ref()),
+        handshake_timeout,
+        access,
+        max_conns_per_source,
+        sni,
+    })
 }
 
 fn validate_pool(
@@ -312,8 +367,14 @@ fn validate_pool(
         Some(o) => src.choice(o, &key("on_down"), &[("keep", OnDown::Keep), ("close", OnDown::Close)])?,
     };
     let health = validate_health(src, name, raw.health.as_ref())?;
+    let send_proxy = match &raw.send_proxy {
+        None => None,
+        Some(v) => Some(src.choice(v, &key("send_proxy"), &[("v1", ProxyVersion::V1), ("v2", ProxyVersion::V2)])?),
+    };
     let connect_timeout = src.duration(&raw.connect_timeout, &key("connect_timeout"), default_connect)?;
     nonzero_connect_timeout(src, &raw.connect_timeout, &key("connect_timeout"), connect_timeout)?;
+    // As HAProxy's "timeout queue", it defaults to the connect timeout.
+    let queue_timeout = src.duration(&raw.queue_timeout, &key("queue_timeout"), connect_timeout)?;
 
     if raw.backends.get_ref().is_empty() {
         return Err(src.invalid(
@@ -337,7 +398,16 @@ fn validate_pool(
         }
         backends.push(validated);
     }
-    Ok(PoolConfig { name: name.to_string(), algorithm, connect_timeout, backends, on_down, health })
+    Ok(PoolConfig {
+        name: name.to_string(),
+        algorithm,
+        connect_timeout,
+        backends,
+        on_down,
+        health,
+        send_proxy,
+        queue_timeout,
+    })
 }
 
 fn validate_health(
@@ -407,7 +477,13 @@ fn validate_backend(src: &Source<'_>, key: &str, raw: &RawBackend) -> Result<Bac
                 .unwrap_or(NonZeroU32::MIN)
         }
     };
-    Ok(BackendConfig { address, weight })
+    let max_conns = raw
+        .max_conns
+        .as_ref()
+        .map(|m| src.integer(m, &format!("{key}.max_conns"), 1..=MAX_CONNS_LIMIT, "a connection count", ""))
+        .transpose()?
+        .and_then(|n| NonZeroU32::new(n as u32));
+    Ok(BackendConfig { address, weight, max_conns })
 }
 
 #[cfg(test)]
@@ -459,7 +535,7 @@ backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight
         assert_eq!(config.listeners[0].bind, "[::1]:5432".parse().unwrap());
         assert_eq!(config.listeners[0].idle_timeout, Some(DEFAULT_IDLE_TIMEOUT));
         assert_eq!(config.listeners[1].idle_timeout, Some(Duration::from_millis(500)));
-        let pool = &config.pools[config.listeners[1].pool];
+        let pool = &config.pools[config.listeners[1].pool.unwrap()];
         assert_eq!(pool.name, "web");
         assert_eq!(pool.algorithm, Algorithm::RoundRobin);
         assert_eq!(pool.connect_timeout, Duration::from_millis(250));

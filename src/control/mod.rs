@@ -12,9 +12,11 @@
 
 pub mod thread;
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -52,6 +54,10 @@ pub struct Shared {
     pub stats: Box<[WorkerStats]>,
     /// Per pool, per backend: counters every worker updates.
     pub backends: Box<[Box<[BackendCounters]>]>,
+    /// Per pool: connections waiting (in any worker) for a backend below its `max_conns`.
+    pub queued: Box<[AtomicU64]>,
+    /// Per listener: counts for `max_conns_per_source`, if set.
+    pub sources: Box<[Option<SourceLimit>]>,
     doorbells: Vec<Arc<OwnedFd>>,
     events: UnboundedSender<ControlEvent>,
 }
@@ -59,19 +65,26 @@ pub struct Shared {
 impl Shared {
     /// Shared state for `workers` workers, with a doorbell each, and the receiving end of the
     /// channel to the control thread.
-    pub fn new(snapshot: Arc<Snapshot>, workers: usize) -> std::io::Result<(Shared, UnboundedReceiver<ControlEvent>)> {
+    pub fn new(
+        snapshot: Arc<Snapshot>,
+        workers: usize,
+        sources: Box<[Option<SourceLimit>]>,
+    ) -> std::io::Result<(Shared, UnboundedReceiver<ControlEvent>)> {
         let doorbells = (0..workers).map(|_| sys::eventfd().map(Arc::new)).collect::<Result<_, _>>()?;
         let backends = snapshot
             .pools
             .iter()
             .map(|pool| pool.backends.iter().map(|_| BackendCounters::default()).collect())
             .collect();
+        let queued = snapshot.pools.iter().map(|_| AtomicU64::new(0)).collect();
         let (events, receiver) = unbounded_channel();
         let shared = Shared {
             run_state: AtomicU8::new(RunState::Running as u8),
             snapshot: ArcSwap::new(snapshot),
             stats: (0..workers).map(|_| WorkerStats::default()).collect(),
             backends,
+            queued,
+            sources,
             doorbells,
             events,
         };
@@ -116,5 +129,81 @@ impl Shared {
         for doorbell in &self.doorbells {
             sys::eventfd_ring(doorbell);
         }
+    }
+
+    /// Wakes every worker but `me` (e.g. to serve its queue after a backend slot freed).
+    pub fn ring_others(&self, me: usize) {
+        for (i, doorbell) in self.doorbells.iter().enumerate() {
+            if i != me {
+                sys::eventfd_ring(doorbell);
+            }
+        }
+    }
+}
+
+/// Open connections per client address for one listener, over all workers, for
+/// `max_conns_per_source`. Sharded by address so workers rarely meet on a lock, and only
+/// listeners that set the limit have one (as nginx's `limit_conn` zone and HAProxy's stick
+/// tables, this count must be shared, and sharing it exactly takes a lock).
+pub struct SourceLimit {
+    limit: u32,
+    shards: Box<[Mutex<HashMap<IpAddr, u32>>]>,
+}
+
+impl SourceLimit {
+    const SHARDS: usize = 64;
+
+    pub fn new(limit: u32) -> SourceLimit {
+        SourceLimit { limit, shards: (0..Self::SHARDS).map(|_| Mutex::new(HashMap::new())).collect() }
+    }
+
+    fn shard(&self, ip: IpAddr) -> &Mutex<HashMap<IpAddr, u32>> {
+        let bytes = match ip {
+            IpAddr::V4(v4) => v4.octets().to_vec(),
+            IpAddr::V6(v6) => v6.octets().to_vec(),
+        };
+        &self.shards[(crate::balance::hash::hash64(0, &bytes) as usize) % Self::SHARDS]
+    }
+
+    /// Counts one more connection from `ip`, unless it already has `limit`.
+    pub fn try_acquire(&self, ip: IpAddr) -> bool {
+        let mut shard = self.shard(ip).lock().unwrap_or_else(|e| e.into_inner());
+        let count = shard.entry(ip).or_insert(0);
+        if *count >= self.limit {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    pub fn release(&self, ip: IpAddr) {
+        let mut shard = self.shard(ip).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = shard.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                shard.remove(&ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_limit_counts_per_address() {
+        let limit = SourceLimit::new(2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "2001:db8::1".parse().unwrap();
+        assert!(limit.try_acquire(a) && limit.try_acquire(a));
+        assert!(!limit.try_acquire(a));
+        assert!(limit.try_acquire(b));
+        limit.release(a);
+        assert!(limit.try_acquire(a));
+        limit.release(a);
+        limit.release(a);
+        limit.release(b);
+        assert!(limit.shards.iter().all(|s| s.lock().unwrap().is_empty()), "no entry left behind");
     }
 }
