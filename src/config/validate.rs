@@ -799,6 +799,89 @@ backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight
     }
 
     #[test]
+    fn listener_identity_and_access_keys() {
+        let text = GOOD.replace(
+            "idle_timeout = \"500ms\"",
+            "idle_timeout = \"500ms\"\naccept_proxy = true\nhandshake_timeout = \"2s\"\nallow = [\"10.0.0.0/8\", \"::1\"]\ndeny = [\"10.1.0.0/16\"]\nmax_conns_per_source = 20",
+        );
+        let config = Config::parse(&text, "t").unwrap();
+        let web = &config.listeners[1];
+        assert!(web.accept_proxy);
+        assert_eq!(web.handshake_timeout, Duration::from_secs(2));
+        assert_eq!(web.access.allow.len(), 2);
+        assert!(!web.access.permits("10.1.2.3".parse().unwrap()));
+        assert_eq!(web.max_conns_per_source.map(|n| n.get()), Some(20));
+        let db = &config.listeners[0];
+        assert!(!db.accept_proxy && db.access.is_empty() && db.max_conns_per_source.is_none());
+        assert_eq!(db.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+    }
+
+    #[test]
+    fn bad_listener_identity_and_access_keys() {
+        let with =
+            |extra: &str| GOOD.replace("idle_timeout = \"500ms\"", &format!("idle_timeout = \"500ms\"\n{extra}"));
+        assert_error(
+            &with("allow = [\"10.0.0.0/8\", \"10.0.0.1/8\"]"),
+            9,
+            &["listeners.web.allow[1]", "did you mean \"10.0.0.0/8\""],
+        );
+        assert_error(&with("deny = [\"example.com\"]"), 9, &["listeners.web.deny[0]", "not an address"]);
+        assert_error(&with("max_conns_per_source = 0"), 9, &["listeners.web.max_conns_per_source", "1 to 10000000"]);
+        assert_error(&with("handshake_timeout = \"0s\""), 9, &["listeners.web.handshake_timeout", "more than 0"]);
+        assert_error(&with("accept_proxy = \"yes\""), 9, &["accept_proxy = \"yes\"", "bool"]);
+    }
+
+    #[test]
+    fn sni_routes() {
+        let text = GOOD.replace(
+            "[listeners.db]",
+            "[listeners.web.sni]\n\"db.example.com\" = \"web\"\n\"*.Example.com\" = \"web\"\n\n[listeners.db]",
+        );
+        let config = Config::parse(&text, "t").unwrap();
+        let web = &config.listeners[1];
+        assert_eq!(web.sni.route("db.example.com"), Some(0));
+        assert_eq!(web.sni.route("a.example.com"), Some(0));
+        assert_eq!(web.pools(&config), vec![0]);
+        // With routes, the default pool may be left out; without, it may not.
+        let no_default = text.replace("pool = \"web\"\nidle_timeout = \"500ms\"", "idle_timeout = \"500ms\"");
+        assert_eq!(Config::parse(&no_default, "t").unwrap().listeners[1].pool, None);
+        assert_error(
+            &GOOD.replace("[::1]:5432\"\npool = \"web\"", "[::1]:5432\""),
+            10,
+            &["listeners.db.pool", "needs a pool"],
+        );
+        let bad =
+            |route: &str| GOOD.replace("[listeners.db]", &format!("[listeners.web.sni]\n{route}\n\n[listeners.db]"));
+        assert_error(
+            &bad("\"db.example.com\" = \"nope\""),
+            11,
+            &["listeners.web.sni.\"db.example.com\"", "pool \"nope\" is not defined"],
+        );
+        assert_error(&bad("\"*.*.example.com\" = \"web\""), 11, &["not a server name", "*.example.com"]);
+        assert_error(&bad("\"a.example.com\" = \"web\"\n\"A.example.com\" = \"web\""), 11, &["listed twice"]);
+    }
+
+    #[test]
+    fn pool_proxy_and_queue_keys() {
+        let config = Config::parse(&with_pool("send_proxy = \"v2\"\nconnect_timeout = \"2s\""), "t").unwrap();
+        assert_eq!(config.pools[0].send_proxy, Some(ProxyVersion::V2));
+        assert_eq!(config.pools[0].queue_timeout, Duration::from_secs(2), "defaults to the connect timeout");
+        let config = Config::parse(&with_pool("send_proxy = \"v1\"\nqueue_timeout = \"5s\""), "t").unwrap();
+        assert_eq!(config.pools[0].send_proxy, Some(ProxyVersion::V1));
+        assert_eq!(config.pools[0].queue_timeout, Duration::from_secs(5));
+        assert_error(&with_pool("send_proxy = \"v3\""), 15, &["pools.web.send_proxy", "v1, v2"]);
+        let limited = GOOD.replace("weight = 2 }", "weight = 2, max_conns = 50 }");
+        let config = Config::parse(&limited, "t").unwrap();
+        assert_eq!(config.pools[0].backends[1].max_conns.map(|n| n.get()), Some(50));
+        assert_eq!(config.pools[0].backends[0].max_conns, None);
+        assert_error(
+            &GOOD.replace("weight = 2 }", "weight = 2, max_conns = 0 }"),
+            17,
+            &["pools.web.backends[1].max_conns", "1 to"],
+        );
+    }
+
+    #[test]
     fn bad_algorithm() {
         assert_error(
             &GOOD.replace("\"round_robin\"", "\"fastest\""),

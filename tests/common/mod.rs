@@ -101,7 +101,12 @@ impl Ringlb {
                 log.push('\n');
             }
         });
-        let expected = config.matches("[listeners.").count() + usize::from(config.contains("metrics_bind"));
+        // One log line per listener table ([listeners.NAME], not [listeners.NAME.sni]).
+        let listeners = config
+            .lines()
+            .filter(|l| l.trim().starts_with("[listeners.") && l.trim().matches('.').count() == 1)
+            .count();
+        let expected = listeners + usize::from(config.contains("metrics_bind"));
         let mut addrs = HashMap::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         while addrs.len() < expected {
