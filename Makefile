@@ -3,7 +3,7 @@
 CARGO ?= cargo
 CONFIG ?= config/ringlb.toml
 
-.PHONY: all build run test lint ci clean
+.PHONY: all build run test lint ci bench clean
 
 all: build
 
@@ -26,6 +26,11 @@ lint:
 ## What CI runs.
 ci:
 	bash .ci/run
+
+## Load test against HAProxy (mode tcp) and nginx stream; installs them with apt-get when run as
+## root. Results in bench-results/. Options through ARGS, e.g. make bench ARGS=--quick
+bench: build
+	scripts/bench.sh $(ARGS)
 
 clean:
 	$(CARGO) clean
