@@ -10,6 +10,10 @@
 //! outgoing PROXY header, are sent to the backend before relaying starts. A connection may also
 //! wait in a queue for a backend below its connection limit.
 //!
+//! In splice mode a direction instead waits for its source to be readable (a poll in the ring)
+//! and the worker splices source -> pipe -> destination on its own thread, telling the
+//! connection each result; the pipe is held only while bytes are in it.
+//!
 //! Data moves in two [`Dir`]ections, each a loop of "receive into a ring buffer, send it all,
 //! receive again": a direction never has more than one buffer, and a slow reader stops its
 //! writer's receives (backpressure). End of stream in one direction becomes shutdown(SHUT_WR) on
@@ -74,6 +78,16 @@ pub enum Op {
     Recv { dir: Dir, fd: RawFd },
     /// Send `len` bytes from offset `offset` of buffer `buf` to `fd`.
     Send { dir: Dir, fd: RawFd, buf: BufId, offset: u32, len: u32 },
+    /// Wait until `fd` has bytes to read (splice mode).
+    PollIn { dir: Dir, fd: RawFd },
+    /// Splice from the source `fd` into the direction's pipe (taking a pipe if it has none),
+    /// then call [`Conn::spliced_in`]. Done at once by the worker; no completion.
+    SpliceIn { dir: Dir, fd: RawFd },
+    /// Splice `len` bytes from the direction's pipe to the destination `fd`, then call
+    /// [`Conn::spliced_out`]. No completion.
+    SpliceOut { dir: Dir, fd: RawFd, len: u32 },
+    /// The direction's pipe is empty: give it back to the worker's pool. No completion.
+    ReleasePipe(Dir),
     /// Wait until `fd` can take more bytes. Sends carry MSG_DONTWAIT and come back with EAGAIN
     /// when the socket is full: left to itself, the kernel hands a send that finds the socket
     /// full twice to an io-wq thread, where it blocks.
@@ -104,9 +118,16 @@ impl Op {
             | Op::Recv { .. }
             | Op::Send { .. }
             | Op::WaitWritable { .. }
+            | Op::PollIn { .. }
             | Op::Cancel { .. }
             | Op::Close { .. } => 1,
-            Op::Shutdown { .. } | Op::Recycle(_) | Op::WaitForBuffer(_) | Op::Free => 0,
+            Op::Shutdown { .. }
+            | Op::SpliceIn { .. }
+            | Op::SpliceOut { .. }
+            | Op::ReleasePipe(_)
+            | Op::Recycle(_)
+            | Op::WaitForBuffer(_)
+            | Op::Free => 0,
         }
     }
 
@@ -115,7 +136,7 @@ impl Op {
         match self {
             Op::Connect | Op::SendPrefix { .. } => Some(Side::Backend),
             Op::ReadPrefix { .. } => Some(Side::Client),
-            Op::Recv { dir, .. } => Some(dir.src()),
+            Op::Recv { dir, .. } | Op::PollIn { dir, .. } => Some(dir.src()),
             Op::Send { dir, .. } | Op::WaitWritable { dir, .. } => Some(dir.dst()),
             _ => None,
         }
@@ -137,6 +158,8 @@ pub enum Event {
     Sent { dir: Dir, result: i32 },
     /// The destination of `dir` became writable (or failed; the resend will tell).
     Writable { dir: Dir },
+    /// The source of `dir` became readable (or failed; the splice will tell).
+    Readable { dir: Dir },
     /// A cancel request finished.
     Cancelled,
     /// A close finished.
@@ -149,7 +172,7 @@ impl Event {
         match self {
             Event::Connected(_) => Some(Side::Backend),
             Event::PrefixRead { .. } => Some(Side::Client),
-            Event::Received { dir, .. } => Some(dir.src()),
+            Event::Received { dir, .. } | Event::Readable { dir } => Some(dir.src()),
             Event::Sent { dir, .. } | Event::Writable { dir } => Some(dir.dst()),
             _ => None,
         }
@@ -191,6 +214,13 @@ enum Flow {
     Sending { buf: BufId, offset: u32, len: u32 },
     /// Up only: the prefix is being sent to the backend, before any receive from the client.
     Prefix,
+    /// Splice mode: a poll for the source being readable is in flight.
+    Polling,
+    /// Splice mode: `queued` bytes are in the pipe (worker splices run; nothing in flight);
+    /// `rounds` counts pipe fills since the last poll.
+    Piping { queued: u32, rounds: u8 },
+    /// Splice mode: the destination was full; a poll for it being writable is in flight.
+    PipeBlocked { queued: u32, rounds: u8 },
     /// End of stream was passed on (or the direction failed).
     Done,
 }
@@ -223,6 +253,10 @@ pub enum Notice {
     /// More client bytes arrived in the prefix: the worker looks whether it can route now.
     PrefixGrew,
 }
+
+/// Pipe fills a direction may do per readiness before it polls again, so one busy connection
+/// does not keep the worker from the others.
+const SPLICE_ROUNDS: u8 = 8;
 
 /// Room kept in front of the bytes read from the client, for the outgoing PROXY header.
 const HEADROOM: usize = proxy_protocol::V1_MAX;
@@ -305,6 +339,10 @@ pub struct Conn {
     pub backend_index: u32,
     /// Bytes to read before routing and to send before relaying; `None` when there are none.
     pub prefix: Option<Box<Prefix>>,
+    /// Splice mode: relay through pipes instead of ring buffers.
+    splice: bool,
+    /// Splice mode: the worker's pipe each direction holds, by index (worker-managed).
+    pub pipes: [Option<u32>; 2],
     /// Connect attempts still allowed, counting the one in flight.
     attempts_left: u32,
     /// Backends a socket was opened for so far.
@@ -322,8 +360,8 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// A connection just accepted on `client`.
-    pub fn new(generation: u32, client: RawFd, listener: u32, now: u64) -> Conn {
+    /// A connection just accepted on `client`; `splice` picks the splice relay.
+    pub fn new(generation: u32, client: RawFd, listener: u32, splice: bool, now: u64) -> Conn {
         Conn {
             generation,
             client,
@@ -337,6 +375,8 @@ impl Conn {
             pool: 0,
             backend_index: 0,
             prefix: None,
+            splice,
+            pipes: [None; 2],
             attempts_left: 1,
             tried: 0,
             phase: Phase::New,
@@ -477,11 +517,86 @@ impl Conn {
 
     fn receive(&mut self, dir: Dir, ops: &mut Vec<Op>) {
         match self.fd(dir.src()) {
+            Some(fd) if self.splice => {
+                self.flows[dir.index()] = Flow::Polling;
+                self.emit(Op::PollIn { dir, fd }, ops);
+            }
             Some(fd) => {
                 self.flows[dir.index()] = Flow::Receiving;
                 self.emit(Op::Recv { dir, fd }, ops);
             }
             None => debug_assert!(false, "receive without a socket"),
+        }
+    }
+
+    /// The worker spliced from the source into the pipe: bytes, 0 (end of stream) or -errno
+    /// (-EAGAIN: nothing to read after all; -EMFILE/-ENFILE: no pipe could be made).
+    pub fn spliced_in(&mut self, dir: Dir, result: i32, now: u64, ops: &mut Vec<Op>) {
+        let Flow::Piping { rounds, .. } = self.flows[dir.index()] else { return };
+        let (Some(src), Some(dst)) = (self.fd(dir.src()), self.fd(dir.dst())) else { return };
+        match result {
+            n if n > 0 => {
+                self.last_active = now;
+                self.bytes[dir.index()] += n as u64;
+                self.flows[dir.index()] = Flow::Piping { queued: n as u32, rounds };
+                ops.push(Op::SpliceOut { dir, fd: dst, len: n as u32 });
+            }
+            0 => {
+                ops.push(Op::ReleasePipe(dir));
+                ops.push(Op::Shutdown { fd: dst });
+                self.flows[dir.index()] = Flow::Done;
+                if self.flows.iter().all(|f| *f == Flow::Done) {
+                    self.begin_close(End::Finished, false, false, ops);
+                }
+            }
+            e if -e == libc::EAGAIN || -e == libc::EINTR => {
+                ops.push(Op::ReleasePipe(dir));
+                self.flows[dir.index()] = Flow::Polling;
+                self.emit(Op::PollIn { dir, fd: src }, ops);
+            }
+            e if -e == libc::EMFILE || -e == libc::ENFILE || -e == libc::ENOMEM => {
+                self.flows[dir.index()] = Flow::Done;
+                self.begin_close(End::LocalError, false, false, ops);
+            }
+            _ => {
+                ops.push(Op::ReleasePipe(dir));
+                self.flows[dir.index()] = Flow::Done;
+                self.reset_from(dir.src(), ops);
+            }
+        }
+    }
+
+    /// The worker spliced from the pipe to the destination: bytes or -errno.
+    pub fn spliced_out(&mut self, dir: Dir, result: i32, now: u64, ops: &mut Vec<Op>) {
+        let Flow::Piping { queued, rounds } = self.flows[dir.index()] else { return };
+        let (Some(src), Some(dst)) = (self.fd(dir.src()), self.fd(dir.dst())) else { return };
+        match result {
+            n if n > 0 => {
+                self.last_active = now;
+                let left = queued.saturating_sub(n as u32);
+                if left > 0 {
+                    self.flows[dir.index()] = Flow::Piping { queued: left, rounds };
+                    ops.push(Op::SpliceOut { dir, fd: dst, len: left });
+                } else if rounds + 1 >= SPLICE_ROUNDS {
+                    // Enough for one turn: let the ring say when there is more.
+                    ops.push(Op::ReleasePipe(dir));
+                    self.flows[dir.index()] = Flow::Polling;
+                    self.emit(Op::PollIn { dir, fd: src }, ops);
+                } else {
+                    self.flows[dir.index()] = Flow::Piping { queued: 0, rounds: rounds + 1 };
+                    ops.push(Op::SpliceIn { dir, fd: src });
+                }
+            }
+            e if -e == libc::EAGAIN => {
+                self.flows[dir.index()] = Flow::PipeBlocked { queued, rounds };
+                self.emit(Op::WaitWritable { dir, fd: dst }, ops);
+            }
+            e if -e == libc::EINTR => ops.push(Op::SpliceOut { dir, fd: dst, len: queued }),
+            _ => {
+                // The destination reset or failed; the bytes left in the pipe go with it.
+                self.flows[dir.index()] = Flow::Done;
+                self.reset_from(dir.dst(), ops);
+            }
         }
     }
 
@@ -538,8 +653,22 @@ impl Conn {
             Event::Writable { dir } => match self.flows[dir.index()] {
                 Flow::Sending { buf, offset, len } => self.send(dir, buf, offset, len, ops),
                 Flow::Prefix => self.send_prefix(ops),
+                Flow::PipeBlocked { queued, rounds } => {
+                    self.flows[dir.index()] = Flow::Piping { queued, rounds };
+                    if let Some(fd) = self.fd(dir.dst()) {
+                        ops.push(Op::SpliceOut { dir, fd, len: queued });
+                    }
+                }
                 _ => {}
             },
+            Event::Readable { dir } => {
+                if self.flows[dir.index()] == Flow::Polling
+                    && let Some(fd) = self.fd(dir.src())
+                {
+                    self.flows[dir.index()] = Flow::Piping { queued: 0, rounds: 0 };
+                    ops.push(Op::SpliceIn { dir, fd });
+                }
+            }
         }
         None
     }
@@ -707,9 +836,10 @@ impl Conn {
                     ops.push(Op::Recycle(buf));
                     self.flows[dir.index()] = Flow::Done;
                 }
-                Flow::Prefix => self.flows[dir.index()] = Flow::Done,
+                Flow::Prefix | Flow::PipeBlocked { .. } => self.flows[dir.index()] = Flow::Done,
                 _ => {}
             },
+            Event::Readable { dir } => self.flows[dir.index()] = Flow::Done,
             _ => {}
         }
     }
@@ -752,7 +882,7 @@ mod tests {
 
     impl Harness {
         fn new(attempts: u32) -> Harness {
-            let mut h = Harness { conn: Conn::new(1, CLIENT, 0, 0), ops: Vec::new(), now: 0 };
+            let mut h = Harness { conn: Conn::new(1, CLIENT, 0, false, 0), ops: Vec::new(), now: 0 };
             h.conn.route(0, attempts, &mut h.ops);
             assert_eq!(h.take(), vec![Op::Connect]);
             h.conn.backend_opened(BACKEND, 0);
@@ -959,7 +1089,7 @@ mod tests {
 
     #[test]
     fn socket_failure_closes_client() {
-        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, 0), ops: Vec::new(), now: 0 };
+        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, false, 0), ops: Vec::new(), now: 0 };
         h.conn.route(0, 3, &mut h.ops);
         h.take();
         h.conn.socket_failed(&mut h.ops);
@@ -1005,7 +1135,7 @@ mod tests {
 
     #[test]
     fn handshake_reads_then_prefix_goes_first() {
-        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, 0), ops: Vec::new(), now: 0 };
+        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, false, 0), ops: Vec::new(), now: 0 };
         h.conn.prefix = Some(Prefix::new(100));
         h.conn.read_prefix(&mut h.ops);
         assert_eq!(h.take(), vec![Op::ReadPrefix { fd: CLIENT }]);
@@ -1038,7 +1168,7 @@ mod tests {
 
     #[test]
     fn client_leaving_during_handshake_ends_it() {
-        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, 0), ops: Vec::new(), now: 0 };
+        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, false, 0), ops: Vec::new(), now: 0 };
         h.conn.prefix = Some(Prefix::new(100));
         h.conn.read_prefix(&mut h.ops);
         h.take();
@@ -1050,7 +1180,7 @@ mod tests {
 
     #[test]
     fn queued_connection_resumes_or_closes_at_once() {
-        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, 0), ops: Vec::new(), now: 0 };
+        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, false, 0), ops: Vec::new(), now: 0 };
         h.conn.route(0, 2, &mut h.ops);
         assert_eq!(h.take(), vec![Op::Connect]);
         h.conn.defer_connect();
@@ -1065,6 +1195,60 @@ mod tests {
         h.conn.resume(&mut h.ops);
         assert!(h.take().is_empty(), "no connect after closing began");
         h.finish_close(1);
+    }
+
+    #[test]
+    fn splice_polls_then_pipes_source_to_destination() {
+        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, true, 0), ops: Vec::new(), now: 0 };
+        h.conn.route(0, 1, &mut h.ops);
+        h.take();
+        h.conn.backend_opened(BACKEND, 0);
+        h.event(Event::ConnectTimerDone);
+        assert_eq!(
+            h.event(Event::Connected(0)),
+            vec![Op::PollIn { dir: Dir::Up, fd: CLIENT }, Op::PollIn { dir: Dir::Down, fd: BACKEND }]
+        );
+        assert_eq!(h.event(Event::Readable { dir: Dir::Down }), vec![Op::SpliceIn { dir: Dir::Down, fd: BACKEND }]);
+        h.conn.spliced_in(Dir::Down, 5000, 9, &mut h.ops);
+        assert_eq!(h.take(), vec![Op::SpliceOut { dir: Dir::Down, fd: CLIENT, len: 5000 }]);
+        assert_eq!(h.conn.bytes[1], 5000);
+        // The client takes part, then is full: wait for it, then the rest.
+        h.conn.spliced_out(Dir::Down, 3000, 10, &mut h.ops);
+        assert_eq!(h.take(), vec![Op::SpliceOut { dir: Dir::Down, fd: CLIENT, len: 2000 }]);
+        h.conn.spliced_out(Dir::Down, -libc::EAGAIN, 10, &mut h.ops);
+        assert_eq!(h.take(), vec![Op::WaitWritable { dir: Dir::Down, fd: CLIENT }]);
+        assert_eq!(
+            h.event(Event::Writable { dir: Dir::Down }),
+            vec![Op::SpliceOut { dir: Dir::Down, fd: CLIENT, len: 2000 }]
+        );
+        // Pipe empty: read more at once; nothing there: give the pipe back and poll.
+        h.conn.spliced_out(Dir::Down, 2000, 11, &mut h.ops);
+        assert_eq!(h.take(), vec![Op::SpliceIn { dir: Dir::Down, fd: BACKEND }]);
+        h.conn.spliced_in(Dir::Down, -libc::EAGAIN, 12, &mut h.ops);
+        assert_eq!(h.take(), vec![Op::ReleasePipe(Dir::Down), Op::PollIn { dir: Dir::Down, fd: BACKEND }]);
+        // End of stream: the pipe goes back and the client gets FIN.
+        h.event(Event::Readable { dir: Dir::Down });
+        h.conn.spliced_in(Dir::Down, 0, 13, &mut h.ops);
+        assert_eq!(h.take(), vec![Op::ReleasePipe(Dir::Down), Op::Shutdown { fd: CLIENT }]);
+    }
+
+    #[test]
+    fn splice_yields_after_a_few_pipe_fills() {
+        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, true, 0), ops: Vec::new(), now: 0 };
+        h.conn.route(0, 1, &mut h.ops);
+        h.conn.backend_opened(BACKEND, 0);
+        h.take();
+        h.event(Event::ConnectTimerDone);
+        h.event(Event::Connected(0));
+        h.event(Event::Readable { dir: Dir::Up });
+        for _ in 0..SPLICE_ROUNDS - 1 {
+            h.conn.spliced_in(Dir::Up, 100, 1, &mut h.ops);
+            h.conn.spliced_out(Dir::Up, 100, 1, &mut h.ops);
+            assert_eq!(h.take().last(), Some(&Op::SpliceIn { dir: Dir::Up, fd: CLIENT }));
+        }
+        h.conn.spliced_in(Dir::Up, 100, 1, &mut h.ops);
+        h.conn.spliced_out(Dir::Up, 100, 1, &mut h.ops);
+        assert_eq!(h.take()[1..], [Op::ReleasePipe(Dir::Up), Op::PollIn { dir: Dir::Up, fd: CLIENT }]);
     }
 
     #[test]
@@ -1120,6 +1304,7 @@ mod model {
         Recv(Dir, RawFd),
         Send(Dir, RawFd, u32),
         Poll(Dir),
+        PollIn(Dir),
         Cancel,
         Close,
     }
@@ -1150,14 +1335,19 @@ mod model {
         /// The next connect is deferred to the queue (as when every backend is full).
         defer_next: bool,
         queued: bool,
+        /// Splice mode: results of the worker's synchronous splices come from here.
+        rng: u64,
+        /// Bytes in each direction's pipe, as the simulated kernel sees them.
+        piped: [u32; 2],
+        next_pipe: u32,
     }
 
     impl Model {
         /// `handshake`: the connection reads a prefix before it is routed; `proxy`: a prefix
         /// (PROXY header) is sent to the backend first.
-        fn new(attempts: u32, handshake: bool, proxy: bool, defer: bool) -> Model {
+        fn new(attempts: u32, handshake: bool, proxy: bool, defer: bool, splice: bool, seed: u64) -> Model {
             let mut model = Model {
-                conn: Conn::new(1, CLIENT, 0, 0),
+                conn: Conn::new(1, CLIENT, 0, splice, 0),
                 pending: Vec::new(),
                 open_fds: BTreeSet::from([CLIENT]),
                 closed_fds: BTreeSet::new(),
@@ -1169,6 +1359,9 @@ mod model {
                 steps: 0,
                 defer_next: defer,
                 queued: false,
+                rng: seed | 1,
+                piped: [0; 2],
+                next_pipe: 0,
             };
             let mut ops = Vec::new();
             if handshake {
@@ -1185,6 +1378,13 @@ mod model {
             model.attempts = attempts;
             model.apply(ops, false);
             model
+        }
+
+        fn random(&mut self) -> u64 {
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            self.rng
         }
 
         /// What the worker does when the prefix grew: route once 20 bytes are in (or it is
@@ -1249,6 +1449,53 @@ mod model {
                         assert!(self.held_buffers.contains(&buf), "send from a buffer not held");
                         assert!(offset < len);
                         self.pending.push(Pending::Send(dir, fd, len - offset));
+                    }
+                    Op::PollIn { dir, fd } => {
+                        assert!(self.open_fds.contains(&fd), "poll on a closed fd");
+                        assert!(self.conn.pipes[dir as usize].is_none(), "polling while holding a pipe");
+                        self.pending.push(Pending::PollIn(dir));
+                    }
+                    Op::SpliceIn { dir, fd } => {
+                        assert!(self.open_fds.contains(&fd), "splice from a closed fd");
+                        assert_eq!(self.piped[dir as usize], 0, "splicing into a pipe that is not empty");
+                        if self.conn.pipes[dir as usize].is_none() {
+                            self.next_pipe += 1;
+                            self.conn.pipes[dir as usize] = Some(self.next_pipe);
+                        }
+                        let result = match self.random() % 8 {
+                            0 => 0,
+                            1 => -libc::EAGAIN,
+                            2 => -libc::ECONNRESET,
+                            3 => -libc::EMFILE,
+                            r => (r * 1000) as i32,
+                        };
+                        if result > 0 {
+                            self.piped[dir as usize] = result as u32;
+                        }
+                        let mut more = Vec::new();
+                        self.conn.spliced_in(dir, result, self.steps as u64, &mut more);
+                        queue.extend(more);
+                    }
+                    Op::SpliceOut { dir, fd, len } => {
+                        assert!(self.open_fds.contains(&fd), "splice to a closed fd");
+                        assert!(self.conn.pipes[dir as usize].is_some(), "splice out without a pipe");
+                        assert_eq!(len, self.piped[dir as usize], "splicing out other than what is in the pipe");
+                        let result = match self.random() % 6 {
+                            0 => -libc::EAGAIN,
+                            1 => -libc::EPIPE,
+                            2 => (len / 2).max(1) as i32,
+                            _ => len as i32,
+                        };
+                        if result > 0 {
+                            self.piped[dir as usize] -= result as u32;
+                        }
+                        let mut more = Vec::new();
+                        self.conn.spliced_out(dir, result, self.steps as u64, &mut more);
+                        queue.extend(more);
+                    }
+                    Op::ReleasePipe(dir) => {
+                        assert!(self.conn.pipes[dir as usize].take().is_some(), "releasing a pipe not held");
+                        assert_eq!(self.piped[dir as usize], 0, "released a pipe with bytes in it");
                     }
                     Op::WaitWritable { dir, fd } => {
                         assert!(self.open_fds.contains(&fd), "poll on a closed fd");
@@ -1349,6 +1596,7 @@ mod model {
                     },
                 },
                 Pending::Poll(dir) => Event::Writable { dir },
+                Pending::PollIn(dir) => Event::Readable { dir },
                 Pending::Cancel => Event::Cancelled,
                 Pending::Close => Event::Closed,
             };
@@ -1382,10 +1630,12 @@ mod model {
             handshake in any::<bool>(),
             proxy in any::<bool>(),
             defer in any::<bool>(),
+            splice in any::<bool>(),
+            seed in any::<u64>(),
             close_at in proptest::option::of(0usize..60),
             choices in proptest::collection::vec(choice(), 1..400),
         ) {
-            let mut model = Model::new(attempts, handshake, proxy, defer);
+            let mut model = Model::new(attempts, handshake, proxy, defer, splice, seed);
             for (i, choice) in choices.iter().enumerate() {
                 if model.freed {
                     break;

@@ -26,6 +26,8 @@ pub enum Kind {
     SendDown,
     PollUp,
     PollDown,
+    PollInUp,
+    PollInDown,
     Cancel,
     Close,
     // Per-worker operations: the slot is a listener index or unused.
@@ -39,7 +41,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 18] = [
+    const ALL: [Kind; 20] = [
         Kind::Connect,
         Kind::ConnectTimeout,
         Kind::RecvPrefix,
@@ -49,6 +51,8 @@ impl Kind {
         Kind::SendDown,
         Kind::PollUp,
         Kind::PollDown,
+        Kind::PollInUp,
+        Kind::PollInDown,
         Kind::Cancel,
         Kind::Close,
         Kind::Accept,

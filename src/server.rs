@@ -12,7 +12,7 @@ use std::time::Duration;
 use log::{error, info};
 
 use crate::admission::Admission;
-use crate::config::Config;
+use crate::config::{Config, Relay};
 use crate::control::{ControlEvent, RunState, Shared, SourceLimit};
 use crate::pool::Snapshot;
 use crate::stats;
@@ -120,9 +120,11 @@ impl Server {
         let (shared, events) = Shared::new(snapshot, workers, sources).map_err(StartError::Doorbell)?;
         let shared = Arc::new(shared);
 
-        // Every connection holds two descriptors; the rings (one each) are not open yet.
+        // Every connection holds two descriptors, and with splice up to two pipes of two more
+        // while bytes are in flight; the rings (one each) are not open yet.
+        let per_connection = if matches!(config.relay, Relay::Splice { .. }) { 6 } else { 2 };
         let open_now = sys::open_fd_count().map_or(64, |n| n as u64);
-        let connection_capacity = fd_limit.saturating_sub(open_now + workers as u64 + SPARE_FDS) / 2;
+        let connection_capacity = fd_limit.saturating_sub(open_now + workers as u64 + SPARE_FDS) / per_connection;
         let max_connections = match config.max_connections {
             Some(max) => {
                 if max.get() as u64 > connection_capacity {
@@ -144,6 +146,10 @@ impl Server {
                 listeners,
                 drain_timeout: config.drain_timeout,
                 max_connections: per_worker,
+                splice_pipe_size: match config.relay {
+                    Relay::Splice { pipe_size } => Some(pipe_size),
+                    Relay::Copy => None,
+                },
                 sizes,
                 doorbell: shared.doorbell(index),
             };
@@ -203,7 +209,7 @@ impl Server {
             return Err(failure);
         }
         info!(
-            "{workers} workers running, up to {} connections ({per_worker} per worker); the file-descriptor limit ({fd_limit}) allows about {connection_capacity} (2 descriptors each)",
+            "{workers} workers running, up to {} connections ({per_worker} per worker); the file-descriptor limit ({fd_limit}) allows about {connection_capacity} ({per_connection} descriptors each)",
             server.max_connections
         );
         Ok(server)

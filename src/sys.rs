@@ -175,6 +175,47 @@ pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
     check(unsafe { libc::shutdown(fd, libc::SHUT_WR) }).map(drop)
 }
 
+/// A pipe for splicing: both ends non-blocking and close-on-exec.
+#[derive(Debug)]
+pub struct Pipe {
+    pub read: OwnedFd,
+    pub write: OwnedFd,
+}
+
+/// Makes a pipe of (at least) `size` bytes. If the kernel refuses the size (over
+/// fs.pipe-max-size, or the user's pipe pages used up), the pipe keeps the size it got.
+pub fn pipe(size: u32) -> io::Result<Pipe> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two fds into the array we own.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
+    // SAFETY: both fds were just created and are owned by nobody else.
+    let pipe = unsafe { Pipe { read: OwnedFd::from_raw_fd(fds[0]), write: OwnedFd::from_raw_fd(fds[1]) } };
+    // SAFETY: F_SETPIPE_SZ takes an int argument on an fd we own.
+    unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+    Ok(pipe)
+}
+
+/// splice(2) of up to `len` bytes from `from` to `to` without blocking; returns the bytes
+/// moved (0 = end of stream) or -errno, as a ring completion would.
+pub fn splice(from: RawFd, to: RawFd, len: usize) -> i32 {
+    // SAFETY: no offsets are passed (both ends are sockets or pipes); the fds are open.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+        )
+    };
+    if n < 0 {
+        -io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    } else {
+        n.min(i32::MAX as isize) as i32
+    }
+}
+
 /// The address of the peer of a connected socket.
 pub fn peer_addr(fd: RawFd) -> io::Result<SocketAddr> {
     // SAFETY: SockAddr::try_init hands getpeername a storage buffer and its length.
@@ -235,6 +276,27 @@ mod tests {
         let addr = first.local_addr().unwrap().as_socket().unwrap();
         let second = listener(addr, 16).unwrap();
         assert_eq!(second.local_addr().unwrap().as_socket(), Some(addr));
+    }
+
+    #[test]
+    fn splice_through_a_pipe() {
+        use std::io::{Read, Write};
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        let (accepted, _) = server.accept().unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        let pipe = pipe(65536).unwrap();
+        assert_eq!(splice(accepted.as_raw_fd(), pipe.write.as_raw_fd(), 65536), -libc::EAGAIN, "nothing to read yet");
+        client.write_all(b"spliced").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(splice(accepted.as_raw_fd(), pipe.write.as_raw_fd(), 65536), 7);
+        assert_eq!(splice(pipe.read.as_raw_fd(), accepted.as_raw_fd(), 7), 7, "echo it back");
+        let mut back = [0u8; 7];
+        client.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"spliced");
+        drop(client);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(splice(accepted.as_raw_fd(), pipe.write.as_raw_fd(), 65536), 0, "end of stream");
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub struct WorkerPlan {
     pub drain_timeout: Duration,
     /// Connections this worker holds at most; at the cap it stops accepting.
     pub max_connections: usize,
+    /// Splice relay with pipes of this size; `None`: the copy relay.
+    pub splice_pipe_size: Option<u32>,
     pub sizes: RingSizes,
     pub doorbell: Arc<OwnedFd>,
 }
@@ -129,6 +131,9 @@ fn timespec(d: Duration) -> types::Timespec {
     types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos())
 }
 
+/// Empty pipes a worker keeps for the next transfer; more are closed.
+const IDLE_PIPES: usize = 64;
+
 /// How long accepting pauses after the process ran out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -148,6 +153,11 @@ pub struct Worker {
     pickers: Vec<Picker>,
     timers: Box<Timers>,
     conns: Slab<Conn>,
+    /// Splice mode: pipes held by connections' directions (by index), and empty ones kept for
+    /// the next transfer.
+    pipes: Slab<sys::Pipe>,
+    idle_pipes: Vec<sys::Pipe>,
+    pipe_size: Option<u32>,
     /// Per pool: connections (slot, generation) waiting for a backend below `max_conns`,
     /// oldest first.
     queues: Vec<VecDeque<(usize, u32)>>,
@@ -233,6 +243,9 @@ impl Worker {
             timers,
             queues,
             conns: Slab::with_capacity(1024),
+            pipes: Slab::new(),
+            idle_pipes: Vec::new(),
+            pipe_size: plan.splice_pipe_size,
             next_generation: 0,
             ops: Vec::with_capacity(16),
             completions: Vec::with_capacity(256),
@@ -602,7 +615,7 @@ impl Worker {
         }
         let generation = self.next_generation;
         self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
-        let slot = self.conns.insert(Conn::new(generation, fd, l as u32, self.now));
+        let slot = self.conns.insert(Conn::new(generation, fd, l as u32, self.pipe_size.is_some(), self.now));
         let stats = self.stats();
         stats.accepted.add(1);
         stats.active.add(1);
@@ -801,6 +814,8 @@ impl Worker {
             Kind::SendDown => Event::Sent { dir: Dir::Down, result: c.result },
             Kind::PollUp => Event::Writable { dir: Dir::Up },
             Kind::PollDown => Event::Writable { dir: Dir::Down },
+            Kind::PollInUp => Event::Readable { dir: Dir::Up },
+            Kind::PollInDown => Event::Readable { dir: Dir::Down },
             Kind::Cancel => Event::Cancelled,
             Kind::Close => Event::Closed,
             _ => unreachable!("worker-level kinds are dispatched before"),
@@ -901,6 +916,41 @@ impl Worker {
             Op::WaitWritable { dir, fd } => opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
                 .build()
                 .user_data(token(if dir == Dir::Up { Kind::PollUp } else { Kind::PollDown })),
+            Op::PollIn { dir, fd } => opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+                .build()
+                .user_data(token(if dir == Dir::Up { Kind::PollInUp } else { Kind::PollInDown })),
+            Op::SpliceIn { dir, fd } => {
+                let result = match self.pipe_for(slot, dir) {
+                    Ok((pipe, size)) => sys::splice(fd, pipe.write.as_raw_fd(), size as usize),
+                    Err(errno) => -errno,
+                };
+                if result > 0 {
+                    let stats = &self.shared.stats[self.index];
+                    match dir {
+                        Dir::Up => stats.bytes_up.add(result as u64),
+                        Dir::Down => stats.bytes_down.add(result as u64),
+                    }
+                }
+                let now = self.now;
+                return self.conns[slot].spliced_in(dir, result, now, ops);
+            }
+            Op::SpliceOut { dir, fd, len } => {
+                let result = match self.conns[slot].pipes[dir as usize].and_then(|p| self.pipes.get(p as usize)) {
+                    Some(pipe) => sys::splice(pipe.read.as_raw_fd(), fd, len as usize),
+                    None => -libc::EBADF,
+                };
+                let now = self.now;
+                return self.conns[slot].spliced_out(dir, result, now, ops);
+            }
+            Op::ReleasePipe(dir) => {
+                if let Some(index) = self.conns[slot].pipes[dir as usize].take() {
+                    let pipe = self.pipes.remove(index as usize);
+                    if self.idle_pipes.len() < IDLE_PIPES {
+                        self.idle_pipes.push(pipe);
+                    }
+                }
+                return;
+            }
             Op::Shutdown { fd } => {
                 if let Err(e) = sys::shutdown_write(fd) {
                     // The peer is already gone; the other direction will see it.
@@ -999,6 +1049,24 @@ impl Worker {
         }
     }
 
+    /// The pipe a direction splices through, taken from the idle ones or made, and its size.
+    fn pipe_for(&mut self, slot: usize, dir: Dir) -> Result<(&sys::Pipe, u32), i32> {
+        let size = self.pipe_size.unwrap_or(crate::config::DEFAULT_PIPE_SIZE);
+        let index = match self.conns[slot].pipes[dir as usize] {
+            Some(index) => index as usize,
+            None => {
+                let pipe = match self.idle_pipes.pop() {
+                    Some(pipe) => pipe,
+                    None => sys::pipe(size).map_err(|e| e.raw_os_error().unwrap_or(libc::ENFILE))?,
+                };
+                let index = self.pipes.insert(pipe);
+                self.conns[slot].pipes[dir as usize] = Some(index as u32);
+                index
+            }
+        };
+        Ok((&self.pipes[index], size))
+    }
+
     /// Gives back the backend slot a connection holds, and lets a queued connection have it.
     fn release_slot(&mut self, slot: usize, pool: usize, backend: usize) {
         let conn = &mut self.conns[slot];
@@ -1057,6 +1125,10 @@ impl Worker {
         let (pool, backend) = (self.conns[slot].pool as usize, self.conns[slot].backend_index as usize);
         self.release_slot(slot, pool, backend);
         let conn = self.conns.remove(slot);
+        // A pipe still held has bytes in it that will never be sent: close it, do not reuse it.
+        for index in conn.pipes.into_iter().flatten() {
+            drop(self.pipes.remove(index as usize));
+        }
         if conn.queued_since.is_some() {
             self.shared.queued[pool].fetch_sub(1, Ordering::AcqRel);
         }

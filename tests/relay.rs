@@ -10,10 +10,40 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-#[test]
-fn sixteen_connections_of_8_mib_echo_intact() {
+/// The top of the config for `relay` ("copy" or "splice") plus `extra`.
+fn top(relay: &str, extra: &str) -> String {
+    format!("relay = \"{relay}\"\n{extra}")
+}
+
+/// Every relay test runs once per relay mode: both must pass the same tests.
+macro_rules! in_both_relay_modes {
+    ($($name:ident),* $(,)?) => {
+        mod copy {
+            $(#[test] fn $name() { super::$name("copy") })*
+        }
+        mod splice {
+            $(#[test] fn $name() { super::$name("splice") })*
+        }
+    };
+}
+
+in_both_relay_modes!(
+    sixteen_connections_of_8_mib_echo_intact,
+    no_io_wq_thread_during_bulk_transfer,
+    half_close_delivers_the_whole_echo_then_eof,
+    backend_reset_reaches_client,
+    client_reset_reaches_backend,
+    refused_backend_is_retried_on_another_without_client_error,
+    timed_out_connect_is_retried_on_another_backend,
+    all_backends_down_closes_client_promptly,
+    idle_connection_is_closed_but_busy_one_is_not,
+    thousand_concurrent_connections,
+    fd_count_returns_to_baseline,
+);
+
+fn sixteen_connections_of_8_mib_echo_intact(relay: &str) {
     let backend = Backend::echo();
-    let lb = Ringlb::start(&config_for(&[backend.addr], "", ""));
+    let lb = Ringlb::start(&config_for(&[backend.addr], &top(relay, ""), ""));
     let addr = lb.addr();
     let clients: Vec<_> = (0..16u64)
         .map(|i| {
@@ -31,10 +61,9 @@ fn sixteen_connections_of_8_mib_echo_intact() {
     assert_eq!(backend.accepted(), 16);
 }
 
-#[test]
-fn no_io_wq_thread_during_bulk_transfer() {
+fn no_io_wq_thread_during_bulk_transfer(relay: &str) {
     let backend = Backend::echo();
-    let lb = Ringlb::start(&config_for(&[backend.addr], "", ""));
+    let lb = Ringlb::start(&config_for(&[backend.addr], &top(relay, ""), ""));
     let addr = lb.addr();
     let transfers: Vec<_> = (0..4u64)
         .map(|i| {
@@ -56,8 +85,7 @@ fn no_io_wq_thread_during_bulk_transfer() {
     assert!(!names.iter().any(|n| n.starts_with("iou-wrk")), "io-wq worker threads after transfer: {names:?}");
 }
 
-#[test]
-fn half_close_delivers_the_whole_echo_then_eof() {
+fn half_close_delivers_the_whole_echo_then_eof(relay: &str) {
     // The backend reads everything until the client's FIN, and only then echoes it back.
     let backend = Backend::start(|mut stream| {
         let mut all = Vec::new();
@@ -65,7 +93,7 @@ fn half_close_delivers_the_whole_echo_then_eof() {
         stream.write_all(&all).unwrap();
         stream.shutdown(Shutdown::Write).unwrap();
     });
-    let lb = Ringlb::start(&config_for(&[backend.addr], "", ""));
+    let lb = Ringlb::start(&config_for(&[backend.addr], &top(relay, ""), ""));
     let mut stream = connect(lb.addr());
     let data = random_bytes(3 << 20, 7);
     stream.write_all(&data).unwrap();
@@ -75,8 +103,7 @@ fn half_close_delivers_the_whole_echo_then_eof() {
     assert!(received == data, "got {} of {} bytes", received.len(), data.len());
 }
 
-#[test]
-fn backend_reset_reaches_client() {
+fn backend_reset_reaches_client(relay: &str) {
     let backend = Backend::start(|mut stream| {
         let mut buf = [0u8; 5];
         stream.read_exact(&mut buf).unwrap();
@@ -84,7 +111,7 @@ fn backend_reset_reaches_client() {
         socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO)).unwrap();
         drop(stream);
     });
-    let lb = Ringlb::start(&config_for(&[backend.addr], "", ""));
+    let lb = Ringlb::start(&config_for(&[backend.addr], &top(relay, ""), ""));
     let mut stream = connect(lb.addr());
     stream.write_all(b"hello").unwrap();
     let (_, end) = read_until_end(&mut stream);
@@ -92,8 +119,7 @@ fn backend_reset_reaches_client() {
     assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
 }
 
-#[test]
-fn client_reset_reaches_backend() {
+fn client_reset_reaches_backend(relay: &str) {
     let (tx, rx) = std::sync::mpsc::channel();
     let backend = Backend::start(move |mut stream| {
         let mut buf = [0u8; 5];
@@ -102,7 +128,7 @@ fn client_reset_reaches_backend() {
         let (_, end) = read_until_end(&mut stream);
         let _ = tx.send(end.map_err(|e| e.kind()));
     });
-    let lb = Ringlb::start(&config_for(&[backend.addr], "", ""));
+    let lb = Ringlb::start(&config_for(&[backend.addr], &top(relay, ""), ""));
     let stream = connect(lb.addr());
     (&stream).write_all(b"hello").unwrap();
     thread::sleep(Duration::from_millis(200));
@@ -112,11 +138,10 @@ fn client_reset_reaches_backend() {
     assert_eq!(end, Err(ErrorKind::ConnectionReset));
 }
 
-#[test]
-fn refused_backend_is_retried_on_another_without_client_error() {
+fn refused_backend_is_retried_on_another_without_client_error(relay: &str) {
     let (_held, refusing) = refusing_addr();
     let backend = Backend::echo();
-    let lb = Ringlb::start(&config_for(&[refusing, backend.addr], "", ""));
+    let lb = Ringlb::start(&config_for(&[refusing, backend.addr], &top(relay, ""), ""));
     for i in 0..20 {
         let mut stream = connect(lb.addr());
         round_trip(&mut stream, format!("request {i}").as_bytes()).expect("no client error");
@@ -125,8 +150,7 @@ fn refused_backend_is_retried_on_another_without_client_error() {
     assert!(lb.log().contains("connect to backend"), "the refusal should be logged:\n{}", lb.log());
 }
 
-#[test]
-fn timed_out_connect_is_retried_on_another_backend() {
+fn timed_out_connect_is_retried_on_another_backend(relay: &str) {
     // A listener with a full accept queue drops SYNs, so connecting to it times out.
     let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     full.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
@@ -135,7 +159,7 @@ fn timed_out_connect_is_retried_on_another_backend() {
     let _fillers: Vec<_> =
         (0..4).filter_map(|_| TcpStream::connect_timeout(&silent, Duration::from_millis(200)).ok()).collect();
     let backend = Backend::echo();
-    let lb = Ringlb::start(&config_for(&[silent, backend.addr], "connect_timeout = \"300ms\"", ""));
+    let lb = Ringlb::start(&config_for(&[silent, backend.addr], &top(relay, "connect_timeout = \"300ms\""), ""));
     for i in 0..4 {
         let mut stream = connect(lb.addr());
         round_trip(&mut stream, format!("request {i}").as_bytes()).expect("no client error");
@@ -143,11 +167,10 @@ fn timed_out_connect_is_retried_on_another_backend() {
     assert!(lb.log().contains("timed out"), "the timeout should be logged:\n{}", lb.log());
 }
 
-#[test]
-fn all_backends_down_closes_client_promptly() {
+fn all_backends_down_closes_client_promptly(relay: &str) {
     let (_a, down1) = refusing_addr();
     let (_b, down2) = refusing_addr();
-    let lb = Ringlb::start(&config_for(&[down1, down2], "", ""));
+    let lb = Ringlb::start(&config_for(&[down1, down2], &top(relay, ""), ""));
     let mut stream = connect(lb.addr());
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let (data, end) = read_until_end(&mut stream);
@@ -161,10 +184,9 @@ fn all_backends_down_closes_client_promptly() {
     assert_eq!(counters["backend_connect_failures_total"], 2, "each backend tried once: {counters:?}");
 }
 
-#[test]
-fn idle_connection_is_closed_but_busy_one_is_not() {
+fn idle_connection_is_closed_but_busy_one_is_not(relay: &str) {
     let backend = Backend::echo();
-    let lb = Ringlb::start(&config_for(&[backend.addr], "idle_timeout = \"400ms\"", ""));
+    let lb = Ringlb::start(&config_for(&[backend.addr], &top(relay, "idle_timeout = \"400ms\""), ""));
     // Busy: a round trip every 50 ms for twice the idle timeout.
     let mut busy = connect(lb.addr());
     let start = Instant::now();
@@ -183,11 +205,10 @@ fn idle_connection_is_closed_but_busy_one_is_not() {
     assert_eq!(counters["connections_idle_closed_total"], 1, "{counters:?}");
 }
 
-#[test]
-fn thousand_concurrent_connections() {
+fn thousand_concurrent_connections(relay: &str) {
     raise_fd_limit();
     let backend = Backend::echo();
-    let lb = Ringlb::start(&config_for(&[backend.addr], "", ""));
+    let lb = Ringlb::start(&config_for(&[backend.addr], &top(relay, ""), ""));
     let mut streams: Vec<TcpStream> = (0..1000).map(|_| connect(lb.addr())).collect();
     for (i, stream) in streams.iter_mut().enumerate() {
         stream.write_all(format!("{i:>8}").as_bytes()).unwrap();
@@ -204,16 +225,15 @@ fn thousand_concurrent_connections() {
     }
 }
 
-#[test]
-fn fd_count_returns_to_baseline() {
+fn fd_count_returns_to_baseline(relay: &str) {
     let backend = Backend::echo();
-    let lb = Ringlb::start(&config_for(&[backend.addr], "", ""));
-    let baseline = lb.fd_count();
+    let lb = Ringlb::start(&config_for(&[backend.addr], &top(relay, ""), ""));
+    let baseline = lb.fd_count_without_pipes();
     let mut streams: Vec<TcpStream> = (0..50).map(|_| connect(lb.addr())).collect();
     for stream in streams.iter_mut() {
         round_trip(stream, b"x").unwrap();
     }
-    assert!(lb.fd_count() >= baseline + 100, "two fds per connection while open");
+    assert!(lb.fd_count_without_pipes() >= baseline + 100, "two fds per connection while open");
     // Close half with FIN and half with RST.
     for (i, stream) in streams.into_iter().enumerate() {
         if i % 2 == 0 {
@@ -222,8 +242,10 @@ fn fd_count_returns_to_baseline() {
         drop(stream);
     }
     assert!(
-        Ringlb::eventually(Duration::from_secs(10), || lb.fd_count() == baseline),
+        Ringlb::eventually(Duration::from_secs(10), || lb.fd_count_without_pipes() == baseline),
         "fd count {} did not return to baseline {baseline}",
-        lb.fd_count()
+        lb.fd_count_without_pipes()
     );
+    // Splice mode keeps some empty pipes for the next transfers: at most 64 per worker.
+    assert!(lb.fd_count() - baseline <= 2 * 64 * 2, "{} pipe fds kept", lb.fd_count() - baseline);
 }

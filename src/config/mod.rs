@@ -49,7 +49,25 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     /// Where the Prometheus metrics endpoint listens, if anywhere.
     pub metrics_bind: Option<SocketAddr>,
+    /// How bytes move between client and backend.
+    pub relay: Relay,
 }
+
+/// How the workers move bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relay {
+    /// Receive into a ring buffer, send from it: all in the ring.
+    Copy,
+    /// splice(2) through a pipe of `pipe_size` bytes, on the worker thread, after a poll in the
+    /// ring: the bytes are not copied through user space.
+    Splice { pipe_size: u32 },
+}
+
+/// Default and bounds of `pipe_size`: a pipe's default size, and what an unprivileged
+/// process may ask for (fs.pipe-max-size).
+pub const DEFAULT_PIPE_SIZE: u32 = 64 * 1024;
+pub const MIN_PIPE_SIZE: u32 = 4096;
+pub const MAX_PIPE_SIZE: u32 = 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
@@ -267,6 +285,10 @@ impl Config {
         if let Some(metrics) = self.metrics_bind {
             let _ = write!(out, "\n  metrics on http://{metrics}/metrics");
         }
+        let _ = match self.relay {
+            Relay::Copy => write!(out, "\n  relay: copy (ring buffers)"),
+            Relay::Splice { pipe_size } => write!(out, "\n  relay: splice (pipes of {pipe_size} bytes)"),
+        };
         for listener in &self.listeners {
             let _ = match listener.pool.map(|p| &self.pools[p]) {
                 Some(pool) => write!(

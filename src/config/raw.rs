@@ -17,6 +17,8 @@ pub struct RawConfig {
     pub idle_timeout: Option<Spanned<String>>,
     pub drain_timeout: Option<Spanned<String>>,
     pub metrics_bind: Option<Spanned<String>>,
+    pub relay: Option<Spanned<String>>,
+    pub pipe_size: Option<Spanned<i64>>,
     #[serde(default)]
     pub listeners: BTreeMap<String, Spanned<RawListener>>,
     #[serde(default)]

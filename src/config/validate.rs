@@ -121,6 +121,33 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         )?)),
     };
     let metrics_bind = raw.metrics_bind.as_ref().map(|m| src.address(m, "metrics_bind")).transpose()?;
+    let pipe_size = match &raw.pipe_size {
+        None => DEFAULT_PIPE_SIZE,
+        Some(p) => {
+            let size = src.integer(
+                p,
+                "pipe_size",
+                u64::from(MIN_PIPE_SIZE)..=u64::from(MAX_PIPE_SIZE),
+                "a pipe size",
+                " bytes",
+            )?;
+            if !size.is_power_of_two() {
+                return Err(src.invalid(
+                    p.span(),
+                    "pipe_size",
+                    format!("{size} is not a power of two; the kernel sizes pipes in powers of two, e.g. 65536"),
+                ));
+            }
+            size as u32
+        }
+    };
+    let relay = match &raw.relay {
+        None => Relay::Copy,
+        Some(r) => src.choice(r, "relay", &[("copy", Relay::Copy), ("splice", Relay::Splice { pipe_size })])?,
+    };
+    if let (Relay::Copy, Some(p)) = (relay, &raw.pipe_size) {
+        return Err(src.invalid(p.span(), "pipe_size", "pipe_size only applies to relay = \"splice\""));
+    }
     let connect_timeout = src.duration(&raw.connect_timeout, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)?;
     let idle_timeout = src.duration(&raw.idle_timeout, "idle_timeout", DEFAULT_IDLE_TIMEOUT)?;
     let drain_timeout = src.duration(&raw.drain_timeout, "drain_timeout", DEFAULT_DRAIN_TIMEOUT)?;
@@ -170,6 +197,7 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         workers,
         max_connections,
         metrics_bind,
+        relay,
         drain_timeout,
         listeners: listeners.into_iter().map(|(l, _)| l).collect(),
         pools,
@@ -879,6 +907,19 @@ backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight
             17,
             &["pools.web.backends[1].max_conns", "1 to"],
         );
+    }
+
+    #[test]
+    fn relay_modes() {
+        assert_eq!(Config::parse(GOOD, "t").unwrap().relay, Relay::Copy);
+        let splice = Config::parse(&format!("relay = \"splice\"\n{GOOD}"), "t").unwrap();
+        assert_eq!(splice.relay, Relay::Splice { pipe_size: DEFAULT_PIPE_SIZE });
+        let sized = Config::parse(&format!("relay = \"splice\"\npipe_size = 262144\n{GOOD}"), "t").unwrap();
+        assert_eq!(sized.relay, Relay::Splice { pipe_size: 262_144 });
+        assert_error(&format!("relay = \"zero-copy\"\n{GOOD}"), 1, &["relay", "copy, splice"]);
+        assert_error(&format!("relay = \"splice\"\npipe_size = 100000\n{GOOD}"), 2, &["pipe_size", "power of two"]);
+        assert_error(&format!("relay = \"splice\"\npipe_size = 2097152\n{GOOD}"), 2, &["pipe_size", "4096 to 1048576"]);
+        assert_error(&format!("pipe_size = 65536\n{GOOD}"), 1, &["pipe_size", "only applies to relay = \"splice\""]);
     }
 
     #[test]

@@ -208,6 +208,15 @@ impl Ringlb {
             .collect()
     }
 
+    /// Open file descriptors that are not pipes (a splice worker keeps empty pipes pooled).
+    pub fn fd_count_without_pipes(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| !target.to_string_lossy().starts_with("pipe:"))
+            .count()
+    }
+
     /// How many file descriptors the process has open.
     pub fn fd_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count()
