@@ -131,6 +131,11 @@ fn timespec(d: Duration) -> types::Timespec {
     types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos())
 }
 
+/// IORING_RECVSEND_POLL_FIRST (uapi io_uring.h): arm the poll before trying to receive. A
+/// direction is re-armed right after its bytes went out, when its source is almost always
+/// empty, so the kernel's first non-blocking attempt would only fail.
+const RECV_POLL_FIRST: u16 = 1;
+
 /// Empty pipes a worker keeps for the next transfer; more are closed.
 const IDLE_PIPES: usize = 64;
 
@@ -900,6 +905,7 @@ impl Worker {
             }
             Op::Recv { dir, fd } => opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), 0)
                 .buf_group(self.bufs.group())
+                .ioprio(RECV_POLL_FIRST)
                 .build()
                 .flags(squeue::Flags::BUFFER_SELECT)
                 .user_data(token(if dir == Dir::Up { Kind::RecvUp } else { Kind::RecvDown })),
