@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Load test: ringlb against HAProxy (mode tcp) and nginx's stream module, with the same
-# backends and the same load, in alternating rounds; reports medians, the proxy's own CPU per
-# GB / per request, and memory per idle connection. See `scripts/bench.sh --help`.
+# Load test: ringlb (copy and splice relay) against HAProxy (mode tcp) and nginx's stream
+# module, with the same backends and the same load, in alternating rounds; reports medians, the
+# proxy's own CPU per GB / per request, and memory per idle connection. See `--help`.
 set -euo pipefail
 
 readonly SCRIPT_NAME=scripts/bench.sh
@@ -10,14 +10,19 @@ usage() {
 Usage: scripts/bench.sh [--quick] [--rounds N] [--duration SECONDS] [--targets LIST]
                         [--scenarios LIST] [--out DIR] [--idle-conns N]
 
-Runs the same load through four targets and writes DIR/results.md, results.json and
+Runs the same load through six targets and writes DIR/results.md, results.json and
 results.svg (DIR defaults to bench-results/ in the repository).
 
 Targets (default: all, in this order in every round):
-  direct     straight to one backend: the limit of this machine
-  ringlb     $RINGLB_BIN (default target/release/ringlb), workers = CPUs, least_conn
-  haproxy    HAProxy, mode tcp, balance leastconn, nbthread = CPUs
-  nginx      nginx stream module, least_conn, worker_processes = CPUs
+  direct         straight to one backend: the limit of this machine
+  ringlb         $RINGLB_BIN (default target/release/ringlb), workers = CPUs, least_conn,
+                 relay = "copy" (the default relay mode)
+  ringlb-splice  the same binary and configuration, but relay = "splice"
+  ringlb-auto    the same, but relay = "auto" (copy; splice once a direction fills a buffer)
+  haproxy        HAProxy, mode tcp, balance leastconn, nbthread = CPUs
+  nginx          nginx stream module, least_conn, worker_processes = CPUs
+Ratios are to the best peer, the better of haproxy and nginx; each ringlb target is compared
+with that peer, never with another ringlb.
 
 Scenarios (default: all):
   idle       hold N connections (default 5000) through the proxy to Redis: RSS per connection
@@ -31,14 +36,15 @@ Options:
   --rounds N         rounds; each figure is the median over them (default 3)
   --duration S       seconds of load per scenario (default 10)
   --warmup S         seconds of unmeasured load before each wrk scenario (default 1; 0 quick)
-  --idle-conns N     connections held in the idle scenario (default 5000)
+  --idle-conns N     connections held in the idle scenario (default 5000; fewer, for every
+                     target, if the hard open-file limit is too low)
   --out DIR          where the results go (default bench-results/)
 
-Environment: RINGLB_BIN (ringlb binary), BENCH_PORT_BASE (default 17000; ports BASE+1 to
-BASE+42 on 127.0.0.1 are used). Missing tools (haproxy, nginx, libnginx-mod-stream, wrk,
-redis-server, redis-tools) are installed with apt-get when run as root; the services those
-packages would start are stopped and disabled. Every process the bench starts is stopped on
-exit, Ctrl-C included.
+Environment: RINGLB_BIN (the ringlb binary of both ringlb targets), BENCH_PORT_BASE (default
+17000; ports BASE+1 to BASE+52 on 127.0.0.1 are used). Missing tools (haproxy, nginx,
+libnginx-mod-stream, wrk, redis-server, redis-tools) are installed with apt-get when run as
+root; the services those packages would start are stopped and disabled. Every process the
+bench starts is stopped on exit, Ctrl-C included.
 EOF
 }
 
@@ -53,7 +59,8 @@ bench_dir=$root/scripts/bench
 
 # ---------------------------------------------------------------- options
 
-all_targets=(direct ringlb haproxy nginx)
+all_targets=(direct ringlb ringlb-splice ringlb-auto haproxy nginx)
+ringlb_targets=(ringlb ringlb-splice ringlb-auto)
 all_scenarios=(idle bulk keepalive connclose redis)
 quick=0 rounds='' duration='' warmup='' idle_conns=5000 out=''
 targets_arg=$(IFS=,; echo "${all_targets[*]}")
@@ -114,6 +121,11 @@ targets=("${picked[@]}")
 pick scenario "$scenarios_arg" "${all_scenarios[@]}"
 scenarios=("${picked[@]}")
 wants() { [[ " $2 " == *" $1 "* ]]; } # wants WORD "LIST"
+wants_ringlb() {
+    local t
+    for t in "${ringlb_targets[@]}"; do wants "$t" "${targets[*]}" && return 0; done
+    return 1
+}
 
 abspath() { # relative to where the bench was started from
     if [[ $1 == /* ]]; then echo "$1"; else echo "$orig_pwd/$1"; fi
@@ -123,7 +135,7 @@ RINGLB_BIN=${RINGLB_BIN:-target/release/ringlb}
 if [[ $RINGLB_BIN != /* ]]; then
     if [[ -e $orig_pwd/$RINGLB_BIN ]]; then RINGLB_BIN=$orig_pwd/$RINGLB_BIN; else RINGLB_BIN=$root/$RINGLB_BIN; fi
 fi
-if wants ringlb "${targets[*]}"; then
+if wants_ringlb; then
     [[ -x $RINGLB_BIN ]] ||
         die "no ringlb binary at $RINGLB_BIN: build it (cargo build --release --bins, or make bench) or set RINGLB_BIN"
 fi
@@ -135,8 +147,10 @@ if ! [[ $port_base =~ ^[0-9]+$ ]] || ((port_base < 1024 || port_base > 65000)); 
 fi
 web_ports=($((port_base + 1)) $((port_base + 2)) $((port_base + 3)))
 redis_ports=($((port_base + 11)) $((port_base + 12)))
-declare -A web_port=([direct]=${web_ports[0]} [ringlb]=$((port_base + 21)) [haproxy]=$((port_base + 31)) [nginx]=$((port_base + 41)))
-declare -A redis_port=([direct]=${redis_ports[0]} [ringlb]=$((port_base + 22)) [haproxy]=$((port_base + 32)) [nginx]=$((port_base + 42)))
+declare -A web_port=([direct]=${web_ports[0]} [ringlb]=$((port_base + 21)) [haproxy]=$((port_base + 31))
+    [nginx]=$((port_base + 41)) [ringlb-splice]=$((port_base + 51)) [ringlb-auto]=$((port_base + 61)))
+declare -A redis_port=([direct]=${redis_ports[0]} [ringlb]=$((port_base + 22)) [haproxy]=$((port_base + 32))
+    [nginx]=$((port_base + 42)) [ringlb-splice]=$((port_base + 52)) [ringlb-auto]=$((port_base + 62)))
 
 needs_web=0 needs_redis=0
 for s in "${scenarios[@]}"; do
@@ -364,28 +378,37 @@ write_proxy_configs() {
     pool_ports() { if [[ $1 == web ]]; then echo "${web_ports[*]}"; else echo "${redis_ports[*]}"; fi; }
     listen_port() { if [[ $1 == web ]]; then echo "${web_port[$2]}"; else echo "${redis_port[$2]}"; fi; }
 
-    {
-        echo "# ringlb under test: least_conn, one worker per CPU."
-        echo "workers = $ncpu"
-        echo 'connect_timeout = "3s"'
-        echo 'idle_timeout = "1h"'
-        echo 'drain_timeout = "2s"'
-        for pool in "${pools[@]}"; do
-            printf '\n[listeners.%s]\nbind = "127.0.0.1:%s"\npool = "%s"\n' "$pool" "$(listen_port "$pool" ringlb)" "$pool"
-        done
-        for pool in "${pools[@]}"; do
-            printf '\n[pools.%s]\nalgorithm = "least_conn"\nbackends = [' "$pool"
-            i=0
-            for p in $(pool_ports "$pool"); do
-                ((i++)) && printf ', '
-                printf '{ address = "127.0.0.1:%s" }' "$p"
-            done
-            printf ']\n'
-            if [[ $pool == redis ]]; then
-                printf '\n[pools.redis.health]\n%s\n%s\n' 'send = "PING\r\n"' 'expect = "+PONG"'
+    # The ringlb targets: the same but for the relay mode (and their ports).
+    local t
+    for t in "${ringlb_targets[@]}"; do
+        {
+            if [[ $t == ringlb ]]; then
+                echo "# ringlb under test, default relay: least_conn, one worker per CPU."
+            else
+                echo "# ringlb under test, relay = ${t#ringlb-}: least_conn, one worker per CPU."
+                echo "relay = \"${t#ringlb-}\""
             fi
-        done
-    } >"$tmp/conf/ringlb.toml"
+            echo "workers = $ncpu"
+            echo 'connect_timeout = "3s"'
+            echo 'idle_timeout = "1h"'
+            echo 'drain_timeout = "2s"'
+            for pool in "${pools[@]}"; do
+                printf '\n[listeners.%s]\nbind = "127.0.0.1:%s"\npool = "%s"\n' "$pool" "$(listen_port "$pool" "$t")" "$pool"
+            done
+            for pool in "${pools[@]}"; do
+                printf '\n[pools.%s]\nalgorithm = "least_conn"\nbackends = [' "$pool"
+                i=0
+                for p in $(pool_ports "$pool"); do
+                    ((i++)) && printf ', '
+                    printf '{ address = "127.0.0.1:%s" }' "$p"
+                done
+                printf ']\n'
+                if [[ $pool == redis ]]; then
+                    printf '\n[pools.redis.health]\n%s\n%s\n' 'send = "PING\r\n"' 'expect = "+PONG"'
+                fi
+            done
+        } >"$tmp/conf/$t.toml"
+    done
 
     {
         cat <<EOC
@@ -441,10 +464,17 @@ EOC
 }
 
 check_proxy_configs() {
-    if wants ringlb "${targets[*]}"; then
-        "$RINGLB_BIN" check -c "$tmp/conf/ringlb.toml" >"$tmp/logs/ringlb-check.log" 2>&1 ||
-            { cat "$tmp/logs/ringlb-check.log" >&2; die "ringlb rejected the generated configuration"; }
-    fi
+    local t
+    for t in "${ringlb_targets[@]}"; do
+        wants "$t" "${targets[*]}" || continue
+        if ! "$RINGLB_BIN" check -c "$tmp/conf/$t.toml" >"$tmp/logs/$t-check.log" 2>&1; then
+            cat "$tmp/logs/$t-check.log" >&2
+            if grep -q 'unknown field .relay.\|"auto" is not valid' "$tmp/logs/$t-check.log"; then
+                die "$RINGLB_BIN predates the relay mode $t needs: rebuild it (cargo build --release --bins) or leave $t out of --targets"
+            fi
+            die "ringlb rejected the generated configuration for $t (above)"
+        fi
+    done
     if wants haproxy "${targets[*]}"; then
         haproxy -c -q -f "$tmp/conf/haproxy.cfg" >"$tmp/logs/haproxy-check.log" 2>&1 ||
             { cat "$tmp/logs/haproxy-check.log" >&2; die "haproxy rejected the generated configuration"; }
@@ -460,7 +490,7 @@ start_target() { # start_target TARGET; sets target_pid ('' for direct)
     target_pid=''
     case $t in
         direct) return 0 ;;
-        ringlb) start_bg ringlb "$RINGLB_BIN" run -c "$tmp/conf/ringlb.toml" ;;
+        ringlb | ringlb-splice | ringlb-auto) start_bg "$t" "$RINGLB_BIN" run -c "$tmp/conf/$t.toml" ;;
         haproxy) start_bg haproxy haproxy -db -f "$tmp/conf/haproxy.cfg" ;;
         nginx) start_bg nginx nginx -e "$tmp/logs/nginx-stream.error.log" -p "$tmp/nginx-stream/" -c "$tmp/conf/nginx-stream.conf" ;;
     esac
@@ -484,7 +514,7 @@ run_scenario() { # run_scenario ROUND TARGET SCENARIO
     local r=$1 t=$2 s=$3 port
     case $s in bulk | keepalive | connclose) port=${web_port[$t]} ;; *) port=${redis_port[$t]} ;; esac
     if [[ $s == idle && $t == direct ]]; then
-        echo "    $t $(printf '%*s' $((8 - ${#t})) '')idle       (no proxy: nothing to measure)"
+        printf '    %-13s %-10s %s\n' "$t" idle "(no proxy: nothing to measure)" # as run.py prints
         return 0
     fi
     python3 "$bench_dir/run.py" "$s" --target "$t" --round "$r" --port "$port" --pids "$target_pid" \
@@ -518,11 +548,31 @@ mkdir -p "$tmp/logs"
 install_tools
 check_tools
 
+# Open-file limit: 20000, or what the idle scenario needs if more (up to the hard limit). A
+# proxied connection takes 2 descriptors; ringlb with relay = "splice" or "auto" also sets a
+# quarter of its budget aside for pipes and sizes its connection limit (split evenly over its
+# workers) by the rest.
+fds_per_conn=2
+pipe_share=0
+if wants ringlb-splice "${targets[*]}" || wants ringlb-auto "${targets[*]}"; then pipe_share=1; fi
+fds_for() { # fds_for N: the open-file limit N idle connections need (10% spare: uneven workers)
+    local need=$((($1 + $1 / 10 + 64) * fds_per_conn + 200))
+    ((pipe_share)) && need=$((need * 4 / 3))
+    echo "$need"
+}
+nofile=20000
+if wants idle "${scenarios[*]}" && (($(fds_for "$idle_conns") > nofile)); then nofile=$(fds_for "$idle_conns"); fi
 hard=$(ulimit -Hn)
-if [[ $hard == unlimited ]] || ((hard >= 20000)); then ulimit -n 20000; else ulimit -n "$hard"; fi
-if wants idle "${scenarios[*]}" && ((idle_conns * 2 + 500 > $(ulimit -n))); then
-    new=$((($(ulimit -n) - 500) / 2))
-    log "the open-file limit ($(ulimit -n)) allows about $new idle connections through a proxy, not $idle_conns; using $new"
+if [[ $hard != unlimited ]] && ((hard < nofile)); then nofile=$hard; fi
+ulimit -n "$nofile" || die "cannot set the open-file limit to $nofile (hard limit: $hard)"
+if wants idle "${scenarios[*]}" && (($(fds_for "$idle_conns") > nofile)); then
+    usable=$(( pipe_share ? (nofile - 200) * 3 / 4 : nofile - 200 ))
+    new=$(((usable / fds_per_conn - 64) * 10 / 11))
+    ((new > 100)) && new=$((new / 100 * 100))
+    ((new > 0)) || die "the open-file limit ($nofile) is too low for the idle scenario; raise it or leave idle out of --scenarios"
+    why=''
+    ((pipe_share)) && why=' (splicing ringlb sets a quarter of its descriptors aside for pipes)'
+    log "the open-file limit ($nofile, the hard limit) allows about $new idle connections through every proxy$why, not $idle_conns; using $new for every target"
     idle_conns=$new
 fi
 settle=1
@@ -550,7 +600,7 @@ rm -f "$out/results.md" "$out/results.json" "$out/results.svg" # no stale result
     printf 'git\t%s\n' "$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)"
     for tool in ringlb haproxy nginx wrk redis; do
         case $tool in
-            ringlb) wants ringlb "${targets[*]}" || continue ;;
+            ringlb) wants_ringlb || continue ;;
             haproxy) wants haproxy "${targets[*]}" || continue ;;
             nginx) command -v nginx >/dev/null || continue ;;
             wrk) command -v wrk >/dev/null || continue ;;

@@ -152,8 +152,9 @@ pub enum Event {
     ConnectTimerDone,
     /// A read into the prefix finished: bytes (0 = the client closed) or -errno.
     PrefixRead { result: i32 },
-    /// A receive finished: bytes (0 = end of stream) or -errno, and the buffer if one was used.
-    Received { dir: Dir, result: i32, buf: Option<BufId> },
+    /// A receive finished: bytes (0 = end of stream) or -errno, and the buffer if one was used;
+    /// `full` says the bytes filled the whole buffer (a bulk transfer).
+    Received { dir: Dir, result: i32, buf: Option<BufId>, full: bool },
     /// A send finished: bytes or -errno.
     Sent { dir: Dir, result: i32 },
     /// The destination of `dir` became writable (or failed; the resend will tell).
@@ -254,6 +255,18 @@ pub enum Notice {
     PrefixGrew,
 }
 
+/// How a connection moves bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relay {
+    /// Receive into ring buffers and send from them.
+    Copy,
+    /// Splice through pipes.
+    Splice,
+    /// Copy, and splice a direction once it moves a whole buffer at once (as HAProxy's
+    /// splice-auto): small exchanges stay in the ring, bulk transfers skip the copies.
+    Auto,
+}
+
 /// Pipe fills a direction may do per readiness before it polls again, so one busy connection
 /// does not keep the worker from the others.
 const SPLICE_ROUNDS: u8 = 8;
@@ -339,8 +352,10 @@ pub struct Conn {
     pub backend_index: u32,
     /// Bytes to read before routing and to send before relaying; `None` when there are none.
     pub prefix: Option<Box<Prefix>>,
-    /// Splice mode: relay through pipes instead of ring buffers.
-    splice: bool,
+    relay: Relay,
+    /// Whether each direction relays by splice (always in splice mode; in auto mode once it
+    /// moved a full buffer at once).
+    spliced: [bool; 2],
     /// Splice mode: the worker's pipe each direction holds, by index (worker-managed).
     pub pipes: [Option<u32>; 2],
     /// Connect attempts still allowed, counting the one in flight.
@@ -360,8 +375,8 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// A connection just accepted on `client`; `splice` picks the splice relay.
-    pub fn new(generation: u32, client: RawFd, listener: u32, splice: bool, now: u64) -> Conn {
+    /// A connection just accepted on `client`, relayed the `relay` way.
+    pub fn new(generation: u32, client: RawFd, listener: u32, relay: Relay, now: u64) -> Conn {
         Conn {
             generation,
             client,
@@ -375,7 +390,8 @@ impl Conn {
             pool: 0,
             backend_index: 0,
             prefix: None,
-            splice,
+            relay,
+            spliced: [relay == Relay::Splice; 2],
             pipes: [None; 2],
             attempts_left: 1,
             tried: 0,
@@ -517,7 +533,7 @@ impl Conn {
 
     fn receive(&mut self, dir: Dir, ops: &mut Vec<Op>) {
         match self.fd(dir.src()) {
-            Some(fd) if self.splice => {
+            Some(fd) if self.spliced[dir.index()] => {
                 self.flows[dir.index()] = Flow::Polling;
                 self.emit(Op::PollIn { dir, fd }, ops);
             }
@@ -530,7 +546,8 @@ impl Conn {
     }
 
     /// The worker spliced from the source into the pipe: bytes, 0 (end of stream) or -errno
-    /// (-EAGAIN: nothing to read after all; -EMFILE/-ENFILE: no pipe could be made).
+    /// (-EAGAIN: nothing to read after all; -ENOBUFS: the worker has no pipe to spare, so this
+    /// round goes by copy; -EMFILE/-ENFILE: no pipe could be made).
     pub fn spliced_in(&mut self, dir: Dir, result: i32, now: u64, ops: &mut Vec<Op>) {
         let Flow::Piping { rounds, .. } = self.flows[dir.index()] else { return };
         let (Some(src), Some(dst)) = (self.fd(dir.src()), self.fd(dir.dst())) else { return };
@@ -553,6 +570,12 @@ impl Conn {
                 ops.push(Op::ReleasePipe(dir));
                 self.flows[dir.index()] = Flow::Polling;
                 self.emit(Op::PollIn { dir, fd: src }, ops);
+            }
+            e if -e == libc::ENOBUFS => {
+                // No pipe to spare: move what is waiting through a ring buffer instead; the
+                // next round tries a pipe again.
+                self.flows[dir.index()] = Flow::Receiving;
+                self.emit(Op::Recv { dir, fd: src }, ops);
             }
             e if -e == libc::EMFILE || -e == libc::ENFILE || -e == libc::ENOMEM => {
                 self.flows[dir.index()] = Flow::Done;
@@ -648,7 +671,13 @@ impl Conn {
                 }
             }
             Event::ConnectTimerDone | Event::Cancelled | Event::Closed => {}
-            Event::Received { dir, result, buf } => self.received(dir, result, buf, now, ops),
+            Event::Received { dir, result, buf, full } => {
+                if full && self.relay == Relay::Auto {
+                    // A bulk transfer: from the next receive on, splice this direction.
+                    self.spliced[dir.index()] = true;
+                }
+                self.received(dir, result, buf, now, ops)
+            }
             Event::Sent { dir, result } => self.sent(dir, result, now, ops),
             Event::Writable { dir } => match self.flows[dir.index()] {
                 Flow::Sending { buf, offset, len } => self.send(dir, buf, offset, len, ops),
@@ -882,7 +911,7 @@ mod tests {
 
     impl Harness {
         fn new(attempts: u32) -> Harness {
-            let mut h = Harness { conn: Conn::new(1, CLIENT, 0, false, 0), ops: Vec::new(), now: 0 };
+            let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Copy, 0), ops: Vec::new(), now: 0 };
             h.conn.route(0, attempts, &mut h.ops);
             assert_eq!(h.take(), vec![Op::Connect]);
             h.conn.backend_opened(BACKEND, 0);
@@ -926,7 +955,7 @@ mod tests {
     #[test]
     fn relays_and_recycles() {
         let mut h = Harness::relaying();
-        let ops = h.event(Event::Received { dir: Dir::Up, result: 100, buf: Some(3) });
+        let ops = h.event(Event::Received { dir: Dir::Up, result: 100, buf: Some(3), full: false });
         assert_eq!(ops, vec![Op::Send { dir: Dir::Up, fd: BACKEND, buf: 3, offset: 0, len: 100 }]);
         assert_eq!(h.conn.last_active, h.now);
         // A short send resends the rest from the same buffer.
@@ -942,14 +971,14 @@ mod tests {
     fn half_close_keeps_reverse_direction() {
         let mut h = Harness::relaying();
         // Client sends FIN: shut down writing to the backend, keep relaying the other way.
-        let ops = h.event(Event::Received { dir: Dir::Up, result: 0, buf: None });
+        let ops = h.event(Event::Received { dir: Dir::Up, result: 0, buf: None, full: false });
         assert_eq!(ops, vec![Op::Shutdown { fd: BACKEND }]);
-        let ops = h.event(Event::Received { dir: Dir::Down, result: 5, buf: Some(1) });
+        let ops = h.event(Event::Received { dir: Dir::Down, result: 5, buf: Some(1), full: false });
         assert_eq!(ops, vec![Op::Send { dir: Dir::Down, fd: CLIENT, buf: 1, offset: 0, len: 5 }]);
         let ops = h.event(Event::Sent { dir: Dir::Down, result: 5 });
         assert_eq!(ops, vec![Op::Recycle(1), Op::Recv { dir: Dir::Down, fd: BACKEND }]);
         // Backend finishes too: shutdown the client, then close both with FIN.
-        let ops = h.event(Event::Received { dir: Dir::Down, result: 0, buf: None });
+        let ops = h.event(Event::Received { dir: Dir::Down, result: 0, buf: None, full: false });
         assert_eq!(
             ops,
             vec![
@@ -965,19 +994,19 @@ mod tests {
     #[test]
     fn eof_with_a_buffer_recycles_it() {
         let mut h = Harness::relaying();
-        let ops = h.event(Event::Received { dir: Dir::Down, result: 0, buf: Some(9) });
+        let ops = h.event(Event::Received { dir: Dir::Down, result: 0, buf: Some(9), full: false });
         assert_eq!(ops, vec![Op::Recycle(9), Op::Shutdown { fd: CLIENT }]);
     }
 
     #[test]
     fn backend_reset_resets_client_after_cancelling() {
         let mut h = Harness::relaying();
-        let ops = h.event(Event::Received { dir: Dir::Down, result: -libc::ECONNRESET, buf: None });
+        let ops = h.event(Event::Received { dir: Dir::Down, result: -libc::ECONNRESET, buf: None, full: false });
         // The client's receive is still in flight: cancel it before closing.
         assert_eq!(ops, vec![Op::Cancel { fd: CLIENT }]);
         assert_eq!(h.conn.end(), Some(End::Reset(Side::Backend)));
         assert!(h.event(Event::Cancelled).is_empty());
-        let ops = h.event(Event::Received { dir: Dir::Up, result: -libc::ECANCELED, buf: None });
+        let ops = h.event(Event::Received { dir: Dir::Up, result: -libc::ECANCELED, buf: None, full: false });
         assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: true }, Op::Close { fd: BACKEND, reset: false }]);
         h.finish_close(2);
     }
@@ -985,36 +1014,36 @@ mod tests {
     #[test]
     fn client_reset_resets_backend() {
         let mut h = Harness::relaying();
-        let ops = h.event(Event::Received { dir: Dir::Up, result: -libc::ECONNRESET, buf: None });
+        let ops = h.event(Event::Received { dir: Dir::Up, result: -libc::ECONNRESET, buf: None, full: false });
         assert_eq!(ops, vec![Op::Cancel { fd: BACKEND }]);
         h.event(Event::Cancelled);
-        let ops = h.event(Event::Received { dir: Dir::Down, result: -libc::ECANCELED, buf: None });
+        let ops = h.event(Event::Received { dir: Dir::Down, result: -libc::ECANCELED, buf: None, full: false });
         assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: true }]);
     }
 
     #[test]
     fn failed_send_resets_the_source_and_returns_the_buffer() {
         let mut h = Harness::relaying();
-        h.event(Event::Received { dir: Dir::Down, result: 10, buf: Some(4) });
+        h.event(Event::Received { dir: Dir::Down, result: 10, buf: Some(4), full: false });
         let ops = h.event(Event::Sent { dir: Dir::Down, result: -libc::EPIPE });
         // The backend has nothing in flight (its direction was sending); the client's receive is.
         assert_eq!(ops, vec![Op::Recycle(4), Op::Cancel { fd: CLIENT }]);
         assert_eq!(h.conn.end(), Some(End::Reset(Side::Client)));
         h.event(Event::Cancelled);
-        let ops = h.event(Event::Received { dir: Dir::Up, result: -libc::ECANCELED, buf: None });
+        let ops = h.event(Event::Received { dir: Dir::Up, result: -libc::ECANCELED, buf: None, full: false });
         assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: true }]);
     }
 
     #[test]
     fn buffer_held_by_cancelled_send_is_recycled_on_its_completion() {
         let mut h = Harness::relaying();
-        h.event(Event::Received { dir: Dir::Up, result: 10, buf: Some(2) });
+        h.event(Event::Received { dir: Dir::Up, result: 10, buf: Some(2), full: false });
         h.conn.close(&mut h.ops);
         // Both operations in flight (up send, down receive) are on the backend's socket.
         assert_eq!(h.take(), vec![Op::Cancel { fd: BACKEND }]);
         assert_eq!(h.event(Event::Sent { dir: Dir::Up, result: -libc::ECANCELED }), vec![Op::Recycle(2)]);
         h.event(Event::Cancelled);
-        let ops = h.event(Event::Received { dir: Dir::Down, result: -libc::ECANCELED, buf: None });
+        let ops = h.event(Event::Received { dir: Dir::Down, result: -libc::ECANCELED, buf: None, full: false });
         assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: false }]);
         h.finish_close(2);
     }
@@ -1022,7 +1051,7 @@ mod tests {
     #[test]
     fn no_buffers_waits_then_resumes() {
         let mut h = Harness::relaying();
-        let ops = h.event(Event::Received { dir: Dir::Up, result: -libc::ENOBUFS, buf: None });
+        let ops = h.event(Event::Received { dir: Dir::Up, result: -libc::ENOBUFS, buf: None, full: false });
         assert_eq!(ops, vec![Op::WaitForBuffer(Dir::Up)]);
         assert!(h.conn.is_starved(Dir::Up));
         h.conn.buffer_available(Dir::Up, &mut h.ops);
@@ -1035,11 +1064,11 @@ mod tests {
     #[test]
     fn starved_connection_closes_without_waiting_for_a_buffer() {
         let mut h = Harness::relaying();
-        h.event(Event::Received { dir: Dir::Up, result: -libc::ENOBUFS, buf: None });
+        h.event(Event::Received { dir: Dir::Up, result: -libc::ENOBUFS, buf: None, full: false });
         h.conn.close(&mut h.ops);
         // The down receive is in flight; the starved up direction has nothing in flight.
         assert_eq!(h.take(), vec![Op::Cancel { fd: BACKEND }]);
-        h.event(Event::Received { dir: Dir::Down, result: -libc::ECANCELED, buf: None });
+        h.event(Event::Received { dir: Dir::Down, result: -libc::ECANCELED, buf: None, full: false });
         let ops = h.event(Event::Cancelled);
         assert_eq!(ops.len(), 2);
         h.conn.buffer_available(Dir::Up, &mut h.ops);
@@ -1089,7 +1118,7 @@ mod tests {
 
     #[test]
     fn socket_failure_closes_client() {
-        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, false, 0), ops: Vec::new(), now: 0 };
+        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Copy, 0), ops: Vec::new(), now: 0 };
         h.conn.route(0, 3, &mut h.ops);
         h.take();
         h.conn.socket_failed(&mut h.ops);
@@ -1123,10 +1152,10 @@ mod tests {
     fn interrupted_operations_are_retried() {
         let mut h = Harness::relaying();
         assert_eq!(
-            h.event(Event::Received { dir: Dir::Up, result: -libc::EINTR, buf: None }),
+            h.event(Event::Received { dir: Dir::Up, result: -libc::EINTR, buf: None, full: false }),
             vec![Op::Recv { dir: Dir::Up, fd: CLIENT }]
         );
-        h.event(Event::Received { dir: Dir::Up, result: 7, buf: Some(0) });
+        h.event(Event::Received { dir: Dir::Up, result: 7, buf: Some(0), full: false });
         assert_eq!(
             h.event(Event::Sent { dir: Dir::Up, result: -libc::EINTR }),
             vec![Op::Send { dir: Dir::Up, fd: BACKEND, buf: 0, offset: 0, len: 7 }]
@@ -1135,7 +1164,7 @@ mod tests {
 
     #[test]
     fn handshake_reads_then_prefix_goes_first() {
-        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, false, 0), ops: Vec::new(), now: 0 };
+        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Copy, 0), ops: Vec::new(), now: 0 };
         h.conn.prefix = Some(Prefix::new(100));
         h.conn.read_prefix(&mut h.ops);
         assert_eq!(h.take(), vec![Op::ReadPrefix { fd: CLIENT }]);
@@ -1168,7 +1197,7 @@ mod tests {
 
     #[test]
     fn client_leaving_during_handshake_ends_it() {
-        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, false, 0), ops: Vec::new(), now: 0 };
+        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Copy, 0), ops: Vec::new(), now: 0 };
         h.conn.prefix = Some(Prefix::new(100));
         h.conn.read_prefix(&mut h.ops);
         h.take();
@@ -1180,7 +1209,7 @@ mod tests {
 
     #[test]
     fn queued_connection_resumes_or_closes_at_once() {
-        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, false, 0), ops: Vec::new(), now: 0 };
+        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Copy, 0), ops: Vec::new(), now: 0 };
         h.conn.route(0, 2, &mut h.ops);
         assert_eq!(h.take(), vec![Op::Connect]);
         h.conn.defer_connect();
@@ -1199,7 +1228,7 @@ mod tests {
 
     #[test]
     fn splice_polls_then_pipes_source_to_destination() {
-        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, true, 0), ops: Vec::new(), now: 0 };
+        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Splice, 0), ops: Vec::new(), now: 0 };
         h.conn.route(0, 1, &mut h.ops);
         h.take();
         h.conn.backend_opened(BACKEND, 0);
@@ -1234,7 +1263,7 @@ mod tests {
 
     #[test]
     fn splice_yields_after_a_few_pipe_fills() {
-        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, true, 0), ops: Vec::new(), now: 0 };
+        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Splice, 0), ops: Vec::new(), now: 0 };
         h.conn.route(0, 1, &mut h.ops);
         h.conn.backend_opened(BACKEND, 0);
         h.take();
@@ -1252,9 +1281,44 @@ mod tests {
     }
 
     #[test]
+    fn auto_relay_splices_a_direction_after_a_full_buffer() {
+        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Auto, 0), ops: Vec::new(), now: 0 };
+        h.conn.route(0, 1, &mut h.ops);
+        h.conn.backend_opened(BACKEND, 0);
+        h.take();
+        h.event(Event::ConnectTimerDone);
+        // Both directions start with the copy relay.
+        assert_eq!(
+            h.event(Event::Connected(0)),
+            vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Recv { dir: Dir::Down, fd: BACKEND }]
+        );
+        // A small request stays on copy.
+        h.event(Event::Received { dir: Dir::Up, result: 100, buf: Some(1), full: false });
+        assert_eq!(
+            h.event(Event::Sent { dir: Dir::Up, result: 100 }),
+            vec![Op::Recycle(1), Op::Recv { dir: Dir::Up, fd: CLIENT }]
+        );
+        // A full buffer down: after it is sent, the direction splices.
+        h.event(Event::Received { dir: Dir::Down, result: 32768, buf: Some(2), full: true });
+        assert_eq!(
+            h.event(Event::Sent { dir: Dir::Down, result: 32768 }),
+            vec![Op::Recycle(2), Op::PollIn { dir: Dir::Down, fd: BACKEND }]
+        );
+        // No pipe to spare: this round goes through a ring buffer, the next tries a pipe again.
+        assert_eq!(h.event(Event::Readable { dir: Dir::Down }), vec![Op::SpliceIn { dir: Dir::Down, fd: BACKEND }]);
+        h.conn.spliced_in(Dir::Down, -libc::ENOBUFS, 5, &mut h.ops);
+        assert_eq!(h.take(), vec![Op::Recv { dir: Dir::Down, fd: BACKEND }]);
+        h.event(Event::Received { dir: Dir::Down, result: 10, buf: Some(3), full: false });
+        assert_eq!(
+            h.event(Event::Sent { dir: Dir::Down, result: 10 }),
+            vec![Op::Recycle(3), Op::PollIn { dir: Dir::Down, fd: BACKEND }]
+        );
+    }
+
+    #[test]
     fn full_socket_waits_for_writable_then_resends_the_rest() {
         let mut h = Harness::relaying();
-        h.event(Event::Received { dir: Dir::Down, result: 100, buf: Some(5) });
+        h.event(Event::Received { dir: Dir::Down, result: 100, buf: Some(5), full: false });
         h.event(Event::Sent { dir: Dir::Down, result: 30 });
         assert_eq!(
             h.event(Event::Sent { dir: Dir::Down, result: -libc::EAGAIN }),
@@ -1269,13 +1333,13 @@ mod tests {
     #[test]
     fn close_while_waiting_for_writable_recycles_the_buffer() {
         let mut h = Harness::relaying();
-        h.event(Event::Received { dir: Dir::Down, result: 100, buf: Some(5) });
+        h.event(Event::Received { dir: Dir::Down, result: 100, buf: Some(5), full: false });
         h.event(Event::Sent { dir: Dir::Down, result: -libc::EAGAIN });
         h.conn.close(&mut h.ops);
         // The up receive and the poll are both on the client's socket.
         assert_eq!(h.take(), vec![Op::Cancel { fd: CLIENT }]);
         assert_eq!(h.event(Event::Writable { dir: Dir::Down }), vec![Op::Recycle(5)]);
-        h.event(Event::Received { dir: Dir::Up, result: -libc::ECANCELED, buf: None });
+        h.event(Event::Received { dir: Dir::Up, result: -libc::ECANCELED, buf: None, full: false });
         let ops = h.event(Event::Cancelled);
         assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: false }]);
     }
@@ -1345,9 +1409,9 @@ mod model {
     impl Model {
         /// `handshake`: the connection reads a prefix before it is routed; `proxy`: a prefix
         /// (PROXY header) is sent to the backend first.
-        fn new(attempts: u32, handshake: bool, proxy: bool, defer: bool, splice: bool, seed: u64) -> Model {
+        fn new(attempts: u32, handshake: bool, proxy: bool, defer: bool, relay: Relay, seed: u64) -> Model {
             let mut model = Model {
-                conn: Conn::new(1, CLIENT, 0, splice, 0),
+                conn: Conn::new(1, CLIENT, 0, relay, 0),
                 pending: Vec::new(),
                 open_fds: BTreeSet::from([CLIENT]),
                 closed_fds: BTreeSet::new(),
@@ -1462,13 +1526,18 @@ mod model {
                             self.next_pipe += 1;
                             self.conn.pipes[dir as usize] = Some(self.next_pipe);
                         }
-                        let result = match self.random() % 8 {
+                        let result = match self.random() % 9 {
                             0 => 0,
                             1 => -libc::EAGAIN,
                             2 => -libc::ECONNRESET,
                             3 => -libc::EMFILE,
+                            4 => -libc::ENOBUFS,
                             r => (r * 1000) as i32,
                         };
+                        if result == -libc::ENOBUFS {
+                            // The worker had no pipe to give.
+                            self.conn.pipes[dir as usize] = None;
+                        }
                         if result > 0 {
                             self.piped[dir as usize] = result as u32;
                         }
@@ -1583,7 +1652,7 @@ mod model {
                         assert!(self.held_buffers.insert(buf));
                         buf
                     });
-                    Event::Received { dir, result, buf }
+                    Event::Received { dir, result, buf, full: result > 0 && choice.outcome % 3 == 0 }
                 }
                 Pending::Send(dir, _, len) => Event::Sent {
                     dir,
@@ -1630,12 +1699,12 @@ mod model {
             handshake in any::<bool>(),
             proxy in any::<bool>(),
             defer in any::<bool>(),
-            splice in any::<bool>(),
+            relay in prop_oneof![Just(Relay::Copy), Just(Relay::Splice), Just(Relay::Auto)],
             seed in any::<u64>(),
             close_at in proptest::option::of(0usize..60),
             choices in proptest::collection::vec(choice(), 1..400),
         ) {
-            let mut model = Model::new(attempts, handshake, proxy, defer, splice, seed);
+            let mut model = Model::new(attempts, handshake, proxy, defer, relay, seed);
             for (i, choice) in choices.iter().enumerate() {
                 if model.freed {
                     break;

@@ -13,6 +13,7 @@ use log::{error, info};
 
 use crate::admission::Admission;
 use crate::config::{Config, Relay};
+use crate::conn;
 use crate::control::{ControlEvent, RunState, Shared, SourceLimit};
 use crate::pool::Snapshot;
 use crate::stats;
@@ -21,6 +22,8 @@ use crate::worker::{RingSizes, Worker, WorkerListener, WorkerPlan};
 
 /// The listen backlog of every listener.
 const BACKLOG: i32 = 4096;
+/// Most pipes one worker holds at once, when it splices.
+const MAX_PIPES_PER_WORKER: u64 = 1024;
 /// Descriptors kept aside beyond those open at startup (log output, /proc reads, the odd
 /// accept that slips past the cap).
 const SPARE_FDS: u64 = 16;
@@ -120,11 +123,17 @@ impl Server {
         let (shared, events) = Shared::new(snapshot, workers, sources).map_err(StartError::Doorbell)?;
         let shared = Arc::new(shared);
 
-        // Every connection holds two descriptors, and with splice up to two pipes of two more
-        // while bytes are in flight; the rings (one each) are not open yet.
-        let per_connection = if matches!(config.relay, Relay::Splice { .. }) { 6 } else { 2 };
+        // Every connection holds two descriptors. Splicing workers may also hold up to
+        // `pipe_limit` pipes of two each (a quarter of the budget at most, 1024 per worker at
+        // most), set aside here; the rings (one each) are not open yet.
         let open_now = sys::open_fd_count().map_or(64, |n| n as u64);
-        let connection_capacity = fd_limit.saturating_sub(open_now + workers as u64 + SPARE_FDS) / per_connection;
+        let budget = fd_limit.saturating_sub(open_now + workers as u64 + SPARE_FDS);
+        let pipe_limit = match (config.relay, sizes.pipes) {
+            (Relay::Copy, _) => 0,
+            (_, Some(pipes)) => pipes as u64,
+            _ => (budget / 4 / (2 * workers as u64)).clamp(1, MAX_PIPES_PER_WORKER),
+        };
+        let connection_capacity = budget.saturating_sub(2 * pipe_limit * workers as u64) / 2;
         let max_connections = match config.max_connections {
             Some(max) => {
                 if max.get() as u64 > connection_capacity {
@@ -146,10 +155,13 @@ impl Server {
                 listeners,
                 drain_timeout: config.drain_timeout,
                 max_connections: per_worker,
-                splice_pipe_size: match config.relay {
-                    Relay::Splice { pipe_size } => Some(pipe_size),
-                    Relay::Copy => None,
+                relay: match config.relay {
+                    Relay::Copy => conn::Relay::Copy,
+                    Relay::Splice { .. } => conn::Relay::Splice,
+                    Relay::Auto { .. } => conn::Relay::Auto,
                 },
+                pipe_size: config.relay.pipe_size().unwrap_or(0),
+                pipe_limit: pipe_limit as usize,
                 sizes,
                 doorbell: shared.doorbell(index),
             };
@@ -209,8 +221,9 @@ impl Server {
             return Err(failure);
         }
         info!(
-            "{workers} workers running, up to {} connections ({per_worker} per worker); the file-descriptor limit ({fd_limit}) allows about {connection_capacity} ({per_connection} descriptors each)",
-            server.max_connections
+            "{workers} workers running, up to {} connections ({per_worker} per worker); the file-descriptor limit ({fd_limit}) allows about {connection_capacity} (2 descriptors each){}",
+            server.max_connections,
+            if pipe_limit > 0 { format!(", with {pipe_limit} pipes per worker for splicing") } else { String::new() }
         );
         Ok(server)
     }

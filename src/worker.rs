@@ -22,7 +22,7 @@ use crate::acl::AccessRules;
 use crate::admission::{Admission, Step};
 use crate::balance::Picker;
 use crate::config::OnDown;
-use crate::conn::{Conn, Dir, End, Event, Notice, Op, Prefix};
+use crate::conn::{Conn, Dir, End, Event, Notice, Op, Prefix, Relay};
 use crate::control::{ControlEvent, RunState, Shared};
 use crate::pool::Snapshot;
 use crate::proxy_protocol;
@@ -42,11 +42,13 @@ pub struct RingSizes {
     pub buffers: u16,
     /// Bytes per buffer: the most one receive moves.
     pub buffer_size: u32,
+    /// Pipes a splicing worker may hold at once; `None`: from the file-descriptor budget.
+    pub pipes: Option<usize>,
 }
 
 impl Default for RingSizes {
     fn default() -> RingSizes {
-        RingSizes { entries: 1024, cq_entries: 4096, buffers: 512, buffer_size: 32 * 1024 }
+        RingSizes { entries: 1024, cq_entries: 4096, buffers: 512, buffer_size: 32 * 1024, pipes: None }
     }
 }
 
@@ -71,8 +73,12 @@ pub struct WorkerPlan {
     pub drain_timeout: Duration,
     /// Connections this worker holds at most; at the cap it stops accepting.
     pub max_connections: usize,
-    /// Splice relay with pipes of this size; `None`: the copy relay.
-    pub splice_pipe_size: Option<u32>,
+    /// How connections move bytes.
+    pub relay: Relay,
+    /// Size of the splice pipes, and how many this worker may hold at once (their descriptors
+    /// are set aside from the fd budget; past it, a direction relays by copy for a round).
+    pub pipe_size: u32,
+    pub pipe_limit: usize,
     pub sizes: RingSizes,
     pub doorbell: Arc<OwnedFd>,
 }
@@ -162,7 +168,9 @@ pub struct Worker {
     /// the next transfer.
     pipes: Slab<sys::Pipe>,
     idle_pipes: Vec<sys::Pipe>,
-    pipe_size: Option<u32>,
+    relay: Relay,
+    pipe_size: u32,
+    pipe_limit: usize,
     /// Per pool: connections (slot, generation) waiting for a backend below `max_conns`,
     /// oldest first.
     queues: Vec<VecDeque<(usize, u32)>>,
@@ -250,7 +258,9 @@ impl Worker {
             conns: Slab::with_capacity(1024),
             pipes: Slab::new(),
             idle_pipes: Vec::new(),
-            pipe_size: plan.splice_pipe_size,
+            relay: plan.relay,
+            pipe_size: plan.pipe_size,
+            pipe_limit: plan.pipe_limit,
             next_generation: 0,
             ops: Vec::with_capacity(16),
             completions: Vec::with_capacity(256),
@@ -620,7 +630,7 @@ impl Worker {
         }
         let generation = self.next_generation;
         self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
-        let slot = self.conns.insert(Conn::new(generation, fd, l as u32, self.pipe_size.is_some(), self.now));
+        let slot = self.conns.insert(Conn::new(generation, fd, l as u32, self.relay, self.now));
         let stats = self.stats();
         stats.accepted.add(1);
         stats.active.add(1);
@@ -813,7 +823,8 @@ impl Worker {
                         Dir::Down => stats.bytes_down.add(c.result as u64),
                     }
                 }
-                Event::Received { dir, result: c.result, buf: c.buffer() }
+                let full = c.result > 0 && c.result as u32 == self.bufs.buffer_size();
+                Event::Received { dir, result: c.result, buf: c.buffer(), full }
             }
             Kind::SendUp => Event::Sent { dir: Dir::Up, result: c.result },
             Kind::SendDown => Event::Sent { dir: Dir::Down, result: c.result },
@@ -930,6 +941,9 @@ impl Worker {
                     Ok((pipe, size)) => sys::splice(fd, pipe.write.as_raw_fd(), size as usize),
                     Err(errno) => -errno,
                 };
+                if result == -libc::ENOBUFS {
+                    self.stats().pipe_shortages.add(1);
+                }
                 if result > 0 {
                     let stats = &self.shared.stats[self.index];
                     match dir {
@@ -1055,11 +1069,13 @@ impl Worker {
         }
     }
 
-    /// The pipe a direction splices through, taken from the idle ones or made, and its size.
+    /// The pipe a direction splices through, taken from the idle ones or made, and its size;
+    /// ENOBUFS when the worker holds as many as it may.
     fn pipe_for(&mut self, slot: usize, dir: Dir) -> Result<(&sys::Pipe, u32), i32> {
-        let size = self.pipe_size.unwrap_or(crate::config::DEFAULT_PIPE_SIZE);
+        let size = self.pipe_size;
         let index = match self.conns[slot].pipes[dir as usize] {
             Some(index) => index as usize,
+            None if self.pipes.len() >= self.pipe_limit => return Err(libc::ENOBUFS),
             None => {
                 let pipe = match self.idle_pipes.pop() {
                     Some(pipe) => pipe,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// The top of the config for `relay` ("copy" or "splice") plus `extra`.
+/// The top of the config for `relay` ("copy", "splice" or "auto") plus `extra`.
 fn top(relay: &str, extra: &str) -> String {
     format!("relay = \"{relay}\"\n{extra}")
 }
@@ -23,6 +23,9 @@ macro_rules! in_both_relay_modes {
         }
         mod splice {
             $(#[test] fn $name() { super::$name("splice") })*
+        }
+        mod auto {
+            $(#[test] fn $name() { super::$name("auto") })*
         }
     };
 }

@@ -5,7 +5,9 @@
 
 Each figure is the median over the rounds that succeeded, and is also given as a ratio to the
 best peer: the better of HAProxy and nginx for that figure (the higher one where higher is
-better, the lower one where lower is better). The Markdown table is printed on stdout too.
+better, the lower one where lower is better); ringlb, ringlb-splice and ringlb-auto (the
+relay modes) are each compared with that peer, never with each other. The Markdown table is
+printed on stdout too.
 Exit status 3 when a run failed (the files are written all the same).
 """
 
@@ -17,10 +19,16 @@ import statistics
 import sys
 from xml.sax.saxutils import escape
 
-TARGETS = ["direct", "ringlb", "haproxy", "nginx"]
+TARGETS = ["direct", "ringlb", "ringlb-splice", "ringlb-auto", "haproxy", "nginx"]
 PEERS = ["haproxy", "nginx"]
-TARGET_LABEL = {"direct": "direct", "ringlb": "ringlb", "haproxy": "HAProxy", "nginx": "nginx stream"}
-COLOUR = {"direct": "#9e9e9e", "ringlb": "#e6550d", "haproxy": "#3182bd", "nginx": "#31a354"}
+RINGLB = ["ringlb", "ringlb-splice", "ringlb-auto"]  # each gets a "vs best peer" column
+TARGET_LABEL = {"direct": "direct", "ringlb": "ringlb", "ringlb-splice": "ringlb-splice", "ringlb-auto": "ringlb-auto",
+                "haproxy": "HAProxy", "nginx": "nginx stream"}
+# Under the bars of the chart, one line each (ringlb-splice is too wide for one slot).
+AXIS_LABEL = {"direct": ["direct"], "ringlb": ["ringlb"], "ringlb-splice": ["ringlb-", "splice"], "ringlb-auto": ["ringlb-", "auto"],
+              "haproxy": ["HAProxy"], "nginx": ["nginx"]}
+COLOUR = {"direct": "#9e9e9e", "ringlb": "#e6550d", "ringlb-splice": "#756bb1", "ringlb-auto": "#31a354",
+          "haproxy": "#3182bd", "nginx": "#31a354"}
 
 SCENARIO_LABEL = {
     "idle": "idle ({idle_conns} conns)",
@@ -150,11 +158,11 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
     lines.append("")
     table = ["## Results", "",
              "Each cell: the median, and in brackets its ratio to the **best peer** (the better of HAProxy "
-             "and nginx on that row; the last column says which). ↑ higher is better, ↓ lower is better: "
-             "on a ↓ row a ratio below 1.00x beats the peer.", ""]
+             "and nginx on that row; the \"best peer\" column says which). ↑ higher is better, ↓ lower is "
+             "better: on a ↓ row a ratio below 1.00x beats the peer.", ""]
+    ours = [t for t in RINGLB if t in targets]
     head = ["scenario", "metric"] + [TARGET_LABEL[t] for t in targets] + ["best peer"]
-    if "ringlb" in targets:
-        head.append("ringlb vs best peer")
+    head += [f"{TARGET_LABEL[t]} vs best peer" for t in ours]
     table.append("| " + " | ".join(head) + " |")
     table.append("| " + " | ".join(["---", "---"] + ["---:"] * len(targets) + ["---"] * (len(head) - 2 - len(targets))) + " |")
     last_s = None
@@ -170,9 +178,9 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
                 row.append(fmt(v) + (f" ({fmt_ratio(r)})" if r is not None else ""))
         bp = best_peer[s][key]
         row.append(TARGET_LABEL[bp] if bp else "n/a")
-        if "ringlb" in targets:
-            r = ratio["ringlb"][s][key]
-            row.append(f"ringlb {fmt_ratio(r)} ({verdict(r, higher)})" if r is not None else "n/a")
+        for t in ours:
+            r = ratio[t][s][key]
+            row.append(f"{TARGET_LABEL[t]} {fmt_ratio(r)} ({verdict(r, higher)})" if r is not None else "n/a")
         table.append("| " + " | ".join(row) + " |")
     table.append("")
     lines += table
@@ -200,6 +208,10 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
         "- Backends: one nginx (one worker per CPU, sendfile) serving a 100-byte and a 100 MiB file on "
         "3 ports, and 2 redis-servers without persistence. **direct** goes straight to the first of "
         "each; the proxies balance over all of them with least-connections, each on its own port.",
+        "- **ringlb**, **ringlb-splice** and **ringlb-auto** are the same binary with the same "
+        "configuration (workers, pools, health checks) but for the relay mode: the default, "
+        "`relay = \"splice\"` and `relay = \"auto\"`, side by side in the same rounds. Each is "
+        "compared with the best peer, not with the others; `configs/ringlb*.toml` are the three.",
         "- In every round each proxy is started fresh, the idle scenario runs first (so its RSS "
         "baseline is a fresh process after 50 warm-up connections), then bulk, keep-alive, "
         "connection per request and redis; then the proxy is stopped and the next target starts.",
@@ -223,14 +235,16 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
 
 def svg(meta, targets, metrics, median, ratio):
     cols = 4
-    pw, ph = 300, 230  # panel size
+    pw, ph = max(300, 40 + 60 * len(targets)), 230  # panel size: about 60 px per bar
     top = 78
     rows = (len(metrics) + cols - 1) // cols
     width, height = cols * pw + 20, top + rows * ph + 10
+    ours = " and ".join(TARGET_LABEL[t] for t in RINGLB if t in targets) or "ringlb"
+    title = f"{ours} vs HAProxy and nginx stream"
     o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
          f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif">',
          f'<rect width="{width}" height="{height}" fill="#ffffff"/>',
-         f'<text x="12" y="26" font-size="19" font-weight="bold">ringlb vs HAProxy and nginx stream: '
+         f'<text x="12" y="26" font-size="19" font-weight="bold">{escape(title)}: '
          f'median of {escape(meta.get("rounds", "?"))} round(s), {escape(meta.get("duration_s", "?"))} s each</text>',
          f'<text x="12" y="46" font-size="12" fill="#555">{escape(meta["date"])} · {escape(meta["kernel"])} · '
          f'{escape(meta["cpu_model"])} × {escape(meta.get("cpus", "?"))} CPUs · load, backends and proxy share the CPUs · '
@@ -269,8 +283,9 @@ def svg(meta, targets, metrics, median, ratio):
                 if r is not None:
                     o.append(f'<text x="{cx:.1f}" y="{base_y - h - 4:.1f}" font-size="10.5" fill="#555" '
                              f'text-anchor="middle">{fmt_ratio(r)}</text>')
-            o.append(f'<text x="{cx:.1f}" y="{base_y + 15}" font-size="11" text-anchor="middle">'
-                     f'{escape(TARGET_LABEL[t].split(" ")[0])}</text>')
+            for k, part in enumerate(AXIS_LABEL[t]):
+                o.append(f'<text x="{cx:.1f}" y="{base_y + 15 + 12 * k}" font-size="11" text-anchor="middle">'
+                         f'{escape(part)}</text>')
         o.append(f'<line x1="{px + 12}" y1="{base_y}" x2="{px + pw - 14}" y2="{base_y}" stroke="#888"/>')
     o.append("</svg>")
     return "\n".join(o) + "\n"

@@ -254,10 +254,10 @@ def main():
         line = _fmt(metrics) + (f", proxy CPU {cpu:.2f} s" if cpu is not None else "")
         if errors:
             line += f"  [{record['warning']}]"
-        print(f"    {args.target:8} {args.scenario:10} {line}", flush=True)
+        print(f"    {args.target:13} {args.scenario:10} {line}", flush=True)
     except LoadError as e:
         record["error"] = str(e)
-        print(f"    {args.target:8} {args.scenario:10} FAILED: {e}", flush=True)
+        print(f"    {args.target:13} {args.scenario:10} FAILED: {e}", flush=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(record) + "\n")
 

@@ -61,6 +61,26 @@ pub enum Relay {
     /// splice(2) through a pipe of `pipe_size` bytes, on the worker thread, after a poll in the
     /// ring: the bytes are not copied through user space.
     Splice { pipe_size: u32 },
+    /// Copy, and splice a direction once one receive fills a whole buffer (a bulk transfer).
+    Auto { pipe_size: u32 },
+}
+
+impl Relay {
+    pub fn name(self) -> &'static str {
+        match self {
+            Relay::Copy => "copy",
+            Relay::Splice { .. } => "splice",
+            Relay::Auto { .. } => "auto",
+        }
+    }
+
+    /// The size of the pipes, if the relay splices at all.
+    pub fn pipe_size(self) -> Option<u32> {
+        match self {
+            Relay::Copy => None,
+            Relay::Splice { pipe_size } | Relay::Auto { pipe_size } => Some(pipe_size),
+        }
+    }
 }
 
 /// Default and bounds of `pipe_size`: a pipe's default size, and what an unprivileged
@@ -285,9 +305,9 @@ impl Config {
         if let Some(metrics) = self.metrics_bind {
             let _ = write!(out, "\n  metrics on http://{metrics}/metrics");
         }
-        let _ = match self.relay {
-            Relay::Copy => write!(out, "\n  relay: copy (ring buffers)"),
-            Relay::Splice { pipe_size } => write!(out, "\n  relay: splice (pipes of {pipe_size} bytes)"),
+        let _ = match self.relay.pipe_size() {
+            None => write!(out, "\n  relay: copy (ring buffers)"),
+            Some(size) => write!(out, "\n  relay: {} (pipes of {size} bytes)", self.relay.name()),
         };
         for listener in &self.listeners {
             let _ = match listener.pool.map(|p| &self.pools[p]) {

@@ -143,10 +143,14 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     };
     let relay = match &raw.relay {
         None => Relay::Copy,
-        Some(r) => src.choice(r, "relay", &[("copy", Relay::Copy), ("splice", Relay::Splice { pipe_size })])?,
+        Some(r) => src.choice(
+            r,
+            "relay",
+            &[("copy", Relay::Copy), ("splice", Relay::Splice { pipe_size }), ("auto", Relay::Auto { pipe_size })],
+        )?,
     };
     if let (Relay::Copy, Some(p)) = (relay, &raw.pipe_size) {
-        return Err(src.invalid(p.span(), "pipe_size", "pipe_size only applies to relay = \"splice\""));
+        return Err(src.invalid(p.span(), "pipe_size", "pipe_size only applies to relay = \"splice\" or \"auto\""));
     }
     let connect_timeout = src.duration(&raw.connect_timeout, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)?;
     let idle_timeout = src.duration(&raw.idle_timeout, "idle_timeout", DEFAULT_IDLE_TIMEOUT)?;
@@ -916,7 +920,11 @@ backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight
         assert_eq!(splice.relay, Relay::Splice { pipe_size: DEFAULT_PIPE_SIZE });
         let sized = Config::parse(&format!("relay = \"splice\"\npipe_size = 262144\n{GOOD}"), "t").unwrap();
         assert_eq!(sized.relay, Relay::Splice { pipe_size: 262_144 });
-        assert_error(&format!("relay = \"zero-copy\"\n{GOOD}"), 1, &["relay", "copy, splice"]);
+        assert_eq!(
+            Config::parse(&format!("relay = \"auto\"\n{GOOD}"), "t").unwrap().relay,
+            Relay::Auto { pipe_size: DEFAULT_PIPE_SIZE }
+        );
+        assert_error(&format!("relay = \"zero-copy\"\n{GOOD}"), 1, &["relay", "copy, splice, auto"]);
         assert_error(&format!("relay = \"splice\"\npipe_size = 100000\n{GOOD}"), 2, &["pipe_size", "power of two"]);
         assert_error(&format!("relay = \"splice\"\npipe_size = 2097152\n{GOOD}"), 2, &["pipe_size", "4096 to 1048576"]);
         assert_error(&format!("pipe_size = 65536\n{GOOD}"), 1, &["pipe_size", "only applies to relay = \"splice\""]);

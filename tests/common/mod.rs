@@ -289,7 +289,12 @@ impl Backend {
 
     /// A backend on a given address, e.g. to bring one back on the port it had.
     pub fn start_on(addr: SocketAddr, handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Backend {
-        let listener = TcpListener::bind(addr).unwrap();
+        // std's listen backlog is 128; tests open a thousand connections at once.
+        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).unwrap();
+        socket.set_reuse_address(true).unwrap();
+        socket.bind(&addr.into()).unwrap();
+        socket.listen(4096).unwrap();
+        let listener: TcpListener = socket.into();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
