@@ -16,9 +16,9 @@ results.svg (DIR defaults to bench-results/ in the repository).
 Targets (default: all, in this order in every round):
   direct         straight to one backend: the limit of this machine
   ringlb         $RINGLB_BIN (default target/release/ringlb), workers = CPUs, least_conn,
-                 relay = "copy" (the default relay mode)
-  ringlb-splice  the same binary and configuration, but relay = "splice"
-  ringlb-auto    the same, but relay = "auto" (copy; splice once a direction fills a buffer)
+                 the default relay (auto: copy; splice once a direction fills a buffer)
+  ringlb-copy    the same binary and configuration, but relay = "copy"
+  ringlb-splice  the same, but relay = "splice"
   haproxy        HAProxy, mode tcp, balance leastconn, nbthread = CPUs
   nginx          nginx stream module, least_conn, worker_processes = CPUs
 Ratios are to the best peer, the better of haproxy and nginx; each ringlb target is compared
@@ -59,8 +59,8 @@ bench_dir=$root/scripts/bench
 
 # ---------------------------------------------------------------- options
 
-all_targets=(direct ringlb ringlb-splice ringlb-auto haproxy nginx)
-ringlb_targets=(ringlb ringlb-splice ringlb-auto)
+all_targets=(direct ringlb ringlb-copy ringlb-splice haproxy nginx)
+ringlb_targets=(ringlb ringlb-copy ringlb-splice)
 all_scenarios=(idle bulk keepalive connclose redis)
 quick=0 rounds='' duration='' warmup='' idle_conns=5000 out=''
 targets_arg=$(IFS=,; echo "${all_targets[*]}")
@@ -148,9 +148,9 @@ fi
 web_ports=($((port_base + 1)) $((port_base + 2)) $((port_base + 3)))
 redis_ports=($((port_base + 11)) $((port_base + 12)))
 declare -A web_port=([direct]=${web_ports[0]} [ringlb]=$((port_base + 21)) [haproxy]=$((port_base + 31))
-    [nginx]=$((port_base + 41)) [ringlb-splice]=$((port_base + 51)) [ringlb-auto]=$((port_base + 61)))
+    [nginx]=$((port_base + 41)) [ringlb-splice]=$((port_base + 51)) [ringlb-copy]=$((port_base + 61)))
 declare -A redis_port=([direct]=${redis_ports[0]} [ringlb]=$((port_base + 22)) [haproxy]=$((port_base + 32))
-    [nginx]=$((port_base + 42)) [ringlb-splice]=$((port_base + 52)) [ringlb-auto]=$((port_base + 62)))
+    [nginx]=$((port_base + 42)) [ringlb-splice]=$((port_base + 52)) [ringlb-copy]=$((port_base + 62)))
 
 needs_web=0 needs_redis=0
 for s in "${scenarios[@]}"; do
@@ -490,7 +490,7 @@ start_target() { # start_target TARGET; sets target_pid ('' for direct)
     target_pid=''
     case $t in
         direct) return 0 ;;
-        ringlb | ringlb-splice | ringlb-auto) start_bg "$t" "$RINGLB_BIN" run -c "$tmp/conf/$t.toml" ;;
+        ringlb | ringlb-copy | ringlb-splice) start_bg "$t" "$RINGLB_BIN" run -c "$tmp/conf/$t.toml" ;;
         haproxy) start_bg haproxy haproxy -db -f "$tmp/conf/haproxy.cfg" ;;
         nginx) start_bg nginx nginx -e "$tmp/logs/nginx-stream.error.log" -p "$tmp/nginx-stream/" -c "$tmp/conf/nginx-stream.conf" ;;
     esac
@@ -549,12 +549,12 @@ install_tools
 check_tools
 
 # Open-file limit: 20000, or what the idle scenario needs if more (up to the hard limit). A
-# proxied connection takes 2 descriptors; ringlb with relay = "splice" or "auto" also sets a
-# quarter of its budget aside for pipes and sizes its connection limit (split evenly over its
-# workers) by the rest.
+# proxied connection takes 2 descriptors; ringlb with relay = "splice" or "auto" (the default)
+# also sets a quarter of its budget aside for pipes and sizes its connection limit (split
+# evenly over its workers) by the rest.
 fds_per_conn=2
 pipe_share=0
-if wants ringlb-splice "${targets[*]}" || wants ringlb-auto "${targets[*]}"; then pipe_share=1; fi
+if wants ringlb "${targets[*]}" || wants ringlb-splice "${targets[*]}"; then pipe_share=1; fi
 fds_for() { # fds_for N: the open-file limit N idle connections need (10% spare: uneven workers)
     local need=$((($1 + $1 / 10 + 64) * fds_per_conn + 200))
     ((pipe_share)) && need=$((need * 4 / 3))

@@ -1652,7 +1652,7 @@ mod model {
                         assert!(self.held_buffers.insert(buf));
                         buf
                     });
-                    Event::Received { dir, result, buf, full: result > 0 && choice.outcome % 3 == 0 }
+                    Event::Received { dir, result, buf, full: result > 0 && choice.outcome.is_multiple_of(3) }
                 }
                 Pending::Send(dir, _, len) => Event::Sent {
                     dir,

@@ -17,7 +17,8 @@ use ringlb::worker::RingSizes;
 fn tiny_ring_and_buffer_pool_lose_nothing() {
     raise_fd_limit();
     let backend = Backend::echo();
-    let config = Config::parse(&config_for(&[backend.addr], "", ""), "test").unwrap();
+    // The copy relay: this test is about ring buffers.
+    let config = Config::parse(&config_for(&[backend.addr], "relay = \"copy\"", ""), "test").unwrap();
     let sizes = RingSizes { entries: 4, cq_entries: 4, buffers: 2, buffer_size: 1024, pipes: None };
     let server = Server::start_with(&config, sizes).expect("start");
     let addr = server.listen_addrs[0].1;

@@ -6,7 +6,7 @@
 Each figure is the median over the rounds that succeeded, and is also given as a ratio to the
 best peer: the better of HAProxy and nginx for that figure (the higher one where higher is
 better, the lower one where lower is better); ringlb, ringlb-splice and ringlb-auto (the
-relay modes) are each compared with that peer, never with each other. The Markdown table is
+relay modes: the default auto, copy and splice) are each compared with that peer, never with each other. The Markdown table is
 printed on stdout too.
 Exit status 3 when a run failed (the files are written all the same).
 """
@@ -19,15 +19,15 @@ import statistics
 import sys
 from xml.sax.saxutils import escape
 
-TARGETS = ["direct", "ringlb", "ringlb-splice", "ringlb-auto", "haproxy", "nginx"]
+TARGETS = ["direct", "ringlb", "ringlb-copy", "ringlb-splice", "haproxy", "nginx"]
 PEERS = ["haproxy", "nginx"]
-RINGLB = ["ringlb", "ringlb-splice", "ringlb-auto"]  # each gets a "vs best peer" column
-TARGET_LABEL = {"direct": "direct", "ringlb": "ringlb", "ringlb-splice": "ringlb-splice", "ringlb-auto": "ringlb-auto",
+RINGLB = ["ringlb", "ringlb-copy", "ringlb-splice"]  # each gets a "vs best peer" column
+TARGET_LABEL = {"direct": "direct", "ringlb": "ringlb", "ringlb-splice": "ringlb-splice", "ringlb-copy": "ringlb-copy",
                 "haproxy": "HAProxy", "nginx": "nginx stream"}
 # Under the bars of the chart, one line each (ringlb-splice is too wide for one slot).
-AXIS_LABEL = {"direct": ["direct"], "ringlb": ["ringlb"], "ringlb-splice": ["ringlb-", "splice"], "ringlb-auto": ["ringlb-", "auto"],
+AXIS_LABEL = {"direct": ["direct"], "ringlb": ["ringlb"], "ringlb-splice": ["ringlb-", "splice"], "ringlb-copy": ["ringlb-", "copy"],
               "haproxy": ["HAProxy"], "nginx": ["nginx"]}
-COLOUR = {"direct": "#9e9e9e", "ringlb": "#e6550d", "ringlb-splice": "#756bb1", "ringlb-auto": "#31a354",
+COLOUR = {"direct": "#9e9e9e", "ringlb": "#e6550d", "ringlb-splice": "#756bb1", "ringlb-copy": "#31a354",
           "haproxy": "#3182bd", "nginx": "#31a354"}
 
 SCENARIO_LABEL = {
@@ -208,10 +208,11 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
         "- Backends: one nginx (one worker per CPU, sendfile) serving a 100-byte and a 100 MiB file on "
         "3 ports, and 2 redis-servers without persistence. **direct** goes straight to the first of "
         "each; the proxies balance over all of them with least-connections, each on its own port.",
-        "- **ringlb**, **ringlb-splice** and **ringlb-auto** are the same binary with the same "
-        "configuration (workers, pools, health checks) but for the relay mode: the default, "
-        "`relay = \"splice\"` and `relay = \"auto\"`, side by side in the same rounds. Each is "
-        "compared with the best peer, not with the others; `configs/ringlb*.toml` are the three.",
+        "- **ringlb**, **ringlb-copy** and **ringlb-splice** are the same binary with the same "
+        "configuration (workers, pools, health checks) but for the relay mode: the default "
+        "(`auto`), `relay = \"copy\"` and `relay = \"splice\"`, side by side in the same rounds. "
+        "Each is compared with the best peer, not with the others; `configs/ringlb*.toml` are the "
+        "three.",
         "- In every round each proxy is started fresh, the idle scenario runs first (so its RSS "
         "baseline is a fresh process after 50 warm-up connections), then bulk, keep-alive, "
         "connection per request and redis; then the proxy is stopped and the next target starts.",

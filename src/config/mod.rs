@@ -49,7 +49,7 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     /// Where the Prometheus metrics endpoint listens, if anywhere.
     pub metrics_bind: Option<SocketAddr>,
-    /// How bytes move between client and backend.
+    /// How bytes move between client and backend (default: auto).
     pub relay: Relay,
 }
 
