@@ -4,13 +4,11 @@
 
 use std::hint::black_box;
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
-use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use ringlb::balance::maglev::{Entry, MaglevTable};
 use ringlb::balance::{BackendCounters, Picker, client_hash};
-use ringlb::config::{Algorithm, BackendConfig, HashKey, OnDown, PoolConfig};
+use ringlb::config::{Algorithm, BackendConfig, HashKey, PoolConfig};
 use ringlb::pool::Pool;
 
 fn names(n: usize) -> Vec<String> {
@@ -50,25 +48,12 @@ fn maglev_lookup(c: &mut Criterion) {
 }
 
 fn pool(algorithm: Algorithm, n: usize) -> Pool {
-    let config = PoolConfig {
-        name: "bench".into(),
-        algorithm,
-        connect_timeout: Duration::from_secs(1),
-        backends: names(n)
-            .iter()
-            .enumerate()
-            .map(|(i, name)| BackendConfig {
-                address: name.parse().unwrap(),
-                weight: NonZeroU32::new(1 + (i % 3) as u32).unwrap(),
-                max_conns: None,
-            })
-            .collect(),
-        on_down: OnDown::Keep,
-        health: None,
-        send_proxy: None,
-        queue_timeout: Duration::from_secs(1),
-    };
-    Pool::build(&config, &vec![true; n])
+    let backends = names(n)
+        .iter()
+        .enumerate()
+        .map(|(i, name)| BackendConfig::new(name.parse().unwrap(), 1 + (i % 3) as u32))
+        .collect();
+    Pool::build(&PoolConfig::new("bench", algorithm, backends), &vec![true; n])
 }
 
 fn picks(c: &mut Criterion) {

@@ -64,8 +64,18 @@ impl Kind {
         Kind::CancelAll,
     ];
 
+    /// Decodes a kind byte with one table read (this runs for every completion).
     fn from_u8(value: u8) -> Option<Kind> {
-        Kind::ALL.iter().copied().find(|k| *k as u8 == value)
+        const TABLE: [Option<Kind>; 256] = {
+            let mut table = [None; 256];
+            let mut i = 0;
+            while i < Kind::ALL.len() {
+                table[Kind::ALL[i] as usize] = Some(Kind::ALL[i]);
+                i += 1;
+            }
+            table
+        };
+        TABLE[value as usize]
     }
 }
 

@@ -205,31 +205,16 @@ impl Picker {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
-    use crate::config::{BackendConfig, OnDown, PoolConfig};
+    use crate::config::{BackendConfig, PoolConfig};
 
     fn pool(algorithm: Algorithm, weights: &[u32], up: &[bool]) -> Pool {
-        let config = PoolConfig {
-            name: "p".into(),
-            algorithm,
-            connect_timeout: Duration::from_secs(1),
-            backends: weights
-                .iter()
-                .enumerate()
-                .map(|(i, &w)| BackendConfig {
-                    address: format!("10.0.0.{}:80", i + 1).parse().unwrap(),
-                    weight: std::num::NonZeroU32::new(w).unwrap(),
-                    max_conns: None,
-                })
-                .collect(),
-            on_down: OnDown::Keep,
-            health: None,
-            send_proxy: None,
-            queue_timeout: Duration::from_secs(1),
-        };
-        Pool::build(&config, up)
+        let backends = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| BackendConfig::new(format!("10.0.0.{}:80", i + 1).parse().unwrap(), w))
+            .collect();
+        Pool::build(&PoolConfig::new("p", algorithm, backends), up)
     }
 
     fn counters(active: &[u64]) -> Vec<BackendCounters> {

@@ -139,6 +139,23 @@ pub struct PoolConfig {
     pub queue_timeout: Duration,
 }
 
+impl PoolConfig {
+    /// A pool with the defaults a config file gets when it only names the algorithm and the
+    /// backends; for building pools in code (benches, tests, embedding).
+    pub fn new(name: &str, algorithm: Algorithm, backends: Vec<BackendConfig>) -> PoolConfig {
+        PoolConfig {
+            name: name.to_string(),
+            algorithm,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            backends,
+            on_down: OnDown::Keep,
+            health: Some(HealthConfig::default()),
+            send_proxy: None,
+            queue_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackendConfig {
     pub address: SocketAddr,
@@ -146,6 +163,13 @@ pub struct BackendConfig {
     /// Most connections open to this backend at once, over all workers; more wait in the
     /// pool's queue for up to `queue_timeout` (HAProxy's maxconn and queue).
     pub max_conns: Option<NonZeroU32>,
+}
+
+impl BackendConfig {
+    /// A backend of weight `weight` (0 is taken as 1) and no connection limit.
+    pub fn new(address: SocketAddr, weight: u32) -> BackendConfig {
+        BackendConfig { address, weight: NonZeroU32::new(weight).unwrap_or(NonZeroU32::MIN), max_conns: None }
+    }
 }
 
 /// How a pool picks a backend for a new connection.
