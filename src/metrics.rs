@@ -2,8 +2,11 @@
 //! the workers' counters summed, and per backend its health and connection counts.
 
 use std::fmt::Write;
+use std::sync::atomic::Ordering;
 
+use crate::balance::BackendCounters;
 use crate::control::{RunState, Shared};
+use crate::pool::Pool;
 use crate::stats;
 
 /// Metric names that are not in [`stats::WorkerStats`], in one place.
@@ -34,27 +37,25 @@ pub fn render(shared: &Shared) -> String {
     let _ = writeln!(out, "{DRAINING} {}", u8::from(shared.run_state() != RunState::Running));
 
     let snapshot = shared.snapshot();
-    let families: [(&str, &str); 4] = [
-        (BACKEND_UP, "Whether the backend is up (passes its health checks)."),
-        (BACKEND_ACTIVE, "Connections open to the backend now, over all workers."),
-        (BACKEND_CONNECTIONS, "Connections started to the backend."),
-        (BACKEND_FAILURES, "Connects to the backend that failed or timed out."),
+    type Value = fn(&Pool, usize, &BackendCounters) -> u64;
+    let families: [(&str, &str, Value); 4] = [
+        (BACKEND_UP, "Whether the backend is up (passes its health checks).", |pool, i, _| u64::from(pool.up[i])),
+        (BACKEND_ACTIVE, "Connections open to the backend now, over all workers.", |_, _, c| c.active()),
+        (BACKEND_CONNECTIONS, "Connections started to the backend.", |_, _, c| c.connections.load(Ordering::Relaxed)),
+        (BACKEND_FAILURES, "Connects to the backend that failed or timed out.", |_, _, c| {
+            c.failures.load(Ordering::Relaxed)
+        }),
     ];
-    for (name, help) in families {
+    for (name, help, value) in families {
         header(&mut out, name, help);
         for (pool, counters) in snapshot.pools.iter().zip(shared.backends.iter()) {
             for (i, (backend, counter)) in pool.backends.iter().zip(counters.iter()).enumerate() {
-                let value = match name {
-                    BACKEND_UP => u64::from(pool.up[i]),
-                    BACKEND_ACTIVE => counter.active(),
-                    BACKEND_CONNECTIONS => counter.connections.load(std::sync::atomic::Ordering::Relaxed),
-                    _ => counter.failures.load(std::sync::atomic::Ordering::Relaxed),
-                };
                 let _ = writeln!(
                     out,
-                    "{name}{{pool=\"{}\",backend=\"{}\"}} {value}",
+                    "{name}{{pool=\"{}\",backend=\"{}\"}} {}",
                     label(&pool.name),
-                    label(&backend.name)
+                    label(&backend.name),
+                    value(pool, i, counter)
                 );
             }
         }

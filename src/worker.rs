@@ -27,7 +27,7 @@ use crate::control::{ControlEvent, RunState, Shared};
 use crate::pool::Snapshot;
 use crate::proxy_protocol;
 use crate::ring::{BufRing, Completion, GENERATION_MASK, Kind, Ring, Token};
-use crate::stats::{Counter, WorkerStats};
+use crate::stats::WorkerStats;
 use crate::sys;
 
 /// Sizes of a worker's ring and buffers.
@@ -141,6 +141,17 @@ fn timespec(d: Duration) -> types::Timespec {
 /// direction is re-armed right after its bytes went out, when its source is almost always
 /// empty, so the kernel's first non-blocking attempt would only fail.
 const RECV_POLL_FIRST: u16 = 1;
+
+/// Why the tick closes a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Overdue {
+    /// No byte either way for the listener's idle_timeout.
+    Idle,
+    /// No complete PROXY header / ClientHello within handshake_timeout.
+    Handshake,
+    /// Waited queue_timeout for a backend below max_conns.
+    Queue,
+}
 
 /// Empty pipes a worker keeps for the next transfer; more are closed.
 const IDLE_PIPES: usize = 64;
@@ -377,8 +388,7 @@ impl Worker {
                     self.misc_inflight -= 1;
                 }
                 if c.result == -libc::ETIME {
-                    self.close_idle();
-                    self.expire_waiting();
+                    self.close_overdue();
                 }
             }
             Kind::AcceptBackoff => {
@@ -438,32 +448,38 @@ impl Worker {
 
     /// Cuts the connections of pool `pool` to backends marked in `went_down`.
     fn cut_connections(&mut self, pool: usize, went_down: &[bool]) {
-        self.scratch_slots.clear();
-        self.scratch_slots.extend(
-            self.conns
-                .iter()
-                .filter(|(_, c)| {
-                    c.pool as usize == pool
-                        && c.holds_slot
-                        && !c.is_closing()
-                        && went_down.get(c.backend_index as usize).copied().unwrap_or(false)
-                })
-                .map(|(slot, _)| slot),
+        let picked = self.for_each_conn(
+            |_, c| {
+                c.pool as usize == pool
+                    && c.holds_slot
+                    && !c.is_closing()
+                    && went_down.get(c.backend_index as usize).copied().unwrap_or(false)
+            },
+            |worker, slot| {
+                worker.stats().backend_down_closed.add(1);
+                worker.step(slot, |conn, ops| conn.cut(ops));
+            },
         );
-        if !self.scratch_slots.is_empty() {
+        if picked > 0 {
             info!(
-                "worker {}: pool {}: cutting {} connections to backends marked down",
-                self.index,
-                self.snapshot.pools[pool].name,
-                self.scratch_slots.len()
+                "worker {}: pool {}: cutting {picked} connections to backends marked down",
+                self.index, self.snapshot.pools[pool].name
             );
         }
-        let slots = std::mem::take(&mut self.scratch_slots);
+    }
+
+    /// Picks the connections `pick` accepts, then runs `act` on each (picking first, because
+    /// acting may free slots); returns how many were picked.
+    fn for_each_conn(&mut self, pick: impl Fn(&Self, &Conn) -> bool, mut act: impl FnMut(&mut Self, usize)) -> usize {
+        let mut slots = std::mem::take(&mut self.scratch_slots);
+        slots.clear();
+        slots.extend(self.conns.iter().filter(|(_, c)| pick(self, c)).map(|(slot, _)| slot));
         for &slot in &slots {
-            self.stats().backend_down_closed.add(1);
-            self.step(slot, |conn, ops| conn.cut(ops));
+            act(self, slot);
         }
+        let picked = slots.len();
         self.scratch_slots = slots;
+        picked
     }
 
     fn start_drain(&mut self) {
@@ -493,33 +509,62 @@ impl Worker {
         if open > 0 {
             info!("worker {}: closing {open} connections ({why})", self.index);
         }
-        self.scratch_slots.clear();
-        self.scratch_slots.extend(self.conns.iter().filter(|(_, c)| !c.is_closing()).map(|(slot, _)| slot));
-        self.close_scratch_slots(|stats| &stats.drain_closed);
+        self.for_each_conn(
+            |_, c| !c.is_closing(),
+            |worker, slot| {
+                worker.stats().drain_closed.add(1);
+                worker.step(slot, |conn, ops| conn.close(ops));
+            },
+        );
     }
 
-    fn close_idle(&mut self) {
+    /// What, if anything, is overdue for a connection at `now`.
+    fn overdue(&self, conn: &Conn, now: u64) -> Option<Overdue> {
+        let listener = &self.listeners[conn.listener as usize];
+        let since = |t: u64| now.saturating_sub(t);
+        if conn.is_relaying() {
+            listener.idle_timeout_ms.filter(|&limit| since(conn.last_active) >= limit).map(|_| Overdue::Idle)
+        } else if conn.in_handshake() {
+            (since(conn.last_active) >= listener.handshake_timeout_ms).then_some(Overdue::Handshake)
+        } else if conn.is_queued() {
+            let limit = self.snapshot.pools[conn.pool as usize].queue_timeout.as_millis() as u64;
+            conn.queued_since.filter(|&t| since(t) >= limit).map(|_| Overdue::Queue)
+        } else {
+            None
+        }
+    }
+
+    /// On the tick: one pass over the connections closes the idle ones, and those whose
+    /// handshake or wait in a queue took too long.
+    fn close_overdue(&mut self) {
         let now = self.now;
-        self.scratch_slots.clear();
-        for (slot, conn) in self.conns.iter() {
-            if let Some(limit) = self.listeners[conn.listener as usize].idle_timeout_ms
-                && conn.is_relaying()
-                && now.saturating_sub(conn.last_active) >= limit
-            {
-                self.scratch_slots.push(slot);
-            }
-        }
-        self.close_scratch_slots(|stats| &stats.idle_closed);
-    }
-
-    /// Closes the connections listed in `scratch_slots`, counting each in `counter`.
-    fn close_scratch_slots(&mut self, counter: fn(&WorkerStats) -> &Counter) {
-        let slots = std::mem::take(&mut self.scratch_slots);
-        for &slot in &slots {
-            counter(self.stats()).add(1);
-            self.step(slot, |conn, ops| conn.close(ops));
-        }
-        self.scratch_slots = slots;
+        self.for_each_conn(
+            |worker, c| worker.overdue(c, now).is_some(),
+            |worker, slot| match worker.overdue(&worker.conns[slot], now) {
+                Some(Overdue::Idle) => {
+                    worker.stats().idle_closed.add(1);
+                    worker.step(slot, |conn, ops| conn.close(ops));
+                }
+                Some(Overdue::Handshake) => {
+                    let timeout = worker.listeners[worker.conns[slot].listener as usize].handshake_timeout_ms;
+                    worker.reject_handshake(slot, format_args!("no complete handshake within {timeout} ms"));
+                }
+                Some(Overdue::Queue) => {
+                    worker.stats().queue_timeout.add(1);
+                    if let Some(suppressed) = worker.refuse_log.allow(worker.now) {
+                        let pool = &worker.snapshot.pools[worker.conns[slot].pool as usize];
+                        warn!(
+                            "worker {}: pool {}: closed a connection that waited {} ms for a backend below max_conns ({suppressed} more refusals since the last message)",
+                            worker.index,
+                            pool.name,
+                            pool.queue_timeout.as_millis()
+                        );
+                    }
+                    worker.step(slot, |conn, ops| conn.reject(End::QueueTimeout, ops));
+                }
+                None => {}
+            },
+        );
     }
 
     fn finished(&mut self) -> bool {
@@ -704,7 +749,7 @@ impl Worker {
         let Some(prefix) = conn.prefix.as_ref() else { return };
         match self.listeners[l].admission.examine(prefix.received(), !prefix.has_room()) {
             Step::NeedMore => self.step(slot, |conn, ops| conn.read_prefix(ops)),
-            Step::Reject(reason) => self.reject_handshake(slot, &reason.to_string()),
+            Step::Reject(reason) => self.reject_handshake(slot, reason),
             Step::Route { pool, skip, carried } => {
                 if let Some((client, local)) = carried {
                     let conn = &mut self.conns[slot];
@@ -719,7 +764,7 @@ impl Worker {
         }
     }
 
-    fn reject_handshake(&mut self, slot: usize, why: &str) {
+    fn reject_handshake(&mut self, slot: usize, why: impl std::fmt::Display) {
         self.stats().handshake_failed.add(1);
         if let Some(suppressed) = self.refuse_log.allow(self.now) {
             let conn = &self.conns[slot];
@@ -758,42 +803,6 @@ impl Worker {
             prefix.prepare(skip, &[]);
         }
         self.step(slot, |conn, ops| conn.route(pool_index as u32, attempts, ops));
-    }
-
-    /// Closes connections whose handshake or wait in a queue took too long (on the tick).
-    fn expire_waiting(&mut self) {
-        let now = self.now;
-        self.scratch_slots.clear();
-        for (slot, conn) in self.conns.iter() {
-            let late_handshake = conn.in_handshake()
-                && now.saturating_sub(conn.last_active) >= self.listeners[conn.listener as usize].handshake_timeout_ms;
-            let late_queue = conn.queued_since.is_some_and(|since| {
-                now.saturating_sub(since) >= self.snapshot.pools[conn.pool as usize].queue_timeout.as_millis() as u64
-            });
-            if late_handshake || late_queue {
-                self.scratch_slots.push(slot);
-            }
-        }
-        let slots = std::mem::take(&mut self.scratch_slots);
-        for &slot in &slots {
-            if self.conns[slot].in_handshake() {
-                let timeout = self.listeners[self.conns[slot].listener as usize].handshake_timeout_ms;
-                self.reject_handshake(slot, &format!("no complete handshake within {timeout} ms"));
-            } else {
-                self.stats().queue_timeout.add(1);
-                if let Some(suppressed) = self.refuse_log.allow(self.now) {
-                    let pool = &self.snapshot.pools[self.conns[slot].pool as usize];
-                    warn!(
-                        "worker {}: pool {}: closed a connection that waited {} ms for a backend below max_conns ({suppressed} more refusals since the last message)",
-                        self.index,
-                        pool.name,
-                        pool.queue_timeout.as_millis()
-                    );
-                }
-                self.step(slot, |conn, ops| conn.reject(End::QueueTimeout, ops));
-            }
-        }
-        self.scratch_slots = slots;
     }
 
     fn on_conn_completion(&mut self, token: Token, c: Completion) {
@@ -842,11 +851,9 @@ impl Worker {
             let conn = &self.conns[slot];
             (conn.pool as usize, conn.backend_index as usize)
         });
-        if let Some((pool, backend)) = attempt
-            && c.result < 0
-        {
+        if attempt.is_some() && c.result < 0 {
             // A failed connect gives its backend slot back before the next attempt.
-            self.release_slot(slot, pool, backend);
+            self.release_slot(slot);
         }
         let mut notice = None;
         self.step(slot, |conn, ops| notice = conn.on_event(event, now, ops));
@@ -1060,7 +1067,7 @@ impl Worker {
                     );
                 }
                 conn.backend_index = backend_index as u32;
-                self.release_slot(slot, pool_index, backend_index);
+                self.release_slot(slot);
                 self.conns[slot].socket_failed(ops);
                 if e.raw_os_error().is_some_and(is_resource_shortage) {
                     self.pause_accepts();
@@ -1090,11 +1097,12 @@ impl Worker {
     }
 
     /// Gives back the backend slot a connection holds, and lets a queued connection have it.
-    fn release_slot(&mut self, slot: usize, pool: usize, backend: usize) {
+    fn release_slot(&mut self, slot: usize) {
         let conn = &mut self.conns[slot];
         if !std::mem::take(&mut conn.holds_slot) {
             return;
         }
+        let (pool, backend) = (conn.pool as usize, conn.backend_index as usize);
         self.shared.backends[pool][backend].release();
         if self.snapshot.pools[pool].limited && self.shared.queued[pool].load(Ordering::Acquire) > 0 {
             self.serve_queue(pool);
@@ -1144,9 +1152,9 @@ impl Worker {
     }
 
     fn free(&mut self, slot: usize) {
-        let (pool, backend) = (self.conns[slot].pool as usize, self.conns[slot].backend_index as usize);
-        self.release_slot(slot, pool, backend);
+        self.release_slot(slot);
         let conn = self.conns.remove(slot);
+        let pool = conn.pool as usize;
         // A pipe still held has bytes in it that will never be sent: close it, do not reuse it.
         for index in conn.pipes.into_iter().flatten() {
             drop(self.pipes.remove(index as usize));

@@ -12,6 +12,8 @@ use toml::Spanned;
 use super::raw::{RawBackend, RawConfig, RawHealth, RawListener, RawPool};
 use super::*;
 
+const CONNECT_TIMEOUT_ZERO: &str = "a connect timeout of 0 would fail every connection; use e.g. \"3s\"";
+
 const ADDRESS_HINT: &str = "use IP:port, e.g. \"127.0.0.1:9001\" or \"[::1]:9001\" (host names are not resolved)";
 
 /// Where errors point: the file's name and text, to turn byte offsets into lines.
@@ -44,6 +46,21 @@ impl Source<'_> {
         match value {
             None => Ok(default),
             Some(v) => parse_duration(v.get_ref()).map_err(|reason| self.invalid(v.span(), key, reason)),
+        }
+    }
+
+    /// A duration that, when given, must be more than zero; `why` says so in the error.
+    fn positive_duration(
+        &self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+        why: &str,
+    ) -> Result<Duration, ConfigError> {
+        let d = self.duration(value, key, default)?;
+        match value {
+            Some(v) if d.is_zero() => Err(self.invalid(v.span(), key, why)),
+            _ => Ok(d),
         }
     }
 
@@ -153,10 +170,10 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     if let (Relay::Copy, Some(p)) = (relay, &raw.pipe_size) {
         return Err(src.invalid(p.span(), "pipe_size", "pipe_size only applies to relay = \"splice\" or \"auto\""));
     }
-    let connect_timeout = src.duration(&raw.connect_timeout, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)?;
+    let connect_timeout =
+        src.positive_duration(&raw.connect_timeout, "connect_timeout", DEFAULT_CONNECT_TIMEOUT, CONNECT_TIMEOUT_ZERO)?;
     let idle_timeout = src.duration(&raw.idle_timeout, "idle_timeout", DEFAULT_IDLE_TIMEOUT)?;
     let drain_timeout = src.duration(&raw.drain_timeout, "drain_timeout", DEFAULT_DRAIN_TIMEOUT)?;
-    nonzero_connect_timeout(src, &raw.connect_timeout, "connect_timeout", connect_timeout)?;
 
     let mut pools = Vec::with_capacity(raw.pools.len());
     for (name, pool) in &raw.pools {
@@ -214,20 +231,6 @@ fn nonzero(n: u64) -> NonZeroUsize {
     NonZeroUsize::new(n as usize).unwrap_or(NonZeroUsize::MIN)
 }
 
-fn nonzero_connect_timeout(
-    src: &Source<'_>,
-    value: &Option<Spanned<String>>,
-    key: &str,
-    parsed: Duration,
-) -> Result<(), ConfigError> {
-    match value {
-        Some(v) if parsed.is_zero() => {
-            Err(src.invalid(v.span(), key, "a connect timeout of 0 would fail every connection; use e.g. \"3s\""))
-        }
-        _ => Ok(()),
-    }
-}
-
 /// Two binds collide when their ports match (port 0 never collides) and their addresses are
 /// equal or one of them is the wildcard of the same family.
 fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
@@ -279,13 +282,12 @@ fn validate_listener(
         ));
     }
     let idle = src.duration(&raw.idle_timeout, &key("idle_timeout"), default_idle)?;
-    let handshake_timeout =
-        src.duration(&raw.handshake_timeout, &key("handshake_timeout"), DEFAULT_HANDSHAKE_TIMEOUT)?;
-    if let Some(h) = &raw.handshake_timeout
-        && handshake_timeout.is_zero()
-    {
-        return Err(src.invalid(h.span(), &key("handshake_timeout"), "must be more than 0, e.g. \"5s\""));
-    }
+    let handshake_timeout = src.positive_duration(
+        &raw.handshake_timeout,
+        &key("handshake_timeout"),
+        DEFAULT_HANDSHAKE_TIMEOUT,
+        "must be more than 0, e.g. \"5s\"",
+    )?;
     let networks = |list: &Option<Spanned<Vec<Spanned<String>>>>, field: &str| -> Result<Vec<Cidr>, ConfigError> {
         let Some(list) = list else { return Ok(Vec::new()) };
         list.get_ref()
@@ -404,8 +406,8 @@ fn validate_pool(
         None => None,
         Some(v) => Some(src.choice(v, &key("send_proxy"), &[("v1", ProxyVersion::V1), ("v2", ProxyVersion::V2)])?),
     };
-    let connect_timeout = src.duration(&raw.connect_timeout, &key("connect_timeout"), default_connect)?;
-    nonzero_connect_timeout(src, &raw.connect_timeout, &key("connect_timeout"), connect_timeout)?;
+    let connect_timeout =
+        src.positive_duration(&raw.connect_timeout, &key("connect_timeout"), default_connect, CONNECT_TIMEOUT_ZERO)?;
     // As HAProxy's "timeout queue", it defaults to the connect timeout.
     let queue_timeout = src.duration(&raw.queue_timeout, &key("queue_timeout"), connect_timeout)?;
 
@@ -455,12 +457,8 @@ fn validate_health(
     if raw.enabled.as_ref().is_some_and(|e| !*e.get_ref()) {
         return Ok(None);
     }
-    let positive = |value: &Option<Spanned<String>>, field: &str, default: Duration| -> Result<Duration, ConfigError> {
-        let d = src.duration(value, &key(field), default)?;
-        match value {
-            Some(v) if d.is_zero() => Err(src.invalid(v.span(), &key(field), "must be more than 0, e.g. \"2s\"")),
-            _ => Ok(d),
-        }
+    let positive = |value: &Option<Spanned<String>>, field: &str, default: Duration| {
+        src.positive_duration(value, &key(field), default, "must be more than 0, e.g. \"2s\"")
     };
     let count = |value: &Option<Spanned<i64>>, field: &str, default: u32| -> Result<u32, ConfigError> {
         match value {

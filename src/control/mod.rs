@@ -22,6 +22,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::balance::BackendCounters;
+use crate::balance::hash::hash64;
 use crate::pool::Snapshot;
 use crate::stats::WorkerStats;
 use crate::sys;
@@ -158,11 +159,11 @@ impl SourceLimit {
     }
 
     fn shard(&self, ip: IpAddr) -> &Mutex<HashMap<IpAddr, u32>> {
-        let bytes = match ip {
-            IpAddr::V4(v4) => v4.octets().to_vec(),
-            IpAddr::V6(v6) => v6.octets().to_vec(),
+        let hash = match ip {
+            IpAddr::V4(v4) => hash64(0, &v4.octets()),
+            IpAddr::V6(v6) => hash64(0, &v6.octets()),
         };
-        &self.shards[(crate::balance::hash::hash64(0, &bytes) as usize) % Self::SHARDS]
+        &self.shards[(hash as usize) % Self::SHARDS]
     }
 
     /// Counts one more connection from `ip`, unless it already has `limit`.
