@@ -20,6 +20,7 @@
 //! the other side while the reverse direction keeps running; a reset on one side becomes a
 //! reset on the other.
 
+use std::collections::VecDeque;
 use std::os::fd::RawFd;
 
 use crate::proxy_protocol;
@@ -74,8 +75,13 @@ pub enum Op {
     ReadPrefix { fd: RawFd },
     /// Send the pending bytes of the connection's [`Prefix`] to the backend `fd`.
     SendPrefix { fd: RawFd },
-    /// Receive from `fd` into a ring buffer.
+    /// Receive from `fd` into ring buffers, multishot: completions ([`Event::Received`] with
+    /// `more`) keep coming, each with a buffer, until one without `more` ends the receive (end
+    /// of stream, an error, no buffer left, a stop, or the kernel's byte limit per arm).
     Recv { dir: Dir, fd: RawFd },
+    /// Stop the direction's multishot receive (cancel by its user data): its buffers wait to
+    /// be sent. One completion ([`Event::Cancelled`]); the receive ends with -ECANCELED.
+    StopRecv { dir: Dir },
     /// Send `len` bytes from offset `offset` of buffer `buf` to `fd`.
     Send { dir: Dir, fd: RawFd, buf: BufId, offset: u32, len: u32 },
     /// Wait until `fd` has bytes to read (splice mode).
@@ -119,6 +125,7 @@ impl Op {
             | Op::Send { .. }
             | Op::WaitWritable { .. }
             | Op::PollIn { .. }
+            | Op::StopRecv { .. }
             | Op::Cancel { .. }
             | Op::Close { .. } => 1,
             Op::Shutdown { .. }
@@ -152,9 +159,10 @@ pub enum Event {
     ConnectTimerDone,
     /// A read into the prefix finished: bytes (0 = the client closed) or -errno.
     PrefixRead { result: i32 },
-    /// A receive finished: bytes (0 = end of stream) or -errno, and the buffer if one was used;
-    /// `full` says the bytes filled the whole buffer (a bulk transfer).
-    Received { dir: Dir, result: i32, buf: Option<BufId>, full: bool },
+    /// A receive completed: bytes (0 = end of stream) or -errno, and the buffer if one was used;
+    /// `full` says the bytes filled the whole buffer (a bulk transfer); `more` says the
+    /// multishot receive goes on (this completion does not end it).
+    Received { dir: Dir, result: i32, buf: Option<BufId>, full: bool, more: bool },
     /// A send finished: bytes or -errno.
     Sent { dir: Dir, result: i32 },
     /// The destination of `dir` became writable (or failed; the resend will tell).
@@ -207,11 +215,12 @@ pub enum End {
 enum Flow {
     /// Not started (still connecting).
     Idle,
-    /// A receive is in flight.
+    /// The multishot receive is in flight and nothing waits to be sent.
     Receiving,
     /// The ring was out of buffers; waiting for one.
     Starved,
-    /// A send of `buf[offset..len]` is in flight.
+    /// A send of `buf[offset..len]` is in flight (the multishot receive may be too: what it
+    /// brings meanwhile waits in the direction's backlog).
     Sending { buf: BufId, offset: u32, len: u32 },
     /// Up only: the prefix is being sent to the backend, before any receive from the client.
     Prefix,
@@ -270,6 +279,11 @@ pub enum Relay {
 /// Pipe fills a direction may do per readiness before it polls again, so one busy connection
 /// does not keep the worker from the others.
 const SPLICE_ROUNDS: u8 = 8;
+
+/// With this many buffers of a direction waiting behind its send, its multishot receive is
+/// stopped: the destination is slower than the source, and the bytes stay in the source's
+/// socket (TCP flow control) instead of in the worker's shared buffers.
+pub const BACKLOG_STOP: usize = 4;
 
 /// Room kept in front of the bytes read from the client, for the outgoing PROXY header.
 const HEADROOM: usize = proxy_protocol::V1_MAX;
@@ -364,6 +378,15 @@ pub struct Conn {
     tried: u32,
     phase: Phase,
     flows: [Flow; 2],
+    /// Whether each direction's multishot receive is in flight (until its last completion).
+    armed: [bool; 2],
+    /// Whether a stop of each direction's multishot receive was asked for.
+    stopping: [bool; 2],
+    /// Buffers received but not yet sent, oldest first, behind the send in flight; at most
+    /// [`BACKLOG_STOP`] before the receive is stopped, plus what comes before the stop lands.
+    backlog: [VecDeque<(BufId, u32)>; 2],
+    /// End of stream seen while bytes were still to be sent: shut down once they are.
+    eof: [bool; 2],
     inflight: u32,
     /// Operations in flight on each side's socket (indexed by `Side as usize`): what a close
     /// must cancel first.
@@ -397,6 +420,10 @@ impl Conn {
             tried: 0,
             phase: Phase::New,
             flows: [Flow::Idle; 2],
+            armed: [false; 2],
+            stopping: [false; 2],
+            backlog: [VecDeque::new(), VecDeque::new()],
+            eof: [false; 2],
             inflight: 0,
             busy: [0; 2],
             last_active: now,
@@ -537,12 +564,17 @@ impl Conn {
                 self.flows[dir.index()] = Flow::Polling;
                 self.emit(Op::PollIn { dir, fd }, ops);
             }
-            Some(fd) => {
-                self.flows[dir.index()] = Flow::Receiving;
-                self.emit(Op::Recv { dir, fd }, ops);
-            }
+            Some(fd) => self.receive_copying(dir, fd, ops),
             None => debug_assert!(false, "receive without a socket"),
         }
+    }
+
+    /// Arms the direction's multishot receive into ring buffers.
+    fn receive_copying(&mut self, dir: Dir, fd: RawFd, ops: &mut Vec<Op>) {
+        self.flows[dir.index()] = Flow::Receiving;
+        self.armed[dir.index()] = true;
+        self.stopping[dir.index()] = false;
+        self.emit(Op::Recv { dir, fd }, ops);
     }
 
     /// The worker spliced from the source into the pipe: bytes, 0 (end of stream) or -errno
@@ -560,11 +592,7 @@ impl Conn {
             }
             0 => {
                 ops.push(Op::ReleasePipe(dir));
-                ops.push(Op::Shutdown { fd: dst });
-                self.flows[dir.index()] = Flow::Done;
-                if self.flows.iter().all(|f| *f == Flow::Done) {
-                    self.begin_close(End::Finished, false, false, ops);
-                }
+                self.finish(dir, ops);
             }
             e if -e == libc::EAGAIN || -e == libc::EINTR => {
                 ops.push(Op::ReleasePipe(dir));
@@ -572,10 +600,9 @@ impl Conn {
                 self.emit(Op::PollIn { dir, fd: src }, ops);
             }
             e if -e == libc::ENOBUFS => {
-                // No pipe to spare: move what is waiting through a ring buffer instead; the
-                // next round tries a pipe again.
-                self.flows[dir.index()] = Flow::Receiving;
-                self.emit(Op::Recv { dir, fd: src }, ops);
+                // No pipe to spare: move what is waiting through ring buffers instead (the
+                // receive is stopped after its first bytes); the next round tries a pipe again.
+                self.receive_copying(dir, src, ops);
             }
             e if -e == libc::EMFILE || -e == libc::ENFILE || -e == libc::ENOMEM => {
                 self.flows[dir.index()] = Flow::Done;
@@ -636,9 +663,12 @@ impl Conn {
     /// Handles one completion. Returns the connect outcome when the event settles an attempt.
     pub fn on_event(&mut self, event: Event, now: u64, ops: &mut Vec<Op>) -> Option<Notice> {
         debug_assert!(self.inflight > 0, "completion with nothing in flight: {event:?}");
-        self.inflight = self.inflight.saturating_sub(1);
-        if let Some(side) = event.side() {
-            self.busy[side as usize] = self.busy[side as usize].saturating_sub(1);
+        // A multishot receive's completions with `more` leave it in flight.
+        if !matches!(event, Event::Received { more: true, .. }) {
+            self.inflight = self.inflight.saturating_sub(1);
+            if let Some(side) = event.side() {
+                self.busy[side as usize] = self.busy[side as usize].saturating_sub(1);
+            }
         }
         let outcome = match self.phase {
             Phase::Closing { .. } => {
@@ -671,12 +701,15 @@ impl Conn {
                 }
             }
             Event::ConnectTimerDone | Event::Cancelled | Event::Closed => {}
-            Event::Received { dir, result, buf, full } => {
+            Event::Received { dir, result, buf, full, more } => {
                 if full && self.relay == Relay::Auto {
-                    // A bulk transfer: from the next receive on, splice this direction.
+                    // A bulk transfer: once what was received is sent, splice this direction.
                     self.spliced[dir.index()] = true;
                 }
-                self.received(dir, result, buf, now, ops)
+                self.received(dir, result, buf, more, now, ops);
+                if self.spliced[dir.index()] {
+                    self.stop_receiving(dir, ops);
+                }
             }
             Event::Sent { dir, result } => self.sent(dir, result, now, ops),
             Event::Writable { dir } => match self.flows[dir.index()] {
@@ -761,40 +794,94 @@ impl Conn {
         }
     }
 
-    fn received(&mut self, dir: Dir, result: i32, buf: Option<BufId>, now: u64, ops: &mut Vec<Op>) {
+    fn received(&mut self, dir: Dir, result: i32, buf: Option<BufId>, more: bool, now: u64, ops: &mut Vec<Op>) {
+        let d = dir.index();
+        if !more {
+            self.armed[d] = false;
+        }
         match (result, buf) {
             (n, Some(buf)) if n > 0 => {
                 self.last_active = now;
-                self.bytes[dir.index()] += n as u64;
-                self.send(dir, buf, 0, n as u32, ops);
+                self.bytes[d] += n as u64;
+                match self.flows[d] {
+                    Flow::Receiving => self.send(dir, buf, 0, n as u32, ops),
+                    Flow::Sending { .. } => {
+                        self.backlog[d].push_back((buf, n as u32));
+                        if self.backlog[d].len() >= BACKLOG_STOP {
+                            self.stop_receiving(dir, ops);
+                        }
+                    }
+                    _ => {
+                        debug_assert!(false, "bytes received in {:?}", self.flows[d]);
+                        ops.push(Op::Recycle(buf));
+                    }
+                }
             }
             (0, buf) => {
                 if let Some(buf) = buf {
                     ops.push(Op::Recycle(buf));
                 }
-                if let Some(fd) = self.fd(dir.dst()) {
-                    self.emit(Op::Shutdown { fd }, ops);
-                }
-                self.flows[dir.index()] = Flow::Done;
-                if self.flows.iter().all(|f| *f == Flow::Done) {
-                    self.begin_close(End::Finished, false, false, ops);
+                if matches!(self.flows[d], Flow::Sending { .. }) {
+                    // Send what came before the end of stream first.
+                    self.eof[d] = true;
+                } else {
+                    self.finish(dir, ops);
                 }
             }
             (err, buf) => {
                 if let Some(buf) = buf {
                     ops.push(Op::Recycle(buf));
                 }
+                let idle = self.flows[d] == Flow::Receiving;
                 match -err {
-                    libc::ENOBUFS => {
-                        self.flows[dir.index()] = Flow::Starved;
+                    // While sending, the receive is armed again once the backlog is sent.
+                    libc::ENOBUFS if idle => {
+                        self.flows[d] = Flow::Starved;
                         ops.push(Op::WaitForBuffer(dir));
                     }
-                    libc::EINTR | libc::EAGAIN => self.receive(dir, ops),
+                    libc::ECANCELED | libc::EINTR | libc::EAGAIN if idle => self.receive(dir, ops),
+                    libc::ENOBUFS | libc::ECANCELED | libc::EINTR | libc::EAGAIN => {}
                     // The source reset or failed (or a positive count came without a buffer,
                     // which the kernel never does): pass the reset on to the destination.
                     _ => self.reset_from(dir.src(), ops),
                 }
             }
+        }
+    }
+
+    /// Stops the direction's multishot receive, unless it is already ending.
+    fn stop_receiving(&mut self, dir: Dir, ops: &mut Vec<Op>) {
+        let d = dir.index();
+        if self.armed[d] && !self.stopping[d] && !self.is_closing() {
+            self.stopping[d] = true;
+            self.emit(Op::StopRecv { dir }, ops);
+        }
+    }
+
+    /// The direction's send finished: send the next buffer, or pass on the end of stream, or
+    /// go back to receiving.
+    fn next_send(&mut self, dir: Dir, ops: &mut Vec<Op>) {
+        let d = dir.index();
+        if let Some((buf, len)) = self.backlog[d].pop_front() {
+            self.send(dir, buf, 0, len, ops);
+        } else if self.eof[d] {
+            self.finish(dir, ops);
+        } else if self.armed[d] {
+            self.flows[d] = Flow::Receiving;
+        } else {
+            self.receive(dir, ops);
+        }
+    }
+
+    /// The source of `dir` finished and everything it sent was passed on: shut down the
+    /// destination for writing; once both directions are done, close.
+    fn finish(&mut self, dir: Dir, ops: &mut Vec<Op>) {
+        if let Some(fd) = self.fd(dir.dst()) {
+            self.emit(Op::Shutdown { fd }, ops);
+        }
+        self.flows[dir.index()] = Flow::Done;
+        if self.flows.iter().all(|f| *f == Flow::Done) {
+            self.begin_close(End::Finished, false, false, ops);
         }
     }
 
@@ -813,7 +900,7 @@ impl Conn {
                 self.send(dir, buf, offset, len, ops);
             } else {
                 ops.push(Op::Recycle(buf));
-                self.receive(dir, ops);
+                self.next_send(dir, ops);
             }
         } else if -result == libc::EAGAIN
             && let Some(fd) = self.fd(dir.dst())
@@ -844,6 +931,9 @@ impl Conn {
         }
         self.end = Some(end);
         self.phase = Phase::Closing { reset_client, reset_backend, closes_sent: false };
+        for backlog in &mut self.backlog {
+            ops.extend(backlog.drain(..).map(|(buf, _)| Op::Recycle(buf)));
+        }
         // Closing an fd does not stop operations on it: cancel them, and close only after
         // their completions are in (see advance_close).
         for side in [Side::Client, Side::Backend] {
@@ -909,6 +999,16 @@ mod tests {
         now: u64,
     }
 
+    /// `n` bytes in buffer `buf`; the multishot receive goes on.
+    fn data(dir: Dir, n: i32, buf: BufId) -> Event {
+        Event::Received { dir, result: n, buf: Some(buf), full: false, more: true }
+    }
+
+    /// The multishot receive ends with `result` (0: end of stream).
+    fn ended(dir: Dir, result: i32) -> Event {
+        Event::Received { dir, result, buf: None, full: false, more: false }
+    }
+
     impl Harness {
         fn new(attempts: u32) -> Harness {
             let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Copy, 0), ops: Vec::new(), now: 0 };
@@ -955,30 +1055,89 @@ mod tests {
     #[test]
     fn relays_and_recycles() {
         let mut h = Harness::relaying();
-        let ops = h.event(Event::Received { dir: Dir::Up, result: 100, buf: Some(3), full: false });
+        let ops = h.event(data(Dir::Up, 100, 3));
         assert_eq!(ops, vec![Op::Send { dir: Dir::Up, fd: BACKEND, buf: 3, offset: 0, len: 100 }]);
         assert_eq!(h.conn.last_active, h.now);
         // A short send resends the rest from the same buffer.
         let ops = h.event(Event::Sent { dir: Dir::Up, result: 60 });
         assert_eq!(ops, vec![Op::Send { dir: Dir::Up, fd: BACKEND, buf: 3, offset: 60, len: 100 }]);
+        // Sent: the buffer goes back; the multishot receive is still armed.
         let ops = h.event(Event::Sent { dir: Dir::Up, result: 40 });
-        assert_eq!(ops, vec![Op::Recycle(3), Op::Recv { dir: Dir::Up, fd: CLIENT }]);
+        assert_eq!(ops, vec![Op::Recycle(3)]);
         assert_eq!(h.conn.bytes, [100, 0]);
         assert_eq!(h.conn.inflight(), 2, "one receive per direction");
+        let ops = h.event(data(Dir::Up, 7, 4));
+        assert_eq!(ops, vec![Op::Send { dir: Dir::Up, fd: BACKEND, buf: 4, offset: 0, len: 7 }]);
+    }
+
+    #[test]
+    fn bytes_received_while_sending_wait_their_turn_and_precede_the_fin() {
+        let mut h = Harness::relaying();
+        h.event(data(Dir::Up, 10, 1));
+        assert!(h.event(data(Dir::Up, 20, 2)).is_empty());
+        assert!(h.event(data(Dir::Up, 30, 3)).is_empty());
+        // The end of stream waits behind them.
+        assert!(h.event(ended(Dir::Up, 0)).is_empty());
+        let ops = h.event(Event::Sent { dir: Dir::Up, result: 10 });
+        assert_eq!(ops, vec![Op::Recycle(1), Op::Send { dir: Dir::Up, fd: BACKEND, buf: 2, offset: 0, len: 20 }]);
+        let ops = h.event(Event::Sent { dir: Dir::Up, result: 20 });
+        assert_eq!(ops, vec![Op::Recycle(2), Op::Send { dir: Dir::Up, fd: BACKEND, buf: 3, offset: 0, len: 30 }]);
+        let ops = h.event(Event::Sent { dir: Dir::Up, result: 30 });
+        assert_eq!(ops, vec![Op::Recycle(3), Op::Shutdown { fd: BACKEND }]);
+        assert_eq!(h.conn.bytes, [60, 0]);
+    }
+
+    #[test]
+    fn a_slow_destination_stops_the_receive_until_the_backlog_is_sent() {
+        let mut h = Harness::relaying();
+        h.event(data(Dir::Down, 10, 1));
+        for buf in 2..BACKLOG_STOP as BufId + 1 {
+            assert!(h.event(data(Dir::Down, 1, buf)).is_empty());
+        }
+        assert_eq!(h.event(data(Dir::Down, 1, 9)), vec![Op::StopRecv { dir: Dir::Down }]);
+        // More may land before the stop does; the receive then ends.
+        assert!(h.event(data(Dir::Down, 1, 10)).is_empty());
+        assert!(h.event(Event::Cancelled).is_empty());
+        assert!(h.event(ended(Dir::Down, -libc::ECANCELED)).is_empty());
+        let mut sent = vec![1];
+        let mut next = h.event(Event::Sent { dir: Dir::Down, result: 10 });
+        while let [Op::Recycle(done), Op::Send { buf, .. }] = next[..] {
+            assert_eq!(done, *sent.last().unwrap());
+            sent.push(buf);
+            next = h.event(Event::Sent { dir: Dir::Down, result: 1 });
+        }
+        assert_eq!(sent, [1, 2, 3, 4, 9, 10], "in the order received");
+        // All sent: receive again.
+        assert_eq!(next, vec![Op::Recycle(10), Op::Recv { dir: Dir::Down, fd: BACKEND }]);
+    }
+
+    #[test]
+    fn a_receive_ended_by_its_byte_limit_is_armed_again_after_its_bytes() {
+        let mut h = Harness::relaying();
+        let last = Event::Received { dir: Dir::Up, result: 100, buf: Some(1), full: false, more: false };
+        assert_eq!(h.event(last), vec![Op::Send { dir: Dir::Up, fd: BACKEND, buf: 1, offset: 0, len: 100 }]);
+        let ops = h.event(Event::Sent { dir: Dir::Up, result: 100 });
+        assert_eq!(ops, vec![Op::Recycle(1), Op::Recv { dir: Dir::Up, fd: CLIENT }]);
+        // Out of buffers while sending: armed again once sent, and then starved.
+        h.event(data(Dir::Down, 5, 2));
+        assert!(h.event(ended(Dir::Down, -libc::ENOBUFS)).is_empty());
+        let ops = h.event(Event::Sent { dir: Dir::Down, result: 5 });
+        assert_eq!(ops, vec![Op::Recycle(2), Op::Recv { dir: Dir::Down, fd: BACKEND }]);
+        assert_eq!(h.event(ended(Dir::Down, -libc::ENOBUFS)), vec![Op::WaitForBuffer(Dir::Down)]);
     }
 
     #[test]
     fn half_close_keeps_reverse_direction() {
         let mut h = Harness::relaying();
         // Client sends FIN: shut down writing to the backend, keep relaying the other way.
-        let ops = h.event(Event::Received { dir: Dir::Up, result: 0, buf: None, full: false });
+        let ops = h.event(ended(Dir::Up, 0));
         assert_eq!(ops, vec![Op::Shutdown { fd: BACKEND }]);
-        let ops = h.event(Event::Received { dir: Dir::Down, result: 5, buf: Some(1), full: false });
+        let ops = h.event(data(Dir::Down, 5, 1));
         assert_eq!(ops, vec![Op::Send { dir: Dir::Down, fd: CLIENT, buf: 1, offset: 0, len: 5 }]);
         let ops = h.event(Event::Sent { dir: Dir::Down, result: 5 });
-        assert_eq!(ops, vec![Op::Recycle(1), Op::Recv { dir: Dir::Down, fd: BACKEND }]);
+        assert_eq!(ops, vec![Op::Recycle(1)]);
         // Backend finishes too: shutdown the client, then close both with FIN.
-        let ops = h.event(Event::Received { dir: Dir::Down, result: 0, buf: None, full: false });
+        let ops = h.event(ended(Dir::Down, 0));
         assert_eq!(
             ops,
             vec![
@@ -994,19 +1153,19 @@ mod tests {
     #[test]
     fn eof_with_a_buffer_recycles_it() {
         let mut h = Harness::relaying();
-        let ops = h.event(Event::Received { dir: Dir::Down, result: 0, buf: Some(9), full: false });
+        let ops = h.event(Event::Received { dir: Dir::Down, result: 0, buf: Some(9), full: false, more: false });
         assert_eq!(ops, vec![Op::Recycle(9), Op::Shutdown { fd: CLIENT }]);
     }
 
     #[test]
     fn backend_reset_resets_client_after_cancelling() {
         let mut h = Harness::relaying();
-        let ops = h.event(Event::Received { dir: Dir::Down, result: -libc::ECONNRESET, buf: None, full: false });
+        let ops = h.event(ended(Dir::Down, -libc::ECONNRESET));
         // The client's receive is still in flight: cancel it before closing.
         assert_eq!(ops, vec![Op::Cancel { fd: CLIENT }]);
         assert_eq!(h.conn.end(), Some(End::Reset(Side::Backend)));
         assert!(h.event(Event::Cancelled).is_empty());
-        let ops = h.event(Event::Received { dir: Dir::Up, result: -libc::ECANCELED, buf: None, full: false });
+        let ops = h.event(ended(Dir::Up, -libc::ECANCELED));
         assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: true }, Op::Close { fd: BACKEND, reset: false }]);
         h.finish_close(2);
     }
@@ -1014,36 +1173,44 @@ mod tests {
     #[test]
     fn client_reset_resets_backend() {
         let mut h = Harness::relaying();
-        let ops = h.event(Event::Received { dir: Dir::Up, result: -libc::ECONNRESET, buf: None, full: false });
+        let ops = h.event(ended(Dir::Up, -libc::ECONNRESET));
         assert_eq!(ops, vec![Op::Cancel { fd: BACKEND }]);
         h.event(Event::Cancelled);
-        let ops = h.event(Event::Received { dir: Dir::Down, result: -libc::ECANCELED, buf: None, full: false });
+        let ops = h.event(ended(Dir::Down, -libc::ECANCELED));
         assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: true }]);
     }
 
     #[test]
     fn failed_send_resets_the_source_and_returns_the_buffer() {
         let mut h = Harness::relaying();
-        h.event(Event::Received { dir: Dir::Down, result: 10, buf: Some(4), full: false });
+        h.event(data(Dir::Down, 10, 4));
         let ops = h.event(Event::Sent { dir: Dir::Down, result: -libc::EPIPE });
-        // The backend has nothing in flight (its direction was sending); the client's receive is.
-        assert_eq!(ops, vec![Op::Recycle(4), Op::Cancel { fd: CLIENT }]);
+        // Both receives are still armed.
+        assert_eq!(ops, vec![Op::Recycle(4), Op::Cancel { fd: CLIENT }, Op::Cancel { fd: BACKEND }]);
         assert_eq!(h.conn.end(), Some(End::Reset(Side::Client)));
         h.event(Event::Cancelled);
-        let ops = h.event(Event::Received { dir: Dir::Up, result: -libc::ECANCELED, buf: None, full: false });
+        h.event(Event::Cancelled);
+        h.event(ended(Dir::Down, -libc::ECANCELED));
+        let ops = h.event(ended(Dir::Up, -libc::ECANCELED));
         assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: true }]);
     }
 
     #[test]
     fn buffer_held_by_cancelled_send_is_recycled_on_its_completion() {
         let mut h = Harness::relaying();
-        h.event(Event::Received { dir: Dir::Up, result: 10, buf: Some(2), full: false });
+        h.event(data(Dir::Up, 10, 2));
+        h.event(data(Dir::Up, 10, 3));
         h.conn.close(&mut h.ops);
-        // Both operations in flight (up send, down receive) are on the backend's socket.
-        assert_eq!(h.take(), vec![Op::Cancel { fd: BACKEND }]);
+        // The buffer waiting behind the send goes back at once; the up receive is on the
+        // client's socket, the up send and the down receive on the backend's.
+        assert_eq!(h.take(), vec![Op::Recycle(3), Op::Cancel { fd: CLIENT }, Op::Cancel { fd: BACKEND }]);
         assert_eq!(h.event(Event::Sent { dir: Dir::Up, result: -libc::ECANCELED }), vec![Op::Recycle(2)]);
+        // A receive's bytes that land while closing go back too.
+        assert_eq!(h.event(data(Dir::Down, 10, 4)), vec![Op::Recycle(4)]);
         h.event(Event::Cancelled);
-        let ops = h.event(Event::Received { dir: Dir::Down, result: -libc::ECANCELED, buf: None, full: false });
+        h.event(Event::Cancelled);
+        h.event(ended(Dir::Up, -libc::ECANCELED));
+        let ops = h.event(ended(Dir::Down, -libc::ECANCELED));
         assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: false }]);
         h.finish_close(2);
     }
@@ -1051,7 +1218,7 @@ mod tests {
     #[test]
     fn no_buffers_waits_then_resumes() {
         let mut h = Harness::relaying();
-        let ops = h.event(Event::Received { dir: Dir::Up, result: -libc::ENOBUFS, buf: None, full: false });
+        let ops = h.event(ended(Dir::Up, -libc::ENOBUFS));
         assert_eq!(ops, vec![Op::WaitForBuffer(Dir::Up)]);
         assert!(h.conn.is_starved(Dir::Up));
         h.conn.buffer_available(Dir::Up, &mut h.ops);
@@ -1064,11 +1231,11 @@ mod tests {
     #[test]
     fn starved_connection_closes_without_waiting_for_a_buffer() {
         let mut h = Harness::relaying();
-        h.event(Event::Received { dir: Dir::Up, result: -libc::ENOBUFS, buf: None, full: false });
+        h.event(ended(Dir::Up, -libc::ENOBUFS));
         h.conn.close(&mut h.ops);
         // The down receive is in flight; the starved up direction has nothing in flight.
         assert_eq!(h.take(), vec![Op::Cancel { fd: BACKEND }]);
-        h.event(Event::Received { dir: Dir::Down, result: -libc::ECANCELED, buf: None, full: false });
+        h.event(ended(Dir::Down, -libc::ECANCELED));
         let ops = h.event(Event::Cancelled);
         assert_eq!(ops.len(), 2);
         h.conn.buffer_available(Dir::Up, &mut h.ops);
@@ -1151,11 +1318,8 @@ mod tests {
     #[test]
     fn interrupted_operations_are_retried() {
         let mut h = Harness::relaying();
-        assert_eq!(
-            h.event(Event::Received { dir: Dir::Up, result: -libc::EINTR, buf: None, full: false }),
-            vec![Op::Recv { dir: Dir::Up, fd: CLIENT }]
-        );
-        h.event(Event::Received { dir: Dir::Up, result: 7, buf: Some(0), full: false });
+        assert_eq!(h.event(ended(Dir::Up, -libc::EINTR)), vec![Op::Recv { dir: Dir::Up, fd: CLIENT }]);
+        h.event(data(Dir::Up, 7, 0));
         assert_eq!(
             h.event(Event::Sent { dir: Dir::Up, result: -libc::EINTR }),
             vec![Op::Send { dir: Dir::Up, fd: BACKEND, buf: 0, offset: 0, len: 7 }]
@@ -1293,32 +1457,47 @@ mod tests {
             vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Recv { dir: Dir::Down, fd: BACKEND }]
         );
         // A small request stays on copy.
-        h.event(Event::Received { dir: Dir::Up, result: 100, buf: Some(1), full: false });
+        h.event(data(Dir::Up, 100, 1));
+        assert_eq!(h.event(Event::Sent { dir: Dir::Up, result: 100 }), vec![Op::Recycle(1)]);
+        // A full buffer down stops the receive; once what it brought is sent, the direction
+        // splices.
+        let full = Event::Received { dir: Dir::Down, result: 32768, buf: Some(2), full: true, more: true };
         assert_eq!(
-            h.event(Event::Sent { dir: Dir::Up, result: 100 }),
-            vec![Op::Recycle(1), Op::Recv { dir: Dir::Up, fd: CLIENT }]
+            h.event(full),
+            vec![
+                Op::Send { dir: Dir::Down, fd: CLIENT, buf: 2, offset: 0, len: 32768 },
+                Op::StopRecv { dir: Dir::Down }
+            ]
         );
-        // A full buffer down: after it is sent, the direction splices.
-        h.event(Event::Received { dir: Dir::Down, result: 32768, buf: Some(2), full: true });
+        assert!(h.event(data(Dir::Down, 500, 3)).is_empty());
+        h.event(Event::Cancelled);
+        assert!(h.event(ended(Dir::Down, -libc::ECANCELED)).is_empty());
+        let ops = h.event(Event::Sent { dir: Dir::Down, result: 32768 });
+        assert_eq!(ops, vec![Op::Recycle(2), Op::Send { dir: Dir::Down, fd: CLIENT, buf: 3, offset: 0, len: 500 }]);
         assert_eq!(
-            h.event(Event::Sent { dir: Dir::Down, result: 32768 }),
-            vec![Op::Recycle(2), Op::PollIn { dir: Dir::Down, fd: BACKEND }]
+            h.event(Event::Sent { dir: Dir::Down, result: 500 }),
+            vec![Op::Recycle(3), Op::PollIn { dir: Dir::Down, fd: BACKEND }]
         );
         // No pipe to spare: this round goes through a ring buffer, the next tries a pipe again.
         assert_eq!(h.event(Event::Readable { dir: Dir::Down }), vec![Op::SpliceIn { dir: Dir::Down, fd: BACKEND }]);
         h.conn.spliced_in(Dir::Down, -libc::ENOBUFS, 5, &mut h.ops);
         assert_eq!(h.take(), vec![Op::Recv { dir: Dir::Down, fd: BACKEND }]);
-        h.event(Event::Received { dir: Dir::Down, result: 10, buf: Some(3), full: false });
+        assert_eq!(
+            h.event(data(Dir::Down, 10, 4)),
+            vec![Op::Send { dir: Dir::Down, fd: CLIENT, buf: 4, offset: 0, len: 10 }, Op::StopRecv { dir: Dir::Down }]
+        );
+        h.event(Event::Cancelled);
+        h.event(ended(Dir::Down, -libc::ECANCELED));
         assert_eq!(
             h.event(Event::Sent { dir: Dir::Down, result: 10 }),
-            vec![Op::Recycle(3), Op::PollIn { dir: Dir::Down, fd: BACKEND }]
+            vec![Op::Recycle(4), Op::PollIn { dir: Dir::Down, fd: BACKEND }]
         );
     }
 
     #[test]
     fn full_socket_waits_for_writable_then_resends_the_rest() {
         let mut h = Harness::relaying();
-        h.event(Event::Received { dir: Dir::Down, result: 100, buf: Some(5), full: false });
+        h.event(data(Dir::Down, 100, 5));
         h.event(Event::Sent { dir: Dir::Down, result: 30 });
         assert_eq!(
             h.event(Event::Sent { dir: Dir::Down, result: -libc::EAGAIN }),
@@ -1333,13 +1512,16 @@ mod tests {
     #[test]
     fn close_while_waiting_for_writable_recycles_the_buffer() {
         let mut h = Harness::relaying();
-        h.event(Event::Received { dir: Dir::Down, result: 100, buf: Some(5), full: false });
+        h.event(data(Dir::Down, 100, 5));
         h.event(Event::Sent { dir: Dir::Down, result: -libc::EAGAIN });
         h.conn.close(&mut h.ops);
-        // The up receive and the poll are both on the client's socket.
-        assert_eq!(h.take(), vec![Op::Cancel { fd: CLIENT }]);
+        // The up receive and the poll are on the client's socket, the down receive on the
+        // backend's.
+        assert_eq!(h.take(), vec![Op::Cancel { fd: CLIENT }, Op::Cancel { fd: BACKEND }]);
         assert_eq!(h.event(Event::Writable { dir: Dir::Down }), vec![Op::Recycle(5)]);
-        h.event(Event::Received { dir: Dir::Up, result: -libc::ECANCELED, buf: None, full: false });
+        h.event(ended(Dir::Up, -libc::ECANCELED));
+        h.event(ended(Dir::Down, -libc::ECANCELED));
+        h.event(Event::Cancelled);
         let ops = h.event(Event::Cancelled);
         assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: false }]);
     }
@@ -1366,7 +1548,8 @@ mod model {
         Connect(RawFd),
         ConnectTimer,
         Recv(Dir, RawFd),
-        Send(Dir, RawFd, u32),
+        StopRecv(Dir),
+        Send(Dir, RawFd, BufId, u32),
         Poll(Dir),
         PollIn(Dir),
         Cancel,
@@ -1404,6 +1587,12 @@ mod model {
         /// Bytes in each direction's pipe, as the simulated kernel sees them.
         piped: [u32; 2],
         next_pipe: u32,
+        /// Each direction's buffers received and not yet fully sent, oldest first, with the
+        /// bytes still to send: sends must go in this order, and only a closing connection
+        /// may drop bytes.
+        unsent: [std::collections::VecDeque<(BufId, u32)>; 2],
+        /// A stop of the direction's receive landed: the receive ends with ECANCELED next.
+        stopped: [bool; 2],
     }
 
     impl Model {
@@ -1426,6 +1615,8 @@ mod model {
                 rng: seed | 1,
                 piped: [0; 2],
                 next_pipe: 0,
+                unsent: Default::default(),
+                stopped: [false; 2],
             };
             let mut ops = Vec::new();
             if handshake {
@@ -1442,6 +1633,13 @@ mod model {
             model.attempts = attempts;
             model.apply(ops, false);
             model
+        }
+
+        fn dir_of(pending: Pending) -> usize {
+            match pending {
+                Pending::Recv(dir, _) => dir as usize,
+                _ => unreachable!(),
+            }
         }
 
         fn random(&mut self) -> u64 {
@@ -1506,13 +1704,24 @@ mod model {
                         if dir == Dir::Up {
                             assert!(self.conn.prefix.is_none(), "client read before the prefix was sent");
                         }
+                        assert!(
+                            !self.pending.iter().any(|p| matches!(*p, Pending::Recv(d, _) if d == dir)),
+                            "a second receive armed in one direction"
+                        );
+                        self.stopped[dir as usize] = false;
                         self.pending.push(Pending::Recv(dir, fd));
                     }
+                    Op::StopRecv { dir } => self.pending.push(Pending::StopRecv(dir)),
                     Op::Send { dir, fd, buf, offset, len } => {
                         assert!(self.open_fds.contains(&fd), "send on a closed fd");
                         assert!(self.held_buffers.contains(&buf), "send from a buffer not held");
                         assert!(offset < len);
-                        self.pending.push(Pending::Send(dir, fd, len - offset));
+                        assert_eq!(
+                            self.unsent[dir as usize].front(),
+                            Some(&(buf, len - offset)),
+                            "not sending the oldest unsent bytes"
+                        );
+                        self.pending.push(Pending::Send(dir, fd, buf, len - offset));
                     }
                     Op::PollIn { dir, fd } => {
                         assert!(self.open_fds.contains(&fd), "poll on a closed fd");
@@ -1570,7 +1779,11 @@ mod model {
                         assert!(self.open_fds.contains(&fd), "poll on a closed fd");
                         self.pending.push(Pending::Poll(dir));
                     }
-                    Op::Shutdown { fd } => assert!(self.open_fds.contains(&fd), "shutdown of a closed fd"),
+                    Op::Shutdown { fd } => {
+                        assert!(self.open_fds.contains(&fd), "shutdown of a closed fd");
+                        let dir = if fd == CLIENT { Dir::Down } else { Dir::Up };
+                        assert!(self.unsent[dir as usize].is_empty(), "FIN passed on before the bytes");
+                    }
                     Op::Cancel { fd } => {
                         // Once closing, every completion below comes back ECANCELED.
                         assert!(self.open_fds.contains(&fd), "cancel on a closed fd");
@@ -1578,14 +1791,25 @@ mod model {
                     }
                     Op::Close { fd, .. } => {
                         let in_use = self.pending.iter().any(|p| {
-                            matches!(*p, Pending::Connect(f) | Pending::Recv(_, f) | Pending::Send(_, f, _) if f == fd)
+                            matches!(*p, Pending::Connect(f) | Pending::Recv(_, f) | Pending::Send(_, f, ..) if f == fd)
                         });
                         assert!(!in_use, "close of fd {fd} with an operation in flight on it");
                         assert!(self.open_fds.remove(&fd), "close of fd {fd} twice");
                         self.closed_fds.insert(fd);
                         self.pending.push(Pending::Close);
                     }
-                    Op::Recycle(buf) => assert!(self.held_buffers.remove(&buf), "buffer {buf} recycled twice"),
+                    Op::Recycle(buf) => {
+                        assert!(self.held_buffers.remove(&buf), "buffer {buf} recycled twice");
+                        let sent = self.unsent.iter().position(|u| u.front() == Some(&(buf, 0)));
+                        if let Some(dir) = sent {
+                            self.unsent[dir].pop_front();
+                        } else {
+                            assert!(self.conn.is_closing(), "bytes of buffer {buf} dropped while relaying");
+                            for unsent in &mut self.unsent {
+                                unsent.retain(|(b, _)| *b != buf);
+                            }
+                        }
+                    }
                     Op::WaitForBuffer(dir) => {
                         // The worker calls back when a buffer returns: do it at once.
                         let mut more = Vec::new();
@@ -1609,6 +1833,13 @@ mod model {
             let index = choice.pick % self.pending.len();
             let pending = self.pending.swap_remove(index);
             let closing = self.conn.is_closing();
+            if let (Pending::Recv(..), 3..=8) = (pending, choice.outcome % 10)
+                && !closing
+                && !self.stopped[Self::dir_of(pending)]
+            {
+                // Bytes, and the multishot receive goes on.
+                self.pending.push(pending);
+            }
             let event = match pending {
                 Pending::ReadPrefix => Event::PrefixRead {
                     result: match choice.outcome % 6 {
@@ -1639,31 +1870,46 @@ mod model {
                 }),
                 Pending::ConnectTimer => Event::ConnectTimerDone,
                 Pending::Recv(dir, _) => {
-                    let result = match choice.outcome % 8 {
-                        _ if closing => -libc::ECANCELED,
+                    let more = self.pending.iter().any(|p| matches!(*p, Pending::Recv(d, _) if d == dir));
+                    let result = match choice.outcome % 10 {
+                        _ if closing || self.stopped[dir as usize] => -libc::ECANCELED,
                         0 => 0,
                         1 => -libc::ECONNRESET,
-                        2 => -libc::ENOBUFS,
+                        2 if choice.size.is_multiple_of(2) => -libc::ENOBUFS,
+                        // Bytes (with 9: up to the receive's byte limit, which ends it).
                         _ => i32::from(choice.size),
                     };
                     let buf = (result > 0).then(|| {
                         let buf = self.next_buffer;
                         self.next_buffer = self.next_buffer.wrapping_add(1);
                         assert!(self.held_buffers.insert(buf));
+                        self.unsent[dir as usize].push_back((buf, result as u32));
                         buf
                     });
-                    Event::Received { dir, result, buf, full: result > 0 && choice.outcome.is_multiple_of(3) }
+                    let full = result > 0 && choice.outcome.is_multiple_of(3);
+                    Event::Received { dir, result, buf, full, more }
                 }
-                Pending::Send(dir, _, len) => Event::Sent {
-                    dir,
-                    result: match choice.outcome % 6 {
+                Pending::StopRecv(dir) => {
+                    if self.pending.iter().any(|p| matches!(*p, Pending::Recv(d, _) if d == dir)) {
+                        self.stopped[dir as usize] = true;
+                    }
+                    Event::Cancelled
+                }
+                Pending::Send(dir, _, buf, len) => {
+                    let result = match choice.outcome % 6 {
                         _ if closing => -libc::ECANCELED,
                         0 => -libc::EPIPE,
                         1 => -libc::EAGAIN,
                         2 => (len / 2).max(1) as i32,
                         _ => len as i32,
-                    },
-                },
+                    };
+                    if result > 0 {
+                        let front = self.unsent[dir as usize].front_mut().expect("a send of unsent bytes");
+                        assert_eq!(front.0, buf);
+                        front.1 -= result as u32;
+                    }
+                    Event::Sent { dir, result }
+                }
                 Pending::Poll(dir) => Event::Writable { dir },
                 Pending::PollIn(dir) => Event::Readable { dir },
                 Pending::Cancel => Event::Cancelled,

@@ -22,11 +22,11 @@ use crate::acl::AccessRules;
 use crate::admission::{Admission, Step};
 use crate::balance::Picker;
 use crate::config::OnDown;
-use crate::conn::{Conn, Dir, End, Event, Notice, Op, Prefix, Relay};
+use crate::conn::{self, Conn, Dir, End, Event, Notice, Op, Prefix, Relay};
 use crate::control::{ControlEvent, RunState, Shared};
 use crate::pool::Snapshot;
 use crate::proxy_protocol;
-use crate::ring::{BufRing, Completion, GENERATION_MASK, Kind, Ring, Token};
+use crate::ring::{self, BufRing, Completion, GENERATION_MASK, Kind, Ring, Token};
 use crate::stats::WorkerStats;
 use crate::sys;
 
@@ -137,10 +137,10 @@ fn timespec(d: Duration) -> types::Timespec {
     types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos())
 }
 
-/// IORING_RECVSEND_POLL_FIRST (uapi io_uring.h): arm the poll before trying to receive. A
-/// direction is re-armed right after its bytes went out, when its source is almost always
-/// empty, so the kernel's first non-blocking attempt would only fail.
-const RECV_POLL_FIRST: u16 = 1;
+/// Buffers' worth of bytes one multishot receive takes before it ends and is armed again: it
+/// bounds what one busy connection can take from the shared buffer ring in one go (the kernel
+/// otherwise keeps filling buffers as long as the socket has bytes).
+const RECV_LIMIT_BUFFERS: u32 = conn::BACKLOG_STOP as u32;
 
 /// Why the tick closes a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,6 +208,8 @@ pub struct Worker {
     now: u64,
     accept_log: RateLimit,
     connect_log: RateLimit,
+    /// Bytes a multishot receive takes before it ends (0 once the kernel refused a limit).
+    recv_limit: u32,
     refuse_log: RateLimit,
 }
 
@@ -289,6 +291,7 @@ impl Worker {
             now: sys::now_millis(),
             accept_log: RateLimit::new(),
             connect_log: RateLimit::new(),
+            recv_limit: RECV_LIMIT_BUFFERS * plan.sizes.buffer_size,
             refuse_log: RateLimit::new(),
         })
     }
@@ -825,6 +828,15 @@ impl Worker {
             Kind::RecvPrefix => Event::PrefixRead { result: c.result },
             Kind::RecvUp | Kind::RecvDown => {
                 let dir = if token.kind == Kind::RecvUp { Dir::Up } else { Dir::Down };
+                let mut result = c.result;
+                if result == -libc::EINVAL && self.recv_limit > 0 {
+                    warn!(
+                        "worker {}: this kernel has no byte limit for multishot receives (Linux 6.17 added it); receiving without one",
+                        self.index
+                    );
+                    self.recv_limit = 0;
+                    result = -libc::EAGAIN; // the connection arms its receive again
+                }
                 if c.result > 0 {
                     let stats = self.stats();
                     match dir {
@@ -832,8 +844,8 @@ impl Worker {
                         Dir::Down => stats.bytes_down.add(c.result as u64),
                     }
                 }
-                let full = c.result > 0 && c.result as u32 == self.bufs.buffer_size();
-                Event::Received { dir, result: c.result, buf: c.buffer(), full }
+                let full = result > 0 && result as u32 == self.bufs.buffer_size();
+                Event::Received { dir, result, buf: c.buffer(), full, more: c.more() }
             }
             Kind::SendUp => Event::Sent { dir: Dir::Up, result: c.result },
             Kind::SendDown => Event::Sent { dir: Dir::Down, result: c.result },
@@ -921,12 +933,12 @@ impl Worker {
                     .build()
                     .user_data(token(Kind::SendUp))
             }
-            Op::Recv { dir, fd } => opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), 0)
-                .buf_group(self.bufs.group())
-                .ioprio(RECV_POLL_FIRST)
-                .build()
-                .flags(squeue::Flags::BUFFER_SELECT)
+            Op::Recv { dir, fd } => ring::recv_multishot(fd, self.bufs.group(), self.recv_limit)
                 .user_data(token(if dir == Dir::Up { Kind::RecvUp } else { Kind::RecvDown })),
+            Op::StopRecv { dir } => {
+                let recv = token(if dir == Dir::Up { Kind::RecvUp } else { Kind::RecvDown });
+                opcode::AsyncCancel2::new(types::CancelBuilder::user_data(recv)).build().user_data(token(Kind::Cancel))
+            }
             Op::Send { dir, fd, buf, offset, len } => {
                 // SAFETY: offset < len <= buffer size, so the pointer stays in buffer `buf`.
                 let ptr = unsafe { self.bufs.ptr(buf).add(offset as usize) };
