@@ -30,6 +30,8 @@ pub enum Kind {
     PollInUp,
     PollInDown,
     Cancel,
+    /// The stop of a multishot receive (a cancel by its user data).
+    StopRecv,
     Close,
     // Per-worker operations: the slot is a listener index or unused.
     Accept = 32,
@@ -42,7 +44,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 20] = [
+    const ALL: [Kind; 21] = [
         Kind::Connect,
         Kind::ConnectTimeout,
         Kind::RecvPrefix,
@@ -55,6 +57,7 @@ impl Kind {
         Kind::PollInUp,
         Kind::PollInDown,
         Kind::Cancel,
+        Kind::StopRecv,
         Kind::Close,
         Kind::Accept,
         Kind::AcceptCancel,

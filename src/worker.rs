@@ -44,11 +44,23 @@ pub struct RingSizes {
     pub buffer_size: u32,
     /// Pipes a splicing worker may hold at once; `None`: from the file-descriptor budget.
     pub pipes: Option<usize>,
+    /// Buffers' worth of bytes one multishot receive takes before it ends and is armed again
+    /// (0: no limit, as on kernels before 6.17). It bounds what one busy connection takes from
+    /// the shared buffer ring in one go: without it the kernel keeps filling buffers as long as
+    /// the socket has bytes, until the backlog stop lands.
+    pub recv_limit_buffers: u32,
 }
 
 impl Default for RingSizes {
     fn default() -> RingSizes {
-        RingSizes { entries: 1024, cq_entries: 4096, buffers: 512, buffer_size: 32 * 1024, pipes: None }
+        RingSizes {
+            entries: 1024,
+            cq_entries: 4096,
+            buffers: 512,
+            buffer_size: 32 * 1024,
+            pipes: None,
+            recv_limit_buffers: conn::BACKLOG_STOP as u32,
+        }
     }
 }
 
@@ -136,11 +148,6 @@ struct Timers {
 fn timespec(d: Duration) -> types::Timespec {
     types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos())
 }
-
-/// Buffers' worth of bytes one multishot receive takes before it ends and is armed again: it
-/// bounds what one busy connection can take from the shared buffer ring in one go (the kernel
-/// otherwise keeps filling buffers as long as the socket has bytes).
-const RECV_LIMIT_BUFFERS: u32 = conn::BACKLOG_STOP as u32;
 
 /// Why the tick closes a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,7 +298,7 @@ impl Worker {
             now: sys::now_millis(),
             accept_log: RateLimit::new(),
             connect_log: RateLimit::new(),
-            recv_limit: RECV_LIMIT_BUFFERS * plan.sizes.buffer_size,
+            recv_limit: plan.sizes.recv_limit_buffers * plan.sizes.buffer_size,
             refuse_log: RateLimit::new(),
         })
     }
@@ -837,6 +844,9 @@ impl Worker {
                     self.recv_limit = 0;
                     result = -libc::EAGAIN; // the connection arms its receive again
                 }
+                if result == -libc::ENOBUFS {
+                    self.stats().buffer_waits.add(1);
+                }
                 if c.result > 0 {
                     let stats = self.stats();
                     match dir {
@@ -854,6 +864,13 @@ impl Worker {
             Kind::PollInUp => Event::Readable { dir: Dir::Up },
             Kind::PollInDown => Event::Readable { dir: Dir::Down },
             Kind::Cancel => Event::Cancelled,
+            Kind::StopRecv => {
+                // -ENOENT: the receive had ended on its own meanwhile.
+                if c.result == 0 {
+                    self.stats().receive_stops.add(1);
+                }
+                Event::Cancelled
+            }
             Kind::Close => Event::Closed,
             _ => unreachable!("worker-level kinds are dispatched before"),
         };
@@ -937,7 +954,9 @@ impl Worker {
                 .user_data(token(if dir == Dir::Up { Kind::RecvUp } else { Kind::RecvDown })),
             Op::StopRecv { dir } => {
                 let recv = token(if dir == Dir::Up { Kind::RecvUp } else { Kind::RecvDown });
-                opcode::AsyncCancel2::new(types::CancelBuilder::user_data(recv)).build().user_data(token(Kind::Cancel))
+                opcode::AsyncCancel2::new(types::CancelBuilder::user_data(recv))
+                    .build()
+                    .user_data(token(Kind::StopRecv))
             }
             Op::Send { dir, fd, buf, offset, len } => {
                 // SAFETY: offset < len <= buffer size, so the pointer stays in buffer `buf`.
@@ -1008,7 +1027,6 @@ impl Worker {
             }
             Op::Recycle(buf) => return self.recycle(buf),
             Op::WaitForBuffer(dir) => {
-                self.stats().buffer_waits.add(1);
                 return self.starved.push_back((slot, generation, dir));
             }
             Op::Free => return self.free(slot),

@@ -6,8 +6,11 @@
 mod common;
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::Shutdown;
 use std::sync::Arc;
 use std::thread;
+use std::time::Duration;
 
 use common::*;
 use ringlb::config::Config;
@@ -45,7 +48,7 @@ fn tiny_ring_and_buffer_pool_lose_nothing() {
     let backend = Backend::echo();
     // The copy relay: this test is about ring buffers.
     let config = config_for(&[backend.addr], "relay = \"copy\"", "");
-    let sizes = RingSizes { entries: 4, cq_entries: 4, buffers: 2, buffer_size: 1024, pipes: None };
+    let sizes = RingSizes { entries: 4, cq_entries: 4, buffers: 2, buffer_size: 1024, ..RingSizes::default() };
     let totals = relay_in_process(&config, sizes, 128, 256 * 1024);
     assert_eq!(totals["ringlb_connections_finished_total"], 128, "{totals:?}");
     assert!(totals["ringlb_ring_sq_full_total"] > 0, "the SQ never filled: {totals:?}");
@@ -60,4 +63,54 @@ fn splice_with_no_pipe_to_spare_relays_every_round_by_copy() {
     let totals = relay_in_process(&config, RingSizes { pipes: Some(0), ..RingSizes::default() }, 16, 1 << 20);
     assert_eq!(totals["ringlb_connections_finished_total"], 16, "{totals:?}");
     assert!(totals["ringlb_splice_pipe_shortages_total"] > 0, "{totals:?}");
+}
+
+/// A backend that sends `data` and closes, and a client with a small receive buffer that
+/// reads only after 300 ms: the backend's bytes pile up behind ringlb's sends to the client.
+/// Returns ringlb's counters.
+fn slow_reader(data: &Arc<Vec<u8>>, sizes: RingSizes) -> HashMap<&'static str, u64> {
+    raise_fd_limit();
+    let sent = Arc::clone(data);
+    let backend = Backend::start(move |mut stream| {
+        if stream.write_all(&sent).is_ok() {
+            let _ = stream.shutdown(Shutdown::Write);
+            let _ = std::io::copy(&mut stream, &mut std::io::sink());
+        }
+    });
+    let config = Config::parse(&config_for(&[backend.addr], "relay = \"copy\"", ""), "test").unwrap();
+    let server = Server::start_with(&config, sizes).expect("start");
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.listen_addrs[0].1.into()).unwrap();
+    let mut stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let mut received = Vec::new();
+    stream.read_to_end(&mut received).unwrap();
+    assert!(received == **data, "{} of {} bytes, or reordered", received.len(), data.len());
+    let shared = Arc::clone(server.shared());
+    server.drain();
+    server.join().expect("workers stop cleanly");
+    stats::totals(&shared.stats).into_iter().map(|(name, _, value)| (name, value)).collect()
+}
+
+#[test]
+fn slow_reader_takes_no_more_than_its_share_of_buffers() {
+    let data = Arc::new(random_bytes(8 << 20, 7));
+    // Each receive ends after 4 buffers' worth and is armed again only once they are sent:
+    // one connection never runs a 64-buffer ring dry.
+    let totals = slow_reader(&data, RingSizes { buffers: 64, ..RingSizes::default() });
+    assert_eq!(totals["ringlb_buffer_waits_total"], 0, "{totals:?}");
+    assert_eq!(totals["ringlb_connections_finished_total"], 1, "{totals:?}");
+}
+
+#[test]
+fn without_a_byte_limit_a_slow_reader_stops_the_receive_and_loses_nothing() {
+    let data = Arc::new(random_bytes(8 << 20, 8));
+    // As on kernels before 6.17: only the backlog stop (a cancel) ends a receive that keeps
+    // finding bytes; it must find its receive, and no byte may be lost or reordered.
+    let totals = slow_reader(&data, RingSizes { buffers: 64, recv_limit_buffers: 0, ..RingSizes::default() });
+    assert!(totals["ringlb_receive_stops_total"] > 0, "no receive was ever stopped: {totals:?}");
+    assert_eq!(totals["ringlb_connections_finished_total"], 1, "{totals:?}");
 }
