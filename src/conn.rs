@@ -1550,8 +1550,8 @@ mod model {
         Recv(Dir, RawFd),
         StopRecv(Dir),
         Send(Dir, RawFd, BufId, u32),
-        Poll(Dir),
-        PollIn(Dir),
+        Poll(Dir, RawFd),
+        PollIn(Dir, RawFd),
         Cancel,
         Close,
     }
@@ -1726,7 +1726,7 @@ mod model {
                     Op::PollIn { dir, fd } => {
                         assert!(self.open_fds.contains(&fd), "poll on a closed fd");
                         assert!(self.conn.pipes[dir as usize].is_none(), "polling while holding a pipe");
-                        self.pending.push(Pending::PollIn(dir));
+                        self.pending.push(Pending::PollIn(dir, fd));
                     }
                     Op::SpliceIn { dir, fd } => {
                         assert!(self.open_fds.contains(&fd), "splice from a closed fd");
@@ -1777,7 +1777,7 @@ mod model {
                     }
                     Op::WaitWritable { dir, fd } => {
                         assert!(self.open_fds.contains(&fd), "poll on a closed fd");
-                        self.pending.push(Pending::Poll(dir));
+                        self.pending.push(Pending::Poll(dir, fd));
                     }
                     Op::Shutdown { fd } => {
                         assert!(self.open_fds.contains(&fd), "shutdown of a closed fd");
@@ -1791,7 +1791,8 @@ mod model {
                     }
                     Op::Close { fd, .. } => {
                         let in_use = self.pending.iter().any(|p| {
-                            matches!(*p, Pending::Connect(f) | Pending::Recv(_, f) | Pending::Send(_, f, ..) if f == fd)
+                            matches!(*p, Pending::Connect(f) | Pending::Recv(_, f) | Pending::Send(_, f, ..)
+                                | Pending::Poll(_, f) | Pending::PollIn(_, f) if f == fd)
                         });
                         assert!(!in_use, "close of fd {fd} with an operation in flight on it");
                         assert!(self.open_fds.remove(&fd), "close of fd {fd} twice");
@@ -1825,6 +1826,28 @@ mod model {
                 }
             }
             assert_eq!(self.conn.inflight() as usize, self.pending.len(), "inflight count drifted");
+            self.assert_progress();
+        }
+
+        /// While relaying, every direction not done has an operation in flight that will move
+        /// it on (buffer waits are answered at once here): nothing stalls.
+        fn assert_progress(&self) {
+            if !self.conn.is_relaying() || self.freed {
+                return;
+            }
+            for dir in [Dir::Up, Dir::Down] {
+                if self.conn.flows[dir.index()] == Flow::Done {
+                    continue;
+                }
+                let moving = self.pending.iter().any(|p| match *p {
+                    Pending::Recv(d, _) | Pending::Send(d, ..) | Pending::Poll(d, _) | Pending::PollIn(d, _) => {
+                        d == dir
+                    }
+                    Pending::SendPrefix(_) => dir == Dir::Up,
+                    _ => false,
+                });
+                assert!(moving, "{dir:?} stalled in {:?}: {:?}", self.conn.flows[dir.index()], self.pending);
+            }
         }
 
         /// Completes one pending operation as `choice` says.
@@ -1833,11 +1856,12 @@ mod model {
             let index = choice.pick % self.pending.len();
             let pending = self.pending.swap_remove(index);
             let closing = self.conn.is_closing();
-            if let (Pending::Recv(..), 3..=8) = (pending, choice.outcome % 10)
-                && !closing
+            // Bytes, and the multishot receive goes on (also while its cancel is on the way).
+            let goes_on = if closing { 3..=5 } else { 3..=8 };
+            if matches!(pending, Pending::Recv(..))
+                && goes_on.contains(&(choice.outcome % 10))
                 && !self.stopped[Self::dir_of(pending)]
             {
-                // Bytes, and the multishot receive goes on.
                 self.pending.push(pending);
             }
             let event = match pending {
@@ -1872,11 +1896,13 @@ mod model {
                 Pending::Recv(dir, _) => {
                     let more = self.pending.iter().any(|p| matches!(*p, Pending::Recv(d, _) if d == dir));
                     let result = match choice.outcome % 10 {
+                        _ if more => i32::from(choice.size),
                         _ if closing || self.stopped[dir as usize] => -libc::ECANCELED,
                         0 => 0,
                         1 => -libc::ECONNRESET,
                         2 if choice.size.is_multiple_of(2) => -libc::ENOBUFS,
-                        // Bytes (with 9: up to the receive's byte limit, which ends it).
+                        2 => -libc::EAGAIN,
+                        // Bytes up to the receive's byte limit, which ends it.
                         _ => i32::from(choice.size),
                     };
                     let buf = (result > 0).then(|| {
@@ -1910,8 +1936,8 @@ mod model {
                     }
                     Event::Sent { dir, result }
                 }
-                Pending::Poll(dir) => Event::Writable { dir },
-                Pending::PollIn(dir) => Event::Readable { dir },
+                Pending::Poll(dir, _) => Event::Writable { dir },
+                Pending::PollIn(dir, _) => Event::Readable { dir },
                 Pending::Cancel => Event::Cancelled,
                 Pending::Close => Event::Closed,
             };

@@ -236,6 +236,49 @@ impl Ring {
         }
     }
 
+    /// Whether the kernel ends a multishot receive at a byte limit (Linux 6.17 added it; older
+    /// kernels refuse the field with -EINVAL). Asks once, on a fresh ring before anything else
+    /// is submitted: a receive limited to 1 byte must end with the first byte it gets (the limit
+    /// ends the receive once reached; it does not shorten a receive).
+    pub fn limits_multishot_receives(&mut self, bufs: &mut BufRing) -> io::Result<bool> {
+        const PROBE: u64 = u64::MAX;
+        const STOP: u64 = u64::MAX - 1;
+        debug_assert!(self.overflow.is_empty() && self.ring.completion().is_empty());
+        let (socket, peer) = std::os::unix::net::UnixStream::pair()?;
+        io::Write::write_all(&mut &peer, b"x")?;
+        let probe = recv_multishot(std::os::fd::AsRawFd::as_raw_fd(&socket), bufs.group(), 1).user_data(PROBE);
+        // SAFETY: the entry points at no memory, and `socket` outlives the receive: this
+        // function returns only after its last completion (and that of its stop, if any).
+        unsafe { self.push(probe) };
+        let (mut limited, mut ended, mut stopping) = (None, false, false);
+        let mut completions = Vec::new();
+        while !ended || stopping {
+            self.submit_and_wait(1)?;
+            self.reap(&mut completions);
+            for c in completions.drain(..) {
+                if c.user_data == STOP {
+                    stopping = false;
+                    continue;
+                }
+                if let Some(bid) = c.buffer() {
+                    bufs.recycle(bid);
+                }
+                limited.get_or_insert(c.result > 0 && !c.more());
+                if !c.more() {
+                    ended = true;
+                } else if !stopping {
+                    // Not limited after all: stop it before the socket goes.
+                    stopping = true;
+                    let stop =
+                        opcode::AsyncCancel2::new(types::CancelBuilder::user_data(PROBE)).build().user_data(STOP);
+                    // SAFETY: a cancel points at no memory.
+                    unsafe { self.push(stop) };
+                }
+            }
+        }
+        Ok(limited == Some(true))
+    }
+
     /// How many entries found the SQ full since the last call.
     pub fn take_sq_full(&mut self) -> u64 {
         std::mem::take(&mut self.sq_full)
@@ -425,6 +468,20 @@ mod tests {
 
     fn field(entry: &squeue::Entry, offset: usize, len: usize) -> u64 {
         bytes(entry)[offset..offset + len].iter().rev().fold(0, |v, b| v << 8 | u64::from(*b))
+    }
+
+    #[test]
+    fn receive_byte_limit_probe_matches_the_kernel_and_gives_its_buffer_back() {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+        let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+        let mut ring = Ring::new(8, 8).unwrap();
+        let mut bufs = BufRing::new(&ring, 0, 4, 64).unwrap();
+        // More probes than buffers: each must give its buffer back, or one finds none.
+        for _ in 0..6 {
+            assert_eq!(ring.limits_multishot_receives(&mut bufs).unwrap(), version >= (6, 17), "{release}");
+        }
+        bufs.unregister(&ring);
     }
 
     #[test]

@@ -215,7 +215,7 @@ pub struct Worker {
     now: u64,
     accept_log: RateLimit,
     connect_log: RateLimit,
-    /// Bytes a multishot receive takes before it ends (0 once the kernel refused a limit).
+    /// Bytes a multishot receive takes before it ends (0: no limit, when the kernel has none).
     recv_limit: u32,
     refuse_log: RateLimit,
 }
@@ -229,8 +229,20 @@ impl Worker {
         {
             warn!("worker {}: cannot pin to CPU {cpu}: {e}", plan.index);
         }
-        let ring = Ring::new(plan.sizes.entries, plan.sizes.cq_entries)?;
-        let bufs = BufRing::new(&ring, 0, plan.sizes.buffers, plan.sizes.buffer_size)?;
+        let mut ring = Ring::new(plan.sizes.entries, plan.sizes.cq_entries)?;
+        let mut bufs = BufRing::new(&ring, 0, plan.sizes.buffers, plan.sizes.buffer_size)?;
+        let recv_limit = if plan.sizes.recv_limit_buffers == 0 {
+            0
+        } else if ring.limits_multishot_receives(&mut bufs)? {
+            plan.sizes.recv_limit_buffers * plan.sizes.buffer_size
+        } else {
+            if plan.index == 0 {
+                warn!(
+                    "this kernel has no byte limit for multishot receives (Linux 6.17 added it); receiving without one"
+                );
+            }
+            0
+        };
         let snapshot = shared.snapshot();
         let queues = (0..snapshot.pools.len()).map(|_| VecDeque::new()).collect();
         let pickers =
@@ -298,7 +310,7 @@ impl Worker {
             now: sys::now_millis(),
             accept_log: RateLimit::new(),
             connect_log: RateLimit::new(),
-            recv_limit: plan.sizes.recv_limit_buffers * plan.sizes.buffer_size,
+            recv_limit,
             refuse_log: RateLimit::new(),
         })
     }
@@ -835,15 +847,7 @@ impl Worker {
             Kind::RecvPrefix => Event::PrefixRead { result: c.result },
             Kind::RecvUp | Kind::RecvDown => {
                 let dir = if token.kind == Kind::RecvUp { Dir::Up } else { Dir::Down };
-                let mut result = c.result;
-                if result == -libc::EINVAL && self.recv_limit > 0 {
-                    warn!(
-                        "worker {}: this kernel has no byte limit for multishot receives (Linux 6.17 added it); receiving without one",
-                        self.index
-                    );
-                    self.recv_limit = 0;
-                    result = -libc::EAGAIN; // the connection arms its receive again
-                }
+                let result = c.result;
                 if result == -libc::ENOBUFS {
                     self.stats().buffer_waits.add(1);
                 }
