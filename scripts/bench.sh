@@ -8,19 +8,20 @@ readonly SCRIPT_NAME=scripts/bench.sh
 usage() {
     cat <<'EOF'
 Usage: scripts/bench.sh [--quick] [--rounds N] [--duration SECONDS] [--targets LIST]
-                        [--scenarios LIST] [--out DIR] [--idle-conns N]
+                        [--scenarios LIST] [--out DIR] [--idle-conns N] [--proxy-threads N]
 
 Runs the same load through six targets and writes DIR/results.md, results.json and
 results.svg (DIR defaults to bench-results/ in the repository).
 
 Targets (default: all, in this order in every round):
   direct         straight to one backend: the limit of this machine
-  ringlb         $RINGLB_BIN (default target/release/ringlb), workers = CPUs, least_conn,
+  ringlb         $RINGLB_BIN (default target/release/ringlb), workers = P, least_conn,
                  the default relay (auto: copy; splice once a direction fills a buffer)
   ringlb-copy    the same binary and configuration, but relay = "copy"
   ringlb-splice  the same, but relay = "splice"
-  haproxy        HAProxy, mode tcp, balance leastconn, nbthread = CPUs
-  nginx          nginx stream module, least_conn, worker_processes = CPUs
+  haproxy        HAProxy, mode tcp, balance leastconn, nbthread = P
+  nginx          nginx stream module, least_conn, worker_processes = P
+P is --proxy-threads: the same number of threads (processes for nginx) for every proxy.
 Ratios are to the best peer, the better of haproxy and nginx; each ringlb target is compared
 with that peer, never with another ringlb.
 
@@ -39,6 +40,8 @@ Options:
   --idle-conns N     connections held in the idle scenario (default 5000; fewer, for every
                      target, if the hard open-file limit is too low)
   --out DIR          where the results go (default bench-results/)
+  --proxy-threads P  threads of every proxy: ringlb workers, HAProxy nbthread, nginx
+                     worker_processes (default: the CPUs, one per core as each is meant to run)
 
 Environment: RINGLB_BIN (the ringlb binary of both ringlb targets), BENCH_PORT_BASE (default
 17000; ports BASE+1 to BASE+52 on 127.0.0.1 are used). Missing tools (haproxy, nginx,
@@ -62,7 +65,7 @@ bench_dir=$root/scripts/bench
 all_targets=(direct ringlb ringlb-copy ringlb-splice haproxy nginx)
 ringlb_targets=(ringlb ringlb-copy ringlb-splice)
 all_scenarios=(idle bulk keepalive connclose redis)
-quick=0 rounds='' duration='' warmup='' idle_conns=5000 out=''
+quick=0 rounds='' duration='' warmup='' idle_conns=5000 out='' proxy_threads=''
 targets_arg=$(IFS=,; echo "${all_targets[*]}")
 scenarios_arg=$(IFS=,; echo "${all_scenarios[*]}")
 
@@ -73,7 +76,7 @@ while (($#)); do
     opt=$1 val=''
     case $opt in
         --*=*) val=${opt#*=}; opt=${opt%%=*} ;;
-        --rounds | --duration | --warmup | --targets | --scenarios | --out | --idle-conns)
+        --rounds | --duration | --warmup | --targets | --scenarios | --out | --idle-conns | --proxy-threads)
             (($# >= 2)) || die "$opt needs a value"
             val=$2; shift ;;
     esac
@@ -86,6 +89,7 @@ while (($#)); do
         --scenarios) scenarios_arg=$val ;;
         --out) out=$val ;;
         --idle-conns) idle_conns=$val ;;
+        --proxy-threads) proxy_threads=$val ;;
         -h | --help) usage; exit 0 ;;
         *) die "unknown option '$1' (see --help)" ;;
     esac
@@ -141,6 +145,8 @@ if wants_ringlb; then
 fi
 
 ncpu=$(nproc)
+: "${proxy_threads:=$ncpu}"
+[[ $proxy_threads =~ ^[1-9][0-9]*$ ]] || die "--proxy-threads must be a whole number above 0, not '$proxy_threads'"
 port_base=${BENCH_PORT_BASE:-17000}
 if ! [[ $port_base =~ ^[0-9]+$ ]] || ((port_base < 1024 || port_base > 65000)); then
     die "BENCH_PORT_BASE must be a port number between 1024 and 65000"
@@ -383,12 +389,12 @@ write_proxy_configs() {
     for t in "${ringlb_targets[@]}"; do
         {
             if [[ $t == ringlb ]]; then
-                echo "# ringlb under test, default relay: least_conn, one worker per CPU."
+                echo "# ringlb under test, default relay: least_conn, $proxy_threads worker(s)."
             else
-                echo "# ringlb under test, relay = ${t#ringlb-}: least_conn, one worker per CPU."
+                echo "# ringlb under test, relay = ${t#ringlb-}: least_conn, $proxy_threads worker(s)."
                 echo "relay = \"${t#ringlb-}\""
             fi
-            echo "workers = $ncpu"
+            echo "workers = $proxy_threads"
             echo 'connect_timeout = "3s"'
             echo 'idle_timeout = "1h"'
             echo 'drain_timeout = "2s"'
@@ -412,9 +418,9 @@ write_proxy_configs() {
 
     {
         cat <<EOC
-# HAProxy under test: mode tcp, leastconn, one thread per CPU, light TCP health checks.
+# HAProxy under test: mode tcp, leastconn, $proxy_threads thread(s), light TCP health checks.
 global
-    nbthread $ncpu
+    nbthread $proxy_threads
     maxconn $maxconn
 
 defaults
@@ -441,9 +447,9 @@ EOC
     mkdir -p "$tmp/nginx-stream"
     {
         cat <<EOC
-# nginx stream under test: least_conn, one worker per CPU, SO_REUSEPORT listeners.
+# nginx stream under test: least_conn, $proxy_threads worker(s), SO_REUSEPORT listeners.
 $load_module
-worker_processes $ncpu;
+worker_processes $proxy_threads;
 worker_rlimit_nofile $nofile;
 daemon off;
 pid $tmp/nginx-stream/nginx.pid;
@@ -596,7 +602,8 @@ rm -f "$out/results.md" "$out/results.json" "$out/results.svg" # no stale result
     printf 'ringlb_bin\t%s\n' "$RINGLB_BIN"
     printf 'rounds\t%s\nduration_s\t%s\nwarmup_s\t%s\nidle_conns\t%s\nredis_requests\t%s\n' \
         "$rounds" "$duration" "$warmup" "$idle_conns" "$redis_requests"
-    printf 'targets\t%s\nscenarios\t%s\ncpus\t%s\nnofile\t%s\n' "${targets[*]}" "${scenarios[*]}" "$ncpu" "$(ulimit -n)"
+    printf 'targets\t%s\nscenarios\t%s\ncpus\t%s\nproxy_threads\t%s\nnofile\t%s\n' \
+        "${targets[*]}" "${scenarios[*]}" "$ncpu" "$proxy_threads" "$(ulimit -n)"
     printf 'git\t%s\n' "$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)"
     for tool in ringlb haproxy nginx wrk redis; do
         case $tool in

@@ -154,7 +154,8 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
     lines.append(
         f"- **Runs:** {meta.get('rounds', '?')} round(s), {meta.get('duration_s', '?')} s of load per scenario "
         f"(warm-up {meta.get('warmup_s', '0')} s), redis-benchmark -n {meta.get('redis_requests', '?')} per test, "
-        f"{idle_conns} idle connections; every figure is the median over the rounds")
+        f"{idle_conns} idle connections; {meta.get('proxy_threads', meta.get('cpus', '?'))} thread(s) per proxy "
+        f"(ringlb workers, HAProxy nbthread, nginx worker_processes); every figure is the median over the rounds")
     lines.append("")
     table = ["## Results", "",
              "Each cell: the median, and in brackets its ratio to the **best peer** (the better of HAProxy "
