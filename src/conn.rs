@@ -796,6 +796,7 @@ impl Conn {
 
     fn received(&mut self, dir: Dir, result: i32, buf: Option<BufId>, more: bool, now: u64, ops: &mut Vec<Op>) {
         let d = dir.index();
+        debug_assert!(result > 0 || !more, "a receive going on after {result}");
         if !more {
             self.armed[d] = false;
         }
