@@ -9,8 +9,9 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use ringlb::config::Config;
@@ -65,17 +66,29 @@ fn splice_with_no_pipe_to_spare_relays_every_round_by_copy() {
     assert!(totals["ringlb_splice_pipe_shortages_total"] > 0, "{totals:?}");
 }
 
-/// A backend that sends `data` and closes, and a client with a small receive buffer that
-/// reads only after 300 ms: the backend's bytes pile up behind ringlb's sends to the client.
-/// Returns ringlb's counters.
-fn slow_reader(data: &Arc<Vec<u8>>, sizes: RingSizes) -> HashMap<&'static str, u64> {
+/// A backend that sends `data` (all at once, or `paced`: 16 KiB a millisecond) and closes, and
+/// a client with a small receive buffer that starts reading only once the backend wrote 6 MiB
+/// (more than ringlb's socket toward the client can hold: net.ipv4.tcp_wmem allows 4 MiB) or its
+/// writes stalled: the backend's bytes pile up behind ringlb's sends to the client. Returns
+/// ringlb's counters.
+fn slow_reader(data: &Arc<Vec<u8>>, sizes: RingSizes, paced: bool) -> HashMap<&'static str, u64> {
     raise_fd_limit();
     let sent = Arc::clone(data);
+    let written = Arc::new(AtomicUsize::new(0));
+    let progress = Arc::clone(&written);
     let backend = Backend::start(move |mut stream| {
-        if stream.write_all(&sent).is_ok() {
-            let _ = stream.shutdown(Shutdown::Write);
-            let _ = std::io::copy(&mut stream, &mut std::io::sink());
+        let chunk = if paced { 16 * 1024 } else { 256 * 1024 };
+        for part in sent.chunks(chunk) {
+            if stream.write_all(part).is_err() {
+                return;
+            }
+            progress.fetch_add(part.len(), Ordering::Relaxed);
+            if paced {
+                thread::sleep(Duration::from_millis(1));
+            }
         }
+        let _ = stream.shutdown(Shutdown::Write);
+        let _ = std::io::copy(&mut stream, &mut std::io::sink());
     });
     let config = Config::parse(&config_for(&[backend.addr], "relay = \"copy\"", ""), "test").unwrap();
     let server = Server::start_with(&config, sizes).expect("start");
@@ -85,7 +98,17 @@ fn slow_reader(data: &Arc<Vec<u8>>, sizes: RingSizes) -> HashMap<&'static str, u
     let mut stream: std::net::TcpStream = socket.into();
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     stream.shutdown(Shutdown::Write).unwrap();
-    thread::sleep(Duration::from_millis(300));
+    let (start, mut last, mut last_change) = (Instant::now(), 0, Instant::now());
+    while start.elapsed() < Duration::from_secs(20) {
+        thread::sleep(Duration::from_millis(20));
+        let now = written.load(Ordering::Relaxed);
+        if now >= 6 << 20 || now == data.len() || (now == last && last_change.elapsed() > Duration::from_millis(300)) {
+            break;
+        }
+        if now != last {
+            (last, last_change) = (now, Instant::now());
+        }
+    }
     let mut received = Vec::new();
     stream.read_to_end(&mut received).unwrap();
     assert!(received == **data, "{} of {} bytes, or reordered", received.len(), data.len());
@@ -100,7 +123,7 @@ fn slow_reader_takes_no_more_than_its_share_of_buffers() {
     let data = Arc::new(random_bytes(8 << 20, 7));
     // Each receive ends after 4 buffers' worth and is armed again only once they are sent:
     // one connection never runs a 64-buffer ring dry.
-    let totals = slow_reader(&data, RingSizes { buffers: 64, ..RingSizes::default() });
+    let totals = slow_reader(&data, RingSizes { buffers: 64, ..RingSizes::default() }, false);
     assert_eq!(totals["ringlb_buffer_waits_total"], 0, "{totals:?}");
     assert_eq!(totals["ringlb_connections_finished_total"], 1, "{totals:?}");
 }
@@ -109,8 +132,11 @@ fn slow_reader_takes_no_more_than_its_share_of_buffers() {
 fn without_a_byte_limit_a_slow_reader_stops_the_receive_and_loses_nothing() {
     let data = Arc::new(random_bytes(8 << 20, 8));
     // As on kernels before 6.17: only the backlog stop (a cancel) ends a receive that keeps
-    // finding bytes; it must find its receive, and no byte may be lost or reordered.
-    let totals = slow_reader(&data, RingSizes { buffers: 64, recv_limit_buffers: 0, ..RingSizes::default() });
+    // finding bytes; it must find its receive, and no byte may be lost or reordered. Paced, so
+    // the receive is armed and waiting when the stop lands (an unpaced flood can run the ring
+    // dry and end the receive first).
+    let sizes = RingSizes { buffers: 64, recv_limit_buffers: 0, ..RingSizes::default() };
+    let totals = slow_reader(&data, sizes, true);
     assert!(totals["ringlb_receive_stops_total"] > 0, "no receive was ever stopped: {totals:?}");
     assert_eq!(totals["ringlb_connections_finished_total"], 1, "{totals:?}");
 }
