@@ -120,6 +120,14 @@ fn slow_reader(data: &Arc<Vec<u8>>, sizes: RingSizes, paced: bool) -> HashMap<&'
 
 #[test]
 fn slow_reader_takes_no_more_than_its_share_of_buffers() {
+    let mut ring = ringlb::ring::Ring::new(8, 8).unwrap();
+    let mut bufs = ringlb::ring::BufRing::new(&ring, 0, 2, 64).unwrap();
+    let limited = ring.limits_multishot_receives(&mut bufs).unwrap();
+    bufs.unregister(&ring);
+    if !limited {
+        eprintln!("skipped: this kernel has no byte limit for multishot receives (Linux 6.17 added it)");
+        return;
+    }
     let data = Arc::new(random_bytes(8 << 20, 7));
     // Each receive ends after 4 buffers' worth and is armed again only once they are sent:
     // one connection never runs a 64-buffer ring dry.
