@@ -1,7 +1,7 @@
 //! Configuration: the TOML file, checked once and turned into typed values.
 //!
-//! Three steps, each in its own place: [`raw`] mirrors the file with serde (unknown keys are
-//! rejected there), [`validate`] turns it into [`Config`] with `SocketAddr`s, `Duration`s and
+//! Three steps, each in its own place: `raw` mirrors the file with serde (unknown keys are
+//! rejected there), `validate` turns it into [`Config`] with `SocketAddr`s, `Duration`s and
 //! non-zero numbers, and [`ConfigError`] names the file, the line, the key and what would be
 //! valid. `ringlb check` and `ringlb run` go through exactly this path.
 

@@ -1,0 +1,647 @@
+//! A worker: one thread, pinned to one core, owning one ring, its own SO_REUSEPORT listeners
+//! and a slab of [`Conn`]s. It turns completions into connection events and the connections'
+//! [`Op`]s into submissions; this is the only place that touches the ring.
+//!
+//! Lifecycle: accept until the control side asks to drain (cancel the accepts, then close the
+//! listeners), relay until the connections end or the drain deadline closes them, cancel the
+//! worker's own timers and doorbell read, and return once every completion is in.
+//!
+//! This file holds the loop, the run states (running, draining), the tick and snapshot updates;
+//! `accept.rs` takes connections in (accept, admission, handshake, routing) and `relay.rs`
+//! carries out what the connections ask for (completions to events, operations to entries,
+//! connects, buffers, pipes, backend slots, freeing).
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use io_uring::{opcode, squeue, types};
+use log::{debug, error, info, warn};
+use slab::Slab;
+use socket2::Socket;
+
+use crate::acl::AccessRules;
+use crate::admission::Admission;
+use crate::balance::Picker;
+use crate::config::OnDown;
+use crate::conn::{self, Conn, Dir, End, Op, Relay};
+use crate::control::{RunState, Shared};
+use crate::pool::Snapshot;
+use crate::ring::{BufRing, Completion, Kind, Ring, Token};
+use crate::stats::WorkerStats;
+use crate::sys;
+
+mod accept;
+mod relay;
+
+/// Sizes of a worker's ring and buffers.
+#[derive(Debug, Clone, Copy)]
+pub struct RingSizes {
+    /// Submission queue entries.
+    pub entries: u32,
+    /// Completion queue entries (at least `entries`); completions beyond it are held back by
+    /// the kernel until reaped, not lost.
+    pub cq_entries: u32,
+    /// Buffers in the provided-buffer ring (a power of two).
+    pub buffers: u16,
+    /// Bytes per buffer: the most one receive moves.
+    pub buffer_size: u32,
+    /// Pipes a splicing worker may hold at once; `None`: from the file-descriptor budget.
+    pub pipes: Option<usize>,
+    /// Buffers' worth of bytes one multishot receive takes before it ends and is armed again
+    /// (0: no limit, as on kernels before 6.17). It bounds what one busy connection takes from
+    /// the shared buffer ring in one go: without it the kernel keeps filling buffers as long as
+    /// the socket has bytes, until the backlog stop lands.
+    pub recv_limit_buffers: u32,
+}
+
+impl Default for RingSizes {
+    fn default() -> RingSizes {
+        RingSizes {
+            entries: 1024,
+            cq_entries: 4096,
+            buffers: 512,
+            buffer_size: 32 * 1024,
+            pipes: None,
+            recv_limit_buffers: conn::BACKLOG_STOP as u32,
+        }
+    }
+}
+
+/// A listener as a worker sees it.
+#[derive(Debug)]
+pub struct WorkerListener {
+    pub name: String,
+    pub socket: Socket,
+    /// What a connection must send before it can be routed, and where it goes.
+    pub admission: Admission,
+    pub access: AccessRules,
+    pub idle_timeout: Option<Duration>,
+    pub handshake_timeout: Duration,
+}
+
+/// Everything a worker is started with.
+#[derive(Debug)]
+pub struct WorkerPlan {
+    pub index: usize,
+    pub cpu: Option<usize>,
+    pub listeners: Vec<WorkerListener>,
+    pub drain_timeout: Duration,
+    /// Connections this worker holds at most; at the cap it stops accepting.
+    pub max_connections: usize,
+    /// How connections move bytes.
+    pub relay: Relay,
+    /// Size of the splice pipes, and how many this worker may hold at once (their descriptors
+    /// are set aside from the fd budget; past it, a direction relays by copy for a round).
+    pub pipe_size: u32,
+    pub pipe_limit: usize,
+    pub sizes: RingSizes,
+    pub doorbell: Arc<OwnedFd>,
+}
+
+struct ListenerState {
+    name: String,
+    /// `None` once closed.
+    socket: Option<Socket>,
+    admission: Admission,
+    access: AccessRules,
+    idle_timeout_ms: Option<u64>,
+    handshake_timeout_ms: u64,
+    accept_armed: bool,
+}
+
+/// Logs a message at most once per interval and counts what it held back.
+struct RateLimit {
+    next_ms: u64,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    const INTERVAL_MS: u64 = 1000;
+
+    fn new() -> RateLimit {
+        RateLimit { next_ms: 0, suppressed: 0 }
+    }
+
+    /// Returns how many messages were suppressed since the last one, if this one may be logged.
+    fn allow(&mut self, now: u64) -> Option<u64> {
+        if now >= self.next_ms {
+            self.next_ms = now + Self::INTERVAL_MS;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Running,
+    Draining,
+}
+
+/// Slots for timespecs the kernel reads at submission; boxed so their addresses are stable.
+struct Timers {
+    connect: Vec<types::Timespec>,
+    tick: types::Timespec,
+    backoff: types::Timespec,
+    drain: types::Timespec,
+}
+
+fn timespec(d: Duration) -> types::Timespec {
+    types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos())
+}
+
+/// Why the tick closes a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Overdue {
+    /// No byte either way for the listener's idle_timeout.
+    Idle,
+    /// No complete PROXY header / ClientHello within handshake_timeout.
+    Handshake,
+    /// Waited queue_timeout for a backend below max_conns.
+    Queue,
+}
+
+/// Empty pipes a worker keeps for the next transfer; more are closed.
+const IDLE_PIPES: usize = 64;
+
+/// How long accepting pauses after the process ran out of file descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+pub struct Worker {
+    // Declared first so it is dropped before the buffer memory the kernel may write to.
+    ring: Ring,
+    bufs: BufRing,
+    index: usize,
+    shared: Arc<Shared>,
+    doorbell: Arc<OwnedFd>,
+    doorbell_value: Box<u64>,
+    listeners: Vec<ListenerState>,
+    snapshot: Arc<Snapshot>,
+    /// Snapshots replaced since the last submission: kept until then because a queued connect
+    /// points at their addresses.
+    retired: Vec<Arc<Snapshot>>,
+    pickers: Vec<Picker>,
+    timers: Box<Timers>,
+    conns: Slab<Conn>,
+    /// Splice mode: pipes held by connections' directions (by index), and empty ones kept for
+    /// the next transfer.
+    pipes: Slab<sys::Pipe>,
+    idle_pipes: Vec<sys::Pipe>,
+    relay: Relay,
+    pipe_size: u32,
+    pipe_limit: usize,
+    /// Per pool: connections (slot, generation) waiting for a backend below `max_conns`,
+    /// oldest first.
+    queues: Vec<VecDeque<(usize, u32)>>,
+    next_generation: u32,
+    /// Scratch space reused for every connection step and every batch of completions.
+    ops: Vec<Op>,
+    completions: Vec<Completion>,
+    scratch_slots: Vec<usize>,
+    /// Directions waiting for a buffer, oldest first, with their connection's generation.
+    starved: VecDeque<(usize, u32, Dir)>,
+    /// Buffers recycled since starved directions were last served.
+    recycled: usize,
+    /// Worker-level operations in flight (accepts, doorbell, timers, cancels).
+    misc_inflight: u32,
+    mode: Mode,
+    closing_all: bool,
+    /// Accepting is paused after running out of descriptors, until the backoff timer fires.
+    accept_backoff_armed: bool,
+    /// Accepting is paused because `max_connections` are open.
+    at_capacity: bool,
+    max_connections: usize,
+    cancel_all_sent: bool,
+    drain_timeout: Duration,
+    now: u64,
+    accept_log: RateLimit,
+    connect_log: RateLimit,
+    /// Bytes a multishot receive takes before it ends (0: no limit, when the kernel has none).
+    recv_limit: u32,
+    refuse_log: RateLimit,
+}
+
+impl Worker {
+    /// Builds the worker's ring and buffers; call on the worker's own thread (the ring is
+    /// SINGLE_ISSUER).
+    pub fn new(plan: WorkerPlan, shared: Arc<Shared>) -> io::Result<Worker> {
+        if let Some(cpu) = plan.cpu
+            && let Err(e) = sys::pin_current_thread(cpu)
+        {
+            warn!("worker {}: cannot pin to CPU {cpu}: {e}", plan.index);
+        }
+        let mut ring = Ring::new(plan.sizes.entries, plan.sizes.cq_entries)?;
+        let mut bufs = BufRing::new(&ring, 0, plan.sizes.buffers, plan.sizes.buffer_size)?;
+        let recv_limit = if plan.sizes.recv_limit_buffers == 0 {
+            0
+        } else if ring.limits_multishot_receives(&mut bufs)? {
+            plan.sizes.recv_limit_buffers * plan.sizes.buffer_size
+        } else {
+            if plan.index == 0 {
+                warn!(
+                    "this kernel has no byte limit for multishot receives (Linux 6.17 added it); receiving without one"
+                );
+            }
+            0
+        };
+        let snapshot = shared.snapshot();
+        let queues = (0..snapshot.pools.len()).map(|_| VecDeque::new()).collect();
+        let pickers =
+            snapshot.pools.iter().enumerate().map(|(p, pool)| Picker::new(pool, picker_seed(plan.index, p))).collect();
+        // The tick finds idle connections, slow handshakes and connections queued too long.
+        let shortest = plan
+            .listeners
+            .iter()
+            .flat_map(|l| [l.idle_timeout, l.admission.reads_first().then_some(l.handshake_timeout)])
+            .chain(snapshot.pools.iter().map(|p| p.limited.then_some(p.queue_timeout)))
+            .flatten()
+            .min();
+        let timers = Box::new(Timers {
+            connect: snapshot.pools.iter().map(|p| timespec(p.connect_timeout)).collect(),
+            tick: timespec(tick_interval(shortest)),
+            backoff: timespec(ACCEPT_BACKOFF),
+            drain: timespec(plan.drain_timeout),
+        });
+        let listeners = plan
+            .listeners
+            .into_iter()
+            .map(|l| ListenerState {
+                name: l.name,
+                socket: Some(l.socket),
+                admission: l.admission,
+                access: l.access,
+                idle_timeout_ms: l.idle_timeout.map(|d| d.as_millis() as u64),
+                handshake_timeout_ms: l.handshake_timeout.as_millis() as u64,
+                accept_armed: false,
+            })
+            .collect();
+        Ok(Worker {
+            ring,
+            bufs,
+            index: plan.index,
+            shared,
+            doorbell: plan.doorbell,
+            doorbell_value: Box::new(0),
+            listeners,
+            snapshot,
+            retired: Vec::new(),
+            pickers,
+            timers,
+            queues,
+            conns: Slab::with_capacity(1024),
+            pipes: Slab::new(),
+            idle_pipes: Vec::new(),
+            relay: plan.relay,
+            pipe_size: plan.pipe_size,
+            pipe_limit: plan.pipe_limit,
+            next_generation: 0,
+            ops: Vec::with_capacity(16),
+            completions: Vec::with_capacity(256),
+            scratch_slots: Vec::new(),
+            starved: VecDeque::new(),
+            recycled: 0,
+            misc_inflight: 0,
+            mode: Mode::Running,
+            closing_all: false,
+            accept_backoff_armed: false,
+            at_capacity: false,
+            max_connections: plan.max_connections.max(1),
+            cancel_all_sent: false,
+            drain_timeout: plan.drain_timeout,
+            now: sys::now_millis(),
+            accept_log: RateLimit::new(),
+            connect_log: RateLimit::new(),
+            recv_limit,
+            refuse_log: RateLimit::new(),
+        })
+    }
+
+    fn stats(&self) -> &WorkerStats {
+        &self.shared.stats[self.index]
+    }
+
+    /// Runs until drained and every completion is in.
+    pub fn run(mut self) -> io::Result<()> {
+        self.arm_doorbell();
+        self.resume_accepts();
+        let queues = self.snapshot.pools.iter().any(|p| p.limited);
+        if queues || self.listeners.iter().any(|l| l.idle_timeout_ms.is_some() || l.admission.reads_first()) {
+            self.push_misc(
+                opcode::Timeout::new(&self.timers.tick).count(0).flags(types::TimeoutFlags::MULTISHOT).build(),
+                Kind::Tick,
+                0,
+            );
+        }
+        // The state may have changed before the doorbell read was armed.
+        self.check_run_state();
+        loop {
+            self.ring.submit_and_wait(1)?;
+            if !self.ring.has_overflow() {
+                self.retired.clear();
+            }
+            self.now = sys::now_millis();
+            let mut completions = std::mem::take(&mut self.completions);
+            if self.ring.cq_overflowed() {
+                self.stats().cq_overflow.add(1);
+            }
+            self.ring.reap(&mut completions);
+            for completion in completions.drain(..) {
+                self.dispatch(completion);
+            }
+            self.completions = completions;
+            self.serve_starved();
+            let sq_full = self.ring.take_sq_full();
+            if sq_full > 0 {
+                self.stats().sq_full.add(sq_full);
+            }
+            if self.finished() {
+                break;
+            }
+        }
+        self.bufs.unregister(&self.ring);
+        debug!("worker {}: stopped", self.index);
+        Ok(())
+    }
+
+    /// Queues a worker-level operation.
+    fn push_misc(&mut self, entry: squeue::Entry, kind: Kind, slot: usize) {
+        self.misc_inflight += 1;
+        // SAFETY: worker-level entries point only at fields of `self` (timers, doorbell value)
+        // that live until `run` returns, which is after every completion is in.
+        unsafe { self.ring.push(entry.user_data(Token::new(kind, slot, 0).encode())) };
+    }
+
+    fn arm_doorbell(&mut self) {
+        let fd = self.doorbell.as_raw_fd();
+        let buf = (&mut *self.doorbell_value as *mut u64).cast::<u8>();
+        self.push_misc(opcode::Read::new(types::Fd(fd), buf, 8).build(), Kind::Doorbell, 0);
+    }
+
+    fn arm_accept(&mut self, l: usize) {
+        let listener = &mut self.listeners[l];
+        let Some(socket) = &listener.socket else { return };
+        if listener.accept_armed {
+            return;
+        }
+        listener.accept_armed = true;
+        let fd = socket.as_raw_fd();
+        self.push_misc(
+            opcode::AcceptMulti::new(types::Fd(fd)).flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK).build(),
+            Kind::Accept,
+            l,
+        );
+    }
+
+    fn dispatch(&mut self, c: Completion) {
+        let Some(token) = Token::decode(c.user_data) else {
+            error!("worker {}: completion with unknown user_data {:#x}", self.index, c.user_data);
+            return;
+        };
+        match token.kind {
+            Kind::Accept => self.on_accept(token.slot as usize, c),
+            Kind::Doorbell => {
+                self.misc_inflight -= 1;
+                self.check_run_state();
+                if !self.cancel_all_sent {
+                    self.arm_doorbell();
+                }
+            }
+            Kind::Tick => {
+                if !c.more() {
+                    self.misc_inflight -= 1;
+                }
+                if c.result == -libc::ETIME {
+                    self.close_overdue();
+                }
+            }
+            Kind::AcceptBackoff => {
+                self.misc_inflight -= 1;
+                self.accept_backoff_armed = false;
+                self.resume_accepts();
+            }
+            Kind::DrainDeadline => {
+                self.misc_inflight -= 1;
+                if c.result == -libc::ETIME {
+                    self.close_all("drain deadline");
+                }
+            }
+            Kind::AcceptCancel | Kind::CancelAll => self.misc_inflight -= 1,
+            _ => self.on_conn_completion(token, c),
+        }
+    }
+
+    /// Acts on what the control side asked for.
+    fn check_run_state(&mut self) {
+        let current = self.shared.snapshot();
+        if current.generation != self.snapshot.generation {
+            self.install(current);
+        }
+        for pool in 0..self.queues.len() {
+            self.serve_queue(pool);
+        }
+        match self.shared.run_state() {
+            RunState::Running => {}
+            RunState::Draining => self.start_drain(),
+            RunState::Closing => {
+                self.start_drain();
+                self.close_all("second stop signal");
+            }
+        }
+    }
+
+    /// Takes a new snapshot into use: pools that changed get fresh balancing state, and
+    /// with `on_down = "close"` the connections of backends that went down are cut.
+    fn install(&mut self, snapshot: Arc<Snapshot>) {
+        let old = std::mem::replace(&mut self.snapshot, snapshot);
+        for p in 0..self.snapshot.pools.len() {
+            let (before, after) = (&old.pools[p], &self.snapshot.pools[p]);
+            if Arc::ptr_eq(before, after) {
+                continue;
+            }
+            self.pickers[p] = Picker::new(after, picker_seed(self.index, p));
+            if after.on_down == OnDown::Close {
+                let went_down: Vec<bool> = before.up.iter().zip(&after.up).map(|(&b, &a)| b && !a).collect();
+                if went_down.iter().any(|&d| d) {
+                    self.cut_connections(p, &went_down);
+                }
+            }
+        }
+        self.retired.push(old);
+    }
+
+    /// Cuts the connections of pool `pool` to backends marked in `went_down`.
+    fn cut_connections(&mut self, pool: usize, went_down: &[bool]) {
+        let picked = self.for_each_conn(
+            |_, c| {
+                c.pool as usize == pool
+                    && c.holds_slot
+                    && !c.is_closing()
+                    && went_down.get(c.backend_index as usize).copied().unwrap_or(false)
+            },
+            |worker, slot| {
+                worker.stats().backend_down_closed.add(1);
+                worker.step(slot, |conn, ops| conn.cut(ops));
+            },
+        );
+        if picked > 0 {
+            info!(
+                "worker {}: pool {}: cutting {picked} connections to backends marked down",
+                self.index, self.snapshot.pools[pool].name
+            );
+        }
+    }
+
+    /// Picks the connections `pick` accepts, then runs `act` on each (picking first, because
+    /// acting may free slots); returns how many were picked.
+    fn for_each_conn(&mut self, pick: impl Fn(&Self, &Conn) -> bool, mut act: impl FnMut(&mut Self, usize)) -> usize {
+        let mut slots = std::mem::take(&mut self.scratch_slots);
+        slots.clear();
+        slots.extend(self.conns.iter().filter(|(_, c)| pick(self, c)).map(|(slot, _)| slot));
+        for &slot in &slots {
+            act(self, slot);
+        }
+        let picked = slots.len();
+        self.scratch_slots = slots;
+        picked
+    }
+
+    fn start_drain(&mut self) {
+        if self.mode == Mode::Draining {
+            return;
+        }
+        self.mode = Mode::Draining;
+        // Closing a listener does not end its multishot accept: cancel it, and close the
+        // listener when the accept's last completion arrives (see on_accept).
+        self.cancel_accepts();
+        for listener in self.listeners.iter_mut().filter(|l| !l.accept_armed) {
+            listener.socket = None;
+        }
+        if !self.drain_timeout.is_zero() {
+            self.push_misc(opcode::Timeout::new(&self.timers.drain).build(), Kind::DrainDeadline, 0);
+        } else {
+            self.close_all("drain_timeout 0");
+        }
+    }
+
+    fn close_all(&mut self, why: &str) {
+        if self.closing_all {
+            return;
+        }
+        self.closing_all = true;
+        let open = self.conns.len();
+        if open > 0 {
+            info!("worker {}: closing {open} connections ({why})", self.index);
+        }
+        self.for_each_conn(
+            |_, c| !c.is_closing(),
+            |worker, slot| {
+                worker.stats().drain_closed.add(1);
+                worker.step(slot, |conn, ops| conn.close(ops));
+            },
+        );
+    }
+
+    /// What, if anything, is overdue for a connection at `now`.
+    fn overdue(&self, conn: &Conn, now: u64) -> Option<Overdue> {
+        let listener = &self.listeners[conn.listener as usize];
+        let since = |t: u64| now.saturating_sub(t);
+        if conn.is_relaying() {
+            listener.idle_timeout_ms.filter(|&limit| since(conn.last_active) >= limit).map(|_| Overdue::Idle)
+        } else if conn.in_handshake() {
+            (since(conn.last_active) >= listener.handshake_timeout_ms).then_some(Overdue::Handshake)
+        } else if conn.is_queued() {
+            let limit = self.snapshot.pools[conn.pool as usize].queue_timeout.as_millis() as u64;
+            conn.queued_since.filter(|&t| since(t) >= limit).map(|_| Overdue::Queue)
+        } else {
+            None
+        }
+    }
+
+    /// On the tick: one pass over the connections closes the idle ones, and those whose
+    /// handshake or wait in a queue took too long.
+    fn close_overdue(&mut self) {
+        let now = self.now;
+        self.for_each_conn(
+            |worker, c| worker.overdue(c, now).is_some(),
+            |worker, slot| match worker.overdue(&worker.conns[slot], now) {
+                Some(Overdue::Idle) => {
+                    worker.stats().idle_closed.add(1);
+                    worker.step(slot, |conn, ops| conn.close(ops));
+                }
+                Some(Overdue::Handshake) => {
+                    let timeout = worker.listeners[worker.conns[slot].listener as usize].handshake_timeout_ms;
+                    worker.reject_handshake(slot, format_args!("no complete handshake within {timeout} ms"));
+                }
+                Some(Overdue::Queue) => {
+                    worker.stats().queue_timeout.add(1);
+                    if let Some(suppressed) = worker.refuse_log.allow(worker.now) {
+                        let pool = &worker.snapshot.pools[worker.conns[slot].pool as usize];
+                        warn!(
+                            "worker {}: pool {}: closed a connection that waited {} ms for a backend below max_conns ({suppressed} more refusals since the last message)",
+                            worker.index,
+                            pool.name,
+                            pool.queue_timeout.as_millis()
+                        );
+                    }
+                    worker.step(slot, |conn, ops| conn.reject(End::QueueTimeout, ops));
+                }
+                None => {}
+            },
+        );
+    }
+
+    fn finished(&mut self) -> bool {
+        if self.mode != Mode::Draining || !self.conns.is_empty() || self.listeners.iter().any(|l| l.socket.is_some()) {
+            return false;
+        }
+        if !self.cancel_all_sent {
+            // Only the worker's own timers and doorbell read are left: cancel them all.
+            self.cancel_all_sent = true;
+            self.push_misc(opcode::AsyncCancel2::new(types::CancelBuilder::any()).build(), Kind::CancelAll, 0);
+            return false;
+        }
+        self.misc_inflight == 0
+    }
+}
+
+/// Seeds a worker's random choices for one pool, different for every worker and pool.
+fn picker_seed(worker: usize, pool: usize) -> u64 {
+    (worker as u64) << 32 | pool as u64
+}
+
+fn is_resource_shortage(errno: i32) -> bool {
+    matches!(errno, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+}
+
+/// How often the tick looks for connections past a timeout: a tenth of the shortest one,
+/// between 10 ms and 1 s, so a timeout fires at most 10% late.
+fn tick_interval(shortest: Option<Duration>) -> Duration {
+    shortest.map_or(Duration::from_secs(1), |d| (d / 10).clamp(Duration::from_millis(10), Duration::from_secs(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tick_interval_bounds() {
+        assert_eq!(tick_interval(None), Duration::from_secs(1));
+        assert_eq!(tick_interval(Some(Duration::from_secs(3600))), Duration::from_secs(1));
+        assert_eq!(tick_interval(Some(Duration::from_millis(500))), Duration::from_millis(50));
+        assert_eq!(tick_interval(Some(Duration::from_millis(20))), Duration::from_millis(10));
+    }
+
+    #[test]
+    fn rate_limit_allows_one_per_interval_and_counts_the_rest() {
+        let mut limit = RateLimit::new();
+        assert_eq!(limit.allow(5000), Some(0));
+        assert_eq!(limit.allow(5001), None);
+        assert_eq!(limit.allow(5999), None);
+        assert_eq!(limit.allow(6000), Some(2));
+    }
+}

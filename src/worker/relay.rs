@@ -1,0 +1,415 @@
+//! Carrying out what connections ask for: completions decoded into [`Event`]s, each [`Op`] turned
+//! into a ring entry or a direct syscall (shutdown, splice), backend connects under a linked
+//! timeout, pipes and buffers handed out and taken back, backend slots and their queues, and
+//! freeing a slot once its last completion is in.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+
+use io_uring::{opcode, types};
+use log::{debug, error, warn};
+
+use super::{IDLE_PIPES, Worker, is_resource_shortage};
+use crate::conn::{Conn, Dir, End, Event, Notice, Op};
+use crate::control::ControlEvent;
+use crate::ring::{self, Completion, Kind, Token};
+use crate::sys;
+
+impl Worker {
+    pub(super) fn on_conn_completion(&mut self, token: Token, c: Completion) {
+        let slot = token.slot as usize;
+        match self.conns.get(slot) {
+            Some(conn) if conn.generation == token.generation => {}
+            _ => {
+                // Cannot happen while slots outlive their operations; recover the buffer anyway.
+                error!("worker {}: completion {:?} for a freed connection", self.index, token.kind);
+                debug_assert!(false, "completion for a freed slot");
+                if let Some(buf) = c.buffer() {
+                    self.recycle(buf);
+                }
+                return;
+            }
+        }
+        let event = match token.kind {
+            Kind::Connect => Event::Connected(c.result),
+            Kind::ConnectTimeout => Event::ConnectTimerDone,
+            Kind::RecvPrefix => Event::PrefixRead { result: c.result },
+            Kind::RecvUp | Kind::RecvDown => {
+                let dir = if token.kind == Kind::RecvUp { Dir::Up } else { Dir::Down };
+                let result = c.result;
+                if result == -libc::ENOBUFS {
+                    self.stats().buffer_waits.add(1);
+                }
+                if c.result > 0 {
+                    let stats = self.stats();
+                    match dir {
+                        Dir::Up => stats.bytes_up.add(c.result as u64),
+                        Dir::Down => stats.bytes_down.add(c.result as u64),
+                    }
+                }
+                let full = result > 0 && result as u32 == self.bufs.buffer_size();
+                Event::Received { dir, result, buf: c.buffer(), full, more: c.more() }
+            }
+            Kind::SendUp => Event::Sent { dir: Dir::Up, result: c.result },
+            Kind::SendDown => Event::Sent { dir: Dir::Down, result: c.result },
+            Kind::PollUp => Event::Writable { dir: Dir::Up },
+            Kind::PollDown => Event::Writable { dir: Dir::Down },
+            Kind::PollInUp => Event::Readable { dir: Dir::Up },
+            Kind::PollInDown => Event::Readable { dir: Dir::Down },
+            Kind::Cancel => Event::Cancelled,
+            Kind::StopRecv => {
+                // -ENOENT: the receive had ended on its own meanwhile.
+                if c.result == 0 {
+                    self.stats().receive_stops.add(1);
+                }
+                Event::Cancelled
+            }
+            Kind::Close => Event::Closed,
+            _ => unreachable!("worker-level kinds are dispatched before"),
+        };
+        let now = self.now;
+        // Which backend a connect result is about, before the step moves on to the next one.
+        let attempt = (token.kind == Kind::Connect).then(|| {
+            let conn = &self.conns[slot];
+            (conn.pool as usize, conn.backend_index as usize)
+        });
+        if attempt.is_some() && c.result < 0 {
+            // A failed connect gives its backend slot back before the next attempt.
+            self.release_slot(slot);
+        }
+        let mut notice = None;
+        self.step(slot, |conn, ops| notice = conn.on_event(event, now, ops));
+        match notice {
+            Some(Notice::ConnectFailed(errno)) => self.connect_failed(attempt, errno),
+            Some(Notice::PrefixGrew) => self.examine(slot),
+            Some(Notice::Connected) | None => {}
+        }
+    }
+
+    fn connect_failed(&mut self, failed: Option<(usize, usize)>, errno: i32) {
+        self.stats().connect_failed.add(1);
+        if let Some((pool, backend)) = failed {
+            self.shared.backends[pool][backend].failures.fetch_add(1, Ordering::Relaxed);
+            // A shortage of local ports says nothing about the backend.
+            if errno != libc::EADDRNOTAVAIL {
+                self.shared.notify(ControlEvent::ConnectFailed { pool, backend, errno });
+            }
+        }
+        let Some(suppressed) = self.connect_log.allow(self.now) else { return };
+        let (pool, backend) = match failed {
+            Some((pool, backend)) => {
+                let pool = &self.snapshot.pools[pool];
+                (pool.name.as_str(), pool.backends.get(backend).map(|b| b.name.as_str()))
+            }
+            None => ("?", None),
+        };
+        warn!(
+            "worker {}: pool {pool}: connect to backend {} failed: {} ({suppressed} more since the last message)",
+            self.index,
+            backend.unwrap_or("?"),
+            io::Error::from_raw_os_error(errno)
+        );
+    }
+
+    /// Runs one step of a connection and carries out the operations it returns (which may
+    /// feed more steps, e.g. when no socket can be opened).
+    pub(super) fn step(&mut self, slot: usize, f: impl FnOnce(&mut Conn, &mut Vec<Op>)) {
+        let mut ops = std::mem::take(&mut self.ops);
+        f(&mut self.conns[slot], &mut ops);
+        let mut i = 0;
+        while i < ops.len() {
+            let op = ops[i];
+            i += 1;
+            self.execute(slot, op, &mut ops);
+        }
+        ops.clear();
+        self.ops = ops;
+    }
+
+    fn execute(&mut self, slot: usize, op: Op, ops: &mut Vec<Op>) {
+        let generation = self.conns[slot].generation;
+        let token = |kind: Kind| Token::new(kind, slot, generation).encode();
+        let entry = match op {
+            Op::Connect => return self.connect(slot, ops),
+            Op::ReadPrefix { fd } => {
+                let prefix = self.conns[slot].prefix.as_mut().expect("read_prefix sets a prefix");
+                let (ptr, len) = prefix.free_space();
+                opcode::Recv::new(types::Fd(fd), ptr, len).build().user_data(token(Kind::RecvPrefix))
+            }
+            Op::SendPrefix { fd } => {
+                let pending = self.conns[slot].prefix.as_ref().expect("a prefix to send").pending();
+                opcode::Send::new(types::Fd(fd), pending.as_ptr(), pending.len() as u32)
+                    .flags(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+                    .build()
+                    .user_data(token(Kind::SendUp))
+            }
+            Op::Recv { dir, fd } => ring::recv_multishot(fd, self.bufs.group(), self.recv_limit)
+                .user_data(token(if dir == Dir::Up { Kind::RecvUp } else { Kind::RecvDown })),
+            Op::StopRecv { dir } => {
+                let recv = token(if dir == Dir::Up { Kind::RecvUp } else { Kind::RecvDown });
+                opcode::AsyncCancel2::new(types::CancelBuilder::user_data(recv))
+                    .build()
+                    .user_data(token(Kind::StopRecv))
+            }
+            Op::Send { dir, fd, buf, offset, len } => {
+                // SAFETY: offset < len <= buffer size, so the pointer stays in buffer `buf`.
+                let ptr = unsafe { self.bufs.ptr(buf).add(offset as usize) };
+                // MSG_DONTWAIT: a full socket answers EAGAIN (then WaitWritable) instead of
+                // the kernel moving the send to an io-wq thread.
+                opcode::Send::new(types::Fd(fd), ptr, len - offset)
+                    .flags(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+                    .build()
+                    .user_data(token(if dir == Dir::Up { Kind::SendUp } else { Kind::SendDown }))
+            }
+            Op::WaitWritable { dir, fd } => opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
+                .build()
+                .user_data(token(if dir == Dir::Up { Kind::PollUp } else { Kind::PollDown })),
+            Op::PollIn { dir, fd } => opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+                .build()
+                .user_data(token(if dir == Dir::Up { Kind::PollInUp } else { Kind::PollInDown })),
+            Op::SpliceIn { dir, fd } => {
+                let result = match self.pipe_for(slot, dir) {
+                    Ok((pipe, size)) => sys::splice(fd, pipe.write.as_raw_fd(), size as usize),
+                    Err(errno) => -errno,
+                };
+                if result == -libc::ENOBUFS {
+                    self.stats().pipe_shortages.add(1);
+                }
+                if result > 0 {
+                    let stats = &self.shared.stats[self.index];
+                    match dir {
+                        Dir::Up => stats.bytes_up.add(result as u64),
+                        Dir::Down => stats.bytes_down.add(result as u64),
+                    }
+                }
+                let now = self.now;
+                return self.conns[slot].spliced_in(dir, result, now, ops);
+            }
+            Op::SpliceOut { dir, fd, len } => {
+                let result = match self.conns[slot].pipes[dir as usize].and_then(|p| self.pipes.get(p as usize)) {
+                    Some(pipe) => sys::splice(pipe.read.as_raw_fd(), fd, len as usize),
+                    None => -libc::EBADF,
+                };
+                let now = self.now;
+                return self.conns[slot].spliced_out(dir, result, now, ops);
+            }
+            Op::ReleasePipe(dir) => {
+                if let Some(index) = self.conns[slot].pipes[dir as usize].take() {
+                    let pipe = self.pipes.remove(index as usize);
+                    if self.idle_pipes.len() < IDLE_PIPES {
+                        self.idle_pipes.push(pipe);
+                    }
+                }
+                return;
+            }
+            Op::Shutdown { fd } => {
+                if let Err(e) = sys::shutdown_write(fd) {
+                    // The peer is already gone; the other direction will see it.
+                    debug!("worker {}: shutdown of fd {fd}: {e}", self.index);
+                }
+                return;
+            }
+            Op::Cancel { fd } => opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
+                .build()
+                .user_data(token(Kind::Cancel)),
+            Op::Close { fd, reset } => {
+                if reset && let Err(e) = sys::set_linger_zero(fd) {
+                    debug!("worker {}: SO_LINGER on fd {fd}: {e}", self.index);
+                }
+                opcode::Close::new(types::Fd(fd)).build().user_data(token(Kind::Close))
+            }
+            Op::Recycle(buf) => return self.recycle(buf),
+            Op::WaitForBuffer(dir) => {
+                return self.starved.push_back((slot, generation, dir));
+            }
+            Op::Free => return self.free(slot),
+        };
+        // SAFETY: the entry points into a ring buffer held by this connection's direction
+        // until the send completes, into the connection's boxed prefix, which it frees only
+        // after the operation's completion, or at nothing at all.
+        unsafe { self.ring.push(entry) };
+    }
+
+    fn connect(&mut self, slot: usize, ops: &mut Vec<Op>) {
+        let conn = &mut self.conns[slot];
+        let pool_index = conn.pool as usize;
+        let pool = &self.snapshot.pools[pool_index];
+        let counters = &self.shared.backends[pool_index];
+        let picker = &mut self.pickers[pool_index];
+        let first = if conn.tried() == 0 {
+            picker.pick(pool, counters, conn.client_addr)
+        } else {
+            picker.next_after(pool, conn.backend_index as usize)
+        };
+        // Take a slot on the chosen backend or, when it is at max_conns, on the next usable one
+        // with room. New connections queue behind ones already waiting.
+        let waiting = pool.limited && conn.tried() == 0 && self.shared.queued[pool_index].load(Ordering::Acquire) > 0;
+        let mut chosen = None;
+        if !waiting {
+            let mut candidate = first;
+            for _ in 0..pool.usable().len() {
+                if counters[candidate].acquire(pool.backends[candidate].max_conns) {
+                    chosen = Some(candidate);
+                    break;
+                }
+                candidate = picker.next_after(pool, candidate);
+            }
+        }
+        let Some(backend_index) = chosen else {
+            conn.defer_connect();
+            conn.queued_since = Some(self.now);
+            self.shared.queued[pool_index].fetch_add(1, Ordering::AcqRel);
+            self.queues[pool_index].push_back((slot, conn.generation));
+            self.stats().queued.add(1);
+            return;
+        };
+        conn.holds_slot = true;
+        let backend = &pool.backends[backend_index];
+        match sys::backend_socket(&backend.sockaddr) {
+            Ok(fd) => {
+                counters[backend_index].connections.fetch_add(1, Ordering::Relaxed);
+                conn.backend_opened(fd, backend_index as u32);
+                let token = |kind| Token::new(kind, slot, conn.generation).encode();
+                let connect =
+                    opcode::Connect::new(types::Fd(fd), backend.sockaddr.as_ptr().cast(), backend.sockaddr.len())
+                        .build()
+                        .user_data(token(Kind::Connect));
+                let timeout = opcode::LinkTimeout::new(&self.timers.connect[pool_index])
+                    .build()
+                    .user_data(token(Kind::ConnectTimeout));
+                // SAFETY: the address lives in the snapshot, kept (in `retired` if replaced)
+                // until this submission, when the kernel copies it; the timespec lives in
+                // `self.timers`, likewise copied at submission.
+                unsafe { self.ring.push_linked(connect, timeout) };
+            }
+            Err(e) => {
+                if let Some(suppressed) = self.connect_log.allow(self.now) {
+                    warn!(
+                        "worker {}: cannot open a socket for pool {}: {e} ({suppressed} more since the last message)",
+                        self.index, pool.name
+                    );
+                }
+                conn.backend_index = backend_index as u32;
+                self.release_slot(slot);
+                self.conns[slot].socket_failed(ops);
+                if e.raw_os_error().is_some_and(is_resource_shortage) {
+                    self.pause_accepts();
+                }
+            }
+        }
+    }
+
+    /// The pipe a direction splices through, taken from the idle ones or made, and its size;
+    /// ENOBUFS when the worker holds as many as it may.
+    fn pipe_for(&mut self, slot: usize, dir: Dir) -> Result<(&sys::Pipe, u32), i32> {
+        let size = self.pipe_size;
+        let index = match self.conns[slot].pipes[dir as usize] {
+            Some(index) => index as usize,
+            None if self.pipes.len() >= self.pipe_limit => return Err(libc::ENOBUFS),
+            None => {
+                let pipe = match self.idle_pipes.pop() {
+                    Some(pipe) => pipe,
+                    None => sys::pipe(size).map_err(|e| e.raw_os_error().unwrap_or(libc::ENFILE))?,
+                };
+                let index = self.pipes.insert(pipe);
+                self.conns[slot].pipes[dir as usize] = Some(index as u32);
+                index
+            }
+        };
+        Ok((&self.pipes[index], size))
+    }
+
+    /// Gives back the backend slot a connection holds, and lets a queued connection have it.
+    fn release_slot(&mut self, slot: usize) {
+        let conn = &mut self.conns[slot];
+        if !std::mem::take(&mut conn.holds_slot) {
+            return;
+        }
+        let (pool, backend) = (conn.pool as usize, conn.backend_index as usize);
+        self.shared.backends[pool][backend].release();
+        if self.snapshot.pools[pool].limited && self.shared.queued[pool].load(Ordering::Acquire) > 0 {
+            self.serve_queue(pool);
+            // Connections may wait in other workers too.
+            self.shared.ring_others(self.index);
+        }
+    }
+
+    /// Resumes queued connections of `pool`, oldest first, while a backend has room.
+    pub(super) fn serve_queue(&mut self, pool_index: usize) {
+        while let Some(&(slot, generation)) = self.queues[pool_index].front() {
+            let Some(conn) = self.conns.get_mut(slot).filter(|c| c.generation == generation && c.is_queued()) else {
+                self.queues[pool_index].pop_front();
+                continue;
+            };
+            let pool = &self.snapshot.pools[pool_index];
+            let counters = &self.shared.backends[pool_index];
+            let room = pool.usable().iter().any(|&b| {
+                pool.backends[b as usize].max_conns.is_none_or(|max| counters[b as usize].active() < u64::from(max))
+            });
+            if !room {
+                return;
+            }
+            self.queues[pool_index].pop_front();
+            conn.queued_since = None;
+            self.shared.queued[pool_index].fetch_sub(1, Ordering::AcqRel);
+            self.step(slot, |conn, ops| conn.resume(ops));
+        }
+    }
+
+    fn recycle(&mut self, buf: u16) {
+        self.bufs.recycle(buf);
+        self.recycled += 1;
+    }
+
+    /// Gives each buffer recycled this round to one starved direction, oldest first.
+    pub(super) fn serve_starved(&mut self) {
+        while self.recycled > 0
+            && let Some((slot, generation, dir)) = self.starved.pop_front()
+        {
+            if self.conns.get(slot).is_some_and(|c| c.generation == generation && c.is_starved(dir)) {
+                self.recycled -= 1;
+                self.step(slot, |conn, ops| conn.buffer_available(dir, ops));
+            }
+        }
+        self.recycled = 0;
+    }
+
+    fn free(&mut self, slot: usize) {
+        self.release_slot(slot);
+        let conn = self.conns.remove(slot);
+        let pool = conn.pool as usize;
+        // A pipe still held has bytes in it that will never be sent: close it, do not reuse it.
+        for index in conn.pipes.into_iter().flatten() {
+            drop(self.pipes.remove(index as usize));
+        }
+        if conn.queued_since.is_some() {
+            self.shared.queued[pool].fetch_sub(1, Ordering::AcqRel);
+        }
+        if conn.source_counted
+            && let (Some(limit), Some(client)) = (&self.shared.sources[conn.listener as usize], conn.client_addr)
+        {
+            limit.release(client.ip());
+        }
+        if self.at_capacity && self.conns.len() < self.max_connections {
+            self.at_capacity = false;
+            self.resume_accepts();
+        }
+        let stats = &self.shared.stats[self.index];
+        stats.active.sub(1);
+        match conn.end() {
+            Some(End::Finished) => stats.finished.add(1),
+            Some(End::Reset(_)) => stats.reset.add(1),
+            Some(End::NoBackend) => stats.no_backend.add(1),
+            Some(End::LocalError) => stats.local_error.add(1),
+            Some(End::Closed | End::BackendDown | End::Refused | End::HandshakeFailed | End::QueueTimeout) | None => {}
+        }
+        debug!(
+            "worker {}: connection closed ({:?}), {} bytes up, {} down",
+            self.index,
+            conn.end(),
+            conn.bytes[0],
+            conn.bytes[1]
+        );
+    }
+}
