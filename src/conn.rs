@@ -560,13 +560,16 @@ impl Conn {
 
     fn receive(&mut self, dir: Dir, ops: &mut Vec<Op>) {
         match self.fd(dir.src()) {
-            Some(fd) if self.spliced[dir.index()] => {
-                self.flows[dir.index()] = Flow::Polling;
-                self.emit(Op::PollIn { dir, fd }, ops);
-            }
+            Some(fd) if self.spliced[dir.index()] => self.poll_source(dir, fd, ops),
             Some(fd) => self.receive_copying(dir, fd, ops),
             None => debug_assert!(false, "receive without a socket"),
         }
+    }
+
+    /// Splice mode: waits for the source `fd` to have bytes.
+    fn poll_source(&mut self, dir: Dir, fd: RawFd, ops: &mut Vec<Op>) {
+        self.flows[dir.index()] = Flow::Polling;
+        self.emit(Op::PollIn { dir, fd }, ops);
     }
 
     /// Arms the direction's multishot receive into ring buffers.
@@ -596,8 +599,7 @@ impl Conn {
             }
             e if -e == libc::EAGAIN || -e == libc::EINTR => {
                 ops.push(Op::ReleasePipe(dir));
-                self.flows[dir.index()] = Flow::Polling;
-                self.emit(Op::PollIn { dir, fd: src }, ops);
+                self.poll_source(dir, src, ops);
             }
             e if -e == libc::ENOBUFS => {
                 // No pipe to spare: move what is waiting through ring buffers instead (the
@@ -630,8 +632,7 @@ impl Conn {
                 } else if rounds + 1 >= SPLICE_ROUNDS {
                     // Enough for one turn: let the ring say when there is more.
                     ops.push(Op::ReleasePipe(dir));
-                    self.flows[dir.index()] = Flow::Polling;
-                    self.emit(Op::PollIn { dir, fd: src }, ops);
+                    self.poll_source(dir, src, ops);
                 } else {
                     self.flows[dir.index()] = Flow::Piping { queued: 0, rounds: rounds + 1 };
                     ops.push(Op::SpliceIn { dir, fd: src });

@@ -41,13 +41,7 @@ impl Worker {
                 if result == -libc::ENOBUFS {
                     self.stats().buffer_waits.add(1);
                 }
-                if c.result > 0 {
-                    let stats = self.stats();
-                    match dir {
-                        Dir::Up => stats.bytes_up.add(c.result as u64),
-                        Dir::Down => stats.bytes_down.add(c.result as u64),
-                    }
-                }
+                self.count_relayed(dir, result);
                 let full = result > 0 && result as u32 == self.bufs.buffer_size();
                 Event::Received { dir, result, buf: c.buffer(), full, more: c.more() }
             }
@@ -114,6 +108,17 @@ impl Worker {
 
     /// Runs one step of a connection and carries out the operations it returns (which may
     /// feed more steps, e.g. when no socket can be opened).
+    /// Counts bytes a receive or splice moved in `dir` (`result` > 0) in the live metrics.
+    fn count_relayed(&self, dir: Dir, result: i32) {
+        if result > 0 {
+            let stats = self.stats();
+            match dir {
+                Dir::Up => stats.bytes_up.add(result as u64),
+                Dir::Down => stats.bytes_down.add(result as u64),
+            }
+        }
+    }
+
     pub(super) fn step(&mut self, slot: usize, f: impl FnOnce(&mut Conn, &mut Vec<Op>)) {
         let mut ops = std::mem::take(&mut self.ops);
         f(&mut self.conns[slot], &mut ops);
@@ -145,9 +150,9 @@ impl Worker {
                     .user_data(token(Kind::SendUp))
             }
             Op::Recv { dir, fd } => ring::recv_multishot(fd, self.bufs.group(), self.recv_limit)
-                .user_data(token(if dir == Dir::Up { Kind::RecvUp } else { Kind::RecvDown })),
+                .user_data(token(by_dir(dir, Kind::RecvUp, Kind::RecvDown))),
             Op::StopRecv { dir } => {
-                let recv = token(if dir == Dir::Up { Kind::RecvUp } else { Kind::RecvDown });
+                let recv = token(by_dir(dir, Kind::RecvUp, Kind::RecvDown));
                 opcode::AsyncCancel2::new(types::CancelBuilder::user_data(recv))
                     .build()
                     .user_data(token(Kind::StopRecv))
@@ -160,14 +165,14 @@ impl Worker {
                 opcode::Send::new(types::Fd(fd), ptr, len - offset)
                     .flags(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
                     .build()
-                    .user_data(token(if dir == Dir::Up { Kind::SendUp } else { Kind::SendDown }))
+                    .user_data(token(by_dir(dir, Kind::SendUp, Kind::SendDown)))
             }
             Op::WaitWritable { dir, fd } => opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
                 .build()
-                .user_data(token(if dir == Dir::Up { Kind::PollUp } else { Kind::PollDown })),
+                .user_data(token(by_dir(dir, Kind::PollUp, Kind::PollDown))),
             Op::PollIn { dir, fd } => opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
                 .build()
-                .user_data(token(if dir == Dir::Up { Kind::PollInUp } else { Kind::PollInDown })),
+                .user_data(token(by_dir(dir, Kind::PollInUp, Kind::PollInDown))),
             Op::SpliceIn { dir, fd } => {
                 let result = match self.pipe_for(slot, dir) {
                     Ok((pipe, size)) => sys::splice(fd, pipe.write.as_raw_fd(), size as usize),
@@ -176,13 +181,7 @@ impl Worker {
                 if result == -libc::ENOBUFS {
                     self.stats().pipe_shortages.add(1);
                 }
-                if result > 0 {
-                    let stats = &self.shared.stats[self.index];
-                    match dir {
-                        Dir::Up => stats.bytes_up.add(result as u64),
-                        Dir::Down => stats.bytes_down.add(result as u64),
-                    }
-                }
+                self.count_relayed(dir, result);
                 let now = self.now;
                 return self.conns[slot].spliced_in(dir, result, now, ops);
             }
@@ -411,5 +410,13 @@ impl Worker {
             conn.bytes[0],
             conn.bytes[1]
         );
+    }
+}
+
+/// The kind of a per-direction operation.
+fn by_dir(dir: Dir, up: Kind, down: Kind) -> Kind {
+    match dir {
+        Dir::Up => up,
+        Dir::Down => down,
     }
 }
