@@ -16,8 +16,6 @@ pub const V1_MAX: usize = 107;
 pub const V2_MAX_PAYLOAD: usize = 2048;
 /// The most bytes [`parse`] ever needs to see.
 pub const MAX_HEADER: usize = 16 + V2_MAX_PAYLOAD;
-/// The longest header [`encode`] produces (v2 with IPv6 addresses).
-pub const MAX_ENCODED: usize = 16 + 36;
 
 /// Which version to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -218,17 +218,21 @@ pub fn splice(from: RawFd, to: RawFd, len: usize) -> i32 {
 
 /// The address of the peer of a connected socket.
 pub fn peer_addr(fd: RawFd) -> io::Result<SocketAddr> {
-    // SAFETY: SockAddr::try_init hands getpeername a storage buffer and its length.
-    let (_, addr) =
-        unsafe { SockAddr::try_init(|storage, len| check(libc::getpeername(fd, storage.cast(), len)).map(drop)) }?;
-    addr.as_socket().ok_or_else(|| io::Error::from_raw_os_error(libc::EAFNOSUPPORT))
+    socket_addr(fd, libc::getpeername)
 }
 
 /// The local address of a socket: for an accepted one, the address the client connected to.
 pub fn local_addr(fd: RawFd) -> io::Result<SocketAddr> {
-    // SAFETY: SockAddr::try_init hands getsockname a storage buffer and its length.
-    let (_, addr) =
-        unsafe { SockAddr::try_init(|storage, len| check(libc::getsockname(fd, storage.cast(), len)).map(drop)) }?;
+    socket_addr(fd, libc::getsockname)
+}
+
+type NameCall = unsafe extern "C" fn(libc::c_int, *mut libc::sockaddr, *mut libc::socklen_t) -> libc::c_int;
+
+/// An address of `fd` from getpeername or getsockname.
+fn socket_addr(fd: RawFd, call: NameCall) -> io::Result<SocketAddr> {
+    // SAFETY: SockAddr::try_init hands the call a storage buffer and its length, which is all
+    // getpeername and getsockname write.
+    let (_, addr) = unsafe { SockAddr::try_init(|storage, len| check(call(fd, storage.cast(), len)).map(drop)) }?;
     addr.as_socket().ok_or_else(|| io::Error::from_raw_os_error(libc::EAFNOSUPPORT))
 }
 

@@ -38,6 +38,11 @@ fn relay_in_process(config: &str, sizes: RingSizes, clients: u64, bytes: usize) 
     for thread in threads {
         thread.join().unwrap();
     }
+    stop_and_count(server)
+}
+
+/// Drains and stops the in-process ringlb, and returns its counters by metric name.
+fn stop_and_count(server: Server) -> HashMap<&'static str, u64> {
     let shared = Arc::clone(server.shared());
     server.drain();
     server.join().expect("workers stop cleanly");
@@ -68,9 +73,9 @@ fn splice_with_no_pipe_to_spare_relays_every_round_by_copy() {
 
 /// A backend that sends `data` (all at once, or `paced`: 16 KiB a millisecond) and closes, and
 /// a client with a small receive buffer that starts reading only once the backend wrote 6 MiB
-/// (more than ringlb's socket toward the client can hold: net.ipv4.tcp_wmem allows 4 MiB) or its
-/// writes stalled: the backend's bytes pile up behind ringlb's sends to the client. Returns
-/// ringlb's counters.
+/// (more than ringlb's socket toward the client can hold: net.ipv4.tcp_wmem allows 4 MiB), or a
+/// receive was stopped, or (unpaced, where the byte limit ends receives) the backend's writes
+/// stalled: its bytes pile up behind ringlb's sends to the client. Returns ringlb's counters.
 fn slow_reader(data: &Arc<Vec<u8>>, sizes: RingSizes, paced: bool) -> HashMap<&'static str, u64> {
     raise_fd_limit();
     let sent = Arc::clone(data);
@@ -102,7 +107,11 @@ fn slow_reader(data: &Arc<Vec<u8>>, sizes: RingSizes, paced: bool) -> HashMap<&'
     while start.elapsed() < Duration::from_secs(20) {
         thread::sleep(Duration::from_millis(20));
         let now = written.load(Ordering::Relaxed);
-        if now >= 6 << 20 || now == data.len() || (now == last && last_change.elapsed() > Duration::from_millis(300)) {
+        let stalled = !paced && now == last && last_change.elapsed() > Duration::from_millis(300);
+        let stopped = stats::totals(&server.shared().stats)
+            .iter()
+            .any(|(name, _, value)| *name == "ringlb_receive_stops_total" && *value > 0);
+        if now >= 6 << 20 || now == data.len() || stalled || stopped {
             break;
         }
         if now != last {
@@ -112,10 +121,7 @@ fn slow_reader(data: &Arc<Vec<u8>>, sizes: RingSizes, paced: bool) -> HashMap<&'
     let mut received = Vec::new();
     stream.read_to_end(&mut received).unwrap();
     assert!(received == **data, "{} of {} bytes, or reordered", received.len(), data.len());
-    let shared = Arc::clone(server.shared());
-    server.drain();
-    server.join().expect("workers stop cleanly");
-    stats::totals(&shared.stats).into_iter().map(|(name, _, value)| (name, value)).collect()
+    stop_and_count(server)
 }
 
 #[test]

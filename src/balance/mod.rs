@@ -36,6 +36,11 @@ impl BackendCounters {
         self.active.load(Ordering::Relaxed)
     }
 
+    /// Whether an [`acquire`](Self::acquire) with `max_conns` would succeed now.
+    pub fn has_room(&self, max_conns: Option<u32>) -> bool {
+        max_conns.is_none_or(|max| self.active() < u64::from(max))
+    }
+
     /// Takes a connection slot: always without a limit, only below it with one (exact across
     /// workers: the check and the increment are one atomic step).
     pub fn acquire(&self, max_conns: Option<u32>) -> bool {

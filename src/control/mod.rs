@@ -13,7 +13,7 @@
 pub mod thread;
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::balance::BackendCounters;
-use crate::balance::hash::hash64;
+use crate::balance::{BackendCounters, client_hash};
+use crate::config::HashKey;
 use crate::pool::Snapshot;
 use crate::stats::WorkerStats;
 use crate::sys;
@@ -159,10 +159,7 @@ impl SourceLimit {
     }
 
     fn shard(&self, ip: IpAddr) -> &Mutex<HashMap<IpAddr, u32>> {
-        let hash = match ip {
-            IpAddr::V4(v4) => hash64(0, &v4.octets()),
-            IpAddr::V6(v6) => hash64(0, &v6.octets()),
-        };
+        let hash = client_hash(SocketAddr::new(ip, 0), HashKey::ClientIp);
         &self.shards[(hash as usize) % Self::SHARDS]
     }
 

@@ -329,8 +329,11 @@ impl Worker {
         self.shared.backends[pool][backend].release();
         if self.snapshot.pools[pool].limited && self.shared.queued[pool].load(Ordering::Acquire) > 0 {
             self.serve_queue(pool);
-            // Connections may wait in other workers too.
-            self.shared.ring_others(self.index);
+            // Connections may wait in other workers too; if some still wait here, no backend
+            // has room and waking the others would find none either.
+            if self.queues[pool].is_empty() && self.shared.queued[pool].load(Ordering::Acquire) > 0 {
+                self.shared.ring_others(self.index);
+            }
         }
     }
 
@@ -343,9 +346,8 @@ impl Worker {
             };
             let pool = &self.snapshot.pools[pool_index];
             let counters = &self.shared.backends[pool_index];
-            let room = pool.usable().iter().any(|&b| {
-                pool.backends[b as usize].max_conns.is_none_or(|max| counters[b as usize].active() < u64::from(max))
-            });
+            let room =
+                pool.usable().iter().any(|&b| counters[b as usize].has_room(pool.backends[b as usize].max_conns));
             if !room {
                 return;
             }
