@@ -27,7 +27,7 @@ TARGET_LABEL = {"direct": "direct", "ringlb": "ringlb", "ringlb-splice": "ringlb
 # Under the bars of the chart, one line each (ringlb-splice is too wide for one slot).
 AXIS_LABEL = {"direct": ["direct"], "ringlb": ["ringlb"], "ringlb-splice": ["ringlb-", "splice"], "ringlb-copy": ["ringlb-", "copy"],
               "haproxy": ["HAProxy"], "nginx": ["nginx"]}
-COLOUR = {"direct": "#9e9e9e", "ringlb": "#e6550d", "ringlb-splice": "#756bb1", "ringlb-copy": "#31a354",
+COLOUR = {"direct": "#9e9e9e", "ringlb": "#e6550d", "ringlb-splice": "#756bb1", "ringlb-copy": "#fdae6b",
           "haproxy": "#3182bd", "nginx": "#31a354"}
 
 SCENARIO_LABEL = {
