@@ -82,6 +82,10 @@ pub enum Op {
     /// Stop the direction's multishot receive (cancel by its user data): its buffers wait to
     /// be sent. One completion ([`Event::Cancelled`]); the receive ends with -ECANCELED.
     StopRecv { dir: Dir },
+    /// The connection is moving to another worker: cancel the direction's wait for its source
+    /// (by user data), the multishot receive or, with `poll`, the poll of a spliced direction.
+    /// One completion ([`Event::Cancelled`]); the wait ends with -ECANCELED unless bytes came.
+    Park { dir: Dir, poll: bool },
     /// Send `len` bytes from offset `offset` of buffer `buf` to `fd`.
     Send { dir: Dir, fd: RawFd, buf: BufId, offset: u32, len: u32 },
     /// Wait until `fd` has bytes to read (splice mode).
@@ -126,6 +130,7 @@ impl Op {
             | Op::WaitWritable { .. }
             | Op::PollIn { .. }
             | Op::StopRecv { .. }
+            | Op::Park { .. }
             | Op::Cancel { .. }
             | Op::Close { .. } => 1,
             Op::Shutdown { .. }
@@ -167,8 +172,9 @@ pub enum Event {
     Sent { dir: Dir, result: i32 },
     /// The destination of `dir` became writable (or failed; the resend will tell).
     Writable { dir: Dir },
-    /// The source of `dir` became readable (or failed; the splice will tell).
-    Readable { dir: Dir },
+    /// The poll of the source of `dir` finished: readable or failed (the splice will tell), or
+    /// -ECANCELED.
+    Readable { dir: Dir, result: i32 },
     /// A cancel request finished.
     Cancelled,
     /// A close finished.
@@ -181,7 +187,7 @@ impl Event {
         match self {
             Event::Connected(_) => Some(Side::Backend),
             Event::PrefixRead { .. } => Some(Side::Client),
-            Event::Received { dir, .. } | Event::Readable { dir } => Some(dir.src()),
+            Event::Received { dir, .. } | Event::Readable { dir, .. } => Some(dir.src()),
             Event::Sent { dir, .. } | Event::Writable { dir } => Some(dir.dst()),
             _ => None,
         }
@@ -233,6 +239,9 @@ enum Flow {
     PipeBlocked { queued: u32, rounds: u8 },
     /// End of stream was passed on (or the direction failed).
     Done,
+    /// The connection is moving to another worker and this direction's wait was stopped:
+    /// nothing is in flight; the new worker starts it again.
+    Parked,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,6 +271,9 @@ pub enum Notice {
     ConnectFailed(i32),
     /// More client bytes arrived in the prefix: the worker looks whether it can route now.
     PrefixGrew,
+    /// Both directions are parked and nothing is in flight: the worker hands the connection to
+    /// another worker, which calls [`Conn::arrive`].
+    Movable,
 }
 
 /// How a connection moves bytes.
@@ -388,6 +400,8 @@ pub struct Conn {
     /// End of stream seen while bytes were still to be sent: shut down once they are.
     eof: [bool; 2],
     inflight: u32,
+    /// Whether the connection is on its way to another worker (its waits being stopped).
+    moving: bool,
     /// Operations in flight on each side's socket (indexed by `Side as usize`): what a close
     /// must cancel first.
     busy: [u16; 2],
@@ -425,6 +439,7 @@ impl Conn {
             backlog: [VecDeque::new(), VecDeque::new()],
             eof: [false; 2],
             inflight: 0,
+            moving: false,
             busy: [0; 2],
             last_active: now,
             bytes: [0; 2],
@@ -457,6 +472,89 @@ impl Conn {
     /// Operations in flight for this connection.
     pub fn inflight(&self) -> u32 {
         self.inflight
+    }
+
+    pub fn is_moving(&self) -> bool {
+        self.moving
+    }
+
+    /// Whether the connection can move to another worker now: relaying, every byte received
+    /// sent, and each direction only waiting for its source (a multishot receive, or a poll
+    /// when spliced, with no pipe held). Other connections are at work and stay; a later pass
+    /// finds most of them waiting.
+    pub fn can_move(&self) -> bool {
+        self.phase == Phase::Relaying
+            && !self.moving
+            && self.prefix.is_none()
+            && self.pipes == [None; 2]
+            && Dir::BOTH.iter().all(|dir| {
+                let d = dir.index();
+                match self.flows[d] {
+                    Flow::Receiving => self.armed[d] && !self.stopping[d] && self.backlog[d].is_empty() && !self.eof[d],
+                    Flow::Polling => true,
+                    _ => false,
+                }
+            })
+    }
+
+    /// Starts moving to another worker: stops both directions' waits. When both are stopped,
+    /// an event returns [`Notice::Movable`]; if bytes or an end of stream come first, the move
+    /// is given up and the connection relays on here. Returns whether the move started.
+    pub fn begin_move(&mut self, ops: &mut Vec<Op>) -> bool {
+        if !self.can_move() {
+            return false;
+        }
+        self.moving = true;
+        for dir in Dir::BOTH {
+            let poll = self.flows[dir.index()] == Flow::Polling;
+            // A stopped receive is not stopped again for backpressure.
+            self.stopping[dir.index()] = !poll;
+            self.emit(Op::Park { dir, poll }, ops);
+        }
+        true
+    }
+
+    /// The connection arrived from another worker (with `generation` in its new slot): starts
+    /// both directions' waits again.
+    pub fn arrive(&mut self, generation: u32, ops: &mut Vec<Op>) {
+        debug_assert!(self.moving && self.inflight == 0 && self.flows == [Flow::Parked; 2]);
+        self.generation = generation;
+        self.resume_parked(ops);
+    }
+
+    /// Ends a move (given up, or arrived): waits again where a direction was parked.
+    fn resume_parked(&mut self, ops: &mut Vec<Op>) {
+        self.moving = false;
+        for dir in Dir::BOTH {
+            if self.flows[dir.index()] == Flow::Parked {
+                self.receive(dir, ops);
+            }
+        }
+    }
+
+    /// While moving: parks a direction whose wait ended by the stop. Anything else (bytes, an
+    /// end of stream, an error) gives the move up before the event is handled as usual.
+    /// Returns whether the event is settled.
+    fn settle_while_moving(&mut self, event: Event, ops: &mut Vec<Op>) -> bool {
+        let stopped = |flow| match event {
+            Event::Received { result, buf: None, more: false, .. } => {
+                result == -libc::ECANCELED && flow == Flow::Receiving
+            }
+            Event::Readable { result, .. } => result == -libc::ECANCELED && flow == Flow::Polling,
+            _ => false,
+        };
+        match event {
+            Event::Cancelled => true,
+            Event::Received { dir, .. } | Event::Readable { dir, .. } if stopped(self.flows[dir.index()]) => {
+                self.armed[dir.index()] = false;
+                self.flows[dir.index()] = Flow::Parked;
+                true
+            }
+            _ => {
+                self.resume_parked(ops);
+                false
+            }
+        }
     }
 
     fn emit(&mut self, op: Op, ops: &mut Vec<Op>) {
@@ -671,7 +769,9 @@ impl Conn {
                 self.busy[side as usize] = self.busy[side as usize].saturating_sub(1);
             }
         }
+        let settled = self.moving && self.phase == Phase::Relaying && self.settle_while_moving(event, ops);
         let outcome = match self.phase {
+            _ if settled => (self.inflight == 0).then_some(Notice::Movable),
             Phase::Closing { .. } => {
                 self.settle_while_closing(event, ops);
                 None
@@ -724,7 +824,7 @@ impl Conn {
                 }
                 _ => {}
             },
-            Event::Readable { dir } => {
+            Event::Readable { dir, .. } => {
                 if self.flows[dir.index()] == Flow::Polling
                     && let Some(fd) = self.fd(dir.src())
                 {
@@ -932,6 +1032,7 @@ impl Conn {
             return;
         }
         self.end = Some(end);
+        self.moving = false;
         self.phase = Phase::Closing { reset_client, reset_backend, closes_sent: false };
         for backlog in &mut self.backlog {
             ops.extend(backlog.drain(..).map(|(buf, _)| Op::Recycle(buf)));
@@ -960,7 +1061,7 @@ impl Conn {
                 Flow::Prefix | Flow::PipeBlocked { .. } => self.flows[dir.index()] = Flow::Done,
                 _ => {}
             },
-            Event::Readable { dir } => self.flows[dir.index()] = Flow::Done,
+            Event::Readable { dir, .. } => self.flows[dir.index()] = Flow::Done,
             _ => {}
         }
     }
@@ -1403,7 +1504,10 @@ mod tests {
             h.event(Event::Connected(0)),
             vec![Op::PollIn { dir: Dir::Up, fd: CLIENT }, Op::PollIn { dir: Dir::Down, fd: BACKEND }]
         );
-        assert_eq!(h.event(Event::Readable { dir: Dir::Down }), vec![Op::SpliceIn { dir: Dir::Down, fd: BACKEND }]);
+        assert_eq!(
+            h.event(Event::Readable { dir: Dir::Down, result: 1 }),
+            vec![Op::SpliceIn { dir: Dir::Down, fd: BACKEND }]
+        );
         h.conn.spliced_in(Dir::Down, 5000, 9, &mut h.ops);
         assert_eq!(h.take(), vec![Op::SpliceOut { dir: Dir::Down, fd: CLIENT, len: 5000 }]);
         assert_eq!(h.conn.bytes[1], 5000);
@@ -1422,7 +1526,7 @@ mod tests {
         h.conn.spliced_in(Dir::Down, -libc::EAGAIN, 12, &mut h.ops);
         assert_eq!(h.take(), vec![Op::ReleasePipe(Dir::Down), Op::PollIn { dir: Dir::Down, fd: BACKEND }]);
         // End of stream: the pipe goes back and the client gets FIN.
-        h.event(Event::Readable { dir: Dir::Down });
+        h.event(Event::Readable { dir: Dir::Down, result: 1 });
         h.conn.spliced_in(Dir::Down, 0, 13, &mut h.ops);
         assert_eq!(h.take(), vec![Op::ReleasePipe(Dir::Down), Op::Shutdown { fd: CLIENT }]);
     }
@@ -1435,7 +1539,7 @@ mod tests {
         h.take();
         h.event(Event::ConnectTimerDone);
         h.event(Event::Connected(0));
-        h.event(Event::Readable { dir: Dir::Up });
+        h.event(Event::Readable { dir: Dir::Up, result: 1 });
         for _ in 0..SPLICE_ROUNDS - 1 {
             h.conn.spliced_in(Dir::Up, 100, 1, &mut h.ops);
             h.conn.spliced_out(Dir::Up, 100, 1, &mut h.ops);
@@ -1481,7 +1585,10 @@ mod tests {
             vec![Op::Recycle(3), Op::PollIn { dir: Dir::Down, fd: BACKEND }]
         );
         // No pipe to spare: this round goes through a ring buffer, the next tries a pipe again.
-        assert_eq!(h.event(Event::Readable { dir: Dir::Down }), vec![Op::SpliceIn { dir: Dir::Down, fd: BACKEND }]);
+        assert_eq!(
+            h.event(Event::Readable { dir: Dir::Down, result: 1 }),
+            vec![Op::SpliceIn { dir: Dir::Down, fd: BACKEND }]
+        );
         h.conn.spliced_in(Dir::Down, -libc::ENOBUFS, 5, &mut h.ops);
         assert_eq!(h.take(), vec![Op::Recv { dir: Dir::Down, fd: BACKEND }]);
         assert_eq!(
@@ -1494,6 +1601,126 @@ mod tests {
             h.event(Event::Sent { dir: Dir::Down, result: 10 }),
             vec![Op::Recycle(4), Op::PollIn { dir: Dir::Down, fd: BACKEND }]
         );
+    }
+
+    /// Starts a move of an idle relaying connection and checks both waits are stopped.
+    fn begin_move(h: &mut Harness) {
+        assert!(h.conn.can_move());
+        assert!(h.conn.begin_move(&mut h.ops));
+        assert_eq!(h.take(), vec![Op::Park { dir: Dir::Up, poll: false }, Op::Park { dir: Dir::Down, poll: false }]);
+        assert!(!h.conn.can_move(), "one move at a time");
+    }
+
+    #[test]
+    fn idle_connection_moves_once_both_waits_are_stopped() {
+        let mut h = Harness::relaying();
+        begin_move(&mut h);
+        assert_eq!(h.conn.on_event(ended(Dir::Up, -libc::ECANCELED), 1, &mut h.ops), None);
+        assert_eq!(h.conn.on_event(Event::Cancelled, 1, &mut h.ops), None);
+        assert_eq!(h.conn.on_event(Event::Cancelled, 1, &mut h.ops), None);
+        assert_eq!(h.conn.on_event(ended(Dir::Down, -libc::ECANCELED), 1, &mut h.ops), Some(Notice::Movable));
+        assert!(h.take().is_empty(), "nothing re-armed in the old ring");
+        assert_eq!(h.conn.inflight(), 0);
+        // The new worker starts both receives, under the new generation.
+        h.conn.arrive(7, &mut h.ops);
+        assert_eq!(h.take(), vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Recv { dir: Dir::Down, fd: BACKEND }]);
+        assert_eq!(h.conn.generation, 7);
+        assert!(!h.conn.is_moving());
+        h.event(data(Dir::Up, 10, 1));
+        assert!(!h.conn.can_move(), "bytes on their way");
+        assert_eq!(h.event(Event::Sent { dir: Dir::Up, result: 10 }), vec![Op::Recycle(1)]);
+        assert!(h.conn.can_move());
+    }
+
+    #[test]
+    fn bytes_during_a_move_give_it_up_and_lose_nothing() {
+        let mut h = Harness::relaying();
+        begin_move(&mut h);
+        // Down is parked, then bytes come up before Up's stop lands.
+        h.event(Event::Cancelled);
+        assert!(h.event(ended(Dir::Down, -libc::ECANCELED)).is_empty());
+        let ops = h.event(data(Dir::Up, 10, 3));
+        assert_eq!(
+            ops,
+            vec![
+                Op::Recv { dir: Dir::Down, fd: BACKEND },
+                Op::Send { dir: Dir::Up, fd: BACKEND, buf: 3, offset: 0, len: 10 }
+            ],
+            "the parked direction waits again and the bytes go on"
+        );
+        assert!(!h.conn.is_moving());
+        // Up's stop lands while it sends; once sent, Up receives again.
+        h.event(Event::Cancelled);
+        assert!(h.event(ended(Dir::Up, -libc::ECANCELED)).is_empty());
+        assert_eq!(
+            h.event(Event::Sent { dir: Dir::Up, result: 10 }),
+            vec![Op::Recycle(3), Op::Recv { dir: Dir::Up, fd: CLIENT }]
+        );
+        assert!(h.conn.can_move());
+    }
+
+    #[test]
+    fn end_of_stream_during_a_move_is_passed_on() {
+        let mut h = Harness::relaying();
+        begin_move(&mut h);
+        h.event(Event::Cancelled);
+        h.event(ended(Dir::Up, -libc::ECANCELED));
+        assert_eq!(
+            h.event(ended(Dir::Down, 0)),
+            vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Shutdown { fd: CLIENT }],
+            "the client is read again and gets the FIN"
+        );
+        assert!(!h.conn.is_moving() && !h.conn.can_move());
+    }
+
+    #[test]
+    fn close_during_a_move_closes() {
+        let mut h = Harness::relaying();
+        begin_move(&mut h);
+        h.conn.close(&mut h.ops);
+        assert_eq!(h.take(), vec![Op::Cancel { fd: CLIENT }, Op::Cancel { fd: BACKEND }]);
+        // Two stops and two cancels by fd complete, and both receives end.
+        for event in
+            [Event::Cancelled, Event::Cancelled, ended(Dir::Up, -libc::ECANCELED), Event::Cancelled, Event::Cancelled]
+        {
+            assert!(h.event(event).is_empty());
+        }
+        assert_eq!(
+            h.conn.on_event(ended(Dir::Down, -libc::ECANCELED), 1, &mut h.ops),
+            None,
+            "a closing connection does not move"
+        );
+        assert_eq!(h.take(), vec![Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: false }]);
+    }
+
+    #[test]
+    fn spliced_direction_moves_by_stopping_its_poll() {
+        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Splice, 0), ops: Vec::new(), now: 0 };
+        h.conn.route(0, 1, &mut h.ops);
+        h.conn.backend_opened(BACKEND, 0);
+        h.take();
+        h.event(Event::ConnectTimerDone);
+        h.event(Event::Connected(0));
+        assert!(h.conn.begin_move(&mut h.ops));
+        assert_eq!(h.take(), vec![Op::Park { dir: Dir::Up, poll: true }, Op::Park { dir: Dir::Down, poll: true }]);
+        h.event(Event::Cancelled);
+        h.event(Event::Cancelled);
+        h.event(Event::Readable { dir: Dir::Up, result: -libc::ECANCELED });
+        let last = h.conn.on_event(Event::Readable { dir: Dir::Down, result: -libc::ECANCELED }, 1, &mut h.ops);
+        assert_eq!(last, Some(Notice::Movable));
+        h.conn.arrive(2, &mut h.ops);
+        assert_eq!(h.take(), vec![Op::PollIn { dir: Dir::Up, fd: CLIENT }, Op::PollIn { dir: Dir::Down, fd: BACKEND }]);
+    }
+
+    #[test]
+    fn busy_connections_do_not_move() {
+        let mut h = Harness::relaying();
+        h.event(data(Dir::Down, 100, 5));
+        assert!(!h.conn.begin_move(&mut h.ops), "a send in flight");
+        assert!(h.take().is_empty());
+        h.event(Event::Sent { dir: Dir::Down, result: 100 });
+        h.event(ended(Dir::Up, 0));
+        assert!(!h.conn.can_move(), "half closed");
     }
 
     #[test]
@@ -1551,6 +1778,7 @@ mod model {
         ConnectTimer,
         Recv(Dir, RawFd),
         StopRecv(Dir),
+        Park(Dir),
         Send(Dir, RawFd, BufId, u32),
         Poll(Dir, RawFd),
         PollIn(Dir, RawFd),
@@ -1593,8 +1821,10 @@ mod model {
         /// bytes still to send: sends must go in this order, and only a closing connection
         /// may drop bytes.
         unsent: [std::collections::VecDeque<(BufId, u32)>; 2],
-        /// A stop of the direction's receive landed: the receive ends with ECANCELED next.
+        /// A stop of the direction's receive (or poll) landed: it ends with ECANCELED next.
         stopped: [bool; 2],
+        /// Moves to another worker that completed.
+        moves: u32,
     }
 
     impl Model {
@@ -1619,6 +1849,7 @@ mod model {
                 next_pipe: 0,
                 unsent: Default::default(),
                 stopped: [false; 2],
+                moves: 0,
             };
             let mut ops = Vec::new();
             if handshake {
@@ -1714,6 +1945,16 @@ mod model {
                         self.pending.push(Pending::Recv(dir, fd));
                     }
                     Op::StopRecv { dir } => self.pending.push(Pending::StopRecv(dir)),
+                    Op::Park { dir, poll } => {
+                        assert!(self.conn.is_moving(), "park while not moving");
+                        let waiting = self.pending.iter().any(|p| match *p {
+                            Pending::Recv(d, _) => d == dir && !poll,
+                            Pending::PollIn(d, _) => d == dir && poll,
+                            _ => false,
+                        });
+                        assert!(waiting, "park of {dir:?} (poll {poll}) with no such wait: {:?}", self.pending);
+                        self.pending.push(Pending::Park(dir));
+                    }
                     Op::Send { dir, fd, buf, offset, len } => {
                         assert!(self.open_fds.contains(&fd), "send on a closed fd");
                         assert!(self.held_buffers.contains(&buf), "send from a buffer not held");
@@ -1727,6 +1968,7 @@ mod model {
                     }
                     Op::PollIn { dir, fd } => {
                         assert!(self.open_fds.contains(&fd), "poll on a closed fd");
+                        self.stopped[dir as usize] = false;
                         assert!(self.conn.pipes[dir as usize].is_none(), "polling while holding a pipe");
                         self.pending.push(Pending::PollIn(dir, fd));
                     }
@@ -1847,7 +2089,7 @@ mod model {
                     }
                     Pending::SendPrefix(_) => dir == Dir::Up,
                     _ => false,
-                });
+                }) || (self.conn.is_moving() && self.conn.flows[dir.index()] == Flow::Parked);
                 assert!(moving, "{dir:?} stalled in {:?}: {:?}", self.conn.flows[dir.index()], self.pending);
             }
         }
@@ -1917,8 +2159,12 @@ mod model {
                     let full = result > 0 && choice.outcome.is_multiple_of(3);
                     Event::Received { dir, result, buf, full, more }
                 }
-                Pending::StopRecv(dir) => {
-                    if self.pending.iter().any(|p| matches!(*p, Pending::Recv(d, _) if d == dir)) {
+                Pending::StopRecv(dir) | Pending::Park(dir) => {
+                    if self
+                        .pending
+                        .iter()
+                        .any(|p| matches!(*p, Pending::Recv(d, _) | Pending::PollIn(d, _) if d == dir))
+                    {
                         self.stopped[dir as usize] = true;
                     }
                     Event::Cancelled
@@ -1939,16 +2185,41 @@ mod model {
                     Event::Sent { dir, result }
                 }
                 Pending::Poll(dir, _) => Event::Writable { dir },
-                Pending::PollIn(dir, _) => Event::Readable { dir },
+                Pending::PollIn(dir, _) => Event::Readable {
+                    dir,
+                    result: if self.stopped[dir as usize] { -libc::ECANCELED } else { libc::POLLIN as i32 },
+                },
                 Pending::Cancel => Event::Cancelled,
                 Pending::Close => Event::Closed,
             };
             let mut ops = Vec::new();
             let notice = self.conn.on_event(event, self.steps as u64, &mut ops);
             self.apply(ops, choice.outcome == 255);
-            if notice == Some(Notice::PrefixGrew) {
-                self.routed_or_read_more();
+            match notice {
+                Some(Notice::PrefixGrew) => self.routed_or_read_more(),
+                Some(Notice::Movable) => self.arrive(),
+                _ => {}
             }
+        }
+
+        /// The worker starts moving the connection, if it can move now.
+        fn begin_move(&mut self) {
+            let mut ops = Vec::new();
+            let can = self.conn.can_move();
+            assert_eq!(self.conn.begin_move(&mut ops), can);
+            self.apply(ops, false);
+        }
+
+        /// The connection is handed to another worker: it must hold nothing of this one.
+        fn arrive(&mut self) {
+            assert!(self.pending.is_empty(), "moved with operations in flight: {:?}", self.pending);
+            assert!(self.held_buffers.is_empty(), "moved holding buffers {:?}", self.held_buffers);
+            assert_eq!(self.conn.pipes, [None; 2], "moved holding a pipe");
+            self.moves += 1;
+            let mut ops = Vec::new();
+            self.conn.arrive(self.moves + 1, &mut ops);
+            self.apply(ops, false);
+            assert_eq!(self.pending.len(), 2, "both directions wait again after the move");
         }
 
         /// The queue moves (as when a backend slot frees).
@@ -1990,6 +2261,9 @@ mod model {
                 }
                 if model.queued && (model.pending.is_empty() || choice.outcome % 4 == 0) {
                     model.resume();
+                }
+                if choice.size % 5 == 0 {
+                    model.begin_move();
                 }
                 if model.pending.is_empty() {
                     break;

@@ -15,6 +15,9 @@
 //!   usable backend with its [`balance`] state (round robin, least connections, random two,
 //!   Maglev over the snapshot's table), and drives every [`conn::Conn`] by turning
 //!   completions into events and the connection's operations into submissions.
+//! - [`spread`] decides how many workers take connections (`spread = "pack"`): the control
+//!   thread watches the workers' CPU time, workers steer new connections to the workers in use
+//!   and hand open connections to each other.
 //! - [`conn`] is the per-connection state machine (connect with retries, relay both ways,
 //!   half-close, reset, close after the last completion). It makes no syscalls.
 //! - [`ring`] and [`sys`] hold all the `unsafe`: the io_uring wrapper, the provided-buffer ring,
@@ -32,6 +35,7 @@ pub mod pool;
 pub mod proxy_protocol;
 pub mod ring;
 pub mod server;
+pub mod spread;
 pub mod stats;
 pub mod sys;
 pub mod tls;

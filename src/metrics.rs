@@ -15,6 +15,7 @@ pub const BACKEND_ACTIVE: &str = "ringlb_backend_active_connections";
 pub const BACKEND_CONNECTIONS: &str = "ringlb_backend_connections_total";
 pub const BACKEND_FAILURES: &str = "ringlb_backend_connect_failures_total";
 pub const DRAINING: &str = "ringlb_draining";
+pub const WORKERS_IN_USE: &str = "ringlb_workers_in_use";
 
 fn header(out: &mut String, name: &str, help: &str) {
     let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
@@ -35,6 +36,12 @@ pub fn render(shared: &Shared) -> String {
     }
     header(&mut out, DRAINING, "1 once a stop signal arrived and ringlb is draining.");
     let _ = writeln!(out, "{DRAINING} {}", u8::from(shared.run_state() != RunState::Running));
+    header(
+        &mut out,
+        WORKERS_IN_USE,
+        "Workers that take new connections (spread = \"pack\" packs them into as few as keep up).",
+    );
+    let _ = writeln!(out, "{WORKERS_IN_USE} {}", shared.workers_in_use());
 
     let snapshot = shared.snapshot();
     type Value = fn(&Pool, usize, &BackendCounters) -> u64;
@@ -76,7 +83,8 @@ mod tests {
             "t",
         )
         .unwrap();
-        let (shared, _events) = Shared::new(Snapshot::from_config(&config), 2, Box::new([None])).unwrap();
+        let (shared, _events) =
+            Shared::new(Snapshot::from_config(&config), 2, Box::new([None]), config.spread).unwrap();
         shared.stats[0].accepted.add(3);
         shared.stats[1].accepted.add(4);
         shared.backends[0][1].active.store(5, std::sync::atomic::Ordering::Relaxed);

@@ -32,6 +32,8 @@ pub enum Kind {
     Cancel,
     /// The stop of a multishot receive (a cancel by its user data).
     StopRecv,
+    /// The stop of a wait for a connection moving to another worker (a cancel by user data).
+    Park,
     Close,
     // Per-worker operations: the slot is a listener index or unused.
     Accept = 32,
@@ -44,7 +46,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 21] = [
+    const ALL: [Kind; 22] = [
         Kind::Connect,
         Kind::ConnectTimeout,
         Kind::RecvPrefix,
@@ -58,6 +60,7 @@ impl Kind {
         Kind::PollInDown,
         Kind::Cancel,
         Kind::StopRecv,
+        Kind::Park,
         Kind::Close,
         Kind::Accept,
         Kind::AcceptCancel,

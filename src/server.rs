@@ -120,7 +120,7 @@ impl Server {
         let snapshot = Snapshot::from_config(config);
         let sources =
             config.listeners.iter().map(|l| l.max_conns_per_source.map(|n| SourceLimit::new(n.get()))).collect();
-        let (shared, events) = Shared::new(snapshot, workers, sources).map_err(StartError::Doorbell)?;
+        let (shared, events) = Shared::new(snapshot, workers, sources, config.spread).map_err(StartError::Doorbell)?;
         let shared = Arc::new(shared);
 
         // Every connection holds two descriptors. Splicing workers may also hold up to
@@ -198,9 +198,15 @@ impl Server {
             }
         }
         let control = match failure {
-            None => crate::control::thread::spawn(Arc::new(config.clone()), Arc::clone(&shared), events, metrics)
-                .map(Some)
-                .map_err(StartError::Thread),
+            None => crate::control::thread::spawn(
+                Arc::new(config.clone()),
+                Arc::clone(&shared),
+                events,
+                metrics,
+                per_worker as u64,
+            )
+            .map(Some)
+            .map_err(StartError::Thread),
             Some(failure) => Err(failure),
         };
         let (control, failure) = match control {

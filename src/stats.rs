@@ -66,6 +66,7 @@ worker_stats! {
     bytes_up: "ringlb_bytes_client_to_backend_total", "Bytes relayed from clients to backends.";
     bytes_down: "ringlb_bytes_backend_to_client_total", "Bytes relayed from backends to clients.";
     buffer_waits: "ringlb_buffer_waits_total", "Receives ended because the buffer ring was empty (they resume when buffers return).";
+    moved: "ringlb_connections_moved_total", "Connections handed to another worker (spread = \"pack\").";
     receive_stops: "ringlb_receive_stops_total", "Receives stopped because 4 buffers waited behind a slower destination (backpressure).";
     pipe_shortages: "ringlb_splice_pipe_shortages_total", "Splice rounds that found no pipe to spare and went through a ring buffer.";
     sq_full: "ringlb_ring_sq_full_total", "Submissions that found the submission queue full and waited for the next submit.";

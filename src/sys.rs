@@ -255,9 +255,96 @@ pub fn now_millis() -> u64 {
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
+/// The calling thread's id (as in /proc/self/task).
+pub fn thread_id() -> libc::pid_t {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// CPU time thread `tid` of this process has used (user and system), or `None` once it has
+/// exited. Reads the kernel's per-thread CPU clock, as `pthread_getcpuclockid` would, but by
+/// thread id, so asking about a thread that has exited is harmless.
+pub fn thread_cpu_time(tid: libc::pid_t) -> Option<std::time::Duration> {
+    // The clock id of a thread's CPU clock (MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED) in the
+    // kernel): the inverted id shifted past the 3 flag bits, CPUCLOCK_SCHED (2) and
+    // CPUCLOCK_PERTHREAD_MASK (4).
+    let clock = (!tid << 3) | 6;
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into the struct we own; an id of a thread that
+    // is gone is answered with EINVAL.
+    let ret = unsafe { libc::clock_gettime(clock, &mut ts) };
+    (ret == 0).then(|| std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+/// Steers the new connections of `listener`'s SO_REUSEPORT group to its first `count` sockets,
+/// at random among them, with a classic BPF program the kernel runs for every incoming SYN
+/// (it replaces the group's program, if any). The program's answer indexes the sockets in the
+/// order they started listening; an index past the end (a socket closed) falls back to the
+/// kernel's hash over all of them.
+pub fn steer_reuseport(listener: RawFd, count: u32) -> io::Result<()> {
+    // From the kernel's uapi headers (the libc crate has them for Android only).
+    const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+    const SKF_AD_RANDOM: u32 = 56;
+    let load_random = libc::sock_filter {
+        code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+        jt: 0,
+        jf: 0,
+        k: (libc::SKF_AD_OFF as u32).wrapping_add(SKF_AD_RANDOM),
+    };
+    let modulo =
+        libc::sock_filter { code: (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16, jt: 0, jf: 0, k: count.max(1) };
+    let answer = libc::sock_filter { code: (libc::BPF_RET | libc::BPF_A) as u16, jt: 0, jf: 0, k: 0 };
+    let mut program = [load_random, modulo, answer];
+    let fprog = libc::sock_fprog { len: program.len() as u16, filter: program.as_mut_ptr() };
+    // SAFETY: the kernel copies the program (3 instructions at `filter`) during the call.
+    check(unsafe {
+        libc::setsockopt(
+            listener,
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thread_cpu_time_grows_and_ends_with_the_thread() {
+        let tid = thread_id();
+        let before = thread_cpu_time(tid).expect("this thread's CPU time");
+        let mut x = 0u64;
+        while thread_cpu_time(tid).unwrap() < before + std::time::Duration::from_millis(5) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let other = std::thread::spawn(thread_id).join().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(thread_cpu_time(other), None, "a thread that exited has no clock");
+    }
+
+    #[test]
+    fn steered_listeners_send_every_connection_to_the_first() {
+        let first = listener("127.0.0.1:0".parse().unwrap(), 64).unwrap();
+        let addr = first.local_addr().unwrap().as_socket().unwrap();
+        let second = listener(addr, 64).unwrap();
+        steer_reuseport(second.as_raw_fd(), 1).unwrap();
+        let clients: Vec<_> = (0..32).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+        for socket in [&first, &second] {
+            socket.set_nonblocking(true).unwrap();
+        }
+        let accepted = |s: &Socket| std::iter::from_fn(|| s.accept().ok()).count();
+        assert_eq!((accepted(&first), accepted(&second)), (32, 0));
+        steer_reuseport(first.as_raw_fd(), 2).unwrap();
+        let more: Vec<_> = (0..64).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+        let (a, b) = (accepted(&first), accepted(&second));
+        assert_eq!(a + b, 64);
+        assert!(a > 0 && b > 0, "both take connections: {a} and {b}");
+        drop((clients, more));
+    }
 
     #[test]
     fn allowed_cpus_is_not_empty() {

@@ -51,6 +51,29 @@ pub struct Config {
     pub metrics_bind: Option<SocketAddr>,
     /// How bytes move between client and backend (default: auto).
     pub relay: Relay,
+    /// How connections spread over the workers (default: pack).
+    pub spread: Spread,
+}
+
+/// How connections spread over the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spread {
+    /// New connections go to as few workers as keep up with the load; when one gets busy the
+    /// next takes new connections and a share of the open ones, and when the load falls the
+    /// connections gather on fewer workers again (see `crate::spread`).
+    Pack,
+    /// Every worker takes an equal share of new connections (the kernel's SO_REUSEPORT hash),
+    /// and a connection stays on the worker that accepted it, as in HAProxy and nginx.
+    Even,
+}
+
+impl Spread {
+    pub fn name(self) -> &'static str {
+        match self {
+            Spread::Pack => "pack",
+            Spread::Even => "even",
+        }
+    }
 }
 
 /// How the workers move bytes.
@@ -318,8 +341,9 @@ impl Config {
         use std::fmt::Write;
         let backends: usize = self.pools.iter().map(|p| p.backends.len()).sum();
         let mut out = format!(
-            "{} workers, max_connections {}, {} listeners, {} pools, {} backends, drain_timeout {}",
+            "{} workers (spread {}), max_connections {}, {} listeners, {} pools, {} backends, drain_timeout {}",
             self.workers,
+            self.spread.name(),
             self.max_connections.map_or_else(|| "from the file-descriptor limit".to_string(), |n| n.to_string()),
             self.listeners.len(),
             self.pools.len(),

@@ -18,6 +18,7 @@ pub struct RawConfig {
     pub drain_timeout: Option<Spanned<String>>,
     pub metrics_bind: Option<Spanned<String>>,
     pub relay: Option<Spanned<String>>,
+    pub spread: Option<Spanned<String>>,
     pub pipe_size: Option<Spanned<i64>>,
     #[serde(default)]
     pub listeners: BTreeMap<String, Spanned<RawListener>>,

@@ -170,6 +170,10 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     if let (Relay::Copy, Some(p)) = (relay, &raw.pipe_size) {
         return Err(src.invalid(p.span(), "pipe_size", "pipe_size only applies to relay = \"splice\" or \"auto\""));
     }
+    let spread = match &raw.spread {
+        None => Spread::Pack,
+        Some(s) => src.choice(s, "spread", &[("pack", Spread::Pack), ("even", Spread::Even)])?,
+    };
     let connect_timeout =
         src.positive_duration(&raw.connect_timeout, "connect_timeout", DEFAULT_CONNECT_TIMEOUT, CONNECT_TIMEOUT_ZERO)?;
     let idle_timeout = src.duration(&raw.idle_timeout, "idle_timeout", DEFAULT_IDLE_TIMEOUT)?;
@@ -220,6 +224,7 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         max_connections,
         metrics_bind,
         relay,
+        spread,
         drain_timeout,
         listeners: listeners.into_iter().map(|(l, _)| l).collect(),
         pools,
@@ -925,6 +930,9 @@ backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight
             Relay::Auto { pipe_size: DEFAULT_PIPE_SIZE }
         );
         assert_error(&format!("relay = \"zero-copy\"\n{GOOD}"), 1, &["relay", "copy, splice, auto"]);
+        assert_eq!(Config::parse(GOOD, "t").unwrap().spread, Spread::Pack);
+        assert_eq!(Config::parse(&format!("spread = \"even\"\n{GOOD}"), "t").unwrap().spread, Spread::Even);
+        assert_error(&format!("spread = \"round_robin\"\n{GOOD}"), 1, &["spread", "pack, even"]);
         assert_error(&format!("relay = \"splice\"\npipe_size = 100000\n{GOOD}"), 2, &["pipe_size", "power of two"]);
         assert_error(&format!("relay = \"splice\"\npipe_size = 2097152\n{GOOD}"), 2, &["pipe_size", "4096 to 1048576"]);
         assert_error(

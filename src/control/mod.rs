@@ -9,20 +9,24 @@
 //!
 //! Workers tell the control thread about failed backend connects through an unbounded channel
 //! ([`ControlEvent`]); sending never blocks a worker.
+//!
+//! With `spread = "pack"` the control side also sets how many workers are in use, and workers
+//! hand connections to each other through per-worker inboxes (see [`crate::spread`]).
 
 pub mod thread;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::balance::{BackendCounters, client_hash};
-use crate::config::HashKey;
+use crate::config::{HashKey, Spread};
+use crate::conn::Conn;
 use crate::pool::Snapshot;
 use crate::stats::WorkerStats;
 use crate::sys;
@@ -61,6 +65,23 @@ pub struct Shared {
     pub sources: Box<[Option<SourceLimit>]>,
     doorbells: Vec<Arc<OwnedFd>>,
     events: UnboundedSender<ControlEvent>,
+    pub spread: Spread,
+    /// With `spread = "pack"`: how many workers (the first ones) take new connections.
+    in_use: AtomicUsize,
+    /// `in_use` was set by [`Shared::hold_workers_in_use`]; the control thread leaves it.
+    held: AtomicBool,
+    /// Per worker: connections handed to it by other workers.
+    inboxes: Box<[Mutex<Inbox>]>,
+    /// Per worker: its thread id, once it runs (0 before), for its CPU time.
+    pub threads: Box<[AtomicI32]>,
+}
+
+/// Connections on their way to a worker.
+#[derive(Default)]
+struct Inbox {
+    conns: Vec<Conn>,
+    /// The worker finished: it takes no more.
+    closed: bool,
 }
 
 impl Shared {
@@ -70,6 +91,7 @@ impl Shared {
         snapshot: Arc<Snapshot>,
         workers: usize,
         sources: Box<[Option<SourceLimit>]>,
+        spread: Spread,
     ) -> std::io::Result<(Shared, UnboundedReceiver<ControlEvent>)> {
         let doorbells = (0..workers).map(|_| sys::eventfd().map(Arc::new)).collect::<Result<_, _>>()?;
         let backends = snapshot
@@ -88,6 +110,14 @@ impl Shared {
             sources,
             doorbells,
             events,
+            spread,
+            in_use: AtomicUsize::new(match spread {
+                Spread::Pack => 1,
+                Spread::Even => workers,
+            }),
+            held: AtomicBool::new(false),
+            inboxes: (0..workers).map(|_| Mutex::default()).collect(),
+            threads: (0..workers).map(|_| AtomicI32::new(0)).collect(),
         };
         Ok((shared, receiver))
     }
@@ -130,6 +160,58 @@ impl Shared {
         for doorbell in &self.doorbells {
             sys::eventfd_ring(doorbell);
         }
+    }
+
+    /// Wakes worker `worker`.
+    pub fn ring(&self, worker: usize) {
+        sys::eventfd_ring(&self.doorbells[worker]);
+    }
+
+    /// How many workers (the first ones) take new connections.
+    pub fn workers_in_use(&self) -> usize {
+        self.in_use.load(Ordering::Acquire)
+    }
+
+    /// Sets the workers in use (the control thread's choice) and wakes the workers to follow.
+    pub fn set_workers_in_use(&self, count: usize) {
+        self.in_use.store(count.clamp(1, self.doorbells.len()), Ordering::Release);
+        self.ring_all();
+    }
+
+    /// Sets the workers in use and keeps them so: the control thread no longer changes them
+    /// (for tests, and for whoever embeds a server and decides on its own).
+    pub fn hold_workers_in_use(&self, count: usize) {
+        self.held.store(true, Ordering::Release);
+        self.set_workers_in_use(count);
+    }
+
+    pub fn workers_in_use_held(&self) -> bool {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// Every worker's open connections, by worker.
+    pub fn open_connections(&self) -> Vec<u64> {
+        self.stats.iter().map(|s| s.active.get()).collect()
+    }
+
+    /// Hands `conn` to worker `to` and wakes it; gives it back if that worker has finished.
+    pub fn hand_over(&self, to: usize, conn: Conn) -> Option<Conn> {
+        let mut inbox = self.inboxes[to].lock().unwrap_or_else(|e| e.into_inner());
+        if inbox.closed {
+            return Some(conn);
+        }
+        inbox.conns.push(conn);
+        drop(inbox);
+        self.ring(to);
+        None
+    }
+
+    /// The connections handed to `worker` since it last looked; with `close`, it takes no more
+    /// after these.
+    pub fn take_handed_over(&self, worker: usize, close: bool) -> Vec<Conn> {
+        let mut inbox = self.inboxes[worker].lock().unwrap_or_else(|e| e.into_inner());
+        inbox.closed |= close;
+        std::mem::take(&mut inbox.conns)
     }
 
     /// Wakes every worker but `me` (e.g. to serve its queue after a backend slot freed).

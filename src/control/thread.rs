@@ -1,6 +1,7 @@
 //! The control thread: a tokio-uring runtime that probes every backend of every pool with
 //! health checks enabled, counts workers' failed connects as failed checks, publishes a new
-//! snapshot when a backend goes up or down, and serves the metrics page.
+//! snapshot when a backend goes up or down, serves the metrics page and, with
+//! `spread = "pack"`, sets how many workers are in use.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,11 +12,12 @@ use log::{error, info, warn};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::time::{Duration, Instant, sleep_until, timeout};
 
-use super::{ControlEvent, Shared};
-use crate::config::{Config, HealthConfig};
+use super::{ControlEvent, RunState, Shared};
+use crate::config::{Config, HealthConfig, Spread};
 use crate::health::{CheckFailure, HealthState, probe};
 use crate::metrics;
 use crate::pool::Pool;
+use crate::{spread, sys};
 
 /// One check's result, from a probe task to the control loop.
 struct Checked {
@@ -31,12 +33,14 @@ struct PoolHealth {
 }
 
 /// Starts the control thread and returns once its runtime is up. `metrics` is an already
-/// bound listener for the metrics page.
+/// bound listener for the metrics page; `per_worker` is each worker's share of
+/// `max_connections`.
 pub fn spawn(
     config: Arc<Config>,
     shared: Arc<Shared>,
     events: UnboundedReceiver<ControlEvent>,
     metrics: Option<std::net::TcpListener>,
+    per_worker: u64,
 ) -> io::Result<JoinHandle<()>> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = std::thread::Builder::new().name("ringlb-control".into()).spawn(move || {
@@ -53,6 +57,9 @@ pub fn spawn(
                     tokio_uring::net::TcpListener::from_std(listener),
                     Arc::clone(&shared),
                 ));
+            }
+            if config.spread == Spread::Pack && shared.stats.len() > 1 {
+                tokio_uring::spawn(follow_load(Arc::clone(&shared), per_worker));
             }
             let _ = ready_tx.send(Ok(()));
             control_loop(&config, &shared, events).await;
@@ -134,6 +141,57 @@ async fn check_forever(
             return;
         }
         sleep_until(started + check.interval).await;
+    }
+}
+
+/// With `spread = "pack"`: every [`spread::INTERVAL`], measures each worker's share of a CPU
+/// and sets the workers in use (unless they are held), then wakes the workers that hold more
+/// than their share of connections so they hand some on.
+async fn follow_load(shared: Arc<Shared>, per_worker: u64) {
+    let workers = shared.stats.len();
+    let mut packer = spread::Packer::new(workers);
+    let mut cpu = vec![Duration::ZERO; workers];
+    let mut last = Instant::now();
+    let mut ticks = tokio::time::interval(spread::INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while shared.run_state() == RunState::Running {
+        ticks.tick().await;
+        let now = Instant::now();
+        let wall = (now - last).as_secs_f64().max(1e-3);
+        last = now;
+        let busy: Vec<f64> = shared
+            .threads
+            .iter()
+            .zip(&mut cpu)
+            .map(|(tid, before)| {
+                let tid = tid.load(std::sync::atomic::Ordering::Acquire);
+                let used = if tid == 0 { *before } else { sys::thread_cpu_time(tid).unwrap_or(*before) };
+                let share = used.saturating_sub(*before).as_secs_f64() / wall;
+                *before = used;
+                share
+            })
+            .collect();
+        let counts = shared.open_connections();
+        let in_use = shared.workers_in_use();
+        if !shared.workers_in_use_held() {
+            let wanted = packer.update(&busy, &counts, per_worker);
+            if wanted != in_use {
+                info!(
+                    "spread: new connections go to {wanted} of {workers} workers (CPU per worker: {}; open connections: {})",
+                    busy.iter().map(|b| format!("{:.0}%", b * 100.0)).collect::<Vec<_>>().join(" "),
+                    counts.iter().map(u64::to_string).collect::<Vec<_>>().join(" ")
+                );
+                shared.set_workers_in_use(wanted);
+                continue;
+            }
+        }
+        for worker in 0..workers {
+            if spread::excess(worker, in_use, &counts) > 0
+                && spread::destination(worker, in_use, &counts, per_worker).is_some()
+            {
+                shared.ring(worker);
+            }
+        }
     }
 }
 

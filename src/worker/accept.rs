@@ -93,6 +93,14 @@ impl Worker {
         self.cancel_accepts();
     }
 
+    /// At `max_connections` open: stop accepting until one closes.
+    pub(super) fn check_capacity(&mut self) {
+        if self.conns.len() >= self.max_connections && !self.at_capacity {
+            self.at_capacity = true;
+            self.cancel_accepts();
+        }
+    }
+
     fn open_conn(&mut self, l: usize, fd: RawFd) {
         if self.conns.len() >= self.max_connections {
             // Accepted in the same batch as the one that reached the cap, before the cancel
@@ -115,10 +123,7 @@ impl Worker {
         let stats = self.stats();
         stats.accepted.add(1);
         stats.active.add(1);
-        if self.conns.len() >= self.max_connections && !self.at_capacity {
-            self.at_capacity = true;
-            self.cancel_accepts();
-        }
+        self.check_capacity();
         // Without a PROXY header the connection's own peer is the client: check it at once.
         // With one, the check waits for the address the header carries (see examine).
         if !self.listeners[l].admission.accept_proxy && !self.admit(slot) {

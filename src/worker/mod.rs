@@ -34,6 +34,7 @@ use crate::stats::WorkerStats;
 use crate::sys;
 
 mod accept;
+mod moving;
 mod relay;
 
 /// Sizes of a worker's ring and buffers.
@@ -224,6 +225,8 @@ pub struct Worker {
     /// Bytes a multishot receive takes before it ends (0: no limit, when the kernel has none).
     recv_limit: u32,
     refuse_log: RateLimit,
+    /// The workers in use the listeners were last steered to (0: not yet).
+    steered: usize,
 }
 
 impl Worker {
@@ -318,6 +321,7 @@ impl Worker {
             connect_log: RateLimit::new(),
             recv_limit,
             refuse_log: RateLimit::new(),
+            steered: 0,
         })
     }
 
@@ -327,6 +331,7 @@ impl Worker {
 
     /// Runs until drained and every completion is in.
     pub fn run(mut self) -> io::Result<()> {
+        self.shared.threads[self.index].store(sys::thread_id(), std::sync::atomic::Ordering::Release);
         self.arm_doorbell();
         self.resume_accepts();
         let queues = self.snapshot.pools.iter().any(|p| p.limited);
@@ -444,6 +449,7 @@ impl Worker {
         for pool in 0..self.queues.len() {
             self.serve_queue(pool);
         }
+        self.follow_spread();
         match self.shared.run_state() {
             RunState::Running => {}
             RunState::Draining => self.start_drain(),
@@ -600,6 +606,15 @@ impl Worker {
             return false;
         }
         if !self.cancel_all_sent {
+            // Connections handed over meanwhile are still this worker's to drain; after this,
+            // other workers keep what they would hand over.
+            let arrived = self.shared.take_handed_over(self.index, true);
+            if !arrived.is_empty() {
+                for conn in arrived {
+                    self.adopt(conn);
+                }
+                return false;
+            }
             // Only the worker's own timers and doorbell read are left: cancel them all.
             self.cancel_all_sent = true;
             self.push_misc(opcode::AsyncCancel2::new(types::CancelBuilder::any()).build(), Kind::CancelAll, 0);

@@ -49,9 +49,9 @@ impl Worker {
             Kind::SendDown => Event::Sent { dir: Dir::Down, result: c.result },
             Kind::PollUp => Event::Writable { dir: Dir::Up },
             Kind::PollDown => Event::Writable { dir: Dir::Down },
-            Kind::PollInUp => Event::Readable { dir: Dir::Up },
-            Kind::PollInDown => Event::Readable { dir: Dir::Down },
-            Kind::Cancel => Event::Cancelled,
+            Kind::PollInUp => Event::Readable { dir: Dir::Up, result: c.result },
+            Kind::PollInDown => Event::Readable { dir: Dir::Down, result: c.result },
+            Kind::Cancel | Kind::Park => Event::Cancelled,
             Kind::StopRecv => {
                 // -ENOENT: the receive had ended on its own meanwhile.
                 if c.result == 0 {
@@ -77,6 +77,7 @@ impl Worker {
         match notice {
             Some(Notice::ConnectFailed(errno)) => self.connect_failed(attempt, errno),
             Some(Notice::PrefixGrew) => self.examine(slot),
+            Some(Notice::Movable) => self.move_away(slot),
             Some(Notice::Connected) | None => {}
         }
     }
@@ -156,6 +157,13 @@ impl Worker {
                 opcode::AsyncCancel2::new(types::CancelBuilder::user_data(recv))
                     .build()
                     .user_data(token(Kind::StopRecv))
+            }
+            Op::Park { dir, poll } => {
+                let wait = match poll {
+                    false => token(by_dir(dir, Kind::RecvUp, Kind::RecvDown)),
+                    true => token(by_dir(dir, Kind::PollInUp, Kind::PollInDown)),
+                };
+                opcode::AsyncCancel2::new(types::CancelBuilder::user_data(wait)).build().user_data(token(Kind::Park))
             }
             Op::Send { dir, fd, buf, offset, len } => {
                 // SAFETY: offset < len <= buffer size, so the pointer stays in buffer `buf`.
@@ -392,10 +400,7 @@ impl Worker {
         {
             limit.release(client.ip());
         }
-        if self.at_capacity && self.conns.len() < self.max_connections {
-            self.at_capacity = false;
-            self.resume_accepts();
-        }
+        self.slot_freed();
         let stats = &self.shared.stats[self.index];
         stats.active.sub(1);
         match conn.end() {
@@ -412,6 +417,16 @@ impl Worker {
             conn.bytes[0],
             conn.bytes[1]
         );
+    }
+}
+
+impl Worker {
+    /// A connection left this worker: below `max_connections` again, accept again.
+    pub(super) fn slot_freed(&mut self) {
+        if self.at_capacity && self.conns.len() < self.max_connections {
+            self.at_capacity = false;
+            self.resume_accepts();
+        }
     }
 }
 

@@ -1,0 +1,194 @@
+//! How connections spread over the workers with `spread = "pack"` (the default).
+//!
+//! A worker that sleeps between completions pays a context switch for every wake-up, and on
+//! cores shared with other programs two half-busy workers wake about six times as often per
+//! request as one busier worker (README, Performance). So new connections go to as few
+//! workers as keep up:
+//!
+//! - The control thread reads every worker's CPU time each [`INTERVAL`] and [`Packer`] decides
+//!   how many workers are in use: one more (or as many as would each stay near [`TARGET`])
+//!   when a worker reaches [`GROW_AT`] of a CPU, one fewer when all the work would fit in
+//!   fewer workers at [`SHRINK_BELOW`] each, for [`QUIET_INTERVALS`] in a row.
+//! - Workers steer their listeners' SYNs to the workers in use (a classic BPF program on the
+//!   SO_REUSEPORT group, [`crate::sys::steer_reuseport`]).
+//! - Open connections follow: a worker out of use hands all of its connections to the workers
+//!   in use, and a worker in use holding more than its share ([`excess`]) hands the rest to
+//!   the one with the fewest ([`destination`]). So a database pool opened in one burst while
+//!   the load was light spreads out once the load grows, and gathers again when it falls.
+//!
+//! A connection moves only while it waits for bytes in both directions (nothing received and
+//! unsent, no pipe held): its waits are cancelled, and if bytes come first the move is given up
+//! and it relays on where it is (see `Conn::begin_move`). Sockets move freely between threads
+//! of one process; the connection's state goes through the other worker's inbox.
+
+use std::time::Duration;
+
+/// How often the control thread looks at the workers' load.
+pub const INTERVAL: Duration = Duration::from_millis(250);
+/// A worker using this share of a CPU asks for another worker.
+pub const GROW_AT: f64 = 0.75;
+/// When growing, enough workers to keep each near this share of a CPU.
+pub const TARGET: f64 = 0.5;
+/// One worker fewer once all workers together use less than this share of a CPU per worker
+/// that would remain...
+pub const SHRINK_BELOW: f64 = 0.4;
+/// ...for this many intervals in a row (2 s).
+pub const QUIET_INTERVALS: u32 = 8;
+
+/// Decides how many workers are in use (the first ones, by index).
+#[derive(Debug)]
+pub struct Packer {
+    in_use: usize,
+    workers: usize,
+    quiet: u32,
+}
+
+impl Packer {
+    /// Starts with one worker in use.
+    pub fn new(workers: usize) -> Packer {
+        Packer { in_use: 1, workers: workers.max(1), quiet: 0 }
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.in_use
+    }
+
+    /// Takes each worker's share of a CPU over the last interval, and its open connections
+    /// against its share of `max_connections` (`cap`); returns the workers in use. A worker in
+    /// use that is [`crowded`] also brings the next into use, and the workers in use go down
+    /// only if the connections fit the rest at 80% of their shares.
+    pub fn update(&mut self, busy: &[f64], counts: &[u64], cap: u64) -> usize {
+        let total: f64 = busy.iter().sum();
+        let busiest = busy.iter().copied().fold(0.0, f64::max);
+        let fewer = self.in_use.saturating_sub(1) as u64;
+        let fit_fewer = counts.iter().sum::<u64>() * 10 < cap.saturating_mul(8 * fewer);
+        if (busiest >= GROW_AT || crowded(self.in_use, counts, cap)) && self.in_use < self.workers {
+            let needed = (total / TARGET).ceil() as usize;
+            self.in_use = needed.max(self.in_use + 1).min(self.workers);
+            self.quiet = 0;
+        } else if self.in_use > 1 && total < SHRINK_BELOW * fewer as f64 && fit_fewer {
+            self.quiet += 1;
+            if self.quiet >= QUIET_INTERVALS {
+                self.in_use -= 1;
+                self.quiet = 0;
+            }
+        } else {
+            self.quiet = 0;
+        }
+        self.in_use
+    }
+}
+
+/// How many of its connections worker `index` should hand on, given the workers in use and
+/// every worker's open connections: all of them when it is out of use; when in use, what it
+/// holds beyond a fair share plus some slack (an eighth, at least 4), so that the counts
+/// the workers see a moment apart do not send connections back and forth.
+pub fn excess(index: usize, in_use: usize, counts: &[u64]) -> u64 {
+    let own = counts.get(index).copied().unwrap_or(0);
+    if index >= in_use {
+        return own;
+    }
+    let total: u64 = counts.iter().sum();
+    let fair = total.div_ceil(in_use.max(1) as u64);
+    own.saturating_sub(fair + (fair / 8).max(4))
+}
+
+/// The worker in use with the fewest connections, other than `index` and below `cap` (each
+/// worker's share of `max_connections`), if handing it one evens things out.
+pub fn destination(index: usize, in_use: usize, counts: &[u64], cap: u64) -> Option<usize> {
+    let own = counts.get(index).copied().unwrap_or(0);
+    let (to, &fewest) =
+        counts.iter().enumerate().take(in_use).filter(|&(j, &c)| j != index && c < cap).min_by_key(|&(_, c)| *c)?;
+    (index >= in_use || fewest + 1 < own).then_some(to)
+}
+
+/// Whether a worker in use holds 90% of its share of `max_connections`: then the next worker
+/// comes into use, whatever the CPU says.
+pub fn crowded(in_use: usize, counts: &[u64], cap: u64) -> bool {
+    counts.iter().take(in_use).any(|&c| c * 10 >= cap * 9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packer_grows_when_a_worker_is_busy() {
+        let mut packer = Packer::new(4);
+        assert_eq!(packer.update(&[0.5, 0.0, 0.0, 0.0], &[0; 4], 1000), 1, "half a CPU is fine for one");
+        assert_eq!(packer.update(&[0.8, 0.0, 0.0, 0.0], &[0; 4], 1000), 2, "one more");
+        assert_eq!(packer.update(&[0.9, 0.9, 0.0, 0.0], &[0; 4], 1000), 4, "enough to keep each near half a CPU");
+        assert_eq!(packer.update(&[1.0, 1.0, 1.0, 1.0], &[0; 4], 1000), 4, "never more than there are");
+        let mut two = Packer::new(2);
+        assert_eq!(two.update(&[3.0, 0.0], &[0; 4], 1000), 2);
+    }
+
+    #[test]
+    fn packer_shrinks_only_after_a_quiet_spell() {
+        let mut packer = Packer::new(2);
+        packer.update(&[0.9, 0.0], &[0; 4], 1000);
+        assert_eq!(packer.in_use(), 2);
+        for _ in 1..QUIET_INTERVALS {
+            assert_eq!(packer.update(&[0.1, 0.1], &[0; 4], 1000), 2);
+        }
+        // A busy interval starts the count again.
+        assert_eq!(packer.update(&[0.3, 0.3], &[0; 4], 1000), 2);
+        for _ in 1..QUIET_INTERVALS {
+            assert_eq!(packer.update(&[0.1, 0.1], &[0; 4], 1000), 2);
+        }
+        assert_eq!(packer.update(&[0.1, 0.1], &[0; 4], 1000), 1);
+        assert_eq!(packer.update(&[0.0, 0.0], &[0; 4], 1000), 1, "never fewer than one");
+    }
+
+    #[test]
+    fn load_that_fits_one_worker_after_spreading_does_not_flap() {
+        // 0.8 of a CPU on one worker spreads; as 0.45 + 0.45 on two (the wake-ups cost extra)
+        // it stays spread: one worker would be back at the threshold.
+        let mut packer = Packer::new(2);
+        packer.update(&[0.8, 0.0], &[0; 4], 1000);
+        for _ in 0..3 * QUIET_INTERVALS {
+            assert_eq!(packer.update(&[0.45, 0.45], &[0; 4], 1000), 2);
+        }
+    }
+
+    #[test]
+    fn workers_out_of_use_hand_on_everything() {
+        assert_eq!(excess(1, 1, &[10, 7]), 7);
+        assert_eq!(excess(0, 1, &[10, 7]), 0, "the only worker in use keeps its own");
+        assert_eq!(destination(1, 1, &[10, 7], 100), Some(0));
+        assert_eq!(destination(0, 1, &[10, 7], 100), None, "no other worker in use");
+        assert_eq!(destination(1, 1, &[100, 7], 100), None, "the worker in use is full");
+    }
+
+    #[test]
+    fn workers_in_use_even_out_beyond_the_slack() {
+        // A pool of 100 opened while one worker was in use.
+        assert_eq!(excess(0, 2, &[100, 0]), 100 - 50 - 6);
+        assert_eq!(destination(0, 2, &[100, 0], 1000), Some(1));
+        assert_eq!(excess(1, 2, &[100, 0]), 0);
+        // Close to even: nothing moves.
+        assert_eq!(excess(0, 2, &[55, 45]), 0);
+        assert_eq!(excess(0, 2, &[3, 0]), 0, "a few connections never move");
+        assert_eq!(destination(0, 2, &[5, 5], 1000), None, "no worker has fewer");
+        // Connections still on a worker out of use count toward the shares.
+        assert_eq!(excess(0, 2, &[80, 0, 40]), 80 - 60 - 7);
+        assert_eq!(destination(2, 2, &[80, 0, 40], 1000), Some(1));
+    }
+
+    #[test]
+    fn a_full_worker_brings_the_next_into_use() {
+        assert!(!crowded(1, &[89, 0], 100));
+        assert!(crowded(1, &[90, 0], 100));
+        assert!(!crowded(1, &[0, 95], 100), "only workers in use count");
+        let mut packer = Packer::new(2);
+        assert_eq!(packer.update(&[0.1, 0.0], &[90, 0], 100), 2);
+        // Idle, but the connections would crowd one worker: both stay in use.
+        for _ in 0..2 * QUIET_INTERVALS {
+            assert_eq!(packer.update(&[0.0, 0.0], &[45, 45], 100), 2);
+        }
+        for _ in 0..QUIET_INTERVALS {
+            packer.update(&[0.0, 0.0], &[30, 30], 100);
+        }
+        assert_eq!(packer.in_use(), 1, "60 fit one worker's 100");
+    }
+}

@@ -1,0 +1,116 @@
+//! Following `spread = "pack"` (see [`crate::spread`]): steering the listeners' new
+//! connections to the workers in use, handing open connections to other workers, and taking
+//! in the ones handed to this worker.
+
+use std::os::fd::AsRawFd;
+
+use log::warn;
+
+use super::{Mode, Worker};
+use crate::config::Spread;
+use crate::conn::Conn;
+use crate::ring::GENERATION_MASK;
+use crate::spread;
+use crate::sys;
+
+/// Connection moves one worker starts in one pass, so a pass never takes long.
+const MOVES_PER_PASS: u64 = 256;
+
+impl Worker {
+    /// On the doorbell: takes in connections handed over, steers the listeners if the workers
+    /// in use changed, and starts handing on connections beyond this worker's share.
+    pub(super) fn follow_spread(&mut self) {
+        if self.shared.spread != Spread::Pack {
+            return;
+        }
+        for conn in self.shared.take_handed_over(self.index, false) {
+            self.adopt(conn);
+        }
+        let in_use = self.shared.workers_in_use();
+        if in_use != self.steered {
+            self.steer(in_use);
+        }
+        if self.mode == Mode::Running {
+            self.hand_on_excess(in_use);
+        }
+    }
+
+    /// Points every open listener's SO_REUSEPORT group at the first `in_use` workers. Every
+    /// worker does this for its own listeners (one is enough per group; the programs are
+    /// the same), so the steering holds while any worker's listener is open.
+    fn steer(&mut self, in_use: usize) {
+        self.steered = in_use;
+        for listener in &self.listeners {
+            let Some(socket) = &listener.socket else { continue };
+            if let Err(e) = sys::steer_reuseport(socket.as_raw_fd(), in_use as u32) {
+                warn!(
+                    "worker {}: listener {}: cannot steer new connections to the workers in use: {e}",
+                    self.index, listener.name
+                );
+            }
+        }
+    }
+
+    /// Starts moving this worker's connections beyond its share (all of them when it is out
+    /// of use), those that are only waiting for bytes; the rest get their turn on a later pass.
+    fn hand_on_excess(&mut self, in_use: usize) {
+        let counts = self.shared.open_connections();
+        let cap = self.max_connections as u64;
+        if spread::destination(self.index, in_use, &counts, cap).is_none() {
+            return;
+        }
+        let moving = self.conns.iter().filter(|(_, c)| c.is_moving()).count() as u64;
+        let mut wanted = spread::excess(self.index, in_use, &counts).saturating_sub(moving).min(MOVES_PER_PASS);
+        if wanted == 0 {
+            return;
+        }
+        self.for_each_conn(
+            |_, c| c.can_move(),
+            |worker, slot| {
+                if wanted > 0 {
+                    wanted -= 1;
+                    worker.step(slot, |conn, ops| {
+                        conn.begin_move(ops);
+                    });
+                }
+            },
+        );
+    }
+
+    /// A connection's waits are stopped: hand it to the worker in use with the fewest
+    /// connections, or, if there is none with room any more (or this worker is draining),
+    /// let it relay on here.
+    pub(super) fn move_away(&mut self, slot: usize) {
+        let counts = self.shared.open_connections();
+        let to = match self.mode {
+            Mode::Running => {
+                spread::destination(self.index, self.shared.workers_in_use(), &counts, self.max_connections as u64)
+            }
+            Mode::Draining => None,
+        };
+        let Some(to) = to else {
+            return self.step(slot, |conn, ops| conn.arrive(conn.generation, ops));
+        };
+        let conn = self.conns.remove(slot);
+        self.stats().active.sub(1);
+        self.slot_freed();
+        match self.shared.hand_over(to, conn) {
+            None => self.stats().moved.add(1),
+            Some(conn) => self.adopt(conn),
+        }
+    }
+
+    /// Takes in a connection another worker handed over and starts its waits in this ring.
+    pub(super) fn adopt(&mut self, conn: Conn) {
+        let generation = self.next_generation;
+        self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
+        let slot = self.conns.insert(conn);
+        self.stats().active.add(1);
+        self.check_capacity();
+        self.step(slot, |conn, ops| conn.arrive(generation, ops));
+        if self.closing_all {
+            self.stats().drain_closed.add(1);
+            self.step(slot, |conn, ops| conn.close(ops));
+        }
+    }
+}
