@@ -19,6 +19,8 @@ Targets (default: all, in this order in every round):
                  the default relay (auto: copy; splice once a direction fills a buffer)
   ringlb-copy    the same binary and configuration, but relay = "copy"
   ringlb-splice  the same, but relay = "splice"
+  ringlb-even    the same, default relay, but spread = "even": every worker takes an equal
+                 share of connections, as HAProxy and nginx (ringlb packs by default)
   haproxy        HAProxy, mode tcp, balance leastconn, nbthread = P
   nginx          nginx stream module, least_conn, worker_processes = P
 P is --proxy-threads: the same number of threads (processes for nginx) for every proxy.
@@ -37,6 +39,10 @@ Options:
   --rounds N         rounds; each figure is the median over them (default 3)
   --duration S       seconds of load per scenario (default 10)
   --warmup S         seconds of unmeasured load before each wrk scenario (default 1; 0 quick)
+  --pause S          seconds without load between scenarios (default 3; 1 quick): a proxy
+                     that adapts to its load (ringlb's spread = "pack" goes back to fewer
+                     workers after 2 s without work) starts each scenario settled, not in the
+                     state the previous scenario left it in
   --idle-conns N     connections held in the idle scenario (default 5000; fewer, for every
                      target, if the hard open-file limit is too low)
   --out DIR          where the results go (default bench-results/)
@@ -44,7 +50,7 @@ Options:
                      worker_processes (default: the CPUs, one per core as each is meant to run)
 
 Environment: RINGLB_BIN (the ringlb binary of both ringlb targets), BENCH_PORT_BASE (default
-17000; ports BASE+1 to BASE+52 on 127.0.0.1 are used). Missing tools (haproxy, nginx,
+17000; ports BASE+1 to BASE+72 on 127.0.0.1 are used). Missing tools (haproxy, nginx,
 libnginx-mod-stream, wrk, redis-server, redis-tools) are installed with apt-get when run as
 root; the services those packages would start are stopped and disabled. Every process the
 bench starts is stopped on exit, Ctrl-C included.
@@ -62,10 +68,10 @@ bench_dir=$root/scripts/bench
 
 # ---------------------------------------------------------------- options
 
-all_targets=(direct ringlb ringlb-copy ringlb-splice haproxy nginx)
-ringlb_targets=(ringlb ringlb-copy ringlb-splice)
+all_targets=(direct ringlb ringlb-copy ringlb-splice ringlb-even haproxy nginx)
+ringlb_targets=(ringlb ringlb-copy ringlb-splice ringlb-even)
 all_scenarios=(idle bulk keepalive connclose redis)
-quick=0 rounds='' duration='' warmup='' idle_conns=5000 out='' proxy_threads=''
+quick=0 rounds='' duration='' warmup='' pause='' idle_conns=5000 out='' proxy_threads=''
 targets_arg=$(IFS=,; echo "${all_targets[*]}")
 scenarios_arg=$(IFS=,; echo "${all_scenarios[*]}")
 
@@ -76,7 +82,7 @@ while (($#)); do
     opt=$1 val=''
     case $opt in
         --*=*) val=${opt#*=}; opt=${opt%%=*} ;;
-        --rounds | --duration | --warmup | --targets | --scenarios | --out | --idle-conns | --proxy-threads)
+        --rounds | --duration | --warmup | --pause | --targets | --scenarios | --out | --idle-conns | --proxy-threads)
             (($# >= 2)) || die "$opt needs a value"
             val=$2; shift ;;
     esac
@@ -85,6 +91,7 @@ while (($#)); do
         --rounds) rounds=$val ;;
         --duration) duration=$val ;;
         --warmup) warmup=$val ;;
+        --pause) pause=$val ;;
         --targets) targets_arg=$val ;;
         --scenarios) scenarios_arg=$val ;;
         --out) out=$val ;;
@@ -97,14 +104,15 @@ while (($#)); do
 done
 
 if ((quick)); then
-    : "${rounds:=1}" "${duration:=3}" "${warmup:=0}"
+    : "${rounds:=1}" "${duration:=3}" "${warmup:=0}" "${pause:=1}"
 else
-    : "${rounds:=3}" "${duration:=10}" "${warmup:=1}"
+    : "${rounds:=3}" "${duration:=10}" "${warmup:=1}" "${pause:=3}"
 fi
 for n in rounds duration idle_conns; do
     [[ ${!n} =~ ^[1-9][0-9]*$ ]] || die "--${n/_/-} must be a whole number above 0, not '${!n}'"
 done
 [[ $warmup =~ ^[0-9]+$ ]] || die "--warmup must be a whole number of seconds, not '$warmup'"
+[[ $pause =~ ^[0-9]+$ ]] || die "--pause must be a whole number of seconds, not '$pause'"
 
 # pick WHAT LIST CHOICES...: sets `picked` to the CHOICES named in the comma-separated LIST,
 # in the order of CHOICES (the canonical order, whatever order LIST has).
@@ -154,9 +162,11 @@ fi
 web_ports=($((port_base + 1)) $((port_base + 2)) $((port_base + 3)))
 redis_ports=($((port_base + 11)) $((port_base + 12)))
 declare -A web_port=([direct]=${web_ports[0]} [ringlb]=$((port_base + 21)) [haproxy]=$((port_base + 31))
-    [nginx]=$((port_base + 41)) [ringlb-splice]=$((port_base + 51)) [ringlb-copy]=$((port_base + 61)))
+    [nginx]=$((port_base + 41)) [ringlb-splice]=$((port_base + 51)) [ringlb-copy]=$((port_base + 61))
+    [ringlb-even]=$((port_base + 71)))
 declare -A redis_port=([direct]=${redis_ports[0]} [ringlb]=$((port_base + 22)) [haproxy]=$((port_base + 32))
-    [nginx]=$((port_base + 42)) [ringlb-splice]=$((port_base + 52)) [ringlb-copy]=$((port_base + 62)))
+    [nginx]=$((port_base + 42)) [ringlb-splice]=$((port_base + 52)) [ringlb-copy]=$((port_base + 62))
+    [ringlb-even]=$((port_base + 72)))
 
 needs_web=0 needs_redis=0
 for s in "${scenarios[@]}"; do
@@ -390,6 +400,9 @@ write_proxy_configs() {
         {
             if [[ $t == ringlb ]]; then
                 echo "# ringlb under test, default relay: least_conn, $proxy_threads worker(s)."
+            elif [[ $t == ringlb-even ]]; then
+                echo "# ringlb under test, spread = even: least_conn, $proxy_threads worker(s)."
+                echo 'spread = "even"'
             else
                 echo "# ringlb under test, relay = ${t#ringlb-}: least_conn, $proxy_threads worker(s)."
                 echo "relay = \"${t#ringlb-}\""
@@ -496,7 +509,7 @@ start_target() { # start_target TARGET; sets target_pid ('' for direct)
     target_pid=''
     case $t in
         direct) return 0 ;;
-        ringlb | ringlb-copy | ringlb-splice) start_bg "$t" "$RINGLB_BIN" run -c "$tmp/conf/$t.toml" ;;
+        ringlb | ringlb-copy | ringlb-splice | ringlb-even) start_bg "$t" "$RINGLB_BIN" run -c "$tmp/conf/$t.toml" ;;
         haproxy) start_bg haproxy haproxy -db -f "$tmp/conf/haproxy.cfg" ;;
         nginx) start_bg nginx nginx -e "$tmp/logs/nginx-stream.error.log" -p "$tmp/nginx-stream/" -c "$tmp/conf/nginx-stream.conf" ;;
     esac
@@ -533,7 +546,7 @@ run_scenario() { # run_scenario ROUND TARGET SCENARIO
         tail -n 20 "$tmp/logs/$t.log" >&2
         die "$t died during the $s scenario (its log is above)"
     fi
-    sleep "$settle"
+    sleep "$pause"
 }
 
 version_of() { # the version alone, e.g. 2.6.12-1+deb12u4 (the whole first line if that fails)
@@ -560,7 +573,7 @@ check_tools
 # evenly over its workers) by the rest.
 fds_per_conn=2
 pipe_share=0
-if wants ringlb "${targets[*]}" || wants ringlb-splice "${targets[*]}"; then pipe_share=1; fi
+for t in ringlb ringlb-splice ringlb-even; do wants "$t" "${targets[*]}" && pipe_share=1; done
 fds_for() { # fds_for N: the open-file limit N idle connections need (10% spare: uneven workers)
     local need=$((($1 + $1 / 10 + 64) * fds_per_conn + 200))
     ((pipe_share)) && need=$((need * 4 / 3))
@@ -600,8 +613,8 @@ rm -f "$out/results.md" "$out/results.json" "$out/results.svg" # no stale result
 {
     printf 'command\t%s\n' "$cmdline"
     printf 'ringlb_bin\t%s\n' "$RINGLB_BIN"
-    printf 'rounds\t%s\nduration_s\t%s\nwarmup_s\t%s\nidle_conns\t%s\nredis_requests\t%s\n' \
-        "$rounds" "$duration" "$warmup" "$idle_conns" "$redis_requests"
+    printf 'rounds\t%s\nduration_s\t%s\nwarmup_s\t%s\npause_s\t%s\nidle_conns\t%s\nredis_requests\t%s\n' \
+        "$rounds" "$duration" "$warmup" "$pause" "$idle_conns" "$redis_requests"
     printf 'targets\t%s\nscenarios\t%s\ncpus\t%s\nproxy_threads\t%s\nnofile\t%s\n' \
         "${targets[*]}" "${scenarios[*]}" "$ncpu" "$proxy_threads" "$(ulimit -n)"
     printf 'git\t%s\n' "$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)"

@@ -6,9 +6,13 @@
 //! workers as keep up:
 //!
 //! - The control thread reads every worker's CPU time each [`INTERVAL`] and [`Packer`] decides
-//!   how many workers are in use: one more (or as many as would each stay near [`TARGET`])
-//!   when a worker reaches [`GROW_AT`] of a CPU, one fewer when all the work would fit in
-//!   fewer workers at [`SHRINK_BELOW`] each, for [`QUIET_INTERVALS`] in a row.
+//!   how many workers are in use: more when a worker used [`GROW_AT`] of a CPU for
+//!   [`HOT_INTERVALS`] in a row (one more, or as many as would each stay near [`TARGET`]);
+//!   one fewer after [`QUIET_INTERVALS`] in a row in which all workers together used less
+//!   than [`FELL_TO`] of what they used when that worker came into use, or less than
+//!   [`SHRINK_BELOW`] of a CPU per worker that would remain. The first rule is the hysteresis
+//!   that keeps a load that needed one more worker from flapping between the two; the second
+//!   brings a light load back to fewer workers whatever happened before.
 //! - Workers steer their listeners' SYNs to the workers in use (a classic BPF program on the
 //!   SO_REUSEPORT group, [`crate::sys::steer_reuseport`]).
 //! - Open connections follow: a worker out of use hands all of its connections to the workers
@@ -25,12 +29,17 @@ use std::time::Duration;
 
 /// How often the control thread looks at the workers' load.
 pub const INTERVAL: Duration = Duration::from_millis(250);
-/// A worker using this share of a CPU asks for another worker.
+/// A worker using this share of a CPU...
 pub const GROW_AT: f64 = 0.75;
+/// ...for this many intervals in a row asks for another worker (one busy interval is often
+/// a burst of new connections).
+pub const HOT_INTERVALS: u32 = 2;
 /// When growing, enough workers to keep each near this share of a CPU.
 pub const TARGET: f64 = 0.5;
-/// One worker fewer once all workers together use less than this share of a CPU per worker
-/// that would remain...
+/// One worker fewer once all workers together use less than this share of what they used
+/// when the last worker came into use...
+pub const FELL_TO: f64 = 0.8;
+/// ...or less than this share of a CPU per worker that would remain...
 pub const SHRINK_BELOW: f64 = 0.4;
 /// ...for this many intervals in a row (2 s).
 pub const QUIET_INTERVALS: u32 = 8;
@@ -40,13 +49,16 @@ pub const QUIET_INTERVALS: u32 = 8;
 pub struct Packer {
     in_use: usize,
     workers: usize,
+    hot: u32,
     quiet: u32,
+    /// For each worker brought into use, all workers' CPU use (shares of a CPU) just before.
+    grown_at: Vec<f64>,
 }
 
 impl Packer {
     /// Starts with one worker in use.
     pub fn new(workers: usize) -> Packer {
-        Packer { in_use: 1, workers: workers.max(1), quiet: 0 }
+        Packer { in_use: 1, workers: workers.max(1), hot: 0, quiet: 0, grown_at: Vec::new() }
     }
 
     pub fn in_use(&self) -> usize {
@@ -55,21 +67,26 @@ impl Packer {
 
     /// Takes each worker's share of a CPU over the last interval, and its open connections
     /// against its share of `max_connections` (`cap`); returns the workers in use. A worker in
-    /// use that is [`crowded`] also brings the next into use, and the workers in use go down
-    /// only if the connections fit the rest at 80% of their shares.
+    /// use that is [`crowded`] brings the next into use at once, and the workers in use go
+    /// down only if the connections fit the rest at 80% of their shares.
     pub fn update(&mut self, busy: &[f64], counts: &[u64], cap: u64) -> usize {
         let total: f64 = busy.iter().sum();
         let busiest = busy.iter().copied().fold(0.0, f64::max);
-        let fewer = self.in_use.saturating_sub(1) as u64;
-        let fit_fewer = counts.iter().sum::<u64>() * 10 < cap.saturating_mul(8 * fewer);
-        if (busiest >= GROW_AT || crowded(self.in_use, counts, cap)) && self.in_use < self.workers {
-            let needed = (total / TARGET).ceil() as usize;
-            self.in_use = needed.max(self.in_use + 1).min(self.workers);
+        self.hot = if busiest >= GROW_AT { self.hot + 1 } else { 0 };
+        let fewer = self.in_use.saturating_sub(1);
+        let fits_fewer = counts.iter().sum::<u64>() * 10 < cap.saturating_mul(8 * fewer as u64);
+        let fell = self.grown_at.last().map_or(0.0, |&before| before * FELL_TO);
+        if (self.hot >= HOT_INTERVALS || crowded(self.in_use, counts, cap)) && self.in_use < self.workers {
+            let wanted = ((total / TARGET).ceil() as usize).max(self.in_use + 1).min(self.workers);
+            self.grown_at.resize(wanted - 1, total);
+            self.in_use = wanted;
+            self.hot = 0;
             self.quiet = 0;
-        } else if self.in_use > 1 && total < SHRINK_BELOW * fewer as f64 && fit_fewer {
+        } else if fewer > 0 && fits_fewer && total < fell.max(SHRINK_BELOW * fewer as f64) {
             self.quiet += 1;
             if self.quiet >= QUIET_INTERVALS {
-                self.in_use -= 1;
+                self.in_use = fewer;
+                self.grown_at.truncate(fewer - 1);
                 self.quiet = 0;
             }
         } else {
@@ -81,8 +98,9 @@ impl Packer {
 
 /// How many of its connections worker `index` should hand on, given the workers in use and
 /// every worker's open connections: all of them when it is out of use; when in use, what it
-/// holds beyond a fair share plus some slack (an eighth, at least 4), so that the counts
-/// the workers see a moment apart do not send connections back and forth.
+/// holds beyond a fair share plus some slack (a quarter, at least 4), so that the counts the
+/// workers see a moment apart, and the ups and downs of random steering, do not send
+/// connections back and forth.
 pub fn excess(index: usize, in_use: usize, counts: &[u64]) -> u64 {
     let own = counts.get(index).copied().unwrap_or(0);
     if index >= in_use {
@@ -90,7 +108,7 @@ pub fn excess(index: usize, in_use: usize, counts: &[u64]) -> u64 {
     }
     let total: u64 = counts.iter().sum();
     let fair = total.div_ceil(in_use.max(1) as u64);
-    own.saturating_sub(fair + (fair / 8).max(4))
+    own.saturating_sub(fair + (fair / 4).max(4))
 }
 
 /// The worker in use with the fewest connections, other than `index` and below `cap` (each
@@ -112,43 +130,63 @@ pub fn crowded(in_use: usize, counts: &[u64], cap: u64) -> bool {
 mod tests {
     use super::*;
 
+    /// Feeds the packer the same figures `n` times; returns the workers in use after.
+    fn feed(packer: &mut Packer, n: u32, busy: &[f64]) -> usize {
+        for _ in 1..n {
+            packer.update(busy, &[0; 4], 1000);
+        }
+        packer.update(busy, &[0; 4], 1000)
+    }
+
     #[test]
-    fn packer_grows_when_a_worker_is_busy() {
+    fn packer_grows_when_a_worker_stays_busy() {
         let mut packer = Packer::new(4);
-        assert_eq!(packer.update(&[0.5, 0.0, 0.0, 0.0], &[0; 4], 1000), 1, "half a CPU is fine for one");
-        assert_eq!(packer.update(&[0.8, 0.0, 0.0, 0.0], &[0; 4], 1000), 2, "one more");
-        assert_eq!(packer.update(&[0.9, 0.9, 0.0, 0.0], &[0; 4], 1000), 4, "enough to keep each near half a CPU");
-        assert_eq!(packer.update(&[1.0, 1.0, 1.0, 1.0], &[0; 4], 1000), 4, "never more than there are");
+        assert_eq!(feed(&mut packer, 10, &[0.5, 0.0, 0.0, 0.0]), 1, "half a CPU is fine for one");
+        assert_eq!(feed(&mut packer, 1, &[0.8, 0.0, 0.0, 0.0]), 1, "one busy interval is not enough");
+        assert_eq!(feed(&mut packer, 1, &[0.5, 0.0, 0.0, 0.0]), 1);
+        assert_eq!(feed(&mut packer, 1, &[0.8, 0.0, 0.0, 0.0]), 1);
+        assert_eq!(feed(&mut packer, 1, &[0.8, 0.0, 0.0, 0.0]), 2, "two in a row: one more");
+        assert_eq!(feed(&mut packer, 2, &[0.9, 0.9, 0.0, 0.0]), 4, "enough to keep each near half a CPU");
+        assert_eq!(feed(&mut packer, 4, &[1.0, 1.0, 1.0, 1.0]), 4, "never more than there are");
         let mut two = Packer::new(2);
-        assert_eq!(two.update(&[3.0, 0.0], &[0; 4], 1000), 2);
+        assert_eq!(feed(&mut two, 2, &[3.0, 0.0]), 2);
     }
 
     #[test]
-    fn packer_shrinks_only_after_a_quiet_spell() {
+    fn packer_shrinks_after_a_quiet_spell() {
         let mut packer = Packer::new(2);
-        packer.update(&[0.9, 0.0], &[0; 4], 1000);
+        feed(&mut packer, HOT_INTERVALS, &[0.9, 0.0]);
         assert_eq!(packer.in_use(), 2);
-        for _ in 1..QUIET_INTERVALS {
-            assert_eq!(packer.update(&[0.1, 0.1], &[0; 4], 1000), 2);
-        }
+        assert_eq!(feed(&mut packer, QUIET_INTERVALS - 1, &[0.1, 0.1]), 2);
         // A busy interval starts the count again.
-        assert_eq!(packer.update(&[0.3, 0.3], &[0; 4], 1000), 2);
-        for _ in 1..QUIET_INTERVALS {
-            assert_eq!(packer.update(&[0.1, 0.1], &[0; 4], 1000), 2);
-        }
-        assert_eq!(packer.update(&[0.1, 0.1], &[0; 4], 1000), 1);
-        assert_eq!(packer.update(&[0.0, 0.0], &[0; 4], 1000), 1, "never fewer than one");
+        assert_eq!(feed(&mut packer, 1, &[0.5, 0.5]), 2);
+        assert_eq!(feed(&mut packer, QUIET_INTERVALS - 1, &[0.1, 0.1]), 2);
+        assert_eq!(feed(&mut packer, 1, &[0.1, 0.1]), 1);
+        assert_eq!(feed(&mut packer, 20, &[0.0, 0.0]), 1, "never fewer than one");
     }
 
     #[test]
-    fn load_that_fits_one_worker_after_spreading_does_not_flap() {
+    fn load_that_needed_another_worker_does_not_flap() {
         // 0.8 of a CPU on one worker spreads; as 0.45 + 0.45 on two (the wake-ups cost extra)
-        // it stays spread: one worker would be back at the threshold.
+        // it stays spread: it is more than before, and one worker would be back at the
+        // threshold.
         let mut packer = Packer::new(2);
-        packer.update(&[0.8, 0.0], &[0; 4], 1000);
-        for _ in 0..3 * QUIET_INTERVALS {
-            assert_eq!(packer.update(&[0.45, 0.45], &[0; 4], 1000), 2);
-        }
+        feed(&mut packer, HOT_INTERVALS, &[0.8, 0.0]);
+        assert_eq!(feed(&mut packer, 3 * QUIET_INTERVALS, &[0.45, 0.45]), 2);
+        // Once the load falls well below what brought the second worker in, one is enough.
+        assert_eq!(feed(&mut packer, QUIET_INTERVALS, &[0.3, 0.3]), 1);
+    }
+
+    #[test]
+    fn each_level_remembers_what_brought_it() {
+        let mut packer = Packer::new(4);
+        feed(&mut packer, HOT_INTERVALS, &[0.8, 0.0, 0.0, 0.0]);
+        feed(&mut packer, HOT_INTERVALS, &[0.9, 0.7, 0.0, 0.0]);
+        assert_eq!(packer.in_use(), 4, "1.6 of a CPU wants 4 near half a CPU each");
+        // Below 80% of 1.6 but not of 0.8: down to 3, then to 2, but not to 1.
+        assert_eq!(feed(&mut packer, QUIET_INTERVALS, &[0.3, 0.3, 0.3, 0.3]), 3);
+        assert_eq!(feed(&mut packer, QUIET_INTERVALS, &[0.3, 0.3, 0.3, 0.3]), 2);
+        assert_eq!(feed(&mut packer, 3 * QUIET_INTERVALS, &[0.4, 0.4, 0.0, 0.0]), 2);
     }
 
     #[test]
@@ -163,15 +201,16 @@ mod tests {
     #[test]
     fn workers_in_use_even_out_beyond_the_slack() {
         // A pool of 100 opened while one worker was in use.
-        assert_eq!(excess(0, 2, &[100, 0]), 100 - 50 - 6);
+        assert_eq!(excess(0, 2, &[100, 0]), 100 - 50 - 12);
         assert_eq!(destination(0, 2, &[100, 0], 1000), Some(1));
         assert_eq!(excess(1, 2, &[100, 0]), 0);
         // Close to even: nothing moves.
-        assert_eq!(excess(0, 2, &[55, 45]), 0);
+        assert_eq!(excess(0, 2, &[60, 40]), 0);
+        assert_eq!(excess(0, 2, &[64, 36]), 64 - 50 - 12);
         assert_eq!(excess(0, 2, &[3, 0]), 0, "a few connections never move");
         assert_eq!(destination(0, 2, &[5, 5], 1000), None, "no worker has fewer");
         // Connections still on a worker out of use count toward the shares.
-        assert_eq!(excess(0, 2, &[80, 0, 40]), 80 - 60 - 7);
+        assert_eq!(excess(0, 2, &[80, 0, 40]), 80 - 60 - 15);
         assert_eq!(destination(2, 2, &[80, 0, 40], 1000), Some(1));
     }
 
@@ -181,7 +220,7 @@ mod tests {
         assert!(crowded(1, &[90, 0], 100));
         assert!(!crowded(1, &[0, 95], 100), "only workers in use count");
         let mut packer = Packer::new(2);
-        assert_eq!(packer.update(&[0.1, 0.0], &[90, 0], 100), 2);
+        assert_eq!(packer.update(&[0.1, 0.0], &[90, 0], 100), 2, "at once");
         // Idle, but the connections would crowd one worker: both stay in use.
         for _ in 0..2 * QUIET_INTERVALS {
             assert_eq!(packer.update(&[0.0, 0.0], &[45, 45], 100), 2);

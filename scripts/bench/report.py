@@ -5,9 +5,9 @@
 
 Each figure is the median over the rounds that succeeded, and is also given as a ratio to the
 best peer: the better of HAProxy and nginx for that figure (the higher one where higher is
-better, the lower one where lower is better); ringlb, ringlb-splice and ringlb-auto (the
-relay modes: the default auto, copy and splice) are each compared with that peer, never with each other. The Markdown table is
-printed on stdout too.
+better, the lower one where lower is better); ringlb, ringlb-copy, ringlb-splice and ringlb-even
+(the defaults, the copy and splice relay modes, and spread = "even") are each compared with that
+peer, never with each other. The Markdown table is printed on stdout too.
 Exit status 3 when a run failed (the files are written all the same).
 """
 
@@ -19,16 +19,16 @@ import statistics
 import sys
 from xml.sax.saxutils import escape
 
-TARGETS = ["direct", "ringlb", "ringlb-copy", "ringlb-splice", "haproxy", "nginx"]
+TARGETS = ["direct", "ringlb", "ringlb-copy", "ringlb-splice", "ringlb-even", "haproxy", "nginx"]
 PEERS = ["haproxy", "nginx"]
-RINGLB = ["ringlb", "ringlb-copy", "ringlb-splice"]  # each gets a "vs best peer" column
+RINGLB = ["ringlb", "ringlb-copy", "ringlb-splice", "ringlb-even"]  # each gets a "vs best peer" column
 TARGET_LABEL = {"direct": "direct", "ringlb": "ringlb", "ringlb-splice": "ringlb-splice", "ringlb-copy": "ringlb-copy",
-                "haproxy": "HAProxy", "nginx": "nginx stream"}
+                "ringlb-even": "ringlb-even", "haproxy": "HAProxy", "nginx": "nginx stream"}
 # Under the bars of the chart, one line each (ringlb-splice is too wide for one slot).
 AXIS_LABEL = {"direct": ["direct"], "ringlb": ["ringlb"], "ringlb-splice": ["ringlb-", "splice"], "ringlb-copy": ["ringlb-", "copy"],
-              "haproxy": ["HAProxy"], "nginx": ["nginx"]}
+              "ringlb-even": ["ringlb-", "even"], "haproxy": ["HAProxy"], "nginx": ["nginx"]}
 COLOUR = {"direct": "#9e9e9e", "ringlb": "#e6550d", "ringlb-splice": "#756bb1", "ringlb-copy": "#fdae6b",
-          "haproxy": "#3182bd", "nginx": "#31a354"}
+          "ringlb-even": "#d6616b", "haproxy": "#3182bd", "nginx": "#31a354"}
 
 SCENARIO_LABEL = {
     "idle": "idle ({idle_conns} conns)",
@@ -153,7 +153,7 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
     lines.append("- **Versions:** " + "; ".join(versions))
     lines.append(
         f"- **Runs:** {meta.get('rounds', '?')} round(s), {meta.get('duration_s', '?')} s of load per scenario "
-        f"(warm-up {meta.get('warmup_s', '0')} s), redis-benchmark -n {meta.get('redis_requests', '?')} per test, "
+        f"(warm-up {meta.get('warmup_s', '0')} s, {meta.get('pause_s', '?')} s without load after each), redis-benchmark -n {meta.get('redis_requests', '?')} per test, "
         f"{idle_conns} idle connections; {meta.get('proxy_threads', meta.get('cpus', '?'))} thread(s) per proxy "
         f"(ringlb workers, HAProxy nbthread, nginx worker_processes); every figure is the median over the rounds")
     lines.append("")
@@ -212,11 +212,15 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
         "- **ringlb**, **ringlb-copy** and **ringlb-splice** are the same binary with the same "
         "configuration (workers, pools, health checks) but for the relay mode: the default "
         "(`auto`), `relay = \"copy\"` and `relay = \"splice\"`, side by side in the same rounds. "
-        "Each is compared with the best peer, not with the others; `configs/ringlb*.toml` are the "
-        "three.",
+        "**ringlb-even** is the default relay with `spread = \"even\"`: every worker takes an equal "
+        "share of the connections, as HAProxy and nginx do, where ringlb by default packs them into "
+        "as few workers as keep up. Each is compared with the best peer, not with the others; "
+        "`configs/ringlb*.toml` are the four.",
         "- In every round each proxy is started fresh, the idle scenario runs first (so its RSS "
         "baseline is a fresh process after 50 warm-up connections), then bulk, keep-alive, "
-        "connection per request and redis; then the proxy is stopped and the next target starts.",
+        "connection per request and redis, each followed by a pause without load (`--pause`, so that "
+        "ringlb's `spread = \"pack\"`, which adapts to its load, starts each scenario settled and not "
+        "in the state the previous one left); then the proxy is stopped and the next target starts.",
         "- **Proxy CPU** is utime + stime from `/proc/PID/stat` (fields 14 and 15) summed over every "
         "process and thread of the proxy (nginx master and workers), sampled just before and just "
         "after the load. The load generator, the backends and the proxy share the same "
