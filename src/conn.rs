@@ -514,11 +514,16 @@ impl Conn {
         true
     }
 
-    /// The connection arrived from another worker (with `generation` in its new slot): starts
-    /// both directions' waits again.
-    pub fn arrive(&mut self, generation: u32, ops: &mut Vec<Op>) {
-        debug_assert!(self.moving && self.inflight == 0 && self.flows == [Flow::Parked; 2]);
+    /// The connection under the generation of its new slot in another worker.
+    pub fn with_generation(mut self, generation: u32) -> Conn {
         self.generation = generation;
+        self
+    }
+
+    /// The connection arrived in another worker's ring (or stays, if it had nowhere to go):
+    /// starts both directions' waits again.
+    pub fn arrive(&mut self, ops: &mut Vec<Op>) {
+        debug_assert!(self.moving && self.inflight == 0 && self.flows == [Flow::Parked; 2]);
         self.resume_parked(ops);
     }
 
@@ -824,12 +829,17 @@ impl Conn {
                 }
                 _ => {}
             },
-            Event::Readable { dir, .. } => {
+            Event::Readable { dir, result } => {
                 if self.flows[dir.index()] == Flow::Polling
                     && let Some(fd) = self.fd(dir.src())
                 {
-                    self.flows[dir.index()] = Flow::Piping { queued: 0, rounds: 0 };
-                    ops.push(Op::SpliceIn { dir, fd });
+                    if result == -libc::ECANCELED {
+                        // The stop of a move that was given up: wait again.
+                        self.emit(Op::PollIn { dir, fd }, ops);
+                    } else {
+                        self.flows[dir.index()] = Flow::Piping { queued: 0, rounds: 0 };
+                        ops.push(Op::SpliceIn { dir, fd });
+                    }
                 }
             }
         }
@@ -1622,7 +1632,8 @@ mod tests {
         assert!(h.take().is_empty(), "nothing re-armed in the old ring");
         assert_eq!(h.conn.inflight(), 0);
         // The new worker starts both receives, under the new generation.
-        h.conn.arrive(7, &mut h.ops);
+        h.conn.generation = 7;
+        h.conn.arrive(&mut h.ops);
         assert_eq!(h.take(), vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Recv { dir: Dir::Down, fd: BACKEND }]);
         assert_eq!(h.conn.generation, 7);
         assert!(!h.conn.is_moving());
@@ -1708,7 +1719,7 @@ mod tests {
         h.event(Event::Readable { dir: Dir::Up, result: -libc::ECANCELED });
         let last = h.conn.on_event(Event::Readable { dir: Dir::Down, result: -libc::ECANCELED }, 1, &mut h.ops);
         assert_eq!(last, Some(Notice::Movable));
-        h.conn.arrive(2, &mut h.ops);
+        h.conn.arrive(&mut h.ops);
         assert_eq!(h.take(), vec![Op::PollIn { dir: Dir::Up, fd: CLIENT }, Op::PollIn { dir: Dir::Down, fd: BACKEND }]);
     }
 
@@ -2217,7 +2228,8 @@ mod model {
             assert_eq!(self.conn.pipes, [None; 2], "moved holding a pipe");
             self.moves += 1;
             let mut ops = Vec::new();
-            self.conn.arrive(self.moves + 1, &mut ops);
+            self.conn.generation = self.moves + 1;
+            self.conn.arrive(&mut ops);
             self.apply(ops, false);
             assert_eq!(self.pending.len(), 2, "both directions wait again after the move");
         }

@@ -7,14 +7,21 @@
 //!
 //! - The control thread reads every worker's CPU time each [`INTERVAL`] and [`Packer`] decides
 //!   how many workers are in use: more when a worker used [`GROW_AT`] of a CPU for
-//!   [`HOT_INTERVALS`] in a row (one more, or as many as would each stay near [`TARGET`]);
-//!   one fewer after [`QUIET_INTERVALS`] in a row in which all workers together used less
+//!   [`HOT_INTERVALS`] in a row and the work would spread over more workers than are in use
+//!   at [`TARGET`] each (one more, or as many as would each stay near [`TARGET`]);
+//!   one fewer after [`QUIET_INTERVALS`] in a row in which no worker was that busy and all
+//!   workers together used less
 //!   than [`FELL_TO`] of what they used when that worker came into use, or less than
 //!   [`SHRINK_BELOW`] of a CPU per worker that would remain. The first rule is the hysteresis
 //!   that keeps a load that needed one more worker from flapping between the two; the second
 //!   brings a light load back to fewer workers whatever happened before.
 //! - Workers steer their listeners' SYNs to the workers in use (a classic BPF program on the
-//!   SO_REUSEPORT group, [`crate::sys::steer_reuseport`]).
+//!   SO_REUSEPORT group, [`crate::sys::steer_reuseport`]). The program picks sockets by their
+//!   place in the group, which is the worker's index because the workers' listeners start
+//!   listening in that order. That holds while they all listen: a worker that fails stops
+//!   ringlb, and a draining one accepts nothing. Another process listening on the same port
+//!   (same user, SO_REUSEPORT) would join the group after ringlb's sockets and get no
+//!   connections while fewer workers than ringlb has are in use.
 //! - Open connections follow: a worker out of use hands all of its connections to the workers
 //!   in use, and a worker in use holding more than its share ([`excess`]) hands the rest to
 //!   the one with the fewest ([`destination`]). So a database pool opened in one burst while
@@ -71,18 +78,21 @@ impl Packer {
     /// down only if the connections fit the rest at 80% of their shares.
     pub fn update(&mut self, busy: &[f64], counts: &[u64], cap: u64) -> usize {
         let total: f64 = busy.iter().sum();
-        let busiest = busy.iter().copied().fold(0.0, f64::max);
-        self.hot = if busiest >= GROW_AT { self.hot + 1 } else { 0 };
+        let hot = busy.iter().any(|&b| b >= GROW_AT);
+        // A hot worker asks for more only if the work would spread over more workers than are
+        // in use at TARGET each: one connection that keeps a worker busy does not.
+        let more_would_help = total / TARGET > self.in_use as f64;
+        self.hot = if hot && more_would_help { self.hot + 1 } else { 0 };
         let fewer = self.in_use.saturating_sub(1);
         let fits_fewer = counts.iter().sum::<u64>() * 10 < cap.saturating_mul(8 * fewer as u64);
         let fell = self.grown_at.last().map_or(0.0, |&before| before * FELL_TO);
-        if (self.hot >= HOT_INTERVALS || crowded(self.in_use, counts, cap)) && self.in_use < self.workers {
+        if self.in_use < self.workers && (self.hot >= HOT_INTERVALS || crowded(self.in_use, counts, cap)) {
             let wanted = ((total / TARGET).ceil() as usize).max(self.in_use + 1).min(self.workers);
             self.grown_at.resize(wanted - 1, total);
             self.in_use = wanted;
             self.hot = 0;
             self.quiet = 0;
-        } else if fewer > 0 && fits_fewer && total < fell.max(SHRINK_BELOW * fewer as f64) {
+        } else if !hot && fewer > 0 && fits_fewer && total < fell.max(SHRINK_BELOW * fewer as f64) {
             self.quiet += 1;
             if self.quiet >= QUIET_INTERVALS {
                 self.in_use = fewer;
@@ -118,6 +128,15 @@ pub fn destination(index: usize, in_use: usize, counts: &[u64], cap: u64) -> Opt
     let (to, &fewest) =
         counts.iter().enumerate().take(in_use).filter(|&(j, &c)| j != index && c < cap).min_by_key(|&(_, c)| *c)?;
     (index >= in_use || fewest + 1 < own).then_some(to)
+}
+
+/// How many connections worker `index` should start handing on now: its [`excess`], if
+/// there is a [`destination`] for them.
+pub fn to_hand_on(index: usize, in_use: usize, counts: &[u64], cap: u64) -> u64 {
+    match destination(index, in_use, counts, cap) {
+        Some(_) => excess(index, in_use, counts),
+        None => 0,
+    }
 }
 
 /// Whether a worker in use holds 90% of its share of `max_connections`: then the next worker
@@ -175,6 +194,19 @@ mod tests {
         assert_eq!(feed(&mut packer, 3 * QUIET_INTERVALS, &[0.45, 0.45]), 2);
         // Once the load falls well below what brought the second worker in, one is enough.
         assert_eq!(feed(&mut packer, QUIET_INTERVALS, &[0.3, 0.3]), 1);
+    }
+
+    #[test]
+    fn one_busy_connection_does_not_flap() {
+        // One bulk connection keeps worker 0 at 0.9 of a CPU: a second worker takes the new
+        // connections, more would not help, and none is given back while it stays hot.
+        let mut packer = Packer::new(4);
+        assert_eq!(feed(&mut packer, HOT_INTERVALS, &[0.9, 0.0, 0.0, 0.0]), 2);
+        assert_eq!(feed(&mut packer, 10 * QUIET_INTERVALS, &[0.9, 0.0, 0.0, 0.0]), 2);
+        // Hot because the connections are uneven, not because there is much work: no growth.
+        let mut two = Packer::new(4);
+        feed(&mut two, HOT_INTERVALS, &[0.8, 0.0, 0.0, 0.0]);
+        assert_eq!(feed(&mut two, 10 * QUIET_INTERVALS, &[0.8, 0.1, 0.0, 0.0]), 2);
     }
 
     #[test]

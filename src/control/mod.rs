@@ -157,9 +157,7 @@ impl Shared {
     }
 
     fn ring_all(&self) {
-        for doorbell in &self.doorbells {
-            sys::eventfd_ring(doorbell);
-        }
+        (0..self.doorbells.len()).for_each(|worker| self.ring(worker));
     }
 
     /// Wakes worker `worker`.

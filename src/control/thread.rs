@@ -6,6 +6,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 
 use log::{error, info, warn};
@@ -150,7 +151,9 @@ async fn check_forever(
 async fn follow_load(shared: Arc<Shared>, per_worker: u64) {
     let workers = shared.stats.len();
     let mut packer = spread::Packer::new(workers);
-    let mut cpu = vec![Duration::ZERO; workers];
+    // Each worker's CPU time at the last look; `None` until its thread is first seen, so the
+    // time it used before does not count as one interval's.
+    let mut cpu: Vec<Option<Duration>> = vec![None; workers];
     let mut last = Instant::now();
     let mut ticks = tokio::time::interval(spread::INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -164,10 +167,13 @@ async fn follow_load(shared: Arc<Shared>, per_worker: u64) {
             .iter()
             .zip(&mut cpu)
             .map(|(tid, before)| {
-                let tid = tid.load(std::sync::atomic::Ordering::Acquire);
-                let used = if tid == 0 { *before } else { sys::thread_cpu_time(tid).unwrap_or(*before) };
-                let share = used.saturating_sub(*before).as_secs_f64() / wall;
-                *before = used;
+                let tid = tid.load(Ordering::Acquire);
+                let used = if tid == 0 { None } else { sys::thread_cpu_time(tid) };
+                let share = match (*before, used) {
+                    (Some(before), Some(used)) => used.saturating_sub(before).as_secs_f64() / wall,
+                    _ => 0.0,
+                };
+                *before = used.or(*before);
                 share
             })
             .collect();
@@ -186,9 +192,7 @@ async fn follow_load(shared: Arc<Shared>, per_worker: u64) {
             }
         }
         for worker in 0..workers {
-            if spread::excess(worker, in_use, &counts) > 0
-                && spread::destination(worker, in_use, &counts, per_worker).is_some()
-            {
+            if spread::to_hand_on(worker, in_use, &counts, per_worker) > 0 {
                 shared.ring(worker);
             }
         }

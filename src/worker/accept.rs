@@ -93,12 +93,18 @@ impl Worker {
         self.cancel_accepts();
     }
 
-    /// At `max_connections` open: stop accepting until one closes.
-    pub(super) fn check_capacity(&mut self) {
+    /// Puts the connection `make` builds for the next generation into a slot and counts it
+    /// open; at `max_connections` open, stops accepting until one closes.
+    pub(super) fn insert_conn(&mut self, make: impl FnOnce(u32) -> Conn) -> usize {
+        let generation = self.next_generation;
+        self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
+        let slot = self.conns.insert(make(generation));
+        self.stats().active.add(1);
         if self.conns.len() >= self.max_connections && !self.at_capacity {
             self.at_capacity = true;
             self.cancel_accepts();
         }
+        slot
     }
 
     fn open_conn(&mut self, l: usize, fd: RawFd) {
@@ -117,13 +123,9 @@ impl Worker {
             }
             return;
         }
-        let generation = self.next_generation;
-        self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
-        let slot = self.conns.insert(Conn::new(generation, fd, l as u32, self.relay, self.now));
-        let stats = self.stats();
-        stats.accepted.add(1);
-        stats.active.add(1);
-        self.check_capacity();
+        let (relay, now) = (self.relay, self.now);
+        let slot = self.insert_conn(|generation| Conn::new(generation, fd, l as u32, relay, now));
+        self.stats().accepted.add(1);
         // Without a PROXY header the connection's own peer is the client: check it at once.
         // With one, the check waits for the address the header carries (see examine).
         if !self.listeners[l].admission.accept_proxy && !self.admit(slot) {

@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use io_uring::{opcode, squeue, types};
@@ -331,7 +332,7 @@ impl Worker {
 
     /// Runs until drained and every completion is in.
     pub fn run(mut self) -> io::Result<()> {
-        self.shared.threads[self.index].store(sys::thread_id(), std::sync::atomic::Ordering::Release);
+        self.shared.threads[self.index].store(sys::thread_id(), Ordering::Release);
         self.arm_doorbell();
         self.resume_accepts();
         let queues = self.snapshot.pools.iter().any(|p| p.limited);

@@ -7,9 +7,8 @@ use std::os::fd::AsRawFd;
 use log::warn;
 
 use super::{Mode, Worker};
-use crate::config::Spread;
+use crate::config::{OnDown, Spread};
 use crate::conn::Conn;
-use crate::ring::GENERATION_MASK;
 use crate::spread;
 use crate::sys;
 
@@ -55,15 +54,12 @@ impl Worker {
     /// of use), those that are only waiting for bytes; the rest get their turn on a later pass.
     fn hand_on_excess(&mut self, in_use: usize) {
         let counts = self.shared.open_connections();
-        let cap = self.max_connections as u64;
-        if spread::destination(self.index, in_use, &counts, cap).is_none() {
+        let excess = spread::to_hand_on(self.index, in_use, &counts, self.max_connections as u64);
+        if excess == 0 {
             return;
         }
         let moving = self.conns.iter().filter(|(_, c)| c.is_moving()).count() as u64;
-        let mut wanted = spread::excess(self.index, in_use, &counts).saturating_sub(moving).min(MOVES_PER_PASS);
-        if wanted == 0 {
-            return;
-        }
+        let mut wanted = excess.saturating_sub(moving).min(MOVES_PER_PASS);
         self.for_each_conn(
             |_, c| c.can_move(),
             |worker, slot| {
@@ -89,7 +85,7 @@ impl Worker {
             Mode::Draining => None,
         };
         let Some(to) = to else {
-            return self.step(slot, |conn, ops| conn.arrive(conn.generation, ops));
+            return self.step(slot, |conn, ops| conn.arrive(ops));
         };
         let conn = self.conns.remove(slot);
         self.stats().active.sub(1);
@@ -101,16 +97,20 @@ impl Worker {
     }
 
     /// Takes in a connection another worker handed over and starts its waits in this ring.
+    /// What happened while it was on its way applies to it now: the drain deadline passed, or
+    /// its backend was marked down in a pool that cuts such connections (this worker cut its
+    /// own when it installed that snapshot, before it looked at its inbox).
     pub(super) fn adopt(&mut self, conn: Conn) {
-        let generation = self.next_generation;
-        self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
-        let slot = self.conns.insert(conn);
-        self.stats().active.add(1);
-        self.check_capacity();
-        self.step(slot, |conn, ops| conn.arrive(generation, ops));
+        let slot = self.insert_conn(|generation| conn.with_generation(generation));
+        self.step(slot, |conn, ops| conn.arrive(ops));
+        let conn = &self.conns[slot];
+        let pool = &self.snapshot.pools[conn.pool as usize];
         if self.closing_all {
             self.stats().drain_closed.add(1);
             self.step(slot, |conn, ops| conn.close(ops));
+        } else if pool.on_down == OnDown::Close && !pool.up.get(conn.backend_index as usize).copied().unwrap_or(true) {
+            self.stats().backend_down_closed.add(1);
+            self.step(slot, |conn, ops| conn.cut(ops));
         }
     }
 }
