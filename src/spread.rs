@@ -139,6 +139,34 @@ pub fn to_hand_on(index: usize, in_use: usize, counts: &[u64], cap: u64) -> u64 
     }
 }
 
+/// When the control thread wakes a worker to hand connections on: every interval while its
+/// count changes, then only every [`Asking::EVERY`]th, so a worker whose remaining connections
+/// cannot move (half closed, or never idle) is not woken four times a second for nothing.
+#[derive(Debug, Default)]
+pub struct Asking {
+    last_count: Option<u64>,
+    unchanged: u32,
+}
+
+impl Asking {
+    pub const EVERY: u32 = 8;
+
+    /// Whether to wake the worker, which should hand on `wanted` of its `count` connections.
+    pub fn should_ask(&mut self, wanted: u64, count: u64) -> bool {
+        if wanted == 0 {
+            *self = Asking::default();
+            return false;
+        }
+        if self.last_count == Some(count) {
+            self.unchanged += 1;
+        } else {
+            self.last_count = Some(count);
+            self.unchanged = 0;
+        }
+        self.unchanged < 4 || self.unchanged.is_multiple_of(Self::EVERY)
+    }
+}
+
 /// Whether a worker in use holds 90% of its share of `max_connections`: then the next worker
 /// comes into use, whatever the CPU says.
 pub fn crowded(in_use: usize, counts: &[u64], cap: u64) -> bool {
@@ -244,6 +272,17 @@ mod tests {
         // Connections still on a worker out of use count toward the shares.
         assert_eq!(excess(0, 2, &[80, 0, 40]), 80 - 60 - 15);
         assert_eq!(destination(2, 2, &[80, 0, 40], 1000), Some(1));
+    }
+
+    #[test]
+    fn a_worker_that_cannot_hand_on_is_asked_less_often() {
+        let mut asking = Asking::default();
+        assert!(!asking.should_ask(0, 10), "nothing to hand on");
+        let asked: Vec<bool> = (0..20).map(|_| asking.should_ask(3, 10)).collect();
+        assert_eq!(asked.iter().filter(|&&a| a).count(), 4 + 2, "4 at once, then every 8th: {asked:?}");
+        assert!(asking.should_ask(3, 9), "the count moved: ask again at once");
+        assert!(!asking.should_ask(0, 9));
+        assert!(asking.should_ask(3, 9), "a new round starts afresh");
     }
 
     #[test]

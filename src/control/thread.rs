@@ -155,6 +155,7 @@ async fn follow_load(shared: Arc<Shared>, per_worker: u64) {
     // time it used before does not count as one interval's.
     let mut cpu: Vec<Option<Duration>> = vec![None; workers];
     let mut last = Instant::now();
+    let mut asked: Vec<spread::Asking> = (0..workers).map(|_| spread::Asking::default()).collect();
     let mut ticks = tokio::time::interval(spread::INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while shared.run_state() == RunState::Running {
@@ -188,11 +189,13 @@ async fn follow_load(shared: Arc<Shared>, per_worker: u64) {
                     counts.iter().map(u64::to_string).collect::<Vec<_>>().join(" ")
                 );
                 shared.set_workers_in_use(wanted);
+                asked.iter_mut().for_each(|a| *a = spread::Asking::default());
                 continue;
             }
         }
         for worker in 0..workers {
-            if spread::to_hand_on(worker, in_use, &counts, per_worker) > 0 {
+            let wanted = spread::to_hand_on(worker, in_use, &counts, per_worker);
+            if asked[worker].should_ask(wanted, counts[worker]) {
                 shared.ring(worker);
             }
         }
