@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Load test: ringlb (copy and splice relay) against HAProxy (mode tcp) and nginx's stream
+# Load test: ringlb (its defaults, the copy and splice relays, and spread = "even") against HAProxy (mode tcp) and nginx's stream
 # module, with the same backends and the same load, in alternating rounds; reports medians, the
 # proxy's own CPU per GB / per request, and memory per idle connection. See `--help`.
 set -euo pipefail
@@ -7,10 +7,11 @@ set -euo pipefail
 readonly SCRIPT_NAME=scripts/bench.sh
 usage() {
     cat <<'EOF'
-Usage: scripts/bench.sh [--quick] [--rounds N] [--duration SECONDS] [--targets LIST]
-                        [--scenarios LIST] [--out DIR] [--idle-conns N] [--proxy-threads N]
+Usage: scripts/bench.sh [--quick] [--rounds N] [--duration SECONDS] [--warmup S] [--pause S]
+                        [--targets LIST] [--scenarios LIST] [--out DIR] [--idle-conns N]
+                        [--proxy-threads N]
 
-Runs the same load through six targets and writes DIR/results.md, results.json and
+Runs the same load through seven targets and writes DIR/results.md, results.json and
 results.svg (DIR defaults to bench-results/ in the repository).
 
 Targets (default: all, in this order in every round):
@@ -40,16 +41,17 @@ Options:
   --duration S       seconds of load per scenario (default 10)
   --warmup S         seconds of unmeasured load before each wrk scenario (default 1; 0 quick)
   --pause S          seconds without load between scenarios (default 3; 1 quick): a proxy
-                     that adapts to its load (ringlb's spread = "pack" goes back to fewer
-                     workers after 2 s without work) starts each scenario settled, not in the
-                     state the previous scenario left it in
+                     that adapts to its load starts each scenario settled, not in the state
+                     the previous scenario left it in. ringlb's spread = "pack" takes one
+                     worker out of use per 2 s without work: 3 s settles 2 workers, N workers
+                     need 2(N-1) s; the quick default does not settle them
   --idle-conns N     connections held in the idle scenario (default 5000; fewer, for every
                      target, if the hard open-file limit is too low)
   --out DIR          where the results go (default bench-results/)
   --proxy-threads P  threads of every proxy: ringlb workers, HAProxy nbthread, nginx
                      worker_processes (default: the CPUs, one per core as each is meant to run)
 
-Environment: RINGLB_BIN (the ringlb binary of both ringlb targets), BENCH_PORT_BASE (default
+Environment: RINGLB_BIN (the ringlb binary of the four ringlb targets), BENCH_PORT_BASE (default
 17000; ports BASE+1 to BASE+72 on 127.0.0.1 are used). Missing tools (haproxy, nginx,
 libnginx-mod-stream, wrk, redis-server, redis-tools) are installed with apt-get when run as
 root; the services those packages would start are stopped and disabled. Every process the

@@ -21,7 +21,7 @@
 //!   listening in that order. That holds while they all listen: a worker that fails stops
 //!   ringlb, and a draining one accepts nothing. Another process listening on the same port
 //!   (same user, SO_REUSEPORT) would join the group after ringlb's sockets and get no
-//!   connections while fewer workers than ringlb has are in use.
+//!   connections at all: the program only picks among the first workers.
 //! - Open connections follow: a worker out of use hands all of its connections to the workers
 //!   in use, and a worker in use holding more than its share ([`excess`]) hands the rest to
 //!   the one with the fewest ([`destination`]). So a database pool opened in one burst while
@@ -140,8 +140,9 @@ pub fn to_hand_on(index: usize, in_use: usize, counts: &[u64], cap: u64) -> u64 
 }
 
 /// When the control thread wakes a worker to hand connections on: every interval while its
-/// count changes, then only every [`Asking::EVERY`]th, so a worker whose remaining connections
-/// cannot move (half closed, or never idle) is not woken four times a second for nothing.
+/// count changes and for 3 more, then only every [`Asking::EVERY`]th, so a worker whose
+/// remaining connections cannot move (half closed, or never idle) is not woken four times a
+/// second for nothing.
 #[derive(Debug, Default)]
 pub struct Asking {
     last_count: Option<u64>,

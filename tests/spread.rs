@@ -115,13 +115,21 @@ fn connections_follow_the_workers_in_use(relay: &str, largest: usize) {
     };
     assert!(settled(&[24, 0]), "all on the first worker: {:?}", shared.open_connections());
     shared.hold_workers_in_use(2);
-    // Beyond its fair share (12) and the slack (4), the first worker hands on 8.
-    assert!(settled(&[16, 8]), "spread over two: {:?}", shared.open_connections());
+    // Beyond its fair share (12) and the slack (4), the first worker hands on 8. (A pass that
+    // reads the counts while the second worker is about to take a connection in could hand on
+    // one more; the split is then 15/9, which is within the slack too.)
+    let spread_out = |c: &[u64]| c.len() == 2 && c[0] + c[1] == 24 && (8..=9).contains(&c[1]);
+    assert!(
+        Ringlb::eventually(Duration::from_secs(30), || spread_out(&shared.open_connections())),
+        "spread over two: {:?}",
+        shared.open_connections()
+    );
+    let handed_on = shared.open_connections()[1];
     shared.hold_workers_in_use(1);
     assert!(settled(&[24, 0]), "gathered again: {:?}", shared.open_connections());
     chatter.finish();
     let totals = stop_and_count(server);
-    assert_eq!(totals["ringlb_connections_moved_total"], 16, "{totals:?}");
+    assert_eq!(totals["ringlb_connections_moved_total"], 2 * handed_on, "{totals:?}");
     assert_eq!(totals["ringlb_connections_finished_total"], 24, "{totals:?}");
     assert_eq!(totals["ringlb_connections_reset_total"], 0, "{totals:?}");
 }

@@ -187,9 +187,17 @@ impl Shared {
         self.held.load(Ordering::Acquire)
     }
 
-    /// Every worker's open connections, by worker.
+    /// Every worker's open connections, by worker, counting those on their way to it (no
+    /// longer counted by the worker that handed them over, not yet by this one): without them,
+    /// a worker looking while its connections are in transit would hand on too many.
     pub fn open_connections(&self) -> Vec<u64> {
-        self.stats.iter().map(|s| s.active.get()).collect()
+        self.stats
+            .iter()
+            .zip(self.inboxes.iter())
+            .map(|(stats, inbox)| {
+                stats.active.get() + inbox.lock().unwrap_or_else(|e| e.into_inner()).conns.len() as u64
+            })
+            .collect()
     }
 
     /// Hands `conn` to worker `to` and wakes it; gives it back if that worker has finished.

@@ -26,7 +26,7 @@ use socket2::Socket;
 use crate::acl::AccessRules;
 use crate::admission::Admission;
 use crate::balance::Picker;
-use crate::config::OnDown;
+use crate::config::{OnDown, Spread};
 use crate::conn::{self, Conn, Dir, End, Op, Relay};
 use crate::control::{RunState, Shared};
 use crate::pool::Snapshot;
@@ -284,7 +284,7 @@ impl Worker {
                 accept_armed: false,
             })
             .collect();
-        Ok(Worker {
+        let mut worker = Worker {
             ring,
             bufs,
             index: plan.index,
@@ -323,7 +323,13 @@ impl Worker {
             recv_limit,
             refuse_log: RateLimit::new(),
             steered: 0,
-        })
+        };
+        // Steer before the server reports this worker ready, so that no connection accepted
+        // after the start is spread by the kernel's hash alone.
+        if worker.shared.spread == Spread::Pack {
+            worker.steer(worker.shared.workers_in_use());
+        }
+        Ok(worker)
     }
 
     fn stats(&self) -> &WorkerStats {

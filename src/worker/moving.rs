@@ -37,7 +37,7 @@ impl Worker {
     /// Points every open listener's SO_REUSEPORT group at the first `in_use` workers. Every
     /// worker does this for its own listeners (one is enough per group; the programs are
     /// the same), so the steering holds while any worker's listener is open.
-    fn steer(&mut self, in_use: usize) {
+    pub(super) fn steer(&mut self, in_use: usize) {
         self.steered = in_use;
         for listener in &self.listeners {
             let Some(socket) = &listener.socket else { continue };
