@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Load test: ringlb (its defaults, the copy and splice relays, and spread = "even") against HAProxy (mode tcp) and nginx's stream
-# module, with the same backends and the same load, in alternating rounds; reports medians, the
-# proxy's own CPU per GB / per request, and memory per idle connection. See `--help`.
+# Load test: ringlb (its defaults, the copy and splice relays, and spread = "even") against
+# HAProxy (mode tcp) and nginx's stream module, with the same backends and the same load, in
+# alternating rounds; reports medians, the proxy's own CPU per GB / per request, and memory per
+# idle connection. See `--help`.
 set -euo pipefail
 
 readonly SCRIPT_NAME=scripts/bench.sh
@@ -575,7 +576,9 @@ check_tools
 # evenly over its workers) by the rest.
 fds_per_conn=2
 pipe_share=0
-for t in ringlb ringlb-splice ringlb-even; do wants "$t" "${targets[*]}" && pipe_share=1; done
+if wants ringlb "${targets[*]}" || wants ringlb-splice "${targets[*]}" || wants ringlb-even "${targets[*]}"; then
+    pipe_share=1
+fi
 fds_for() { # fds_for N: the open-file limit N idle connections need (10% spare: uneven workers)
     local need=$((($1 + $1 / 10 + 64) * fds_per_conn + 200))
     ((pipe_share)) && need=$((need * 4 / 3))

@@ -541,25 +541,23 @@ impl Conn {
     /// end of stream, an error) gives the move up before the event is handled as usual.
     /// Returns whether the event is settled.
     fn settle_while_moving(&mut self, event: Event, ops: &mut Vec<Op>) -> bool {
-        let stopped = |flow| match event {
-            Event::Received { result, buf: None, more: false, .. } => {
-                result == -libc::ECANCELED && flow == Flow::Receiving
+        let stopped = -libc::ECANCELED;
+        let dir = match event {
+            Event::Cancelled => return true,
+            Event::Received { dir, result, buf: None, more: false, .. }
+                if result == stopped && self.flows[dir.index()] == Flow::Receiving =>
+            {
+                dir
             }
-            Event::Readable { result, .. } => result == -libc::ECANCELED && flow == Flow::Polling,
-            _ => false,
-        };
-        match event {
-            Event::Cancelled => true,
-            Event::Received { dir, .. } | Event::Readable { dir, .. } if stopped(self.flows[dir.index()]) => {
-                self.armed[dir.index()] = false;
-                self.flows[dir.index()] = Flow::Parked;
-                true
-            }
+            Event::Readable { dir, result } if result == stopped && self.flows[dir.index()] == Flow::Polling => dir,
             _ => {
                 self.resume_parked(ops);
-                false
+                return false;
             }
-        }
+        };
+        self.armed[dir.index()] = false;
+        self.flows[dir.index()] = Flow::Parked;
+        true
     }
 
     fn emit(&mut self, op: Op, ops: &mut Vec<Op>) {
@@ -1131,6 +1129,16 @@ mod tests {
             h
         }
 
+        /// A connection relayed the `relay` way, connected, its first operations taken.
+        fn connected(relay: Relay) -> Harness {
+            let mut h = Harness { conn: Conn::new(1, CLIENT, 0, relay, 0), ops: Vec::new(), now: 0 };
+            h.conn.route(0, 1, &mut h.ops);
+            h.conn.backend_opened(BACKEND, 0);
+            h.event(Event::ConnectTimerDone);
+            h.event(Event::Connected(0));
+            h
+        }
+
         fn relaying() -> Harness {
             let mut h = Harness::new(1);
             h.event(Event::ConnectTimerDone);
@@ -1543,12 +1551,7 @@ mod tests {
 
     #[test]
     fn splice_yields_after_a_few_pipe_fills() {
-        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Splice, 0), ops: Vec::new(), now: 0 };
-        h.conn.route(0, 1, &mut h.ops);
-        h.conn.backend_opened(BACKEND, 0);
-        h.take();
-        h.event(Event::ConnectTimerDone);
-        h.event(Event::Connected(0));
+        let mut h = Harness::connected(Relay::Splice);
         h.event(Event::Readable { dir: Dir::Up, result: 1 });
         for _ in 0..SPLICE_ROUNDS - 1 {
             h.conn.spliced_in(Dir::Up, 100, 1, &mut h.ops);
@@ -1706,12 +1709,7 @@ mod tests {
 
     #[test]
     fn spliced_direction_moves_by_stopping_its_poll() {
-        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Splice, 0), ops: Vec::new(), now: 0 };
-        h.conn.route(0, 1, &mut h.ops);
-        h.conn.backend_opened(BACKEND, 0);
-        h.take();
-        h.event(Event::ConnectTimerDone);
-        h.event(Event::Connected(0));
+        let mut h = Harness::connected(Relay::Splice);
         assert!(h.conn.begin_move(&mut h.ops));
         assert_eq!(h.take(), vec![Op::Park { dir: Dir::Up, poll: true }, Op::Park { dir: Dir::Down, poll: true }]);
         h.event(Event::Cancelled);

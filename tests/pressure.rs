@@ -41,14 +41,6 @@ fn relay_in_process(config: &str, sizes: RingSizes, clients: u64, bytes: usize) 
     stop_and_count(server)
 }
 
-/// Drains and stops the in-process ringlb, and returns its counters by metric name.
-fn stop_and_count(server: Server) -> HashMap<&'static str, u64> {
-    let shared = Arc::clone(server.shared());
-    server.drain();
-    server.join().expect("workers stop cleanly");
-    stats::totals(&shared.stats).into_iter().map(|(name, _, value)| (name, value)).collect()
-}
-
 #[test]
 fn tiny_ring_and_buffer_pool_lose_nothing() {
     let backend = Backend::echo();

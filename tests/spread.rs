@@ -13,7 +13,6 @@ use std::time::Duration;
 use common::*;
 use ringlb::config::Config;
 use ringlb::server::Server;
-use ringlb::stats;
 
 fn start(top: &str, backend: SocketAddr) -> Server {
     raise_fd_limit();
@@ -21,40 +20,30 @@ fn start(top: &str, backend: SocketAddr) -> Server {
     Server::start(&config).expect("start")
 }
 
-/// Drains and stops the server; returns its counters by metric name.
-fn stop_and_count(server: Server) -> std::collections::HashMap<&'static str, u64> {
-    let shared = Arc::clone(server.shared());
-    server.drain();
-    server.join().expect("workers stop cleanly");
-    stats::totals(&shared.stats).into_iter().map(|(name, _, value)| (name, value)).collect()
+/// Opens 40 connections one after another (a round trip each) through a ringlb started with
+/// `top`; returns how many each worker accepted.
+fn accepted_per_worker(top: &str) -> Vec<u64> {
+    let backend = Backend::echo();
+    let server = start(top, backend.addr);
+    let addr = server.listen_addrs[0].1;
+    for i in 0..40u8 {
+        let mut stream = connect(addr);
+        round_trip(&mut stream, &[i; 100]).unwrap();
+    }
+    let accepted = server.shared().stats.iter().map(|s| s.accepted.get()).collect();
+    stop_and_count(server);
+    accepted
 }
 
 #[test]
 fn packed_ringlb_starts_with_one_worker_taking_connections() {
-    let backend = Backend::echo();
-    let server = start("", backend.addr);
-    let addr = server.listen_addrs[0].1;
-    for i in 0..40u8 {
-        let mut stream = connect(addr);
-        round_trip(&mut stream, &[i; 100]).unwrap();
-    }
-    let accepted: Vec<u64> = server.shared().stats.iter().map(|s| s.accepted.get()).collect();
-    assert_eq!(accepted, vec![40, 0], "every connection on the first worker");
-    stop_and_count(server);
+    assert_eq!(accepted_per_worker(""), vec![40, 0], "every connection on the first worker");
 }
 
 #[test]
 fn even_spread_uses_every_worker() {
-    let backend = Backend::echo();
-    let server = start("spread = \"even\"", backend.addr);
-    let addr = server.listen_addrs[0].1;
-    for i in 0..40u8 {
-        let mut stream = connect(addr);
-        round_trip(&mut stream, &[i; 100]).unwrap();
-    }
-    let accepted: Vec<u64> = server.shared().stats.iter().map(|s| s.accepted.get()).collect();
+    let accepted = accepted_per_worker("spread = \"even\"");
     assert!(accepted.iter().all(|&a| a > 0), "the kernel's hash spreads 40 connections: {accepted:?}");
-    stop_and_count(server);
 }
 
 /// Clients that echo messages of many sizes through ringlb, checking every byte, until told

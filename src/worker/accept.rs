@@ -107,6 +107,18 @@ impl Worker {
         slot
     }
 
+    /// Takes the connection out of its slot and counts it closed here (freed, or handed to
+    /// another worker); below `max_connections` again, accepts again.
+    pub(super) fn remove_conn(&mut self, slot: usize) -> Conn {
+        let conn = self.conns.remove(slot);
+        self.stats().active.sub(1);
+        if self.at_capacity && self.conns.len() < self.max_connections {
+            self.at_capacity = false;
+            self.resume_accepts();
+        }
+        conn
+    }
+
     fn open_conn(&mut self, l: usize, fd: RawFd) {
         if self.conns.len() >= self.max_connections {
             // Accepted in the same batch as the one that reached the cap, before the cancel

@@ -59,18 +59,16 @@ impl Worker {
             return;
         }
         let moving = self.conns.iter().filter(|(_, c)| c.is_moving()).count() as u64;
-        let mut wanted = excess.saturating_sub(moving).min(MOVES_PER_PASS);
-        self.for_each_conn(
-            |_, c| c.can_move(),
-            |worker, slot| {
-                if wanted > 0 {
-                    wanted -= 1;
-                    worker.step(slot, |conn, ops| {
-                        conn.begin_move(ops);
-                    });
-                }
-            },
-        );
+        let wanted = excess.saturating_sub(moving).min(MOVES_PER_PASS) as usize;
+        // A pass runs at most a few times a second: a small list beats threading a limit
+        // through for_each_conn.
+        let slots: Vec<usize> =
+            self.conns.iter().filter(|(_, c)| c.can_move()).map(|(slot, _)| slot).take(wanted).collect();
+        for slot in slots {
+            self.step(slot, |conn, ops| {
+                conn.begin_move(ops);
+            });
+        }
     }
 
     /// A connection's waits are stopped: hand it to the worker in use with the fewest
@@ -87,9 +85,7 @@ impl Worker {
         let Some(to) = to else {
             return self.step(slot, |conn, ops| conn.arrive(ops));
         };
-        let conn = self.conns.remove(slot);
-        self.stats().active.sub(1);
-        self.slot_freed();
+        let conn = self.remove_conn(slot);
         match self.shared.hand_over(to, conn) {
             None => self.stats().moved.add(1),
             Some(conn) => self.adopt(conn),

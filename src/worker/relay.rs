@@ -136,6 +136,10 @@ impl Worker {
     fn execute(&mut self, slot: usize, op: Op, ops: &mut Vec<Op>) {
         let generation = self.conns[slot].generation;
         let token = |kind: Kind| Token::new(kind, slot, generation).encode();
+        // A cancel of this connection's operation of kind `target`, completing as `kind`.
+        let cancel = |target: Kind, kind: Kind| {
+            opcode::AsyncCancel2::new(types::CancelBuilder::user_data(token(target))).build().user_data(token(kind))
+        };
         let entry = match op {
             Op::Connect => return self.connect(slot, ops),
             Op::ReadPrefix { fd } => {
@@ -152,19 +156,9 @@ impl Worker {
             }
             Op::Recv { dir, fd } => ring::recv_multishot(fd, self.bufs.group(), self.recv_limit)
                 .user_data(token(by_dir(dir, Kind::RecvUp, Kind::RecvDown))),
-            Op::StopRecv { dir } => {
-                let recv = token(by_dir(dir, Kind::RecvUp, Kind::RecvDown));
-                opcode::AsyncCancel2::new(types::CancelBuilder::user_data(recv))
-                    .build()
-                    .user_data(token(Kind::StopRecv))
-            }
-            Op::Park { dir, poll } => {
-                let wait = match poll {
-                    false => token(by_dir(dir, Kind::RecvUp, Kind::RecvDown)),
-                    true => token(by_dir(dir, Kind::PollInUp, Kind::PollInDown)),
-                };
-                opcode::AsyncCancel2::new(types::CancelBuilder::user_data(wait)).build().user_data(token(Kind::Park))
-            }
+            Op::StopRecv { dir } => cancel(by_dir(dir, Kind::RecvUp, Kind::RecvDown), Kind::StopRecv),
+            Op::Park { dir, poll: false } => cancel(by_dir(dir, Kind::RecvUp, Kind::RecvDown), Kind::Park),
+            Op::Park { dir, poll: true } => cancel(by_dir(dir, Kind::PollInUp, Kind::PollInDown), Kind::Park),
             Op::Send { dir, fd, buf, offset, len } => {
                 // SAFETY: offset < len <= buffer size, so the pointer stays in buffer `buf`.
                 let ptr = unsafe { self.bufs.ptr(buf).add(offset as usize) };
@@ -386,7 +380,7 @@ impl Worker {
 
     fn free(&mut self, slot: usize) {
         self.release_slot(slot);
-        let conn = self.conns.remove(slot);
+        let conn = self.remove_conn(slot);
         let pool = conn.pool as usize;
         // A pipe still held has bytes in it that will never be sent: close it, do not reuse it.
         for index in conn.pipes.into_iter().flatten() {
@@ -400,9 +394,7 @@ impl Worker {
         {
             limit.release(client.ip());
         }
-        self.slot_freed();
         let stats = &self.shared.stats[self.index];
-        stats.active.sub(1);
         match conn.end() {
             Some(End::Finished) => stats.finished.add(1),
             Some(End::Reset(_)) => stats.reset.add(1),
@@ -417,16 +409,6 @@ impl Worker {
             conn.bytes[0],
             conn.bytes[1]
         );
-    }
-}
-
-impl Worker {
-    /// A connection left this worker: below `max_connections` again, accept again.
-    pub(super) fn slot_freed(&mut self) {
-        if self.at_capacity && self.conns.len() < self.max_connections {
-            self.at_capacity = false;
-            self.resume_accepts();
-        }
     }
 }
 

@@ -484,3 +484,11 @@ pub fn round_trip(stream: &mut TcpStream, message: &[u8]) -> std::io::Result<()>
     assert_eq!(back, message);
     Ok(())
 }
+
+/// Drains and stops the in-process ringlb, and returns its counters by metric name.
+pub fn stop_and_count(server: ringlb::server::Server) -> HashMap<&'static str, u64> {
+    let shared = Arc::clone(server.shared());
+    server.drain();
+    server.join().expect("workers stop cleanly");
+    ringlb::stats::totals(&shared.stats).into_iter().map(|(name, _, value)| (name, value)).collect()
+}
