@@ -53,7 +53,7 @@ fn pool(algorithm: Algorithm, n: usize) -> Pool {
         .enumerate()
         .map(|(i, name)| BackendConfig::new(name.parse().unwrap(), 1 + (i % 3) as u32))
         .collect();
-    Pool::build(&PoolConfig::new("bench", algorithm, backends), &vec![true; n])
+    Pool::build(&PoolConfig::new("bench", algorithm, backends), &vec![true; n], &vec![0; n])
 }
 
 fn picks(c: &mut Criterion) {

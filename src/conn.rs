@@ -376,6 +376,9 @@ pub struct Conn {
     pub pool: u32,
     /// Index of the backend (in the pool) being connected to or relayed to.
     pub backend_index: u32,
+    /// How many times that backend had been marked down when the connect started, by the
+    /// worker's snapshot ([`crate::pool::Pool::cuts`]).
+    pub backend_downs: u32,
     /// Bytes to read before routing and to send before relaying; `None` when there are none.
     pub prefix: Option<Box<Prefix>>,
     relay: Relay,
@@ -426,6 +429,7 @@ impl Conn {
             queued_since: None,
             pool: 0,
             backend_index: 0,
+            backend_downs: 0,
             prefix: None,
             relay,
             spliced: [relay == Relay::Splice; 2],
@@ -603,10 +607,12 @@ impl Conn {
         }
     }
 
-    /// The worker opened `fd` for the connect it was asked for, to backend `index`.
-    pub fn backend_opened(&mut self, fd: RawFd, index: u32) {
+    /// The worker opened `fd` for the connect it was asked for, to backend `index`, which had
+    /// been marked down `downs` times.
+    pub fn backend_opened(&mut self, fd: RawFd, index: u32, downs: u32) {
         self.backend = Some(fd);
         self.backend_index = index;
+        self.backend_downs = downs;
         self.tried += 1;
     }
 
@@ -1125,7 +1131,7 @@ mod tests {
             let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Copy, 0), ops: Vec::new(), now: 0 };
             h.conn.route(0, attempts, &mut h.ops);
             assert_eq!(h.take(), vec![Op::Connect]);
-            h.conn.backend_opened(BACKEND, 0);
+            h.conn.backend_opened(BACKEND, 0, 0);
             h
         }
 
@@ -1133,7 +1139,7 @@ mod tests {
         fn connected(relay: Relay) -> Harness {
             let mut h = Harness { conn: Conn::new(1, CLIENT, 0, relay, 0), ops: Vec::new(), now: 0 };
             h.conn.route(0, 1, &mut h.ops);
-            h.conn.backend_opened(BACKEND, 0);
+            h.conn.backend_opened(BACKEND, 0, 0);
             h.event(Event::ConnectTimerDone);
             h.event(Event::Connected(0));
             h
@@ -1370,7 +1376,7 @@ mod tests {
         assert_eq!(outcome, Some(Notice::ConnectFailed(libc::ECONNREFUSED)));
         assert_eq!(h.take(), vec![Op::Close { fd: BACKEND, reset: false }, Op::Connect]);
         assert_eq!(h.conn.backend, None);
-        h.conn.backend_opened(BACKEND2, 1);
+        h.conn.backend_opened(BACKEND2, 1, 0);
         // Completions of the first attempt's timer and close arrive in any order.
         assert!(h.event(Event::ConnectTimerDone).is_empty());
         assert!(h.event(Event::Closed).is_empty());
@@ -1464,7 +1470,7 @@ mod tests {
         assert_eq!(h.conn.prefix.as_ref().unwrap().pending().len(), 3 + 6);
         h.conn.route(0, 1, &mut h.ops);
         assert_eq!(h.take(), vec![Op::Connect]);
-        h.conn.backend_opened(BACKEND, 0);
+        h.conn.backend_opened(BACKEND, 0, 0);
         h.event(Event::ConnectTimerDone);
         // Connected: the prefix goes to the backend before the client is read.
         let ops = h.event(Event::Connected(0));
@@ -1516,7 +1522,7 @@ mod tests {
         let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Splice, 0), ops: Vec::new(), now: 0 };
         h.conn.route(0, 1, &mut h.ops);
         h.take();
-        h.conn.backend_opened(BACKEND, 0);
+        h.conn.backend_opened(BACKEND, 0, 0);
         h.event(Event::ConnectTimerDone);
         assert_eq!(
             h.event(Event::Connected(0)),
@@ -1567,7 +1573,7 @@ mod tests {
     fn auto_relay_splices_a_direction_after_a_full_buffer() {
         let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Auto, 0), ops: Vec::new(), now: 0 };
         h.conn.route(0, 1, &mut h.ops);
-        h.conn.backend_opened(BACKEND, 0);
+        h.conn.backend_opened(BACKEND, 0, 0);
         h.take();
         h.event(Event::ConnectTimerDone);
         // Both directions start with the copy relay.
@@ -1936,7 +1942,7 @@ mod model {
                             let fd = BACKENDS[self.next_backend];
                             self.next_backend += 1;
                             self.open_fds.insert(fd);
-                            self.conn.backend_opened(fd, self.next_backend as u32 - 1);
+                            self.conn.backend_opened(fd, self.next_backend as u32 - 1, 0);
                             self.pending.push(Pending::Connect(fd));
                             self.pending.push(Pending::ConnectTimer);
                         }

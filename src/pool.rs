@@ -38,6 +38,10 @@ pub struct Pool {
     pub backends: Vec<Backend>,
     /// Health: `up[i]` is whether backend i passes its checks.
     pub up: Vec<bool>,
+    /// `downs[i]`: how many times backend i has been marked down since the start. A connection
+    /// remembers its backend's count when it connects; a higher count now means the backend
+    /// went down since, even if it is up again (see [`Pool::cuts`]).
+    pub downs: Vec<u32>,
     /// Indices of the backends new connections may go to: the up ones, or all when none is up.
     usable: Vec<u32>,
     /// For `maglev` pools, built over the usable backends.
@@ -45,9 +49,11 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Builds a pool for `config` with the given health (`up[i]` for backend i).
-    pub fn build(config: &PoolConfig, up: &[bool]) -> Pool {
+    /// Builds a pool for `config` with the given health (`up[i]` for backend i, which has been
+    /// marked down `downs[i]` times).
+    pub fn build(config: &PoolConfig, up: &[bool], downs: &[u32]) -> Pool {
         debug_assert_eq!(up.len(), config.backends.len());
+        debug_assert_eq!(downs.len(), config.backends.len());
         let backends: Vec<Backend> = config
             .backends
             .iter()
@@ -88,6 +94,7 @@ impl Pool {
             limited: config.backends.iter().any(|b| b.max_conns.is_some()),
             backends,
             up: up.to_vec(),
+            downs: downs.to_vec(),
             usable,
             maglev,
         }
@@ -96,6 +103,15 @@ impl Pool {
     /// The backends a new connection may go to; never empty.
     pub fn usable(&self) -> &[u32] {
         &self.usable
+    }
+
+    /// Whether a connection to `backend`, made when that backend had been marked down `downs`
+    /// times, is to be cut: the pool cuts (`on_down = "close"`) and the backend was marked down
+    /// since. Comparing counts, not up flags, catches a backend that went down and came back
+    /// between two snapshots a worker installed, or while the connection moved between workers.
+    /// A count below the connection's is an older snapshot than the one it connected under.
+    pub fn cuts(&self, backend: u32, downs: u32) -> bool {
+        self.on_down == OnDown::Close && self.downs.get(backend as usize).is_some_and(|&now| now > downs)
     }
 
     /// Whether every backend is down (and traffic goes to all of them: fail open).
@@ -117,7 +133,11 @@ pub struct Snapshot {
 impl Snapshot {
     /// The first snapshot: every backend up.
     pub fn from_config(config: &Config) -> Arc<Snapshot> {
-        let pools = config.pools.iter().map(|p| Arc::new(Pool::build(p, &vec![true; p.backends.len()]))).collect();
+        let pools = config
+            .pools
+            .iter()
+            .map(|p| Arc::new(Pool::build(p, &vec![true; p.backends.len()], &vec![0; p.backends.len()])))
+            .collect();
         Arc::new(Snapshot { generation: 1, pools })
     }
 
@@ -126,5 +146,33 @@ impl Snapshot {
         let mut pools = self.pools.clone();
         pools[index] = Arc::new(pool);
         Arc::new(Snapshot { generation: self.generation + 1, pools })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Algorithm, BackendConfig};
+
+    fn pool(on_down: OnDown, downs: &[u32]) -> Pool {
+        let backends =
+            (0..downs.len()).map(|i| BackendConfig::new(format!("10.0.0.{}:80", i + 1).parse().unwrap(), 1)).collect();
+        let mut config = PoolConfig::new("p", Algorithm::RoundRobin, backends);
+        config.on_down = on_down;
+        Pool::build(&config, &vec![true; downs.len()], downs)
+    }
+
+    #[test]
+    fn a_connection_is_cut_if_its_backend_went_down_since_it_connected_even_if_up_again() {
+        // Backend 0 went down once and is up again; backend 1 never went down.
+        let now = pool(OnDown::Close, &[1, 0]);
+        assert!(now.up.iter().all(|&u| u));
+        assert!(now.cuts(0, 0), "connected before the down");
+        assert!(!now.cuts(0, 1), "connected after it came back");
+        assert!(!now.cuts(1, 0));
+        // A connection from a worker with a newer snapshot (a count above this one's) stays.
+        assert!(!now.cuts(0, 2));
+        assert!(!now.cuts(7, 0), "no such backend");
+        assert!(!pool(OnDown::Keep, &[1, 0]).cuts(0, 0), "on_down = keep cuts nothing");
     }
 }

@@ -219,7 +219,7 @@ mod tests {
             .enumerate()
             .map(|(i, &w)| BackendConfig::new(format!("10.0.0.{}:80", i + 1).parse().unwrap(), w))
             .collect();
-        Pool::build(&PoolConfig::new("p", algorithm, backends), up)
+        Pool::build(&PoolConfig::new("p", algorithm, backends), up, &vec![0; up.len()])
     }
 
     fn counters(active: &[u64]) -> Vec<BackendCounters> {

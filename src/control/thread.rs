@@ -31,6 +31,8 @@ struct Checked {
 struct PoolHealth {
     states: Vec<HealthState>,
     up: Vec<bool>,
+    /// Times each backend was marked down (see [`Pool::downs`]).
+    downs: Vec<u32>,
 }
 
 /// Starts the control thread and returns once its runtime is up. `metrics` is an already
@@ -87,6 +89,7 @@ async fn control_loop(config: &Config, shared: &Shared, mut events: UnboundedRec
         health.push(Some(PoolHealth {
             states: pool.backends.iter().map(|_| HealthState::new(check.rise, check.fall)).collect(),
             up: vec![true; pool.backends.len()],
+            downs: vec![0; pool.backends.len()],
         }));
     }
     drop(checked_tx);
@@ -116,6 +119,9 @@ async fn control_loop(config: &Config, shared: &Shared, mut events: UnboundedRec
         }
         let was_all_down = !pool_health.up.iter().any(|&u| u);
         pool_health.up[backend] = now_up;
+        if !now_up {
+            pool_health.downs[backend] += 1;
+        }
         let all_down = !pool_health.up.iter().any(|&u| u);
         if all_down && !was_all_down {
             error!("pool {name}: every backend is down; sending connections to all of them (fail open)");
@@ -123,7 +129,7 @@ async fn control_loop(config: &Config, shared: &Shared, mut events: UnboundedRec
             info!("pool {name}: a backend is up again; no longer failing open");
         }
         let current = shared.snapshot();
-        shared.publish(current.with_pool(pool, Pool::build(pool_config, &pool_health.up)));
+        shared.publish(current.with_pool(pool, Pool::build(pool_config, &pool_health.up, &pool_health.downs)));
     }
 }
 

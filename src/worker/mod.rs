@@ -468,7 +468,8 @@ impl Worker {
     }
 
     /// Takes a new snapshot into use: pools that changed get fresh balancing state, and
-    /// with `on_down = "close"` the connections of backends that went down are cut.
+    /// with `on_down = "close"` the connections of backends marked down since they connected
+    /// are cut.
     fn install(&mut self, snapshot: Arc<Snapshot>) {
         let old = std::mem::replace(&mut self.snapshot, snapshot);
         for p in 0..self.snapshot.pools.len() {
@@ -477,24 +478,21 @@ impl Worker {
                 continue;
             }
             self.pickers[p] = Picker::new(after, picker_seed(self.index, p));
-            if after.on_down == OnDown::Close {
-                let went_down: Vec<bool> = before.up.iter().zip(&after.up).map(|(&b, &a)| b && !a).collect();
-                if went_down.iter().any(|&d| d) {
-                    self.cut_connections(p, &went_down);
-                }
+            if after.on_down == OnDown::Close && before.downs != after.downs {
+                self.cut_connections(p);
             }
         }
         self.retired.push(old);
     }
 
-    /// Cuts the connections of pool `pool` to backends marked in `went_down`.
-    fn cut_connections(&mut self, pool: usize, went_down: &[bool]) {
+    /// Cuts the connections of pool `pool` whose backend was marked down since they connected.
+    fn cut_connections(&mut self, pool: usize) {
         let picked = self.for_each_conn(
-            |_, c| {
+            |worker, c| {
                 c.pool as usize == pool
                     && c.holds_slot
                     && !c.is_closing()
-                    && went_down.get(c.backend_index as usize).copied().unwrap_or(false)
+                    && worker.snapshot.pools[pool].cuts(c.backend_index, c.backend_downs)
             },
             |worker, slot| {
                 worker.stats().backend_down_closed.add(1);

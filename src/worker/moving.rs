@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use log::warn;
 
 use super::{Mode, Worker};
-use crate::config::{OnDown, Spread};
+use crate::config::Spread;
 use crate::conn::Conn;
 use crate::spread;
 use crate::sys;
@@ -94,8 +94,9 @@ impl Worker {
 
     /// Takes in a connection another worker handed over and starts its waits in this ring.
     /// What happened while it was on its way applies to it now: the drain deadline passed, or
-    /// its backend was marked down in a pool that cuts such connections (this worker cut its
-    /// own when it installed that snapshot, before it looked at its inbox).
+    /// its backend was marked down since it connected, in a pool that cuts such connections
+    /// (this worker cut its own when it installed that snapshot, before it looked at its inbox;
+    /// a backend that went down and came back up meanwhile counts as down).
     pub(super) fn adopt(&mut self, conn: Conn) {
         let slot = self.insert_conn(|generation| conn.with_generation(generation));
         self.step(slot, |conn, ops| conn.arrive(ops));
@@ -104,7 +105,7 @@ impl Worker {
         if self.closing_all {
             self.stats().drain_closed.add(1);
             self.step(slot, |conn, ops| conn.close(ops));
-        } else if pool.on_down == OnDown::Close && !pool.up.get(conn.backend_index as usize).copied().unwrap_or(true) {
+        } else if conn.holds_slot && pool.cuts(conn.backend_index, conn.backend_downs) {
             self.stats().backend_down_closed.add(1);
             self.step(slot, |conn, ops| conn.cut(ops));
         }

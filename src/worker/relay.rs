@@ -270,7 +270,7 @@ impl Worker {
         match sys::backend_socket(&backend.sockaddr) {
             Ok(fd) => {
                 counters[backend_index].connections.fetch_add(1, Ordering::Relaxed);
-                conn.backend_opened(fd, backend_index as u32);
+                conn.backend_opened(fd, backend_index as u32, pool.downs[backend_index]);
                 let token = |kind| Token::new(kind, slot, conn.generation).encode();
                 let connect =
                     opcode::Connect::new(types::Fd(fd), backend.sockaddr.as_ptr().cast(), backend.sockaddr.len())
