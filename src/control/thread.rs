@@ -157,33 +157,19 @@ async fn check_forever(
 async fn follow_load(shared: Arc<Shared>, per_worker: u64) {
     let workers = shared.stats.len();
     let mut packer = spread::Packer::new(workers);
-    // Each worker's CPU time at the last look; `None` until its thread is first seen, so the
-    // time it used before does not count as one interval's.
-    let mut cpu: Vec<Option<Duration>> = vec![None; workers];
-    let mut last = Instant::now();
+    let mut cpu = spread::CpuShares::new(workers, std::time::Instant::now());
     let mut asked: Vec<spread::Asking> = (0..workers).map(|_| spread::Asking::default()).collect();
     let mut ticks = tokio::time::interval(spread::INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while shared.run_state() == RunState::Running {
         ticks.tick().await;
-        let now = Instant::now();
-        let wall = (now - last).as_secs_f64().max(1e-3);
-        last = now;
-        let busy: Vec<f64> = shared
-            .threads
-            .iter()
-            .zip(&mut cpu)
-            .map(|(tid, before)| {
-                let tid = tid.load(Ordering::Acquire);
-                let used = if tid == 0 { None } else { sys::thread_cpu_time(tid) };
-                let share = match (*before, used) {
-                    (Some(before), Some(used)) => used.saturating_sub(before).as_secs_f64() / wall,
-                    _ => 0.0,
-                };
-                *before = used.or(*before);
-                share
-            })
-            .collect();
+        let busy = cpu.update(
+            std::time::Instant::now(),
+            shared.threads.iter().map(|tid| match tid.load(Ordering::Acquire) {
+                0 => None,
+                tid => sys::thread_cpu_time(tid),
+            }),
+        );
         let counts = shared.open_connections();
         let in_use = shared.workers_in_use();
         if !shared.workers_in_use_held() {
