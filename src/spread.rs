@@ -50,6 +50,11 @@ pub const FELL_TO: f64 = 0.8;
 pub const SHRINK_BELOW: f64 = 0.4;
 /// ...for this many intervals in a row (2 s).
 pub const QUIET_INTERVALS: u32 = 8;
+/// A worker brought back into use within this many intervals (8 s) of being taken out of use
+/// doubles the quiet spell the next shrink needs...
+pub const REGROW_WINDOW: u64 = 32;
+/// ...up to this many intervals (64 s). A grow after a longer time without a shrink resets it.
+pub const MAX_QUIET_INTERVALS: u32 = 256;
 
 /// Decides how many workers are in use (the first ones, by index).
 #[derive(Debug)]
@@ -58,6 +63,12 @@ pub struct Packer {
     workers: usize,
     hot: u32,
     quiet: u32,
+    /// Quiet intervals in a row the next shrink needs: QUIET_INTERVALS, doubled after each
+    /// flap (a grow soon after a shrink).
+    quiet_needed: u32,
+    /// Intervals seen, and the one of the last shrink.
+    ticks: u64,
+    shrunk_at: Option<u64>,
     /// For each worker brought into use, all workers' CPU use (shares of a CPU) just before.
     grown_at: Vec<f64>,
 }
@@ -65,7 +76,16 @@ pub struct Packer {
 impl Packer {
     /// Starts with one worker in use.
     pub fn new(workers: usize) -> Packer {
-        Packer { in_use: 1, workers: workers.max(1), hot: 0, quiet: 0, grown_at: Vec::new() }
+        Packer {
+            in_use: 1,
+            workers: workers.max(1),
+            hot: 0,
+            quiet: 0,
+            quiet_needed: QUIET_INTERVALS,
+            ticks: 0,
+            shrunk_at: None,
+            grown_at: Vec::new(),
+        }
     }
 
     pub fn in_use(&self) -> usize {
@@ -76,7 +96,15 @@ impl Packer {
     /// against its share of `max_connections` (`cap`); returns the workers in use. A worker in
     /// use that is [`crowded`] brings the next into use at once, and the workers in use go
     /// down only if the connections fit the rest at 80% of their shares.
+    ///
+    /// A load whose cost changes with the number of workers (at 99% of one worker, 72% over
+    /// two, as a copy relay of 4 bulk transfers measured) passes the rules both ways; each
+    /// time a shrink is undone within [`REGROW_WINDOW`], the next needs twice as long a quiet
+    /// spell, so such a load settles on the larger number instead of moving its connections
+    /// back and forth every few seconds. Once the load falls below [`SHRINK_BELOW`] a CPU per
+    /// remaining worker, the usual spell applies again.
     pub fn update(&mut self, busy: &[f64], counts: &[u64], cap: u64) -> usize {
+        self.ticks += 1;
         let total: f64 = busy.iter().sum();
         let hot = busy.iter().any(|&b| b >= GROW_AT);
         // A hot worker asks for more only if the work would spread over more workers than are
@@ -92,12 +120,20 @@ impl Packer {
             self.in_use = wanted;
             self.hot = 0;
             self.quiet = 0;
+            self.quiet_needed = match self.shrunk_at {
+                Some(at) if self.ticks - at <= REGROW_WINDOW => (self.quiet_needed * 2).min(MAX_QUIET_INTERVALS),
+                _ => QUIET_INTERVALS,
+            };
         } else if !hot && fewer > 0 && fits_fewer && total < fell.max(SHRINK_BELOW * fewer as f64) {
             self.quiet += 1;
-            if self.quiet >= QUIET_INTERVALS {
+            // The back-off holds only while the load is still more than a light one: once it
+            // has gone, the workers go after the usual spell.
+            let needed = if total < SHRINK_BELOW * fewer as f64 { QUIET_INTERVALS } else { self.quiet_needed };
+            if self.quiet >= needed {
                 self.in_use = fewer;
                 self.grown_at.truncate(fewer - 1);
                 self.quiet = 0;
+                self.shrunk_at = Some(self.ticks);
             }
         } else {
             self.quiet = 0;
@@ -234,6 +270,42 @@ mod tests {
         // Two looks at the same instant: the wall time counts as 1 ms, not 0.
         let busy = shares.update(start + ms(1250), [Some(ms(5350)), Some(ms(136)), Some(ms(51))]);
         assert!((busy[1] - 1.0).abs() < 1e-9, "{busy:?}");
+    }
+
+    #[test]
+    fn a_load_that_flaps_backs_off() {
+        // One worker at 99% asks for a second; over two the same load uses 37% + 35%, less than
+        // 80% of the 99% that brought the second in, so the second goes again.
+        let mut packer = Packer::new(2);
+        let mut shrinks = Vec::new();
+        for tick in 0..1000u32 {
+            let busy: &[f64] = if packer.in_use() == 1 { &[0.99, 0.0] } else { &[0.37, 0.35] };
+            let before = packer.in_use();
+            if packer.update(busy, &[2, 2], 1000) < before {
+                shrinks.push(tick);
+            }
+        }
+        // Two hot intervals bring the second worker in; it goes after the quiet spell, 8
+        // intervals, then 16, 32, ... up to 256, as every shrink is undone 2 intervals later.
+        // Without the back-off: one shrink every 10 intervals.
+        assert_eq!(shrinks, [9, 27, 61, 127, 257, 515, 773]);
+
+        // A load that grows again long after the last shrink starts from the short spell.
+        let mut calm = Packer::new(2);
+        feed(&mut calm, HOT_INTERVALS, &[0.99, 0.0]);
+        assert_eq!(feed(&mut calm, QUIET_INTERVALS, &[0.1, 0.1]), 1);
+        feed(&mut calm, REGROW_WINDOW as u32 + 1, &[0.1, 0.0]);
+        assert_eq!(feed(&mut calm, HOT_INTERVALS, &[0.99, 0.0]), 2);
+        assert_eq!(feed(&mut calm, QUIET_INTERVALS, &[0.1, 0.1]), 1, "no back-off: no flap");
+        // One that grows right after: the next shrink needs twice the spell...
+        assert_eq!(feed(&mut calm, HOT_INTERVALS, &[0.99, 0.0]), 2);
+        assert_eq!(feed(&mut calm, 2 * QUIET_INTERVALS - 1, &[0.37, 0.35]), 2, "backed off");
+        assert_eq!(feed(&mut calm, 1, &[0.37, 0.35]), 1);
+        // ...unless the load has become a light one.
+        assert_eq!(feed(&mut calm, HOT_INTERVALS, &[0.99, 0.0]), 2);
+        assert_eq!(feed(&mut calm, QUIET_INTERVALS, &[0.1, 0.1]), 1, "a light load: the usual spell");
+        // After the flapping load above, its end still takes workers out after the usual spell.
+        assert_eq!(feed(&mut packer, QUIET_INTERVALS, &[0.0, 0.0]), 1);
     }
 
     /// Feeds the packer the same figures `n` times; returns the workers in use after.
