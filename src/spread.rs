@@ -51,9 +51,11 @@ pub const SHRINK_BELOW: f64 = 0.4;
 /// ...for this many intervals in a row (2 s).
 pub const QUIET_INTERVALS: u32 = 8;
 /// A worker brought back into use within this many intervals (8 s) of being taken out of use
-/// doubles the quiet spell the next shrink needs...
+/// under a load that was not light doubles the quiet spell the next shrink needs...
 pub const REGROW_WINDOW: u64 = 32;
-/// ...up to this many intervals (64 s). A grow after a longer time without a shrink resets it.
+/// ...up to this many intervals (64 s). Bringing a worker back later, or after the load had
+/// gone light, resets it. (Intervals here are the packer's updates: none while the workers in
+/// use are held.)
 pub const MAX_QUIET_INTERVALS: u32 = 256;
 
 /// Decides how many workers are in use (the first ones, by index).
@@ -66,9 +68,10 @@ pub struct Packer {
     /// Quiet intervals in a row the next shrink needs: QUIET_INTERVALS, doubled after each
     /// flap (a grow soon after a shrink).
     quiet_needed: u32,
-    /// Intervals seen, and the one of the last shrink.
+    /// Intervals seen.
     ticks: u64,
-    shrunk_at: Option<u64>,
+    /// The last shrink since the last grow: its interval, and whether the load was light.
+    shrunk: Option<(u64, bool)>,
     /// For each worker brought into use, all workers' CPU use (shares of a CPU) just before.
     grown_at: Vec<f64>,
 }
@@ -83,7 +86,7 @@ impl Packer {
             quiet: 0,
             quiet_needed: QUIET_INTERVALS,
             ticks: 0,
-            shrunk_at: None,
+            shrunk: None,
             grown_at: Vec::new(),
         }
     }
@@ -120,20 +123,26 @@ impl Packer {
             self.in_use = wanted;
             self.hot = 0;
             self.quiet = 0;
-            self.quiet_needed = match self.shrunk_at {
-                Some(at) if self.ticks - at <= REGROW_WINDOW => (self.quiet_needed * 2).min(MAX_QUIET_INTERVALS),
-                _ => QUIET_INTERVALS,
-            };
+            // Only a grow that undoes a shrink counts; one that adds to a level that stayed
+            // leaves the back-off as it is.
+            match self.shrunk.take() {
+                Some((at, false)) if self.ticks - at <= REGROW_WINDOW => {
+                    self.quiet_needed = (self.quiet_needed * 2).min(MAX_QUIET_INTERVALS);
+                }
+                Some(_) => self.quiet_needed = QUIET_INTERVALS,
+                None => {}
+            }
         } else if !hot && fewer > 0 && fits_fewer && total < fell.max(SHRINK_BELOW * fewer as f64) {
             self.quiet += 1;
             // The back-off holds only while the load is still more than a light one: once it
             // has gone, the workers go after the usual spell.
-            let needed = if total < SHRINK_BELOW * fewer as f64 { QUIET_INTERVALS } else { self.quiet_needed };
+            let light = total < SHRINK_BELOW * fewer as f64;
+            let needed = if light { QUIET_INTERVALS } else { self.quiet_needed };
             if self.quiet >= needed {
                 self.in_use = fewer;
                 self.grown_at.truncate(fewer - 1);
                 self.quiet = 0;
-                self.shrunk_at = Some(self.ticks);
+                self.shrunk = Some((self.ticks, light));
             }
         } else {
             self.quiet = 0;
@@ -290,20 +299,36 @@ mod tests {
         // Without the back-off: one shrink every 10 intervals.
         assert_eq!(shrinks, [9, 27, 61, 127, 257, 515, 773]);
 
-        // A load that grows again long after the last shrink starts from the short spell.
+        // A flap: a shrink under a load that is not light, undone at once. The next shrink
+        // needs twice the spell...
         let mut calm = Packer::new(2);
         feed(&mut calm, HOT_INTERVALS, &[0.99, 0.0]);
-        assert_eq!(feed(&mut calm, QUIET_INTERVALS, &[0.1, 0.1]), 1);
-        feed(&mut calm, REGROW_WINDOW as u32 + 1, &[0.1, 0.0]);
-        assert_eq!(feed(&mut calm, HOT_INTERVALS, &[0.99, 0.0]), 2);
-        assert_eq!(feed(&mut calm, QUIET_INTERVALS, &[0.1, 0.1]), 1, "no back-off: no flap");
-        // One that grows right after: the next shrink needs twice the spell...
+        assert_eq!(feed(&mut calm, QUIET_INTERVALS, &[0.37, 0.35]), 1);
         assert_eq!(feed(&mut calm, HOT_INTERVALS, &[0.99, 0.0]), 2);
         assert_eq!(feed(&mut calm, 2 * QUIET_INTERVALS - 1, &[0.37, 0.35]), 2, "backed off");
         assert_eq!(feed(&mut calm, 1, &[0.37, 0.35]), 1);
         // ...unless the load has become a light one.
         assert_eq!(feed(&mut calm, HOT_INTERVALS, &[0.99, 0.0]), 2);
         assert_eq!(feed(&mut calm, QUIET_INTERVALS, &[0.1, 0.1]), 1, "a light load: the usual spell");
+        // A load back after it had gone light starts from the usual spell.
+        assert_eq!(feed(&mut calm, HOT_INTERVALS, &[0.99, 0.0]), 2);
+        assert_eq!(feed(&mut calm, QUIET_INTERVALS, &[0.37, 0.35]), 1, "reset after a light spell");
+        // So does one back long after the last shrink.
+        feed(&mut calm, REGROW_WINDOW as u32 + 1, &[0.5, 0.0]);
+        assert_eq!(feed(&mut calm, HOT_INTERVALS, &[0.99, 0.0]), 2);
+        assert_eq!(feed(&mut calm, QUIET_INTERVALS, &[0.37, 0.35]), 1, "reset after a long time");
+
+        // A grow that brings no worker back (a third, after the second came back) neither
+        // doubles the spell again nor resets it.
+        let mut three = Packer::new(3);
+        feed(&mut three, HOT_INTERVALS, &[0.99, 0.0, 0.0]);
+        assert_eq!(feed(&mut three, QUIET_INTERVALS, &[0.37, 0.35, 0.0]), 1);
+        assert_eq!(feed(&mut three, HOT_INTERVALS, &[0.99, 0.0, 0.0]), 2);
+        assert_eq!(feed(&mut three, HOT_INTERVALS, &[0.9, 0.9, 0.0]), 3);
+        // 3 -> 2 under a load that is not light (1.4 < 80% of 1.8) takes 16 intervals, not 32.
+        assert_eq!(feed(&mut three, 2 * QUIET_INTERVALS - 1, &[0.5, 0.5, 0.4]), 3);
+        assert_eq!(feed(&mut three, 1, &[0.5, 0.5, 0.4]), 2);
+
         // After the flapping load above, its end still takes workers out after the usual spell.
         assert_eq!(feed(&mut packer, QUIET_INTERVALS, &[0.0, 0.0]), 1);
     }
