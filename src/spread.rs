@@ -10,11 +10,12 @@
 //!   [`HOT_INTERVALS`] in a row and the work would spread over more workers than are in use
 //!   at [`TARGET`] each (one more, or as many as would each stay near [`TARGET`]);
 //!   one fewer after [`QUIET_INTERVALS`] in a row in which no worker was that busy and all
-//!   workers together used less
-//!   than [`FELL_TO`] of what they used when that worker came into use, or less than
-//!   [`SHRINK_BELOW`] of a CPU per worker that would remain. The first rule is the hysteresis
-//!   that keeps a load that needed one more worker from flapping between the two; the second
-//!   brings a light load back to fewer workers whatever happened before.
+//!   workers together used less than [`FELL_TO`] of what they used when that worker came
+//!   into use, or less than [`SHRINK_BELOW`] of a CPU per worker that would remain. The first
+//!   rule is the hysteresis that keeps a load that needed one more worker from flapping
+//!   between the two; the second brings a light load back to fewer workers whatever happened
+//!   before. A load that passes both ways all the same (it costs less over more workers)
+//!   doubles the quiet spell each time a shrink is undone within [`REGROW_WINDOW`].
 //! - Workers steer their listeners' SYNs to the workers in use (a classic BPF program on the
 //!   SO_REUSEPORT group, [`crate::sys::steer_reuseport`]). The program picks sockets by their
 //!   place in the group, which is the worker's index because the workers' listeners start
@@ -116,7 +117,8 @@ impl Packer {
         self.hot = if hot && more_would_help { self.hot + 1 } else { 0 };
         let fewer = self.in_use.saturating_sub(1);
         let fits_fewer = counts.iter().sum::<u64>() * 10 < cap.saturating_mul(8 * fewer as u64);
-        let fell = self.grown_at.last().map_or(0.0, |&before| before * FELL_TO);
+        let fell = self.grown_at.last().is_some_and(|&before| total < before * FELL_TO);
+        let light = total < SHRINK_BELOW * fewer as f64;
         if self.in_use < self.workers && (self.hot >= HOT_INTERVALS || crowded(self.in_use, counts, cap)) {
             let wanted = ((total / TARGET).ceil() as usize).max(self.in_use + 1).min(self.workers);
             self.grown_at.resize(wanted - 1, total);
@@ -132,11 +134,10 @@ impl Packer {
                 Some(_) => self.quiet_needed = QUIET_INTERVALS,
                 None => {}
             }
-        } else if !hot && fewer > 0 && fits_fewer && total < fell.max(SHRINK_BELOW * fewer as f64) {
+        } else if !hot && fewer > 0 && fits_fewer && (fell || light) {
             self.quiet += 1;
             // The back-off holds only while the load is still more than a light one: once it
             // has gone, the workers go after the usual spell.
-            let light = total < SHRINK_BELOW * fewer as f64;
             let needed = if light { QUIET_INTERVALS } else { self.quiet_needed };
             if self.quiet >= needed {
                 self.in_use = fewer;

@@ -145,28 +145,20 @@ pub fn backend_socket(addr: &SockAddr) -> io::Result<RawFd> {
     Ok(fd)
 }
 
+/// setsockopt with `value`, the C type the option takes (c_int, linger, sock_fprog...), which
+/// the kernel copies during the call.
+fn set_option<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: passes a pointer to a live T and its size; the kernel only reads it.
+    check(unsafe { libc::setsockopt(fd, level, name, (value as *const T).cast(), mem::size_of::<T>() as _) }).map(drop)
+}
+
 fn set_int_option(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
-    // SAFETY: passes a pointer to a live c_int and its size.
-    check(unsafe {
-        libc::setsockopt(fd, level, name, (&value as *const libc::c_int).cast(), mem::size_of::<libc::c_int>() as _)
-    })
-    .map(drop)
+    set_option(fd, level, name, &value)
 }
 
 /// Sets SO_LINGER {on, 0}: the next close sends RST instead of FIN.
 pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: passes a pointer to a live linger struct and its size.
-    check(unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            mem::size_of::<libc::linger>() as _,
-        )
-    })
-    .map(drop)
+    set_option(fd, libc::SOL_SOCKET, libc::SO_LINGER, &libc::linger { l_onoff: 1, l_linger: 0 })
 }
 
 /// shutdown(SHUT_WR): sends FIN after whatever is queued; never blocks.
@@ -295,18 +287,9 @@ pub fn steer_reuseport(listener: RawFd, count: u32) -> io::Result<()> {
         libc::sock_filter { code: (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16, jt: 0, jf: 0, k: count.max(1) };
     let answer = libc::sock_filter { code: (libc::BPF_RET | libc::BPF_A) as u16, jt: 0, jf: 0, k: 0 };
     let mut program = [load_random, modulo, answer];
+    // The kernel copies the program (3 instructions at `filter`, alive here) during the call.
     let fprog = libc::sock_fprog { len: program.len() as u16, filter: program.as_mut_ptr() };
-    // SAFETY: the kernel copies the program (3 instructions at `filter`) during the call.
-    check(unsafe {
-        libc::setsockopt(
-            listener,
-            libc::SOL_SOCKET,
-            SO_ATTACH_REUSEPORT_CBPF,
-            (&fprog as *const libc::sock_fprog).cast(),
-            mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    })?;
-    Ok(())
+    set_option(listener, libc::SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &fprog)
 }
 
 #[cfg(test)]

@@ -19,16 +19,23 @@ import statistics
 import sys
 from xml.sax.saxutils import escape
 
-TARGETS = ["direct", "ringlb", "ringlb-copy", "ringlb-splice", "ringlb-even", "haproxy", "nginx"]
+# Every target in the order of the tables: its label, its label under the bars of the chart
+# (one line each; "ringlb-splice" is too wide for one slot), and its colour.
+TARGET_INFO = {
+    "direct": ("direct", ["direct"], "#9e9e9e"),
+    "ringlb": ("ringlb", ["ringlb"], "#e6550d"),
+    "ringlb-copy": ("ringlb-copy", ["ringlb-", "copy"], "#fdae6b"),
+    "ringlb-splice": ("ringlb-splice", ["ringlb-", "splice"], "#756bb1"),
+    "ringlb-even": ("ringlb-even", ["ringlb-", "even"], "#d6616b"),
+    "haproxy": ("HAProxy", ["HAProxy"], "#3182bd"),
+    "nginx": ("nginx stream", ["nginx"], "#31a354"),
+}
+TARGETS = list(TARGET_INFO)
+TARGET_LABEL = {t: info[0] for t, info in TARGET_INFO.items()}
+AXIS_LABEL = {t: info[1] for t, info in TARGET_INFO.items()}
+COLOUR = {t: info[2] for t, info in TARGET_INFO.items()}
 PEERS = ["haproxy", "nginx"]
-RINGLB = ["ringlb", "ringlb-copy", "ringlb-splice", "ringlb-even"]  # each gets a "vs best peer" column
-TARGET_LABEL = {"direct": "direct", "ringlb": "ringlb", "ringlb-splice": "ringlb-splice", "ringlb-copy": "ringlb-copy",
-                "ringlb-even": "ringlb-even", "haproxy": "HAProxy", "nginx": "nginx stream"}
-# Under the bars of the chart, one line each (ringlb-splice is too wide for one slot).
-AXIS_LABEL = {"direct": ["direct"], "ringlb": ["ringlb"], "ringlb-splice": ["ringlb-", "splice"], "ringlb-copy": ["ringlb-", "copy"],
-              "ringlb-even": ["ringlb-", "even"], "haproxy": ["HAProxy"], "nginx": ["nginx"]}
-COLOUR = {"direct": "#9e9e9e", "ringlb": "#e6550d", "ringlb-splice": "#756bb1", "ringlb-copy": "#fdae6b",
-          "ringlb-even": "#d6616b", "haproxy": "#3182bd", "nginx": "#31a354"}
+RINGLB = [t for t in TARGETS if t.startswith("ringlb")]  # each gets a "vs best peer" column
 
 SCENARIO_LABEL = {
     "idle": "idle ({idle_conns} conns)",
