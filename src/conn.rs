@@ -376,6 +376,9 @@ pub struct Conn {
     pub pool: u32,
     /// Index of the backend (in the pool) being connected to or relayed to.
     pub backend_index: u32,
+    /// Backends this connection could not reach, in the order tried: a retry skips them.
+    /// Empty (no allocation) unless a connect failed.
+    pub failed_backends: Vec<u32>,
     /// How many times that backend had been marked down when the connect started, by the
     /// worker's snapshot ([`crate::pool::Pool::cuts`]).
     pub backend_downs: u32,
@@ -429,6 +432,7 @@ impl Conn {
             queued_since: None,
             pool: 0,
             backend_index: 0,
+            failed_backends: Vec::new(),
             backend_downs: 0,
             prefix: None,
             relay,
@@ -623,9 +627,25 @@ impl Conn {
 
     /// The worker could not open a socket for [`Op::Connect`]: no completion will come.
     pub fn socket_failed(&mut self, ops: &mut Vec<Op>) {
+        self.connect_not_started(End::LocalError, ops);
+    }
+
+    /// The worker found no backend left to try for [`Op::Connect`] (every usable one failed
+    /// this connection): nothing was submitted.
+    pub fn no_backend_left(&mut self, ops: &mut Vec<Op>) {
+        self.connect_not_started(End::NoBackend, ops);
+    }
+
+    fn connect_not_started(&mut self, end: End, ops: &mut Vec<Op>) {
         self.inflight -= Op::Connect.completions();
         self.busy[Side::Backend as usize] -= 1;
-        self.begin_close(End::LocalError, false, false, ops);
+        self.begin_close(end, false, false, ops);
+    }
+
+    /// A queued connection can reach no backend any more (every usable one failed it).
+    pub fn give_up_waiting(&mut self, ops: &mut Vec<Op>) {
+        debug_assert!(self.is_queued());
+        self.begin_close(End::NoBackend, false, false, ops);
     }
 
     /// Closes the connection from the worker's side (idle timeout, drain deadline): FIN both ways.

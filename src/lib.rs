@@ -33,6 +33,7 @@ pub mod health;
 pub mod metrics;
 pub mod pool;
 pub mod proxy_protocol;
+pub mod queue;
 pub mod ring;
 pub mod server;
 pub mod spread;

@@ -18,7 +18,7 @@ pub mod thread;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -28,6 +28,7 @@ use crate::balance::{BackendCounters, client_hash};
 use crate::config::{HashKey, Spread};
 use crate::conn::Conn;
 use crate::pool::Snapshot;
+use crate::queue::PoolQueue;
 use crate::stats::WorkerStats;
 use crate::sys;
 
@@ -60,7 +61,7 @@ pub struct Shared {
     /// Per pool, per backend: counters every worker updates.
     pub backends: Box<[Box<[BackendCounters]>]>,
     /// Per pool: connections waiting (in any worker) for a backend below its `max_conns`.
-    pub queued: Box<[AtomicU64]>,
+    pub queues: Box<[PoolQueue]>,
     /// Per listener: counts for `max_conns_per_source`, if set.
     pub sources: Box<[Option<SourceLimit>]>,
     doorbells: Vec<Arc<OwnedFd>>,
@@ -99,14 +100,14 @@ impl Shared {
             .iter()
             .map(|pool| pool.backends.iter().map(|_| BackendCounters::default()).collect())
             .collect();
-        let queued = snapshot.pools.iter().map(|_| AtomicU64::new(0)).collect();
+        let queues = snapshot.pools.iter().map(|_| PoolQueue::new(workers)).collect();
         let (events, receiver) = unbounded_channel();
         let shared = Shared {
             run_state: AtomicU8::new(RunState::Running as u8),
             snapshot: ArcSwap::new(snapshot),
             stats: (0..workers).map(|_| WorkerStats::default()).collect(),
             backends,
-            queued,
+            queues,
             sources,
             doorbells,
             events,

@@ -37,6 +37,9 @@ use crate::sys;
 mod accept;
 mod moving;
 mod relay;
+mod waiters;
+
+use waiters::Queues;
 
 /// Sizes of a worker's ring and buffers.
 #[derive(Debug, Clone, Copy)]
@@ -197,9 +200,8 @@ pub struct Worker {
     relay: Relay,
     pipe_size: u32,
     pipe_limit: usize,
-    /// Per pool: connections (slot, generation) waiting for a backend below `max_conns`,
-    /// oldest first.
-    queues: Vec<VecDeque<(usize, u32)>>,
+    /// Connections waiting for a backend below `max_conns`, per pool.
+    queues: Queues,
     next_generation: u32,
     /// Scratch space reused for every connection step and every batch of completions.
     ops: Vec<Op>,
@@ -254,7 +256,7 @@ impl Worker {
             0
         };
         let snapshot = shared.snapshot();
-        let queues = (0..snapshot.pools.len()).map(|_| VecDeque::new()).collect();
+        let queues = Queues::new(snapshot.pools.len());
         let pickers =
             snapshot.pools.iter().enumerate().map(|(p, pool)| Picker::new(pool, picker_seed(plan.index, p))).collect();
         // The tick finds idle connections, slow handshakes and connections queued too long.
@@ -367,6 +369,7 @@ impl Worker {
             }
             self.completions = completions;
             self.serve_starved();
+            self.serve_queues();
             let sq_full = self.ring.take_sq_full();
             if sq_full > 0 {
                 self.stats().sq_full.add(sq_full);
@@ -453,9 +456,8 @@ impl Worker {
         if current.generation != self.snapshot.generation {
             self.install(current);
         }
-        for pool in 0..self.queues.len() {
-            self.serve_queue(pool);
-        }
+        self.queue_work_all();
+        self.serve_queues();
         self.follow_spread();
         match self.shared.run_state() {
             RunState::Running => {}

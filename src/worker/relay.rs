@@ -13,6 +13,7 @@ use log::{debug, error, warn};
 use super::{IDLE_PIPES, Worker, is_resource_shortage};
 use crate::conn::{Conn, Dir, End, Event, Notice, Op};
 use crate::control::ControlEvent;
+use crate::queue::Taken;
 use crate::ring::{self, Completion, Kind, Token};
 use crate::sys;
 
@@ -68,8 +69,11 @@ impl Worker {
             let conn = &self.conns[slot];
             (conn.pool as usize, conn.backend_index as usize)
         });
-        if attempt.is_some() && c.result < 0 {
-            // A failed connect gives its backend slot back before the next attempt.
+        if let Some((_, backend)) = attempt
+            && c.result < 0
+        {
+            // A failed connect gives its backend slot back, and the retry skips the backend.
+            self.conns[slot].failed_backends.push(backend as u32);
             self.release_slot(slot);
         }
         let mut notice = None;
@@ -233,43 +237,30 @@ impl Worker {
     }
 
     fn connect(&mut self, slot: usize, ops: &mut Vec<Op>) {
-        let conn = &mut self.conns[slot];
+        let conn = &self.conns[slot];
         let pool_index = conn.pool as usize;
-        let pool = &self.snapshot.pools[pool_index];
-        let counters = &self.shared.backends[pool_index];
-        let picker = &mut self.pickers[pool_index];
-        let first = if conn.tried() == 0 {
-            picker.pick(pool, counters, conn.client_addr)
+        let backend_index = if conn.holds_slot {
+            // Reserved for it when it left the queue.
+            conn.backend_index as usize
         } else {
-            picker.next_after(pool, conn.backend_index as usize)
-        };
-        // Take a slot on the chosen backend or, when it is at max_conns, on the next usable one
-        // with room. New connections queue behind ones already waiting.
-        let waiting = pool.limited && conn.tried() == 0 && self.shared.queued[pool_index].load(Ordering::Acquire) > 0;
-        let mut chosen = None;
-        if !waiting {
-            let mut candidate = first;
-            for _ in 0..pool.usable().len() {
-                if counters[candidate].acquire(pool.backends[candidate].max_conns) {
-                    chosen = Some(candidate);
-                    break;
-                }
-                candidate = picker.next_after(pool, candidate);
+            let pool = &self.snapshot.pools[pool_index];
+            // A new connection queues behind those already waiting (in any worker).
+            let behind =
+                pool.limited && conn.failed_backends.is_empty() && self.shared.queues[pool_index].waiting() > 0;
+            match if behind { Taken::Full } else { self.take_backend(slot) } {
+                Taken::Backend(backend) => backend,
+                Taken::Full => return self.enqueue(slot),
+                Taken::Exhausted => return self.conns[slot].no_backend_left(ops),
             }
-        }
-        let Some(backend_index) = chosen else {
-            conn.defer_connect();
-            conn.queued_since = Some(self.now);
-            self.shared.queued[pool_index].fetch_add(1, Ordering::AcqRel);
-            self.queues[pool_index].push_back((slot, conn.generation));
-            self.stats().queued.add(1);
-            return;
         };
+        let pool = &self.snapshot.pools[pool_index];
+        let conn = &mut self.conns[slot];
         conn.holds_slot = true;
+        conn.backend_index = backend_index as u32;
         let backend = &pool.backends[backend_index];
         match sys::backend_socket(&backend.sockaddr) {
             Ok(fd) => {
-                counters[backend_index].connections.fetch_add(1, Ordering::Relaxed);
+                self.shared.backends[pool_index][backend_index].connections.fetch_add(1, Ordering::Relaxed);
                 conn.backend_opened(fd, backend_index as u32, pool.downs[backend_index]);
                 let token = |kind| Token::new(kind, slot, conn.generation).encode();
                 let connect =
@@ -291,7 +282,6 @@ impl Worker {
                         self.index, pool.name
                     );
                 }
-                conn.backend_index = backend_index as u32;
                 self.release_slot(slot);
                 self.conns[slot].socket_failed(ops);
                 if e.raw_os_error().is_some_and(is_resource_shortage) {
@@ -299,6 +289,32 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Takes a slot for the connection in `slot` on a backend of its pool: the one its picker
+    /// chooses (after a failed connect: the next usable one) or, when that one is at its
+    /// `max_conns`, the next usable one with room; never one this connection failed to reach.
+    pub(super) fn take_backend(&mut self, slot: usize) -> Taken {
+        let conn = &self.conns[slot];
+        let pool_index = conn.pool as usize;
+        let pool = &self.snapshot.pools[pool_index];
+        let counters = &self.shared.backends[pool_index];
+        let picker = &mut self.pickers[pool_index];
+        let mut candidate = match conn.failed_backends.last() {
+            None => picker.pick(pool, counters, conn.client_addr),
+            Some(&failed) => picker.next_after(pool, failed as usize),
+        };
+        let mut untried = false;
+        for _ in 0..pool.usable().len() {
+            if !conn.failed_backends.contains(&(candidate as u32)) {
+                untried = true;
+                if counters[candidate].acquire(pool.backends[candidate].max_conns) {
+                    return Taken::Backend(candidate);
+                }
+            }
+            candidate = picker.next_after(pool, candidate);
+        }
+        if untried { Taken::Full } else { Taken::Exhausted }
     }
 
     /// The pipe a direction splices through, taken from the idle ones or made, and its size;
@@ -321,7 +337,7 @@ impl Worker {
         Ok((&self.pipes[index], size))
     }
 
-    /// Gives back the backend slot a connection holds, and lets a queued connection have it.
+    /// Gives back the backend slot a connection holds; a queued connection may have it.
     fn release_slot(&mut self, slot: usize) {
         let conn = &mut self.conns[slot];
         if !std::mem::take(&mut conn.holds_slot) {
@@ -329,34 +345,8 @@ impl Worker {
         }
         let (pool, backend) = (conn.pool as usize, conn.backend_index as usize);
         self.shared.backends[pool][backend].release();
-        if self.snapshot.pools[pool].limited && self.shared.queued[pool].load(Ordering::Acquire) > 0 {
-            self.serve_queue(pool);
-            // Connections may wait in other workers too; if some still wait here, no backend
-            // has room and waking the others would find none either.
-            if self.queues[pool].is_empty() && self.shared.queued[pool].load(Ordering::Acquire) > 0 {
-                self.shared.ring_others(self.index);
-            }
-        }
-    }
-
-    /// Resumes queued connections of `pool`, oldest first, while a backend has room.
-    pub(super) fn serve_queue(&mut self, pool_index: usize) {
-        while let Some(&(slot, generation)) = self.queues[pool_index].front() {
-            let Some(conn) = self.conns.get_mut(slot).filter(|c| c.generation == generation && c.is_queued()) else {
-                self.queues[pool_index].pop_front();
-                continue;
-            };
-            let pool = &self.snapshot.pools[pool_index];
-            let counters = &self.shared.backends[pool_index];
-            let room =
-                pool.usable().iter().any(|&b| counters[b as usize].has_room(pool.backends[b as usize].max_conns));
-            if !room {
-                return;
-            }
-            self.queues[pool_index].pop_front();
-            conn.queued_since = None;
-            self.shared.queued[pool_index].fetch_sub(1, Ordering::AcqRel);
-            self.step(slot, |conn, ops| conn.resume(ops));
+        if self.snapshot.pools[pool].limited && self.shared.queues[pool].waiting() > 0 {
+            self.queue_work(pool);
         }
     }
 
@@ -387,7 +377,9 @@ impl Worker {
             drop(self.pipes.remove(index as usize));
         }
         if conn.queued_since.is_some() {
-            self.shared.queued[pool].fetch_sub(1, Ordering::AcqRel);
+            // It left the line without being served: its worker's oldest ticket may change.
+            self.shared.queues[pool].leave();
+            self.queue_work(pool);
         }
         if conn.source_counted
             && let (Some(limit), Some(client)) = (&self.shared.sources[conn.listener as usize], conn.client_addr)

@@ -1,0 +1,103 @@
+//! Limits and the waits they cause: backend `max_conns` queues, `max_connections`, and what
+//! a client that leaves while it waits costs.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+
+/// Sends `message` and expects it echoed within `within`.
+fn echoed(stream: &mut TcpStream, message: &[u8], within: Duration) -> std::io::Result<()> {
+    stream.write_all(message)?;
+    stream.set_read_timeout(Some(within))?;
+    let mut back = vec![0u8; message.len()];
+    stream.read_exact(&mut back)?;
+    assert_eq!(back, message);
+    Ok(())
+}
+
+/// Whether `stream` has been answered: reads what is there without waiting long. A `false`
+/// only says nothing came yet.
+fn answered(stream: &mut TcpStream) -> bool {
+    stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut byte = [0u8; 1];
+    matches!(stream.peek(&mut byte), Ok(n) if n > 0)
+}
+
+#[test]
+fn waiters_behind_a_full_backend_are_served_in_order_and_the_worker_stays_responsive() {
+    // One worker, one backend with max_conns = 1: c1 is served, c2 and c3 wait. When c1
+    // closes, c2 must be served (this once sent the worker into an endless loop), then c3.
+    let limited = Backend::echo();
+    let other = Backend::echo();
+    let config = format!(
+        "workers = 1\nmetrics_bind = \"127.0.0.1:0\"\n\
+         [listeners.limited]\nbind = \"127.0.0.1:0\"\npool = \"limited\"\n\
+         [listeners.other]\nbind = \"127.0.0.1:0\"\npool = \"other\"\n\
+         [pools.limited]\nqueue_timeout = \"20s\"\nbackends = [{{ address = \"{}\", max_conns = 1 }}]\n\
+         [pools.limited.health]\nenabled = false\n\
+         [pools.other]\nbackends = [{{ address = \"{}\" }}]\n[pools.other.health]\nenabled = false\n",
+        limited.addr, other.addr
+    );
+    let mut lb = Ringlb::start(&config);
+    let addr = lb.addrs["limited"];
+    let mut c1 = connect(addr);
+    echoed(&mut c1, b"c1", Duration::from_secs(10)).unwrap();
+    let mut c2 = connect(addr);
+    c2.write_all(b"c2").unwrap();
+    let mut c3 = connect(addr);
+    c3.write_all(b"c3").unwrap();
+    assert!(Ringlb::eventually(Duration::from_secs(10), || lb.metrics()["ringlb_connections_queued_total"] == 2.0));
+    assert!(!answered(&mut c2) && !answered(&mut c3), "served past max_conns");
+
+    drop(c1);
+    let mut back = [0u8; 2];
+    c2.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c2.read_exact(&mut back).expect("c2 is served once c1's slot frees");
+    assert_eq!(&back, b"c2");
+    // The worker is not stuck: another pool's connection is served at once.
+    echoed(&mut connect(lb.addrs["other"]), b"other pool", Duration::from_secs(10)).unwrap();
+    assert!(!answered(&mut c3), "c3 served while c2 holds the only slot");
+
+    drop(c2);
+    c3.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c3.read_exact(&mut back).expect("c3 is served once c2's slot frees");
+    assert_eq!(&back, b"c3");
+    drop(c3);
+    let counters = lb.stop();
+    assert_eq!(counters["connections_queued_total"], 2, "{counters:?}");
+    assert_eq!(counters["connections_queue_timeout_total"], 0, "{counters:?}");
+}
+
+#[test]
+fn a_refusing_backend_sends_the_client_to_the_queue_of_the_full_one() {
+    // Pool [A (max_conns = 1), B (refuses)], no health checks: a second client tries B, is
+    // refused, and waits for A instead of being closed.
+    let a = Backend::echo();
+    let (_hold, b) = refusing_addr();
+    let config = format!(
+        "workers = 1\nmetrics_bind = \"127.0.0.1:0\"\n[listeners.test]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n\
+         [pools.p]\nqueue_timeout = \"20s\"\nbackends = [{{ address = \"{}\", max_conns = 1 }}, {{ address = \"{b}\" }}]\n\
+         [pools.p.health]\nenabled = false\n",
+        a.addr
+    );
+    let mut lb = Ringlb::start(&config);
+    let mut first = connect(lb.addr());
+    echoed(&mut first, b"first", Duration::from_secs(10)).unwrap();
+    let mut second = connect(lb.addr());
+    second.write_all(b"second").unwrap();
+    assert!(Ringlb::eventually(Duration::from_secs(10), || lb.metrics()["ringlb_connections_queued_total"] == 1.0));
+    assert!(!answered(&mut second), "served past max_conns");
+    drop(first);
+    let mut back = [0u8; 6];
+    second.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    second.read_exact(&mut back).expect("the second client waits for A, then is served");
+    assert_eq!(&back, b"second");
+    drop(second);
+    let counters = lb.stop();
+    assert_eq!(counters["connections_no_backend_total"], 0, "{counters:?}");
+    assert!(counters["backend_connect_failures_total"] >= 1, "{counters:?}");
+}
