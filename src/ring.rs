@@ -37,6 +37,8 @@ pub enum Kind {
     Close,
     // Per-worker operations: the slot is a listener index or unused.
     Accept = 32,
+    /// A poll for a listener being readable (near the connection cap, see worker::gate).
+    AcceptPoll,
     AcceptCancel,
     Doorbell,
     Tick,
@@ -46,7 +48,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 22] = [
+    const ALL: [Kind; 23] = [
         Kind::Connect,
         Kind::ConnectTimeout,
         Kind::RecvPrefix,
@@ -63,6 +65,7 @@ impl Kind {
         Kind::Park,
         Kind::Close,
         Kind::Accept,
+        Kind::AcceptPoll,
         Kind::AcceptCancel,
         Kind::Doorbell,
         Kind::Tick,

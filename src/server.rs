@@ -102,6 +102,7 @@ impl Server {
                     access: listener.access.clone(),
                     idle_timeout: listener.idle_timeout,
                     handshake_timeout: listener.handshake_timeout,
+                    max_connections: listener.max_connections.map(|n| (n.get() / workers).max(1)),
                 });
             }
             listen_addrs.push((listener.name.clone(), address));
@@ -164,6 +165,7 @@ impl Server {
                 pipe_limit: pipe_limit as usize,
                 sizes,
                 doorbell: shared.doorbell(index),
+                accept_backlog: accept_backlog(),
             };
             let shared = Arc::clone(&shared);
             let ready = ready_tx.clone();
@@ -317,6 +319,13 @@ impl Server {
         info!("stopped: {}", summary.join(" "));
         result
     }
+}
+
+/// How many connections one listener's accept queue holds: the backlog ringlb asks for,
+/// capped by the kernel's net.core.somaxconn.
+fn accept_backlog() -> usize {
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok().and_then(|s| s.trim().parse().ok());
+    somaxconn.map_or(BACKLOG as usize, |max: usize| max.min(BACKLOG as usize))
 }
 
 fn signal_name(signal: libc::c_int) -> &'static str {

@@ -130,6 +130,17 @@ pub fn listener(addr: SocketAddr, backlog: i32) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// Accepts one connection from a non-blocking listener: the new socket (non-blocking,
+/// close-on-exec) as a raw fd the ring will own, or the errno (EAGAIN: none waiting).
+pub fn accept(listener: RawFd) -> Result<RawFd, i32> {
+    // SAFETY: accept4 with null address pointers writes nothing back; the returned fd is new
+    // and owned by nobody else.
+    let fd = unsafe {
+        libc::accept4(listener, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+    };
+    if fd < 0 { Err(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)) } else { Ok(fd) }
+}
+
 /// A non-blocking TCP socket for a backend connection, with TCP_NODELAY, returned as a raw fd
 /// because the ring, not Rust, decides when it is closed.
 pub fn backend_socket(addr: &SockAddr) -> io::Result<RawFd> {

@@ -101,3 +101,107 @@ fn a_refusing_backend_sends_the_client_to_the_queue_of_the_full_one() {
     assert_eq!(counters["connections_no_backend_total"], 0, "{counters:?}");
     assert!(counters["backend_connect_failures_total"] >= 1, "{counters:?}");
 }
+
+/// Opens `n` connections to `addr` that each send `tag` and the index; returns them in order.
+fn open_sending(addr: std::net::SocketAddr, n: usize, tag: &str) -> Vec<(TcpStream, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let mut stream = connect(addr);
+            let message = format!("{tag}{i:04}").into_bytes();
+            stream.write_all(&message).unwrap();
+            (stream, message)
+        })
+        .collect()
+}
+
+/// Reads each stream's echo; panics with the index of the first that is reset or closed.
+fn expect_echoes(streams: &mut [(TcpStream, Vec<u8>)]) {
+    for (i, (stream, message)) in streams.iter_mut().enumerate() {
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut back = vec![0u8; message.len()];
+        stream.read_exact(&mut back).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert_eq!(&back, message);
+    }
+}
+
+#[test]
+fn connections_beyond_max_connections_wait_in_the_backlog_and_none_is_reset() {
+    let backend = Backend::echo();
+    let config = config_for(&[backend.addr], "workers = 1\nmax_connections = 100\nmetrics_bind = \"127.0.0.1:0\"", "");
+    let mut lb = Ringlb::start(&config);
+    let addr = lb.addr();
+    let mut held = open_sending(addr, 100, "held");
+    expect_echoes(&mut held);
+    let mut waiting = open_sending(addr, 50, "wait");
+    assert!(
+        Ringlb::eventually(Duration::from_secs(10), || Ringlb::accept_queue(addr.port()) == 50),
+        "the 50 beyond max_connections wait in the accept queue ({} there)",
+        Ringlb::accept_queue(addr.port())
+    );
+    // Free a few slots at a time: each must take exactly that many from the queue.
+    for round in 0..10 {
+        held.drain(..5);
+        assert!(
+            Ringlb::eventually(Duration::from_secs(10), || Ringlb::accept_queue(addr.port()) == 45 - 5 * round),
+            "round {round}: {} still queued",
+            Ringlb::accept_queue(addr.port())
+        );
+    }
+    expect_echoes(&mut waiting);
+    drop((held, waiting));
+    let counters = lb.stop();
+    assert_eq!(counters["connections_over_limit_total"], 0, "{counters:?}");
+    assert_eq!(counters["connections_accepted_total"], 150, "{counters:?}");
+    assert_eq!(counters["connections_finished_total"], 150, "{counters:?}");
+}
+
+#[test]
+fn a_listener_at_its_own_max_connections_leaves_the_others_room() {
+    let small = Backend::echo();
+    let big = Backend::echo();
+    let config = format!(
+        "workers = 1\nmax_connections = 20\n\
+         [listeners.small]\nbind = \"127.0.0.1:0\"\npool = \"small\"\nmax_connections = 2\n\
+         [listeners.big]\nbind = \"127.0.0.1:0\"\npool = \"big\"\n\
+         [pools.small]\nbackends = [{{ address = \"{}\" }}]\n[pools.small.health]\nenabled = false\n\
+         [pools.big]\nbackends = [{{ address = \"{}\" }}]\n[pools.big.health]\nenabled = false\n",
+        small.addr, big.addr
+    );
+    let mut lb = Ringlb::start(&config);
+    let (small_addr, big_addr) = (lb.addrs["small"], lb.addrs["big"]);
+    let mut held = open_sending(small_addr, 2, "small");
+    expect_echoes(&mut held);
+    let mut third = open_sending(small_addr, 1, "third");
+    assert!(Ringlb::eventually(Duration::from_secs(10), || Ringlb::accept_queue(small_addr.port()) == 1));
+    // A flood on the small listener takes none of the big one's room.
+    let mut others = open_sending(big_addr, 15, "big");
+    expect_echoes(&mut others);
+    assert!(!answered(&mut third[0].0));
+    held.pop();
+    expect_echoes(&mut third);
+    drop((held, third, others));
+    let counters = lb.stop();
+    assert_eq!(counters["connections_over_limit_total"], 0, "{counters:?}");
+}
+
+#[test]
+fn a_burst_under_spread_pack_waits_instead_of_being_reset() {
+    // Packed, the first worker takes every new connection until the control thread brings
+    // the second into use; past its share of max_connections the rest must wait, not be reset.
+    let backend = Backend::echo();
+    let config = config_for(&[backend.addr], "workers = 2\nspread = \"pack\"\nmax_connections = 200", "")
+        .replace("workers = 2\n\n", "");
+    let mut lb = Ringlb::start(&config);
+    let mut burst = open_sending(lb.addr(), 150, "burst");
+    // The first hundred are served whichever worker took them; the rest as slots free.
+    let rest = burst.split_off(100);
+    let mut first = burst;
+    expect_echoes(&mut first);
+    drop(first);
+    let mut rest = rest;
+    expect_echoes(&mut rest);
+    drop(rest);
+    let counters = lb.stop();
+    assert_eq!(counters["connections_over_limit_total"], 0, "{counters:?}");
+    assert_eq!(counters["connections_accepted_total"], 150, "{counters:?}");
+}

@@ -130,6 +130,9 @@ pub struct ListenerConfig {
     pub access: AccessRules,
     /// Most connections open at once from one client address, over all workers.
     pub max_conns_per_source: Option<NonZeroU32>,
+    /// Most connections open at once through this listener (within the global
+    /// `max_connections`), split evenly across workers as that one is.
+    pub max_connections: Option<NonZeroUsize>,
     /// TLS server name routes to pools; empty = no SNI routing.
     pub sni: SniRoutes,
 }
@@ -388,6 +391,9 @@ impl Config {
             }
             if let Some(n) = listener.max_conns_per_source {
                 extras.push(format!("at most {n} connections per source"));
+            }
+            if let Some(n) = listener.max_connections {
+                extras.push(format!("at most {n} connections"));
             }
             if !extras.is_empty() {
                 let _ = write!(out, "\n    {}", extras.join(", "));

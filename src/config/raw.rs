@@ -37,6 +37,7 @@ pub struct RawListener {
     pub allow: Option<Spanned<Vec<Spanned<String>>>>,
     pub deny: Option<Spanned<Vec<Spanned<String>>>>,
     pub max_conns_per_source: Option<Spanned<i64>>,
+    pub max_connections: Option<Spanned<i64>>,
     pub sni: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
 }
 

@@ -194,7 +194,7 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     }
     let mut listeners: Vec<(ListenerConfig, Range<usize>)> = Vec::with_capacity(raw.listeners.len());
     for (name, listener) in &raw.listeners {
-        let validated = validate_listener(src, name, listener, &pool_index, idle_timeout)?;
+        let validated = validate_listener(src, name, listener, &pool_index, idle_timeout, max_connections)?;
         let bind_span = listener.get_ref().bind.span();
         if let Some((other, _)) = listeners.iter().find(|(l, _)| binds_overlap(l.bind, validated.bind)) {
             return Err(src.invalid(
@@ -251,6 +251,7 @@ fn validate_listener(
     listener: &Spanned<RawListener>,
     pool_index: &BTreeMap<&str, usize>,
     default_idle: Duration,
+    global_max: Option<NonZeroUsize>,
 ) -> Result<ListenerConfig, ConfigError> {
     let raw = listener.get_ref();
     let key = |field: &str| format!("listeners.{name}.{field}");
@@ -313,6 +314,14 @@ fn validate_listener(
         .map(|m| src.integer(m, &key("max_conns_per_source"), 1..=MAX_CONNS_LIMIT, "a connection count", ""))
         .transpose()?
         .and_then(|n| NonZeroU32::new(n as u32));
+    let max_connections = match &raw.max_connections {
+        None => None,
+        Some(m) => {
+            let most = global_max.map_or(MAX_CONNECTIONS, NonZeroUsize::get) as u64;
+            let within = if global_max.is_some() { " (the top-level max_connections)" } else { "" };
+            Some(nonzero(src.integer(m, &key("max_connections"), 1..=most, "a connection count", within)?))
+        }
+    };
     Ok(ListenerConfig {
         name: name.to_string(),
         bind,
@@ -322,6 +331,7 @@ fn validate_listener(
         handshake_timeout,
         access,
         max_conns_per_source,
+        max_connections,
         sni,
     })
 }

@@ -3,11 +3,12 @@
 //! limits), the handshake that reads a PROXY header or a ClientHello, and routing to a pool.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::{opcode, types};
 use log::warn;
 
+use super::gate::AcceptOp;
 use super::{Mode, Worker, is_resource_shortage};
 use crate::admission::Step;
 use crate::conn::{Conn, End, Prefix};
@@ -19,8 +20,8 @@ impl Worker {
     pub(super) fn on_accept(&mut self, l: usize, c: Completion) {
         if !c.more() {
             self.misc_inflight -= 1;
-            self.listeners[l].accept_armed = false;
         }
+        self.gate.accept_completed(l, c.more());
         if c.result >= 0 {
             let fd = c.result;
             if self.mode == Mode::Running {
@@ -29,108 +30,157 @@ impl Worker {
                 sys::close(fd);
             }
         } else if c.result != -libc::ECANCELED {
-            let errno = -c.result;
-            self.stats().accept_errors.add(1);
-            if let Some(suppressed) = self.accept_log.allow(self.now) {
-                warn!(
-                    "worker {}: listener {}: accept failed: {} ({suppressed} more since the last message)",
-                    self.index,
-                    self.listeners[l].name,
-                    io::Error::from_raw_os_error(errno)
-                );
-            }
-            if is_resource_shortage(errno) && !c.more() {
-                self.pause_accepts();
-                return;
-            }
+            self.accept_failed(l, -c.result);
         }
-        if !self.listeners[l].accept_armed {
-            if self.mode == Mode::Running {
-                self.resume_accepts();
-            } else {
-                self.listeners[l].socket = None;
-            }
+        self.listener_settled(l);
+    }
+
+    /// Listener `l`'s readiness poll completed.
+    pub(super) fn on_accept_poll(&mut self, l: usize, c: Completion) {
+        self.misc_inflight -= 1;
+        self.gate.poll_completed(l, c.result > 0);
+        self.listener_settled(l);
+    }
+
+    /// After a listener's operation completed: close it if draining and nothing is left in
+    /// flight on it, else arm what it needs now.
+    fn listener_settled(&mut self, l: usize) {
+        if self.mode == Mode::Draining && !self.gate.armed(l) {
+            // Closing a listener does not end its operations: close it only now.
+            self.gate.listeners[l].socket = None;
+        }
+        self.regate();
+    }
+
+    fn accept_failed(&mut self, l: usize, errno: i32) {
+        self.stats().accept_errors.add(1);
+        if let Some(suppressed) = self.gate.log.allow(self.now) {
+            warn!(
+                "worker {}: listener {}: accept failed: {} ({suppressed} more since the last message)",
+                self.index,
+                self.gate.listeners[l].name,
+                io::Error::from_raw_os_error(errno)
+            );
+        }
+        if is_resource_shortage(errno) {
+            self.pause_accepts();
         }
     }
 
-    /// Whether the listeners should have an accept armed now.
+    /// Arms and cancels accepts so that no listener takes more connections than fit: the
+    /// worker's share of `max_connections` and each listener's own share (see [`AcceptGate`]).
+    pub(super) fn regate(&mut self) {
+        let room = self.max_connections.saturating_sub(self.conns.len());
+        let mut ops = std::mem::take(&mut self.gate_ops);
+        self.gate.plan(room, self.mode == Mode::Running, &mut ops);
+        for op in ops.drain(..) {
+            let (l, entry, kind) = match op {
+                AcceptOp::Accept(l) => {
+                    self.accept_work.push(l);
+                    continue;
+                }
+                AcceptOp::Cancel { l, poll } => {
+                    let target = if poll { Kind::AcceptPoll } else { Kind::Accept };
+                    let token = Token::new(target, l, 0).encode();
+                    (l, opcode::AsyncCancel2::new(types::CancelBuilder::user_data(token)).build(), Kind::AcceptCancel)
+                }
+                AcceptOp::Multishot(l) | AcceptOp::Poll(l) => {
+                    let Some(fd) = self.gate.listeners[l].socket.as_ref().map(|s| types::Fd(s.as_raw_fd())) else {
+                        continue;
+                    };
+                    match op {
+                        AcceptOp::Multishot(_) => (
+                            l,
+                            opcode::AcceptMulti::new(fd).flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK).build(),
+                            Kind::Accept,
+                        ),
+                        _ => (l, opcode::PollAdd::new(fd, libc::POLLIN as u32).build(), Kind::AcceptPoll),
+                    }
+                }
+            };
+            self.push_misc(entry, kind, l);
+        }
+        self.gate_ops = ops;
+    }
+
+    /// Accepts, with `accept4(2)`, from the listeners the gate asked for, while there is room;
+    /// run once a batch of completions is handled.
+    pub(super) fn accept_pending(&mut self) {
+        while let Some(l) = self.accept_work.pop() {
+            loop {
+                let room = self.max_connections.saturating_sub(self.conns.len());
+                let fd = self.gate.listeners[l].socket.as_ref().map(AsRawFd::as_raw_fd);
+                let Some(fd) = fd.filter(|_| room > 0 && self.gate.fits(l) && self.accepting()) else {
+                    self.gate.stopped_accepting(l);
+                    break;
+                };
+                match sys::accept(fd) {
+                    Ok(client) => self.open_conn(l, client),
+                    Err(errno) if errno == libc::EAGAIN => {
+                        self.gate.accepted_all(l);
+                        break;
+                    }
+                    // The client reset before it was accepted; the next may be there.
+                    Err(errno) if errno == libc::ECONNABORTED || errno == libc::EINTR => {}
+                    Err(errno) => {
+                        self.gate.stopped_accepting(l);
+                        self.accept_failed(l, errno);
+                        break;
+                    }
+                }
+            }
+        }
+        self.regate();
+    }
+
     fn accepting(&self) -> bool {
-        self.mode == Mode::Running && !self.accept_backoff_armed && !self.at_capacity
-    }
-
-    /// Arms every listener's accept if accepting is wanted and it is not armed yet.
-    pub(super) fn resume_accepts(&mut self) {
-        if self.accepting() {
-            for l in 0..self.listeners.len() {
-                self.arm_accept(l);
-            }
-        }
-    }
-
-    /// Cancels every armed accept; new connections wait in the kernel's backlog. The accepts'
-    /// last completions come back with ECANCELED and are not re-armed while paused.
-    pub(super) fn cancel_accepts(&mut self) {
-        for l in 0..self.listeners.len() {
-            if self.listeners[l].accept_armed {
-                let token = Token::new(Kind::Accept, l, 0).encode();
-                self.push_misc(
-                    opcode::AsyncCancel2::new(types::CancelBuilder::user_data(token)).build(),
-                    Kind::AcceptCancel,
-                    l,
-                );
-            }
-        }
+        self.mode == Mode::Running && !self.gate.backed_off
     }
 
     /// Out of descriptors or memory: accepting more would only fail again (and spin), so stop
     /// every accept for a moment; the backoff timer re-arms them.
     pub(super) fn pause_accepts(&mut self) {
-        if self.accept_backoff_armed || self.mode != Mode::Running {
+        if self.gate.backed_off || self.mode != Mode::Running {
             return;
         }
-        self.accept_backoff_armed = true;
+        self.gate.backed_off = true;
         self.push_misc(opcode::Timeout::new(&self.timers.backoff).build(), Kind::AcceptBackoff, 0);
-        self.cancel_accepts();
+        self.regate();
     }
 
     /// Puts the connection `make` builds for the next generation into a slot and counts it
-    /// open; at `max_connections` open, stops accepting until one closes.
+    /// open here; the accepts follow the room left.
     pub(super) fn insert_conn(&mut self, make: impl FnOnce(u32) -> Conn) -> usize {
         let generation = self.next_generation;
         self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
         let slot = self.conns.insert(make(generation));
+        self.gate.opened(self.conns[slot].listener as usize);
         self.stats().active.add(1);
-        if self.conns.len() >= self.max_connections && !self.at_capacity {
-            self.at_capacity = true;
-            self.cancel_accepts();
-        }
+        self.regate();
         slot
     }
 
     /// Takes the connection out of its slot and counts it closed here (freed, or handed to
-    /// another worker); below `max_connections` again, accepts again.
+    /// another worker); the accepts follow the room left.
     pub(super) fn remove_conn(&mut self, slot: usize) -> Conn {
         let conn = self.conns.remove(slot);
+        self.gate.closed(conn.listener as usize);
         self.stats().active.sub(1);
-        if self.at_capacity && self.conns.len() < self.max_connections {
-            self.at_capacity = false;
-            self.resume_accepts();
-        }
+        self.regate();
         conn
     }
 
     fn open_conn(&mut self, l: usize, fd: RawFd) {
-        if self.conns.len() >= self.max_connections {
-            // Accepted in the same batch as the one that reached the cap, before the cancel
-            // took effect: over the limit the operator set, so refuse it.
+        if self.conns.len() >= self.max_connections || !self.gate.fits(l) {
+            // The gate arms no more accepts than fit; only a flood larger than the accept
+            // queue during one wake-up of a multishot accept gets here. Over the limit the
+            // operator set: refuse it.
             sys::close(fd);
             self.stats().over_limit.add(1);
-            if let Some(suppressed) = self.accept_log.allow(self.now) {
+            if let Some(suppressed) = self.gate.log.allow(self.now) {
                 warn!(
-                    "worker {}: listener {}: {} connections open (max_connections); closed a new one ({suppressed} more since the last message)",
-                    self.index,
-                    self.listeners[l].name,
-                    self.conns.len()
+                    "worker {}: listener {}: at max_connections; closed a new connection ({suppressed} more since the last message)",
+                    self.index, self.gate.listeners[l].name,
                 );
             }
             return;
@@ -140,10 +190,10 @@ impl Worker {
         self.stats().accepted.add(1);
         // Without a PROXY header the connection's own peer is the client: check it at once.
         // With one, the check waits for the address the header carries (see examine).
-        if !self.listeners[l].admission.accept_proxy && !self.admit(slot) {
+        if !self.gate.listeners[l].admission.accept_proxy && !self.admit(slot) {
             return;
         }
-        let admission = &self.listeners[l].admission;
+        let admission = &self.gate.listeners[l].admission;
         if admission.reads_first() {
             let capacity = admission.read_capacity();
             self.step(slot, |conn, ops| {
@@ -163,14 +213,14 @@ impl Worker {
         let conn = &mut self.conns[slot];
         let l = conn.listener as usize;
         let limited = self.shared.sources[l].is_some();
-        if self.listeners[l].access.is_empty() && !limited {
+        if self.gate.listeners[l].access.is_empty() && !limited {
             return true;
         }
         if conn.client_addr.is_none() {
             conn.client_addr = sys::peer_addr(conn.client).ok();
         }
         let Some(client) = conn.client_addr else { return true };
-        let refusal = if !self.listeners[l].access.permits(client.ip()) {
+        let refusal = if !self.gate.listeners[l].access.permits(client.ip()) {
             self.stats().refused_access.add(1);
             Some("not allowed by the listener's allow/deny rules")
         } else if let Some(limit) = &self.shared.sources[l] {
@@ -189,7 +239,7 @@ impl Worker {
             warn!(
                 "worker {}: listener {}: refused {}: {why} ({suppressed} more refusals since the last message)",
                 self.index,
-                self.listeners[l].name,
+                self.gate.listeners[l].name,
                 client.ip()
             );
         }
@@ -202,7 +252,7 @@ impl Worker {
         let conn = &self.conns[slot];
         let l = conn.listener as usize;
         let Some(prefix) = conn.prefix.as_ref() else { return };
-        match self.listeners[l].admission.examine(prefix.received(), !prefix.has_room()) {
+        match self.gate.listeners[l].admission.examine(prefix.received(), !prefix.has_room()) {
             Step::NeedMore => self.step(slot, |conn, ops| conn.read_prefix(ops)),
             Step::Reject(reason) => self.reject_handshake(slot, reason),
             Step::Route { pool, skip, carried } => {
@@ -211,7 +261,7 @@ impl Worker {
                     conn.client_addr = Some(client);
                     conn.local_addr = Some(local);
                 }
-                if self.listeners[l].admission.accept_proxy && !self.admit(slot) {
+                if self.gate.listeners[l].admission.accept_proxy && !self.admit(slot) {
                     return;
                 }
                 self.route(slot, pool, skip);
@@ -227,7 +277,7 @@ impl Worker {
             warn!(
                 "worker {}: listener {}: closed a connection from {}: {why} ({suppressed} more refusals since the last message)",
                 self.index,
-                self.listeners[conn.listener as usize].name,
+                self.gate.listeners[conn.listener as usize].name,
                 peer.map_or_else(|| "?".to_string(), |p| p.to_string()),
             );
         }

@@ -35,10 +35,12 @@ use crate::stats::WorkerStats;
 use crate::sys;
 
 mod accept;
+mod gate;
 mod moving;
 mod relay;
 mod waiters;
 
+use gate::{AcceptGate, AcceptOp, Listener};
 use waiters::Queues;
 
 /// Sizes of a worker's ring and buffers.
@@ -85,6 +87,8 @@ pub struct WorkerListener {
     pub access: AccessRules,
     pub idle_timeout: Option<Duration>,
     pub handshake_timeout: Duration,
+    /// This worker's share of the listener's `max_connections`, if it has one.
+    pub max_connections: Option<usize>,
 }
 
 /// Everything a worker is started with.
@@ -104,20 +108,13 @@ pub struct WorkerPlan {
     pub pipe_limit: usize,
     pub sizes: RingSizes,
     pub doorbell: Arc<OwnedFd>,
-}
-
-struct ListenerState {
-    name: String,
-    /// `None` once closed.
-    socket: Option<Socket>,
-    admission: Admission,
-    access: AccessRules,
-    idle_timeout_ms: Option<u64>,
-    handshake_timeout_ms: u64,
-    accept_armed: bool,
+    /// How many connections one listener's accept queue holds (the listen backlog, capped by
+    /// the kernel's somaxconn).
+    pub accept_backlog: usize,
 }
 
 /// Logs a message at most once per interval and counts what it held back.
+#[derive(Debug)]
 struct RateLimit {
     next_ms: u64,
     suppressed: u64,
@@ -185,7 +182,11 @@ pub struct Worker {
     shared: Arc<Shared>,
     doorbell: Arc<OwnedFd>,
     doorbell_value: Box<u64>,
-    listeners: Vec<ListenerState>,
+    gate: AcceptGate,
+    /// Scratch space for the gate's operations, and the listeners to accept from once the
+    /// current batch of completions is handled.
+    gate_ops: Vec<AcceptOp>,
+    accept_work: Vec<usize>,
     snapshot: Arc<Snapshot>,
     /// Snapshots replaced since the last submission: kept until then because a queued connect
     /// points at their addresses.
@@ -215,15 +216,10 @@ pub struct Worker {
     misc_inflight: u32,
     mode: Mode,
     closing_all: bool,
-    /// Accepting is paused after running out of descriptors, until the backoff timer fires.
-    accept_backoff_armed: bool,
-    /// Accepting is paused because `max_connections` are open.
-    at_capacity: bool,
     max_connections: usize,
     cancel_all_sent: bool,
     drain_timeout: Duration,
     now: u64,
-    accept_log: RateLimit,
     connect_log: RateLimit,
     /// Bytes a multishot receive takes before it ends (0: no limit, when the kernel has none).
     recv_limit: u32,
@@ -276,14 +272,16 @@ impl Worker {
         let listeners = plan
             .listeners
             .into_iter()
-            .map(|l| ListenerState {
-                name: l.name,
-                socket: Some(l.socket),
-                admission: l.admission,
-                access: l.access,
-                idle_timeout_ms: l.idle_timeout.map(|d| d.as_millis() as u64),
-                handshake_timeout_ms: l.handshake_timeout.as_millis() as u64,
-                accept_armed: false,
+            .map(|l| {
+                Listener::new(
+                    l.name,
+                    l.socket,
+                    l.admission,
+                    l.access,
+                    l.idle_timeout,
+                    l.handshake_timeout,
+                    l.max_connections,
+                )
             })
             .collect();
         let mut worker = Worker {
@@ -293,7 +291,9 @@ impl Worker {
             shared,
             doorbell: plan.doorbell,
             doorbell_value: Box::new(0),
-            listeners,
+            gate: AcceptGate::new(listeners, plan.accept_backlog),
+            gate_ops: Vec::new(),
+            accept_work: Vec::new(),
             snapshot,
             retired: Vec::new(),
             pickers,
@@ -314,13 +314,10 @@ impl Worker {
             misc_inflight: 0,
             mode: Mode::Running,
             closing_all: false,
-            accept_backoff_armed: false,
-            at_capacity: false,
             max_connections: plan.max_connections.max(1),
             cancel_all_sent: false,
             drain_timeout: plan.drain_timeout,
             now: sys::now_millis(),
-            accept_log: RateLimit::new(),
             connect_log: RateLimit::new(),
             recv_limit,
             refuse_log: RateLimit::new(),
@@ -342,9 +339,9 @@ impl Worker {
     pub fn run(mut self) -> io::Result<()> {
         self.shared.threads[self.index].store(sys::thread_id(), Ordering::Release);
         self.arm_doorbell();
-        self.resume_accepts();
+        self.regate();
         let queues = self.snapshot.pools.iter().any(|p| p.limited);
-        if queues || self.listeners.iter().any(|l| l.idle_timeout_ms.is_some() || l.admission.reads_first()) {
+        if queues || self.gate.listeners.iter().any(|l| l.idle_timeout_ms.is_some() || l.admission.reads_first()) {
             self.push_misc(
                 opcode::Timeout::new(&self.timers.tick).count(0).flags(types::TimeoutFlags::MULTISHOT).build(),
                 Kind::Tick,
@@ -370,6 +367,7 @@ impl Worker {
             self.completions = completions;
             self.serve_starved();
             self.serve_queues();
+            self.accept_pending();
             let sq_full = self.ring.take_sq_full();
             if sq_full > 0 {
                 self.stats().sq_full.add(sq_full);
@@ -397,21 +395,6 @@ impl Worker {
         self.push_misc(opcode::Read::new(types::Fd(fd), buf, 8).build(), Kind::Doorbell, 0);
     }
 
-    fn arm_accept(&mut self, l: usize) {
-        let listener = &mut self.listeners[l];
-        let Some(socket) = &listener.socket else { return };
-        if listener.accept_armed {
-            return;
-        }
-        listener.accept_armed = true;
-        let fd = socket.as_raw_fd();
-        self.push_misc(
-            opcode::AcceptMulti::new(types::Fd(fd)).flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK).build(),
-            Kind::Accept,
-            l,
-        );
-    }
-
     fn dispatch(&mut self, c: Completion) {
         let Some(token) = Token::decode(c.user_data) else {
             error!("worker {}: completion with unknown user_data {:#x}", self.index, c.user_data);
@@ -419,6 +402,7 @@ impl Worker {
         };
         match token.kind {
             Kind::Accept => self.on_accept(token.slot as usize, c),
+            Kind::AcceptPoll => self.on_accept_poll(token.slot as usize, c),
             Kind::Doorbell => {
                 self.misc_inflight -= 1;
                 self.check_run_state();
@@ -436,8 +420,8 @@ impl Worker {
             }
             Kind::AcceptBackoff => {
                 self.misc_inflight -= 1;
-                self.accept_backoff_armed = false;
-                self.resume_accepts();
+                self.gate.backed_off = false;
+                self.regate();
             }
             Kind::DrainDeadline => {
                 self.misc_inflight -= 1;
@@ -528,12 +512,10 @@ impl Worker {
             return;
         }
         self.mode = Mode::Draining;
-        // Closing a listener does not end its multishot accept: cancel it, and close the
-        // listener when the accept's last completion arrives (see on_accept).
-        self.cancel_accepts();
-        for listener in self.listeners.iter_mut().filter(|l| !l.accept_armed) {
-            listener.socket = None;
-        }
+        // Closing a listener does not end its accepts: cancel them, and close the listener
+        // when their last completion arrives (see on_accept).
+        self.regate();
+        self.gate.close_idle();
         if !self.drain_timeout.is_zero() {
             self.push_misc(opcode::Timeout::new(&self.timers.drain).build(), Kind::DrainDeadline, 0);
         } else {
@@ -561,7 +543,7 @@ impl Worker {
 
     /// What, if anything, is overdue for a connection at `now`.
     fn overdue(&self, conn: &Conn, now: u64) -> Option<Overdue> {
-        let listener = &self.listeners[conn.listener as usize];
+        let listener = &self.gate.listeners[conn.listener as usize];
         let since = |t: u64| now.saturating_sub(t);
         if conn.is_relaying() {
             listener.idle_timeout_ms.filter(|&limit| since(conn.last_active) >= limit).map(|_| Overdue::Idle)
@@ -587,7 +569,7 @@ impl Worker {
                     worker.step(slot, |conn, ops| conn.close(ops));
                 }
                 Some(Overdue::Handshake) => {
-                    let timeout = worker.listeners[worker.conns[slot].listener as usize].handshake_timeout_ms;
+                    let timeout = worker.gate.listeners[worker.conns[slot].listener as usize].handshake_timeout_ms;
                     worker.reject_handshake(slot, format_args!("no complete handshake within {timeout} ms"));
                 }
                 Some(Overdue::Queue) => {
@@ -609,7 +591,7 @@ impl Worker {
     }
 
     fn finished(&mut self) -> bool {
-        if self.mode != Mode::Draining || !self.conns.is_empty() || self.listeners.iter().any(|l| l.socket.is_some()) {
+        if self.mode != Mode::Draining || !self.conns.is_empty() || !self.gate.all_closed() {
             return false;
         }
         if !self.cancel_all_sent {

@@ -39,7 +39,7 @@ impl Worker {
     /// the same), so the steering holds while any worker's listener is open.
     pub(super) fn steer(&mut self, in_use: usize) {
         self.steered = in_use;
-        for listener in &self.listeners {
+        for listener in &self.gate.listeners {
             let Some(socket) = &listener.socket else { continue };
             if let Err(e) = sys::steer_reuseport(socket.as_raw_fd(), in_use as u32) {
                 warn!(
