@@ -8,15 +8,20 @@
 //!
 //! A check ([`probe`]) connects, optionally sends bytes and expects a reply prefix, all within
 //! the timeout, and closes politely: FIN, then it reads until the backend closes too, so no
-//! half-open socket is left behind and no RST is sent for a reply it did not read.
+//! half-open socket is left behind and no RST is sent for a reply it did not read. It uses
+//! tokio's sockets: a check that times out drops its socket, which closes it at once (a
+//! tokio-uring socket stays open while a connect or read is in flight, and a backend that drops
+//! SYNs would leave one behind per check). A check that fails for want of a local descriptor
+//! or port says nothing about the backend and is not counted ([`CheckFailure::is_local`]).
 
 use std::fmt;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
-use tokio_uring::net::TcpStream;
 
 use crate::config::{HealthConfig, escape_bytes};
 
@@ -85,6 +90,21 @@ pub enum CheckFailure {
     Passive(i32),
 }
 
+impl CheckFailure {
+    /// Whether the check failed for a reason of this host's (no descriptor, memory or local
+    /// port for the socket), which says nothing about the backend.
+    pub fn is_local(&self) -> bool {
+        let errno = match self {
+            CheckFailure::Connect(e) => e.raw_os_error(),
+            CheckFailure::Passive(errno) => Some(*errno),
+            _ => None,
+        };
+        errno.is_some_and(|e| {
+            matches!(e, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+        })
+    }
+}
+
 impl fmt::Display for CheckFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -111,7 +131,7 @@ fn describe(e: &io::Error) -> String {
     chars.next().map_or_else(String::new, |first| first.to_lowercase().chain(chars).collect())
 }
 
-/// Runs one check of `address`; must run inside a tokio-uring runtime.
+/// Runs one check of `address`; must run inside a tokio runtime (the control thread's).
 pub async fn probe(address: SocketAddr, config: &HealthConfig) -> Result<(), CheckFailure> {
     let deadline = Instant::now() + config.timeout;
     let stream = match timeout_at(deadline, TcpStream::connect(address)).await {
@@ -119,7 +139,8 @@ pub async fn probe(address: SocketAddr, config: &HealthConfig) -> Result<(), Che
         Ok(Err(e)) => return Err(CheckFailure::Connect(e)),
         Ok(Ok(stream)) => stream,
     };
-    let outcome = timeout_at(deadline, converse(&stream, config)).await.unwrap_or(Err(CheckFailure::ReplyTimedOut));
+    let mut stream = stream;
+    let outcome = timeout_at(deadline, converse(&mut stream, config)).await.unwrap_or(Err(CheckFailure::ReplyTimedOut));
     close_politely(stream, deadline.max(Instant::now() + CLOSE_GRACE)).await;
     outcome
 }
@@ -127,16 +148,16 @@ pub async fn probe(address: SocketAddr, config: &HealthConfig) -> Result<(), Che
 /// How long a check waits for the backend to close its side after ours, at least.
 const CLOSE_GRACE: Duration = Duration::from_millis(200);
 
-async fn converse(stream: &TcpStream, config: &HealthConfig) -> Result<(), CheckFailure> {
+async fn converse(stream: &mut TcpStream, config: &HealthConfig) -> Result<(), CheckFailure> {
     if let Some(send) = &config.send {
-        let (result, _) = stream.write_all(send.clone()).await;
-        result.map_err(CheckFailure::Send)?;
+        stream.write_all(send).await.map_err(CheckFailure::Send)?;
     }
     let Some(expect) = &config.expect else { return Ok(()) };
     let mut received = Vec::with_capacity(expect.len());
+    let mut buf = [0u8; 512];
     while received.len() < expect.len() {
-        let (result, buf) = stream.read(vec![0u8; expect.len() - received.len()]).await;
-        let n = result.map_err(CheckFailure::Receive)?;
+        let want = (expect.len() - received.len()).min(buf.len());
+        let n = stream.read(&mut buf[..want]).await.map_err(CheckFailure::Receive)?;
         if n == 0 {
             return Err(CheckFailure::Closed { received });
         }
@@ -149,25 +170,17 @@ async fn converse(stream: &TcpStream, config: &HealthConfig) -> Result<(), Check
 }
 
 /// Sends FIN and reads until the backend closes too (or `deadline`), so the backend sees an
-/// orderly close and no unread byte turns our close into a reset. shutdown(2) is called
-/// directly: it never blocks, and the ring's shutdown would run on an io-wq thread.
-async fn close_politely(stream: TcpStream, deadline: Instant) {
-    if stream.shutdown(Shutdown::Write).is_err() {
+/// orderly close and no unread byte turns our close into a reset. Dropping the stream then
+/// closes the socket.
+async fn close_politely(mut stream: TcpStream, deadline: Instant) {
+    if socket2::SockRef::from(&stream).shutdown(Shutdown::Write).is_err() {
         return;
     }
     let drain = async {
-        loop {
-            let (result, _) = stream.read(vec![0u8; 512]).await;
-            if !matches!(result, Ok(n) if n > 0) {
-                return;
-            }
-        }
+        let mut buf = [0u8; 512];
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
     };
-    if timeout_at(deadline, drain).await.is_err() {
-        // The backend keeps its side open: stop waiting. shutdown also ends the pending read,
-        // which tokio-uring would otherwise leave in flight holding the socket open.
-        let _ = stream.shutdown(Shutdown::Both);
-    }
+    let _ = timeout_at(deadline, drain).await;
 }
 
 #[cfg(test)]
@@ -229,5 +242,13 @@ mod tests {
             "unexpected reply \"-ERR\\r\\n\""
         );
         assert_eq!(CheckFailure::Passive(libc::ECONNREFUSED).to_string(), "connection refused, seen by a worker");
+    }
+
+    #[test]
+    fn a_shortage_of_local_descriptors_is_not_the_backends_fault() {
+        assert!(CheckFailure::Connect(io::Error::from_raw_os_error(libc::EMFILE)).is_local());
+        assert!(CheckFailure::Passive(libc::EADDRNOTAVAIL).is_local());
+        assert!(!CheckFailure::Connect(io::Error::from_raw_os_error(libc::ECONNREFUSED)).is_local());
+        assert!(!CheckFailure::ConnectTimedOut.is_local());
     }
 }

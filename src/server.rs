@@ -14,7 +14,7 @@ use log::{error, info};
 use crate::admission::Admission;
 use crate::config::{Config, Relay};
 use crate::conn;
-use crate::control::{ControlEvent, RunState, Shared, SourceLimit};
+use crate::control::{ControlEvent, RunState, Shared, SourceLimit, http};
 use crate::pool::Snapshot;
 use crate::stats;
 use crate::sys;
@@ -27,6 +27,9 @@ const MAX_PIPES_PER_WORKER: u64 = 1024;
 /// Descriptors kept aside beyond those open at startup (log output, /proc reads, the odd
 /// accept that slips past the cap).
 const SPARE_FDS: u64 = 16;
+/// Control-plane servers (the metrics port, the admin socket), each holding at most
+/// [`http::MAX_CONNECTIONS`]: their descriptors are kept out of the data path's budget.
+const CONTROL_SERVERS: u64 = 2;
 
 /// Why ringlb could not start.
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +131,11 @@ impl Server {
         // `pipe_limit` pipes of two each (a quarter of the budget at most, 1024 per worker at
         // most), set aside here; the rings (one each) are not open yet.
         let open_now = sys::open_fd_count().map_or(64, |n| n as u64);
-        let budget = fd_limit.saturating_sub(open_now + workers as u64 + SPARE_FDS);
+        // What the control thread may hold at once: its servers' connections and one health
+        // check per backend.
+        let checked: usize = config.pools.iter().filter(|p| p.health.is_some()).map(|p| p.backends.len()).sum();
+        let control = CONTROL_SERVERS * http::MAX_CONNECTIONS as u64 + checked as u64;
+        let budget = fd_limit.saturating_sub(open_now + workers as u64 + SPARE_FDS + control);
         let pipe_limit = match (config.relay, sizes.pipes) {
             (Relay::Copy, _) => 0,
             (_, Some(pipes)) => pipes as u64,

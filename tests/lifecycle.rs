@@ -128,7 +128,10 @@ fn out_of_file_descriptors_backs_off_and_keeps_serving() {
     let backend = Backend::echo();
     // Room for a dozen connections at most, and a max_connections that does not stop sooner:
     // accept itself runs out of descriptors.
-    let mut lb = Ringlb::start_with_fd_limit(&config_for(&[backend.addr], "max_connections = 1000", ""), Some(40));
+    // Health checks every 100 ms: while descriptors are short they fail for want of a socket,
+    // which must not count against the backend.
+    let health = "[pools.p.health]\ninterval = \"100ms\"\ntimeout = \"1s\"\nfall = 2";
+    let mut lb = Ringlb::start_with_fd_limit(&config_for(&[backend.addr], "max_connections = 1000", health), Some(40));
     assert!(
         lb.log().contains("max_connections 1000 is more than the file-descriptor limit (40) allows"),
         "{}",
@@ -170,6 +173,7 @@ fn out_of_file_descriptors_backs_off_and_keeps_serving() {
         stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         round_trip(&mut stream, format!("after {i}").as_bytes()).expect("served again after the shortage");
     }
+    assert!(!lb.log().contains("DOWN"), "a descriptor shortage marked the backend down:\n{}", lb.log());
     let counters = lb.stop();
     assert!(counters["accept_errors_total"] > 0);
 }

@@ -13,6 +13,7 @@
 //! With `spread = "pack"` the control side also sets how many workers are in use, and workers
 //! hand connections to each other through per-worker inboxes (see [`crate::spread`]).
 
+pub mod http;
 pub mod thread;
 
 use std::collections::HashMap;

@@ -11,9 +11,9 @@ use std::thread::JoinHandle;
 
 use log::{error, info, warn};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
-use tokio::time::{Duration, Instant, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until};
 
-use super::{ControlEvent, RunState, Shared};
+use super::{ControlEvent, RunState, Shared, http};
 use crate::config::{Config, HealthConfig, Spread};
 use crate::health::{CheckFailure, HealthState, probe};
 use crate::metrics;
@@ -56,10 +56,19 @@ pub fn spawn(
         };
         runtime.block_on(async move {
             if let Some(listener) = metrics {
-                tokio_uring::spawn(serve_metrics(
-                    tokio_uring::net::TcpListener::from_std(listener),
-                    Arc::clone(&shared),
-                ));
+                let listener =
+                    match listener.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(listener)) {
+                        Ok(listener) => listener,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                let shared = Arc::clone(&shared);
+                tokio_uring::spawn(http::serve(listener, "metrics", move |request| {
+                    let shared = Arc::clone(&shared);
+                    async move { metrics_reply(&shared, &request) }
+                }));
             }
             if config.spread == Spread::Pack && shared.stats.len() > 1 {
                 tokio_uring::spawn(follow_load(Arc::clone(&shared), per_worker));
@@ -94,6 +103,7 @@ async fn control_loop(config: &Config, shared: &Shared, mut events: UnboundedRec
     }
     drop(checked_tx);
 
+    let mut local_failures = 0u64;
     loop {
         let (pool, backend, result) = tokio::select! {
             Some(c) = checked.recv() => (c.pool, c.backend, c.result),
@@ -102,6 +112,21 @@ async fn control_loop(config: &Config, shared: &Shared, mut events: UnboundedRec
                 Some(ControlEvent::Stop) | None => return,
             },
         };
+        if let Err(why) = &result
+            && why.is_local()
+        {
+            // Out of descriptors or local ports: the backend is not to blame. Said once per
+            // 100, as a worker's refusals are.
+            local_failures += 1;
+            if local_failures % 100 == 1 {
+                let pool_config = &config.pools[pool];
+                warn!(
+                    "pool {}: cannot check backend {}: {why} (not counted against it; {local_failures} such checks so far)",
+                    pool_config.name, pool_config.backends[backend].address
+                );
+            }
+            continue;
+        }
         let Some(pool_health) = health.get_mut(pool).and_then(Option::as_mut) else {
             // No health checks for this pool: nothing could bring a backend back, so a
             // worker's failed connect does not mark it down.
@@ -194,46 +219,13 @@ async fn follow_load(shared: Arc<Shared>, per_worker: u64) {
     }
 }
 
-/// How long a metrics client may take to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// The most of a request read; the page is the same whatever it asks.
-const MAX_REQUEST: usize = 8192;
-
-async fn serve_metrics(listener: tokio_uring::net::TcpListener, shared: Arc<Shared>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio_uring::spawn(answer_metrics(stream, Arc::clone(&shared)));
-            }
-            Err(e) => {
-                warn!("metrics: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-async fn answer_metrics(stream: tokio_uring::net::TcpStream, shared: Arc<Shared>) {
-    // Read the request head; only its first line matters.
-    let mut request = Vec::new();
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < MAX_REQUEST {
-        match timeout(REQUEST_TIMEOUT, stream.read(vec![0u8; 1024])).await {
-            Ok((Ok(n), buf)) if n > 0 => request.extend_from_slice(&buf[..n]),
-            _ => return,
-        }
-    }
-    let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
-    let (status, body) = if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ") {
-        ("200 OK", metrics::render(&shared))
-    } else {
-        ("404 Not Found", "ringlb serves GET /metrics\n".to_string())
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let (result, _) = stream.write_all(response.into_bytes()).await;
-    if result.is_ok() {
-        let _ = stream.shutdown(std::net::Shutdown::Write);
+/// Answers the metrics port: the Prometheus page at `GET /metrics` (and `/`).
+fn metrics_reply(shared: &Shared, request: &http::Req) -> http::Reply {
+    use hyper::{Method, StatusCode};
+    let get = request.method == Method::GET || request.method == Method::HEAD;
+    match request.path.as_str() {
+        "/metrics" | "/" if get => http::reply(StatusCode::OK, "text/plain; version=0.0.4", metrics::render(shared)),
+        "/metrics" | "/" => http::reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n"),
+        _ => http::reply(StatusCode::NOT_FOUND, "text/plain", "ringlb serves GET /metrics\n"),
     }
 }

@@ -129,7 +129,7 @@ impl Ringlb {
     pub fn metrics(&self) -> HashMap<String, f64> {
         let addr = self.metrics_addr.expect("config has no metrics_bind");
         let mut stream = connect(addr);
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: ringlb\r\n\r\n").unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: ringlb\r\nConnection: close\r\n\r\n").unwrap();
         let (response, end) = read_until_end(&mut stream);
         end.unwrap();
         let text = String::from_utf8(response).unwrap();
