@@ -106,6 +106,16 @@ pub enum Op {
     /// direct syscall, which never blocks (IORING_OP_SHUTDOWN always runs on an io-wq thread);
     /// no completion.
     Shutdown { fd: RawFd },
+    /// Wait until the client `fd` fails or hangs up (a reset, or both directions shut): while
+    /// the connection is queued or connecting nothing else reads the client, and a client that
+    /// left must not hold its slot until a timeout. One completion ([`Event::ClientGone`]).
+    /// io_uring also ends the poll when the client only half-closes (POLLRDHUP): that client
+    /// may still wait for an answer, so the watch just ends (as HAProxy without
+    /// `option abortonclose`).
+    WatchClient { fd: RawFd },
+    /// Stop the client watch (cancel by its user data): the backend answered. One completion
+    /// ([`Event::Cancelled`]); the watch ends with -ECANCELED.
+    StopWatch,
     /// Cancel every operation in flight on `fd`.
     Cancel { fd: RawFd },
     /// Close `fd`; with `reset`, SO_LINGER 0 first so the peer sees RST, not FIN.
@@ -131,6 +141,8 @@ impl Op {
             | Op::PollIn { .. }
             | Op::StopRecv { .. }
             | Op::Park { .. }
+            | Op::WatchClient { .. }
+            | Op::StopWatch
             | Op::Cancel { .. }
             | Op::Close { .. } => 1,
             Op::Shutdown { .. }
@@ -147,7 +159,7 @@ impl Op {
     fn side(self) -> Option<Side> {
         match self {
             Op::Connect | Op::SendPrefix { .. } => Some(Side::Backend),
-            Op::ReadPrefix { .. } => Some(Side::Client),
+            Op::ReadPrefix { .. } | Op::WatchClient { .. } => Some(Side::Client),
             Op::Recv { dir, .. } | Op::PollIn { dir, .. } => Some(dir.src()),
             Op::Send { dir, .. } | Op::WaitWritable { dir, .. } => Some(dir.dst()),
             _ => None,
@@ -175,6 +187,9 @@ pub enum Event {
     /// The poll of the source of `dir` finished: readable or failed (the splice will tell), or
     /// -ECANCELED.
     Readable { dir: Dir, result: i32 },
+    /// The client watch finished: the poll's events (the client failed or hung up), or
+    /// -ECANCELED once stopped.
+    ClientGone { result: i32 },
     /// A cancel request finished.
     Cancelled,
     /// A close finished.
@@ -186,7 +201,7 @@ impl Event {
     fn side(self) -> Option<Side> {
         match self {
             Event::Connected(_) => Some(Side::Backend),
-            Event::PrefixRead { .. } => Some(Side::Client),
+            Event::PrefixRead { .. } | Event::ClientGone { .. } => Some(Side::Client),
             Event::Received { dir, .. } | Event::Readable { dir, .. } => Some(dir.src()),
             Event::Sent { dir, .. } | Event::Writable { dir } => Some(dir.dst()),
             _ => None,
@@ -215,6 +230,8 @@ pub enum End {
     HandshakeFailed,
     /// Waited for a backend below its `max_conns` longer than `queue_timeout` (reset).
     QueueTimeout,
+    /// The client reset or hung up while the connection was queued or connecting.
+    ClientGone,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -408,6 +425,8 @@ pub struct Conn {
     inflight: u32,
     /// Whether the connection is on its way to another worker (its waits being stopped).
     moving: bool,
+    /// Whether the client watch is in flight (see [`Op::WatchClient`]).
+    watching: bool,
     /// Operations in flight on each side's socket (indexed by `Side as usize`): what a close
     /// must cancel first.
     busy: [u16; 2],
@@ -448,6 +467,7 @@ impl Conn {
             eof: [false; 2],
             inflight: 0,
             moving: false,
+            watching: false,
             busy: [0; 2],
             last_active: now,
             bytes: [0; 2],
@@ -551,7 +571,8 @@ impl Conn {
     fn settle_while_moving(&mut self, event: Event, ops: &mut Vec<Op>) -> bool {
         let stopped = -libc::ECANCELED;
         let dir = match event {
-            Event::Cancelled => return true,
+            // The watch's end, and the stop of it, may still come after the connect.
+            Event::Cancelled | Event::ClientGone { .. } => return true,
             Event::Received { dir, result, buf: None, more: false, .. }
                 if result == stopped && self.flows[dir.index()] == Flow::Receiving =>
             {
@@ -592,6 +613,9 @@ impl Conn {
         self.pool = pool;
         self.attempts_left = attempts.max(1);
         self.phase = Phase::Connecting;
+        self.watching = true;
+        let client = self.client;
+        self.emit(Op::WatchClient { fd: client }, ops);
         self.emit(Op::Connect, ops);
     }
 
@@ -831,6 +855,15 @@ impl Conn {
                 }
             }
             Event::ConnectTimerDone | Event::Cancelled | Event::Closed => {}
+            Event::ClientGone { result } => {
+                self.watching = false;
+                let gone = result > 0 && result & (libc::POLLERR | libc::POLLHUP) as i32 != 0;
+                if gone && matches!(self.phase, Phase::Queued | Phase::Connecting) {
+                    // The client reset or hung up before a backend answered: nothing to relay.
+                    self.begin_close(End::ClientGone, false, false, ops);
+                }
+                // Relaying already (the stop crossed it): the client's receive will tell.
+            }
             Event::Received { dir, result, buf, full, more } => {
                 if full && self.relay == Relay::Auto {
                     // A bulk transfer: once what was received is sent, splice this direction.
@@ -884,6 +917,9 @@ impl Conn {
                 self.receive(Dir::Up, ops);
             }
             self.receive(Dir::Down, ops);
+            if self.watching {
+                self.emit(Op::StopWatch, ops);
+            }
             return Notice::Connected;
         }
         // The linked timeout cancels the connect: report it as a timeout.
@@ -1147,21 +1183,33 @@ mod tests {
     }
 
     impl Harness {
-        fn new(attempts: u32) -> Harness {
-            let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Copy, 0), ops: Vec::new(), now: 0 };
+        /// A routed connection: its client watched and a connect asked for.
+        fn routed(relay: Relay, attempts: u32) -> Harness {
+            let mut h = Harness { conn: Conn::new(1, CLIENT, 0, relay, 0), ops: Vec::new(), now: 0 };
             h.conn.route(0, attempts, &mut h.ops);
-            assert_eq!(h.take(), vec![Op::Connect]);
+            assert_eq!(h.take(), vec![Op::WatchClient { fd: CLIENT }, Op::Connect]);
+            h
+        }
+
+        fn new(attempts: u32) -> Harness {
+            let mut h = Harness::routed(Relay::Copy, attempts);
             h.conn.backend_opened(BACKEND, 0, 0);
             h
         }
 
+        /// The client watch's stop and end come in, after the connect succeeded.
+        fn watch_stopped(&mut self) {
+            assert!(self.event(Event::Cancelled).is_empty());
+            assert!(self.event(Event::ClientGone { result: -libc::ECANCELED }).is_empty());
+        }
+
         /// A connection relayed the `relay` way, connected, its first operations taken.
         fn connected(relay: Relay) -> Harness {
-            let mut h = Harness { conn: Conn::new(1, CLIENT, 0, relay, 0), ops: Vec::new(), now: 0 };
-            h.conn.route(0, 1, &mut h.ops);
+            let mut h = Harness::routed(relay, 1);
             h.conn.backend_opened(BACKEND, 0, 0);
             h.event(Event::ConnectTimerDone);
             h.event(Event::Connected(0));
+            h.watch_stopped();
             h
         }
 
@@ -1170,7 +1218,11 @@ mod tests {
             h.event(Event::ConnectTimerDone);
             let outcome = h.conn.on_event(Event::Connected(0), h.now, &mut h.ops);
             assert_eq!(outcome, Some(Notice::Connected));
-            assert_eq!(h.take(), vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Recv { dir: Dir::Down, fd: BACKEND }]);
+            assert_eq!(
+                h.take(),
+                vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Recv { dir: Dir::Down, fd: BACKEND }, Op::StopWatch]
+            );
+            h.watch_stopped();
             assert!(h.conn.is_relaying());
             h
         }
@@ -1402,7 +1454,10 @@ mod tests {
         assert!(h.event(Event::Closed).is_empty());
         let outcome = h.conn.on_event(Event::Connected(0), 5, &mut h.ops);
         assert_eq!(outcome, Some(Notice::Connected));
-        assert_eq!(h.take(), vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Recv { dir: Dir::Down, fd: BACKEND2 }]);
+        assert_eq!(
+            h.take(),
+            vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Recv { dir: Dir::Down, fd: BACKEND2 }, Op::StopWatch]
+        );
         assert_eq!(h.conn.backend_index, 1);
     }
 
@@ -1419,25 +1474,28 @@ mod tests {
     fn all_backends_failing_closes_client_once_everything_completed() {
         let mut h = Harness::new(1);
         h.conn.on_event(Event::Connected(-libc::ECONNREFUSED), 1, &mut h.ops);
-        assert_eq!(h.take(), vec![Op::Close { fd: BACKEND, reset: false }]);
+        // The backend's socket closes; the client's watch is cancelled before the client closes.
+        assert_eq!(h.take(), vec![Op::Close { fd: BACKEND, reset: false }, Op::Cancel { fd: CLIENT }]);
         assert_eq!(h.conn.end(), Some(End::NoBackend));
-        // Nothing is on the client's fd, so nothing is cancelled, but the client is closed only
-        // after the timer and the backend close are in.
-        assert_eq!(h.conn.inflight(), 2);
+        // The client is closed only after the timer, the backend close and the watch are in.
+        assert_eq!(h.conn.inflight(), 4);
         assert!(h.event(Event::ConnectTimerDone).is_empty());
-        let ops = h.event(Event::Closed);
+        assert!(h.event(Event::Closed).is_empty());
+        assert!(h.event(Event::Cancelled).is_empty());
+        let ops = h.event(Event::ClientGone { result: -libc::ECANCELED });
         assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }]);
         h.finish_close(1);
     }
 
     #[test]
     fn socket_failure_closes_client() {
-        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Copy, 0), ops: Vec::new(), now: 0 };
-        h.conn.route(0, 3, &mut h.ops);
-        h.take();
+        let mut h = Harness::routed(Relay::Copy, 3);
         h.conn.socket_failed(&mut h.ops);
-        assert_eq!(h.take(), vec![Op::Close { fd: CLIENT, reset: false }]);
+        assert_eq!(h.take(), vec![Op::Cancel { fd: CLIENT }], "the watch goes first");
         assert_eq!(h.conn.end(), Some(End::LocalError));
+        assert!(h.event(Event::Cancelled).is_empty());
+        let ops = h.event(Event::ClientGone { result: -libc::ECANCELED });
+        assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }]);
         h.finish_close(1);
     }
 
@@ -1445,8 +1503,10 @@ mod tests {
     fn close_while_connecting_cancels_connect() {
         let mut h = Harness::new(1);
         h.conn.close(&mut h.ops);
-        assert_eq!(h.take(), vec![Op::Cancel { fd: BACKEND }], "the client is not read while connecting");
+        assert_eq!(h.take(), vec![Op::Cancel { fd: CLIENT }, Op::Cancel { fd: BACKEND }], "the watch and the connect");
         h.event(Event::Cancelled);
+        h.event(Event::Cancelled);
+        assert!(h.event(Event::ClientGone { result: -libc::ECANCELED }).is_empty());
         assert!(h.event(Event::Connected(-libc::ECANCELED)).is_empty());
         let ops = h.event(Event::ConnectTimerDone);
         assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: false }]);
@@ -1489,12 +1549,13 @@ mod tests {
         h.conn.prefix.as_mut().unwrap().prepare(4, b"HDR");
         assert_eq!(h.conn.prefix.as_ref().unwrap().pending().len(), 3 + 6);
         h.conn.route(0, 1, &mut h.ops);
-        assert_eq!(h.take(), vec![Op::Connect]);
+        assert_eq!(h.take(), vec![Op::WatchClient { fd: CLIENT }, Op::Connect]);
         h.conn.backend_opened(BACKEND, 0, 0);
         h.event(Event::ConnectTimerDone);
         // Connected: the prefix goes to the backend before the client is read.
         let ops = h.event(Event::Connected(0));
-        assert_eq!(ops, vec![Op::SendPrefix { fd: BACKEND }, Op::Recv { dir: Dir::Down, fd: BACKEND }]);
+        assert_eq!(ops, vec![Op::SendPrefix { fd: BACKEND }, Op::Recv { dir: Dir::Down, fd: BACKEND }, Op::StopWatch]);
+        h.watch_stopped();
         assert_eq!(h.event(Event::Sent { dir: Dir::Up, result: 5 }), vec![Op::SendPrefix { fd: BACKEND }]);
         assert_eq!(
             h.event(Event::Sent { dir: Dir::Up, result: -libc::EAGAIN }),
@@ -1520,34 +1581,83 @@ mod tests {
 
     #[test]
     fn queued_connection_resumes_or_closes_at_once() {
-        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Copy, 0), ops: Vec::new(), now: 0 };
-        h.conn.route(0, 2, &mut h.ops);
-        assert_eq!(h.take(), vec![Op::Connect]);
+        let mut h = Harness::routed(Relay::Copy, 2);
         h.conn.defer_connect();
         assert!(h.conn.is_queued());
-        assert_eq!(h.conn.inflight(), 0);
+        assert_eq!(h.conn.inflight(), 1, "only the client watch");
         h.conn.resume(&mut h.ops);
         assert_eq!(h.take(), vec![Op::Connect]);
         h.conn.defer_connect();
-        // A queue timeout: nothing in flight, so the client is reset at once.
+        // A queue timeout: the watch is cancelled, then the client is reset.
         h.conn.reject(End::QueueTimeout, &mut h.ops);
-        assert_eq!(h.take(), vec![Op::Close { fd: CLIENT, reset: true }]);
+        assert_eq!(h.take(), vec![Op::Cancel { fd: CLIENT }]);
         h.conn.resume(&mut h.ops);
         assert!(h.take().is_empty(), "no connect after closing began");
+        assert!(h.event(Event::Cancelled).is_empty());
+        let ops = h.event(Event::ClientGone { result: -libc::ECANCELED });
+        assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: true }]);
         h.finish_close(1);
     }
 
     #[test]
+    fn a_client_that_leaves_while_queued_or_connecting_ends_the_connection() {
+        // Queued: the watch fires, nothing else is in flight: the client is closed at once.
+        let mut h = Harness::routed(Relay::Copy, 1);
+        h.conn.defer_connect();
+        let ops = h.event(Event::ClientGone { result: (libc::POLLERR | libc::POLLHUP) as i32 });
+        assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }]);
+        assert_eq!(h.conn.end(), Some(End::ClientGone));
+        h.finish_close(1);
+        // Connecting: the connect is cancelled first, then both sockets close.
+        let mut h = Harness::new(1);
+        let ops = h.event(Event::ClientGone { result: libc::POLLHUP as i32 });
+        assert_eq!(ops, vec![Op::Cancel { fd: BACKEND }]);
+        assert_eq!(h.conn.end(), Some(End::ClientGone));
+        h.event(Event::Cancelled);
+        h.event(Event::Connected(-libc::ECANCELED));
+        let ops = h.event(Event::ConnectTimerDone);
+        assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: false }]);
+        h.finish_close(2);
+    }
+
+    #[test]
+    fn a_client_that_only_half_closes_while_connecting_is_still_served() {
+        let mut h = Harness::new(1);
+        assert!(h.event(Event::ClientGone { result: (libc::POLLIN | libc::POLLRDHUP) as i32 }).is_empty());
+        h.event(Event::ConnectTimerDone);
+        assert_eq!(
+            h.event(Event::Connected(0)),
+            vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Recv { dir: Dir::Down, fd: BACKEND }],
+            "relays, with no watch left to stop"
+        );
+    }
+
+    #[test]
+    fn a_watch_that_fires_after_the_connect_leaves_the_relay_to_notice() {
+        let mut h = Harness::new(1);
+        h.event(Event::ConnectTimerDone);
+        h.event(Event::Connected(0));
+        // The client reset just as the backend answered: the watch's end crosses its stop.
+        assert!(h.event(Event::ClientGone { result: libc::POLLERR as i32 }).is_empty());
+        assert!(h.event(Event::Cancelled).is_empty());
+        assert!(h.conn.is_relaying());
+        assert_eq!(
+            h.event(ended(Dir::Up, -libc::ECONNRESET)),
+            vec![Op::Cancel { fd: BACKEND }],
+            "the client's receive tells"
+        );
+    }
+
+    #[test]
     fn splice_polls_then_pipes_source_to_destination() {
-        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Splice, 0), ops: Vec::new(), now: 0 };
-        h.conn.route(0, 1, &mut h.ops);
-        h.take();
+        let mut h = Harness::routed(Relay::Splice, 1);
         h.conn.backend_opened(BACKEND, 0, 0);
         h.event(Event::ConnectTimerDone);
         assert_eq!(
             h.event(Event::Connected(0)),
-            vec![Op::PollIn { dir: Dir::Up, fd: CLIENT }, Op::PollIn { dir: Dir::Down, fd: BACKEND }]
+            vec![Op::PollIn { dir: Dir::Up, fd: CLIENT }, Op::PollIn { dir: Dir::Down, fd: BACKEND }, Op::StopWatch]
         );
+        h.watch_stopped();
         assert_eq!(
             h.event(Event::Readable { dir: Dir::Down, result: 1 }),
             vec![Op::SpliceIn { dir: Dir::Down, fd: BACKEND }]
@@ -1591,16 +1701,15 @@ mod tests {
 
     #[test]
     fn auto_relay_splices_a_direction_after_a_full_buffer() {
-        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Auto, 0), ops: Vec::new(), now: 0 };
-        h.conn.route(0, 1, &mut h.ops);
+        let mut h = Harness::routed(Relay::Auto, 1);
         h.conn.backend_opened(BACKEND, 0, 0);
-        h.take();
         h.event(Event::ConnectTimerDone);
         // Both directions start with the copy relay.
         assert_eq!(
             h.event(Event::Connected(0)),
-            vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Recv { dir: Dir::Down, fd: BACKEND }]
+            vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Recv { dir: Dir::Down, fd: BACKEND }, Op::StopWatch]
         );
+        h.watch_stopped();
         // A small request stays on copy.
         h.event(data(Dir::Up, 100, 1));
         assert_eq!(h.event(Event::Sent { dir: Dir::Up, result: 100 }), vec![Op::Recycle(1)]);
@@ -1817,6 +1926,8 @@ mod model {
         Send(Dir, RawFd, BufId, u32),
         Poll(Dir, RawFd),
         PollIn(Dir, RawFd),
+        Watch,
+        StopWatch,
         Cancel,
         Close,
     }
@@ -1860,6 +1971,8 @@ mod model {
         stopped: [bool; 2],
         /// Moves to another worker that completed.
         moves: u32,
+        /// The stop of the client watch landed: it ends with ECANCELED next.
+        watch_stopped: bool,
     }
 
     impl Model {
@@ -1885,6 +1998,7 @@ mod model {
                 unsent: Default::default(),
                 stopped: [false; 2],
                 moves: 0,
+                watch_stopped: false,
             };
             let mut ops = Vec::new();
             if handshake {
@@ -1980,6 +2094,16 @@ mod model {
                         self.pending.push(Pending::Recv(dir, fd));
                     }
                     Op::StopRecv { dir } => self.pending.push(Pending::StopRecv(dir)),
+                    Op::WatchClient { fd } => {
+                        assert_eq!(fd, CLIENT);
+                        assert!(!self.pending.iter().any(|p| matches!(p, Pending::Watch)), "two client watches");
+                        self.watch_stopped = false;
+                        self.pending.push(Pending::Watch);
+                    }
+                    Op::StopWatch => {
+                        assert!(self.pending.iter().any(|p| matches!(p, Pending::Watch)), "stop of no watch");
+                        self.pending.push(Pending::StopWatch);
+                    }
                     Op::Park { dir, poll } => {
                         assert!(self.conn.is_moving(), "park while not moving");
                         let waiting = self.pending.iter().any(|p| match *p {
@@ -2072,6 +2196,7 @@ mod model {
                         let in_use = self.pending.iter().any(|p| {
                             matches!(*p, Pending::Connect(f) | Pending::Recv(_, f) | Pending::Send(_, f, ..)
                                 | Pending::Poll(_, f) | Pending::PollIn(_, f) if f == fd)
+                                || (matches!(p, Pending::Watch | Pending::ReadPrefix) && fd == CLIENT)
                         });
                         assert!(!in_use, "close of fd {fd} with an operation in flight on it");
                         assert!(self.open_fds.remove(&fd), "close of fd {fd} twice");
@@ -2224,6 +2349,24 @@ mod model {
                     dir,
                     result: if self.stopped[dir as usize] { -libc::ECANCELED } else { libc::POLLIN as i32 },
                 },
+                Pending::Watch => Event::ClientGone {
+                    result: if closing || self.watch_stopped {
+                        -libc::ECANCELED
+                    } else if choice.outcome.is_multiple_of(8) {
+                        (libc::POLLERR | libc::POLLHUP) as i32
+                    } else if choice.outcome % 8 == 1 {
+                        // Half-closed: the watch ends, the connection goes on.
+                        (libc::POLLIN | libc::POLLRDHUP) as i32
+                    } else {
+                        // A poll ends only when the client goes: not this time.
+                        self.pending.push(pending);
+                        return;
+                    },
+                },
+                Pending::StopWatch => {
+                    self.watch_stopped |= self.pending.iter().any(|p| matches!(p, Pending::Watch));
+                    Event::Cancelled
+                }
                 Pending::Cancel => Event::Cancelled,
                 Pending::Close => Event::Closed,
             };

@@ -34,6 +34,10 @@ pub enum Kind {
     StopRecv,
     /// The stop of a wait for a connection moving to another worker (a cancel by user data).
     Park,
+    /// The watch of a client while its connection waits for a backend.
+    Watch,
+    /// The stop of that watch.
+    StopWatch,
     Close,
     // Per-worker operations: the slot is a listener index or unused.
     Accept = 32,
@@ -48,7 +52,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 23] = [
+    const ALL: [Kind; 25] = [
         Kind::Connect,
         Kind::ConnectTimeout,
         Kind::RecvPrefix,
@@ -63,6 +67,8 @@ impl Kind {
         Kind::Cancel,
         Kind::StopRecv,
         Kind::Park,
+        Kind::Watch,
+        Kind::StopWatch,
         Kind::Close,
         Kind::Accept,
         Kind::AcceptPoll,

@@ -63,6 +63,7 @@ worker_stats! {
     handshake_failed: "ringlb_connections_handshake_failed_total", "Connections closed for a missing, malformed or late PROXY header or ClientHello, or no route for it.";
     queued: "ringlb_connections_queued_total", "Connections that waited for a backend below its max_conns.";
     queue_timeout: "ringlb_connections_queue_timeout_total", "Connections closed after waiting queue_timeout for a backend.";
+    client_gone: "ringlb_connections_client_gone_total", "Connections whose client reset or hung up while they waited for a backend (queued or connecting).";
     bytes_up: "ringlb_bytes_client_to_backend_total", "Bytes relayed from clients to backends.";
     bytes_down: "ringlb_bytes_backend_to_client_total", "Bytes relayed from backends to clients.";
     buffer_waits: "ringlb_buffer_waits_total", "Receives ended because the buffer ring was empty (they resume when buffers return).";

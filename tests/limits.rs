@@ -205,3 +205,92 @@ fn a_burst_under_spread_pack_waits_instead_of_being_reset() {
     assert_eq!(counters["connections_over_limit_total"], 0, "{counters:?}");
     assert_eq!(counters["connections_accepted_total"], 150, "{counters:?}");
 }
+
+/// Connects to `addr` and resets the connection at once (SO_LINGER 0, then close).
+fn connect_and_reset(addr: std::net::SocketAddr) {
+    let stream = connect(addr);
+    socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(stream);
+}
+
+/// A backend that never answers a SYN: a listener with a full accept queue (backlog 0, one
+/// connection in it) drops further SYNs, so connects to it hang until their timeout.
+fn syn_dropping_backend() -> (socket2::Socket, Vec<TcpStream>, std::net::SocketAddr) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    // Fill the queue; a further connect would hang, so stop once one does not complete at once.
+    let mut fillers = Vec::new();
+    while let Ok(stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+        fillers.push(stream);
+        assert!(fillers.len() < 8, "the accept queue does not fill");
+    }
+    (socket, fillers, addr)
+}
+
+#[test]
+fn clients_that_reset_while_queued_or_connecting_free_their_slots_at_once() {
+    // Against a full pool (max_conns = 1, held) and against a backend that drops SYNs, with
+    // timeouts far away: 50 clients that connect and reset must not stay counted open.
+    let full = Backend::echo();
+    let (_listener, _fillers, silent) = syn_dropping_backend();
+    let config = format!(
+        "workers = 2\nspread = \"even\"\nmetrics_bind = \"127.0.0.1:0\"\n\
+         [listeners.full]\nbind = \"127.0.0.1:0\"\npool = \"full\"\n\
+         [listeners.silent]\nbind = \"127.0.0.1:0\"\npool = \"silent\"\n\
+         [pools.full]\nqueue_timeout = \"10m\"\nbackends = [{{ address = \"{}\", max_conns = 1 }}]\n\
+         [pools.full.health]\nenabled = false\n\
+         [pools.silent]\nconnect_timeout = \"10m\"\nbackends = [{{ address = \"{silent}\" }}]\n\
+         [pools.silent.health]\nenabled = false\n",
+        full.addr
+    );
+    let mut lb = Ringlb::start(&config);
+    let mut holder = connect(lb.addrs["full"]);
+    echoed(&mut holder, b"hold", Duration::from_secs(10)).unwrap();
+    let metric = |name: &str| lb.metrics()[name];
+    for _ in 0..50 {
+        connect_and_reset(lb.addrs["full"]);
+        connect_and_reset(lb.addrs["silent"]);
+    }
+    assert!(
+        Ringlb::eventually(Duration::from_secs(20), || metric("ringlb_connections_client_gone_total") == 100.0),
+        "client_gone {}",
+        metric("ringlb_connections_client_gone_total")
+    );
+    assert!(
+        Ringlb::eventually(Duration::from_secs(10), || metric("ringlb_connections_active") == 1.0),
+        "{} still counted open",
+        metric("ringlb_connections_active")
+    );
+    // The held connection is untouched, and the queue serves the next client.
+    echoed(&mut holder, b"still here", Duration::from_secs(10)).unwrap();
+    drop(holder);
+    echoed(&mut connect(lb.addrs["full"]), b"next", Duration::from_secs(10)).unwrap();
+    lb.stop();
+}
+
+#[test]
+fn a_client_that_half_closes_while_queued_is_still_served() {
+    // `printf 'request' | nc` style: the request and FIN arrive while the pool is full. The
+    // FIN is not a client leaving (HAProxy without abortonclose agrees): it gets its answer.
+    let backend = Backend::echo();
+    let config = config_for(&[backend.addr], "workers = 1\nmetrics_bind = \"127.0.0.1:0\"", "queue_timeout = \"20s\"")
+        .replace(
+            &format!("{{ address = \"{}\" }}", backend.addr),
+            &format!("{{ address = \"{}\", max_conns = 1 }}", backend.addr),
+        );
+    let mut lb = Ringlb::start(&config);
+    let mut holder = connect(lb.addr());
+    echoed(&mut holder, b"hold", Duration::from_secs(10)).unwrap();
+    let mut client = connect(lb.addr());
+    client.write_all(b"request").unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(Ringlb::eventually(Duration::from_secs(10), || lb.metrics()["ringlb_connections_queued_total"] == 1.0));
+    drop(holder);
+    let (answer, end) = read_until_end(&mut client);
+    end.expect("a clean end");
+    assert_eq!(answer, b"request");
+    let counters = lb.stop();
+    assert_eq!(counters["connections_client_gone_total"], 0, "{counters:?}");
+}

@@ -52,7 +52,8 @@ impl Worker {
             Kind::PollDown => Event::Writable { dir: Dir::Down },
             Kind::PollInUp => Event::Readable { dir: Dir::Up, result: c.result },
             Kind::PollInDown => Event::Readable { dir: Dir::Down, result: c.result },
-            Kind::Cancel | Kind::Park => Event::Cancelled,
+            Kind::Watch => Event::ClientGone { result: c.result },
+            Kind::Cancel | Kind::Park | Kind::StopWatch => Event::Cancelled,
             Kind::StopRecv => {
                 // -ENOENT: the receive had ended on its own meanwhile.
                 if c.result == 0 {
@@ -215,6 +216,10 @@ impl Worker {
                 }
                 return;
             }
+            Op::WatchClient { fd } => opcode::PollAdd::new(types::Fd(fd), (libc::POLLERR | libc::POLLHUP) as u32)
+                .build()
+                .user_data(token(Kind::Watch)),
+            Op::StopWatch => cancel(Kind::Watch, Kind::StopWatch),
             Op::Cancel { fd } => opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
                 .build()
                 .user_data(token(Kind::Cancel)),
@@ -392,6 +397,7 @@ impl Worker {
             Some(End::Reset(_)) => stats.reset.add(1),
             Some(End::NoBackend) => stats.no_backend.add(1),
             Some(End::LocalError) => stats.local_error.add(1),
+            Some(End::ClientGone) => stats.client_gone.add(1),
             Some(End::Closed | End::BackendDown | End::Refused | End::HandshakeFailed | End::QueueTimeout) | None => {}
         }
         debug!(
