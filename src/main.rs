@@ -17,8 +17,9 @@ Examples:
   ringlb run -c config/ringlb.toml      serve until SIGTERM or SIGINT
   RUST_LOG=debug ringlb run -c FILE     log every connection
 
-Stopping: SIGTERM or SIGINT stops accepting and lets open connections finish for up to
-drain_timeout (default 30s); a second signal closes them at once. Exit status 0.";
+Signals: SIGTERM, SIGINT or SIGQUIT stops accepting and lets open connections finish for
+up to drain_timeout (default 30s); a second one closes them at once. Exit status 0.
+SIGHUP, SIGUSR1, SIGUSR2, SIGALRM and SIGTTIN are logged and change nothing.";
 
 #[derive(Parser)]
 #[command(name = "ringlb", version, about = "A layer-4 TCP load balancer on io_uring", after_help = EXAMPLES)]
@@ -69,8 +70,8 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Block the stop signals before any thread starts, so only sigtimedwait here sees them.
-    let signals = sys::shutdown_signals();
+    // Block the handled signals before any thread starts, so only sigtimedwait here sees them.
+    let signals = sys::handled_signals();
     if let Err(e) = sys::block_signals(&signals) {
         error!("cannot block signals: {e}");
         return ExitCode::FAILURE;

@@ -288,22 +288,24 @@ impl Server {
         result
     }
 
-    /// Serves until SIGTERM or SIGINT, then drains: a second signal closes what is left at
-    /// once. Returns when every worker has stopped. The signals must already be blocked in
-    /// every thread (see [`sys::block_signals`]), which `main` does before starting.
+    /// Serves until SIGTERM, SIGINT or SIGQUIT, then drains: a second one closes what is left
+    /// at once. Other handled signals are logged and change nothing. Returns when every worker
+    /// has stopped. The signals must already be blocked in every thread (see
+    /// [`sys::block_signals`]), which `main` does before starting.
     pub fn serve_until_stopped(self, signals: &libc::sigset_t) -> io::Result<()> {
         let mut stopping = false;
         loop {
             match sys::wait_signal_timeout(signals, Duration::from_millis(200))? {
-                Some(signal) if !stopping => {
+                Some(signal @ (libc::SIGTERM | libc::SIGINT | libc::SIGQUIT)) if !stopping => {
                     stopping = true;
-                    info!("{}: draining; stop accepting, open connections may finish", signal_name(signal));
+                    info!("{}: draining; stop accepting, open connections may finish", sys::signal_name(signal));
                     self.drain();
                 }
-                Some(signal) => {
-                    info!("{}: closing remaining connections now", signal_name(signal));
+                Some(signal @ (libc::SIGTERM | libc::SIGINT | libc::SIGQUIT)) => {
+                    info!("{}: closing remaining connections now", sys::signal_name(signal));
                     self.close_now();
                 }
+                Some(signal) => info!("{}: ignored; {}", sys::signal_name(signal), ignored_because(signal)),
                 None => {}
             }
             if !stopping && self.any_worker_exited() {
@@ -335,10 +337,12 @@ fn accept_backlog() -> usize {
     somaxconn.map_or(BACKLOG as usize, |max: usize| max.min(BACKLOG as usize))
 }
 
-fn signal_name(signal: libc::c_int) -> &'static str {
+/// Why a handled signal that stops nothing is ignored, for the log line.
+fn ignored_because(signal: libc::c_int) -> &'static str {
     match signal {
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGINT => "SIGINT",
-        _ => "signal",
+        libc::SIGUSR1 => "ringlb logs to stderr, so there is no log file to reopen",
+        libc::SIGHUP => "this version does not reload its config (restart to apply changes)",
+        libc::SIGUSR2 => "this version does not upgrade its binary in place",
+        _ => "it has no meaning for ringlb",
     }
 }

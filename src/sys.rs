@@ -59,15 +59,44 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(limit.rlim_cur)
 }
 
-/// The signals the main thread handles; every other thread keeps them blocked.
-pub fn shutdown_signals() -> libc::sigset_t {
+/// The signals the main thread handles (with `sigtimedwait`); every other thread keeps them
+/// blocked, so none of them can end the process by its default action.
+pub const HANDLED_SIGNALS: [libc::c_int; 8] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGHUP,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+    libc::SIGTTIN,
+];
+
+/// The set of [`HANDLED_SIGNALS`].
+pub fn handled_signals() -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset initialise and modify the set we own.
     unsafe {
         let mut set: libc::sigset_t = mem::zeroed();
         libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
+        for signal in HANDLED_SIGNALS {
+            libc::sigaddset(&mut set, signal);
+        }
         set
+    }
+}
+
+/// A signal's name, for log lines.
+pub fn signal_name(signal: libc::c_int) -> &'static str {
+    match signal {
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTTIN => "SIGTTIN",
+        _ => "a signal",
     }
 }
 

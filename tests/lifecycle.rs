@@ -205,3 +205,32 @@ fn max_connections_holds_new_ones_in_the_backlog_until_one_closes() {
     assert_eq!(counters["connections_over_limit_total"], 0, "{counters:?}");
     assert_eq!(counters["connections_accepted_total"], 4);
 }
+
+#[test]
+fn stray_signals_change_nothing_and_sigquit_drains() {
+    let backend = Backend::echo();
+    let mut lb = Ringlb::start(&config_for(&[backend.addr], "drain_timeout = \"60s\"", ""));
+    let mut held = connect(lb.addr());
+    round_trip(&mut held, b"before").unwrap();
+    for (signal, name) in [
+        (libc::SIGHUP, "SIGHUP"),
+        (libc::SIGUSR1, "SIGUSR1"),
+        (libc::SIGUSR2, "SIGUSR2"),
+        (libc::SIGALRM, "SIGALRM"),
+        (libc::SIGTTIN, "SIGTTIN"),
+    ] {
+        lb.signal(signal);
+        let line = format!("{name}: ignored");
+        assert!(Ringlb::eventually(Duration::from_secs(10), || lb.log().contains(&line)), "{name}: {}", lb.log());
+    }
+    assert!(lb.wait_exit(Duration::ZERO).is_none(), "a stray signal ended ringlb");
+    round_trip(&mut held, b"after").unwrap();
+    round_trip(&mut connect(lb.addr()), b"new").unwrap();
+    // SIGQUIT is a graceful stop, as for nginx: the open connection finishes first.
+    lb.signal(libc::SIGQUIT);
+    assert!(Ringlb::eventually(Duration::from_secs(10), || lb.log().contains("SIGQUIT: draining")));
+    round_trip(&mut held, b"while draining").unwrap();
+    drop(held);
+    let status = lb.wait_exit(Duration::from_secs(30)).expect("exits once its connection ended");
+    assert!(status.success(), "exit status {status}");
+}
