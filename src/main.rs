@@ -50,6 +50,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config: path } => match Config::load(&path) {
             Ok(config) => {
+                for warning in &config.warnings {
+                    eprintln!("warning: {warning}");
+                }
                 println!("{}: OK\n{}", path.display(), config.summary());
                 ExitCode::SUCCESS
             }
@@ -78,6 +81,9 @@ fn run(path: &std::path::Path) -> ExitCode {
     }
     sys::ignore_sigpipe();
     info!("ringlb {} starting with {}", env!("CARGO_PKG_VERSION"), path.display());
+    for warning in &config.warnings {
+        log::warn!("{warning}");
+    }
     let server = match Server::start(&config) {
         Ok(server) => server,
         Err(e) => {

@@ -82,8 +82,8 @@ impl Server {
         let mut listen_addrs = Vec::new();
         for listener in &config.listeners {
             let mut address = listener.bind;
-            for worker_listeners in listeners_by_worker.iter_mut() {
-                let socket = sys::listener(address, BACKLOG).map_err(|source| StartError::Bind {
+            for (worker, worker_listeners) in listeners_by_worker.iter_mut().enumerate() {
+                let socket = sys::listener(address, BACKLOG, worker == 0).map_err(|source| StartError::Bind {
                     listener: listener.name.clone(),
                     address,
                     source,
@@ -103,6 +103,7 @@ impl Server {
                         default_pool: listener.pool,
                     },
                     access: listener.access.clone(),
+                    proxy_from: listener.proxy_from.clone(),
                     idle_timeout: listener.idle_timeout,
                     handshake_timeout: listener.handshake_timeout,
                     max_connections: listener.max_connections.map(|n| (n.get() / workers).max(1)),

@@ -60,6 +60,7 @@ worker_stats! {
     over_limit: "ringlb_connections_over_limit_total", "Connections closed at accept because max_connections were open.";
     refused_access: "ringlb_connections_refused_access_total", "Connections refused by a listener's allow/deny rules.";
     refused_source_limit: "ringlb_connections_refused_source_limit_total", "Connections refused by max_conns_per_source.";
+    refused_proxy_source: "ringlb_connections_refused_proxy_source_total", "Connections refused because they came from outside a listener's proxy_from (accept_proxy).";
     handshake_failed: "ringlb_connections_handshake_failed_total", "Connections closed for a missing, malformed or late PROXY header or ClientHello, or no route for it.";
     queued: "ringlb_connections_queued_total", "Connections that waited for a backend below its max_conns.";
     queue_timeout: "ringlb_connections_queue_timeout_total", "Connections closed after waiting queue_timeout for a backend.";

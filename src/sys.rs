@@ -145,16 +145,29 @@ pub fn eventfd_ring(fd: &OwnedFd) {
 }
 
 /// A listener socket for one worker: SO_REUSEPORT so every worker binds the same address.
-pub fn listener(addr: SocketAddr, backlog: i32) -> io::Result<Socket> {
+///
+/// With `first`, this is the listener's first socket, and it claims the port: it binds
+/// without SO_REUSEPORT, so the bind fails (EADDRINUSE) if any other socket holds the port,
+/// another ringlb's or any program's, instead of quietly joining its group. Only then does it
+/// set SO_REUSEPORT, before `listen`, so this process's other workers can join. With port 0
+/// the port the kernel picks is free of any other socket for the same reason.
+pub fn listener(addr: SocketAddr, backlog: i32, first: bool) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
+    // Lets a restarted ringlb bind while its old connections are in TIME_WAIT; never lets it
+    // bind beside another listening socket.
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
+    if !first {
+        socket.set_reuse_port(true)?;
+    }
     // Accepted sockets inherit TCP_NODELAY from the listener.
     socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
+    if first {
+        socket.set_reuse_port(true)?;
+    }
     socket.listen(backlog)?;
     Ok(socket)
 }
@@ -351,9 +364,9 @@ mod tests {
 
     #[test]
     fn steered_listeners_send_every_connection_to_the_first() {
-        let first = listener("127.0.0.1:0".parse().unwrap(), 64).unwrap();
+        let first = listener("127.0.0.1:0".parse().unwrap(), 64, true).unwrap();
         let addr = first.local_addr().unwrap().as_socket().unwrap();
-        let second = listener(addr, 64).unwrap();
+        let second = listener(addr, 64, false).unwrap();
         steer_reuseport(second.as_raw_fd(), 1).unwrap();
         let clients: Vec<_> = (0..32).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
         for socket in [&first, &second] {
@@ -385,11 +398,22 @@ mod tests {
     }
 
     #[test]
-    fn listeners_share_a_port() {
-        let first = listener("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+    fn listeners_share_a_port_that_nobody_else_may_take() {
+        let first = listener("127.0.0.1:0".parse().unwrap(), 16, true).unwrap();
         let addr = first.local_addr().unwrap().as_socket().unwrap();
-        let second = listener(addr, 16).unwrap();
+        let second = listener(addr, 16, false).unwrap();
         assert_eq!(second.local_addr().unwrap().as_socket(), Some(addr));
+        // A second process claiming the port, or a plain socket, is refused.
+        let again = listener(addr, 16, true).unwrap_err();
+        assert_eq!(again.raw_os_error(), Some(libc::EADDRINUSE), "{again}");
+        assert!(std::net::TcpListener::bind(addr).is_err());
+        // A port someone else listens on cannot be claimed, with or without SO_REUSEPORT there.
+        let theirs = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = listener(theirs.local_addr().unwrap(), 16, true).unwrap_err();
+        assert_eq!(taken.raw_os_error(), Some(libc::EADDRINUSE));
+        let other_group = listener("127.0.0.1:0".parse().unwrap(), 16, true).unwrap();
+        let taken = listener(other_group.local_addr().unwrap().as_socket().unwrap(), 16, true).unwrap_err();
+        assert_eq!(taken.raw_os_error(), Some(libc::EADDRINUSE));
     }
 
     #[test]

@@ -88,3 +88,93 @@ fn version_and_help() {
     let (_, out, _) = ringlb(&["run", "--help"]);
     assert!(out.contains("--config <FILE>"), "{out}");
 }
+
+/// Runs `ringlb check` on `text`; returns the exit code and stderr.
+fn check(text: &str) -> (i32, String, String) {
+    let path = write_temp(text, "toml");
+    let (code, out, err) = ringlb(&["check", "-c", path.to_str().unwrap()]);
+    (code, out, err.replace(path.to_str().unwrap(), "FILE"))
+}
+
+const POOL: &str = "[pools.p]\nbackends = [{ address = \"127.0.0.1:2\" }]\n";
+
+#[test]
+fn check_warns_about_what_works_but_is_likely_wrong() {
+    let text = format!(
+        "[listeners.a]\nbind = \"127.0.0.1:1\"\npool = \"p\"\naccept_proxy = true\n{POOL}\
+         [pools.spare]\nbackends = [{{ address = \"127.0.0.1:3\" }}]\n"
+    );
+    let (code, _, err) = check(&text);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("warning: FILE:4: listeners.a.accept_proxy: any client may send a PROXY header"), "{err}");
+    assert!(err.contains("warning: FILE:7: pools.spare: no listener sends connections to this pool"), "{err}");
+}
+
+#[test]
+fn check_rejects_configs_that_cannot_work() {
+    let cases: [(String, &str); 6] = [
+        (
+            format!("[listeners.a]\nbind = \"127.0.0.1:1\"\npool = \"p\"\nproxy_from = [\"10.0.0.0/8\"]\n{POOL}"),
+            "FILE:4: listeners.a.proxy_from: proxy_from says who may send a PROXY header; it needs accept_proxy = true",
+        ),
+        (
+            "[listeners.a]\nbind = \"127.0.0.1:7000\"\npool = \"p\"\n[pools.p]\nbackends = [\n  { address = \"127.0.0.1:7000\" },\n]\n"
+                .to_string(),
+            "FILE:6: pools.p.backends[0].address: 127.0.0.1:7000 is ringlb's own listener \"a\": connections would loop back",
+        ),
+        (
+            "[listeners.a]\nbind = \"0.0.0.0:7001\"\npool = \"p\"\n[pools.p]\nbackends = [{ address = \"127.0.0.5:7001\" }]\n"
+                .to_string(),
+            "FILE:5: pools.p.backends[0].address: 127.0.0.5:7001 is ringlb's own listener \"a\"",
+        ),
+        (
+            format!("[listeners.a]\nbind = \"192.0.2.77:8080\"\npool = \"p\"\n{POOL}"),
+            "FILE:2: listeners.a.bind: 192.0.2.77 is not an address of this host",
+        ),
+        (
+            format!("max_connections = 10\n[listeners.a]\nbind = \"127.0.0.1:1\"\npool = \"p\"\nmax_connections = 11\n{POOL}"),
+            "FILE:5: listeners.a.max_connections: 11 is not a connection count; use 1 to 10 (the top-level max_connections)",
+        ),
+        (format!("[listeners.a]\nbind = \"127.0.0.1:1\"\npool = \"p\"\n{POOL}# {}\n", "x".repeat(5 << 20)), "FILE: larger than 4 MiB"),
+    ];
+    for (text, expected) in cases {
+        let (code, out, err) = check(&text);
+        assert_eq!(code, 1, "{expected}: {out}");
+        assert!(err.contains(expected), "expected {expected:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn check_of_an_endless_file_stops() {
+    let (code, _, err) = ringlb(&["check", "-c", "/dev/zero"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("/dev/zero: larger than 4 MiB"), "{err}");
+}
+
+#[test]
+fn a_second_ringlb_on_the_same_port_is_refused() {
+    let text = format!(
+        "workers = 2\n[listeners.a]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n{POOL}[pools.p.health]\nenabled = false\n"
+    );
+    let first = common::Ringlb::start(&text);
+    let addr = first.addr();
+    let path = write_temp(&text.replace("127.0.0.1:0", &addr.to_string()), "toml");
+    // Had it started, it would serve (and run) until stopped: wait for its exit a while.
+    let mut second = Command::new(env!("CARGO_BIN_EXE_ringlb"))
+        .args(["run", "-c", path.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while second.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = second.kill();
+            panic!("a second ringlb started on {addr}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = second.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("listener a: cannot listen on {addr}")) && err.contains("in use"), "{err}");
+}

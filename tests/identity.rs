@@ -148,7 +148,7 @@ fn missing_malformed_or_late_proxy_header_closes_and_counts() {
     // The first refusal is logged with its reason. (Later ones in the same second may be held
     // back: at most one refusal is logged per worker per second, with a count of the rest.)
     assert!(
-        lb.log().contains("closed a connection from 127.0.0.1:") && lb.log().contains(": not a PROXY protocol header"),
+        lb.logged("closed a connection from 127.0.0.1:") && lb.logged(": not a PROXY protocol header"),
         "{}",
         lb.log()
     );
@@ -177,11 +177,11 @@ fn allow_and_deny_lists_are_checked_before_any_backend() {
     ));
     let from = |ip: [u8; 4]| connect_from(IpAddr::from(ip), lb.addr());
     round_trip(&mut from([127, 0, 1, 5]), b"in the allow list").unwrap();
-    assert!(closed_without_answer(&mut from([127, 0, 2, 5])), "not in the allow list");
-    assert!(closed_without_answer(&mut from([127, 0, 1, 13])), "denied, though allowed");
+    assert!(refused_from(IpAddr::from([127, 0, 2, 5]), lb.addr()), "not in the allow list");
+    assert!(refused_from(IpAddr::from([127, 0, 1, 13]), lb.addr()), "denied, though allowed");
     assert_eq!(backend.accepted(), 1);
     assert_eq!(lb.metrics()["ringlb_connections_refused_access_total"], 2.0);
-    assert!(lb.log().contains("refused 127.0.2.5: not allowed by the listener's allow/deny rules"), "{}", lb.log());
+    assert!(lb.logged("refused 127.0.2.5: not allowed by the listener's allow/deny rules"), "{}", lb.log());
 }
 
 #[test]
@@ -190,7 +190,7 @@ fn ipv6_deny_rule() {
     let config =
         listener_config("deny = [\"::1/128\"]", &[backend.addr], "").replace("127.0.0.1:0\"\npool", "[::1]:0\"\npool");
     let lb = Ringlb::start(&config);
-    assert!(closed_without_answer(&mut connect(lb.addr())));
+    assert!(refused_from("::1".parse().unwrap(), lb.addr()));
     assert_eq!(backend.accepted(), 0);
 }
 
@@ -205,7 +205,7 @@ fn max_conns_per_source_counts_over_all_workers() {
     }
     // Whichever worker the third lands on, the count is shared.
     for _ in 0..4 {
-        assert!(closed_without_answer(&mut connect_from(a, lb.addr())), "a third connection from {a}");
+        assert!(refused_from(a, lb.addr()), "a third connection from {a}");
     }
     round_trip(&mut connect_from(IpAddr::from([127, 0, 1, 10]), lb.addr()), b"another source").unwrap();
     drop(held.pop());
@@ -401,5 +401,26 @@ fn sni_without_default_pool_closes_unmatched_and_non_tls() {
     assert!(closed_without_answer(&mut partial));
     assert_eq!(db.accepted(), 1, "only the routed connection reached the backend");
     assert_eq!(lb.metrics()["ringlb_connections_handshake_failed_total"], 4.0);
-    assert!(lb.log().contains("no route for server name \"other.org\""), "{}", lb.log());
+    assert!(lb.logged("no route for server name \"other.org\""), "{}", lb.log());
+}
+
+#[test]
+fn proxy_headers_are_taken_only_from_proxy_from() {
+    let backend = mirror(b"hello");
+    let lb = Ringlb::start(&listener_config(
+        "accept_proxy = true\nproxy_from = [\"127.0.3.0/24\"]\nallow = [\"198.51.100.0/24\"]",
+        &[backend.addr],
+        "",
+    ));
+    let request = b"PROXY TCP4 198.51.100.7 10.0.0.1 1 2\r\nhello";
+    // From the balancer in front: its header decides, and the carried address is allowed.
+    let mut trusted = connect_from(IpAddr::from([127, 0, 3, 1]), lb.addr());
+    assert_eq!(through(&mut trusted, request, 5), b"hello");
+    // From anywhere else the same header is refused, before it is read.
+    let mut other = connect_from(IpAddr::from([127, 0, 4, 1]), lb.addr());
+    let _ = other.write_all(request);
+    assert!(closed_without_answer(&mut other));
+    assert_eq!(backend.accepted(), 1);
+    assert_eq!(lb.metrics()["ringlb_connections_refused_proxy_source_total"], 1.0);
+    assert!(lb.logged("refused 127.0.4.1: may not send a PROXY header"), "{}", lb.log());
 }

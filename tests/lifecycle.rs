@@ -77,7 +77,7 @@ fn sigterm_drains_streaming_connection_refuses_new_ones_and_exits_zero() {
     // Well before the 60 s drain deadline: it exits when the last connection ends.
     let status = lb.wait_exit(Duration::from_secs(30)).expect("did not exit after its last connection ended");
     assert!(status.success(), "exit status {status}");
-    assert!(lb.log().contains("SIGTERM: draining"));
+    assert!(lb.logged("SIGTERM: draining"));
 }
 
 #[test]
@@ -92,7 +92,7 @@ fn drain_deadline_closes_what_is_left_and_exits_zero() {
     let (data, end) = read_until_end(&mut held);
     assert!(data.is_empty());
     end.expect("closed with FIN");
-    assert!(lb.log().contains("closing 1 connections (drain deadline)"), "{}", lb.log());
+    assert!(lb.logged("closing 1 connections (drain deadline)"), "{}", lb.log());
 }
 
 #[test]
@@ -108,7 +108,7 @@ fn second_signal_closes_at_once() {
     assert!(status.success());
     let (_, end) = read_until_end(&mut held);
     end.expect("closed with FIN");
-    assert!(lb.log().contains("closing remaining connections now"));
+    assert!(lb.logged("closing remaining connections now"));
 }
 
 /// Sum of accept failures the log reports (each message plus the ones it says it held back).
@@ -132,11 +132,7 @@ fn out_of_file_descriptors_backs_off_and_keeps_serving() {
     // which must not count against the backend.
     let health = "[pools.p.health]\ninterval = \"100ms\"\ntimeout = \"1s\"\nfall = 2";
     let mut lb = Ringlb::start_with_fd_limit(&config_for(&[backend.addr], "max_connections = 1000", health), Some(40));
-    assert!(
-        lb.log().contains("max_connections 1000 is more than the file-descriptor limit (40) allows"),
-        "{}",
-        lb.log()
-    );
+    assert!(lb.logged("max_connections 1000 is more than the file-descriptor limit (40) allows"), "{}", lb.log());
     let addr = lb.addr();
     let baseline = lb.fd_count();
     let mut streams: Vec<TcpStream> = (0..40).map(|_| connect(addr)).collect();
@@ -153,7 +149,7 @@ fn out_of_file_descriptors_backs_off_and_keeps_serving() {
         }
     }
     assert!(served > 0 && served < 40, "served {served} of 40 with 40 descriptors");
-    assert!(lb.log().contains("Too many open files"), "{}", lb.log());
+    assert!(lb.logged("Too many open files"), "{}", lb.log());
     // Backing off, not spinning: about ten retries a second per worker, not thousands.
     let failures = logged_accept_failures(&lb.log());
     assert!(failures < 200, "{failures} accept failures in ~1.5 s: accept is spinning");

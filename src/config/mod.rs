@@ -7,6 +7,7 @@
 
 mod duration;
 mod escape;
+mod host;
 mod raw;
 mod validate;
 
@@ -34,11 +35,15 @@ pub const MAX_WEIGHT: u32 = 256;
 pub const MAX_CONNECTIONS: usize = 100_000_000;
 /// Upper bound on `workers`; more threads than this is a typo, not a machine.
 pub const MAX_WORKERS: usize = 1024;
+/// Largest config file read: a real one is a few KiB, and `/dev/zero` must not exhaust memory.
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
 
 /// A validated configuration. Listeners and pools are sorted by name; a listener refers to its
 /// pool by index.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// The file it was read from, as its errors and warnings name it.
+    pub path: String,
     pub workers: NonZeroUsize,
     /// Most client connections open at once, split evenly across workers; `None` = as many as
     /// the file-descriptor limit allows.
@@ -53,6 +58,9 @@ pub struct Config {
     pub relay: Relay,
     /// How connections spread over the workers (default: pack).
     pub spread: Spread,
+    /// Things that work but are likely mistakes, each naming the file, the line and the key;
+    /// `ringlb check` prints them and `ringlb run` logs them.
+    pub warnings: Vec<String>,
 }
 
 /// How connections spread over the workers.
@@ -115,6 +123,8 @@ pub const MAX_PIPE_SIZE: u32 = 1024 * 1024;
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
     pub name: String,
+    /// The line of its `bind`, for errors found after validation (see `host`).
+    pub line: usize,
     /// Port 0 asks the kernel for a free port, shared by every worker's listener.
     pub bind: SocketAddr,
     /// The pool connections go to (index into [`Config::pools`]); with SNI routes, the pool
@@ -125,6 +135,9 @@ pub struct ListenerConfig {
     pub idle_timeout: Option<Duration>,
     /// Clients must start with a PROXY protocol header (v1 or v2); its address is the client's.
     pub accept_proxy: bool,
+    /// With `accept_proxy`: the addresses a PROXY header is taken from (the balancers in
+    /// front); a connection from elsewhere is refused. Empty: from anyone.
+    pub proxy_from: Vec<Cidr>,
     /// How long a client may take to send its PROXY header and TLS ClientHello.
     pub handshake_timeout: Duration,
     pub access: AccessRules,
@@ -185,6 +198,8 @@ impl PoolConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackendConfig {
     pub address: SocketAddr,
+    /// The line of its entry, for errors found after validation (0 when built in code).
+    pub line: usize,
     pub weight: NonZeroU32,
     /// Most connections open to this backend at once, over all workers; more wait in the
     /// pool's queue for up to `queue_timeout` (HAProxy's maxconn and queue).
@@ -194,7 +209,7 @@ pub struct BackendConfig {
 impl BackendConfig {
     /// A backend of weight `weight` (0 is taken as 1) and no connection limit.
     pub fn new(address: SocketAddr, weight: u32) -> BackendConfig {
-        BackendConfig { address, weight: NonZeroU32::new(weight).unwrap_or(NonZeroU32::MIN), max_conns: None }
+        BackendConfig { address, line: 0, weight: NonZeroU32::new(weight).unwrap_or(NonZeroU32::MIN), max_conns: None }
     }
 }
 
@@ -300,6 +315,8 @@ impl Default for HealthConfig {
 pub enum ConfigError {
     #[error("{path}: cannot read: {source}")]
     Read { path: String, source: std::io::Error },
+    #[error("{path}: larger than {} MiB; a ringlb config is a few KiB (is this the right file?)", MAX_CONFIG_BYTES >> 20)]
+    TooLarge { path: String },
     /// The file is not valid TOML or does not have the expected shape.
     #[error("{path}:{line}: {message}")]
     Syntax { path: String, line: usize, message: String },
@@ -312,7 +329,7 @@ impl ConfigError {
     /// The 1-based line the error points at (0 when the file could not be read).
     pub fn line(&self) -> usize {
         match self {
-            ConfigError::Read { .. } => 0,
+            ConfigError::Read { .. } | ConfigError::TooLarge { .. } => 0,
             ConfigError::Syntax { line, .. } | ConfigError::Invalid { line, .. } => *line,
         }
     }
@@ -327,11 +344,23 @@ impl ConfigError {
 }
 
 impl Config {
-    /// Reads and validates a configuration file.
+    /// Reads and validates a configuration file, then checks it against this host (binds
+    /// that cannot work here, backends that are ringlb's own listeners): the path `ringlb
+    /// check` and `ringlb run` share.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        use std::io::Read;
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
-        Config::parse(&text, &shown)
+        let read_error = |source| ConfigError::Read { path: shown.clone(), source };
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|file| file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+            .map_err(read_error)?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge { path: shown });
+        }
+        let config = Config::parse(&text, &shown)?;
+        host::check(&config)?;
+        Ok(config)
     }
 
     /// Validates configuration text; `path` only labels error messages.
@@ -379,8 +408,10 @@ impl Config {
             if !listener.sni.is_empty() {
                 extras.push("routes by TLS server name".to_string());
             }
-            if listener.accept_proxy {
+            if listener.accept_proxy && listener.proxy_from.is_empty() {
                 extras.push("requires a PROXY header".to_string());
+            } else if listener.accept_proxy {
+                extras.push(format!("requires a PROXY header from {} networks", listener.proxy_from.len()));
             }
             if !listener.access.is_empty() {
                 extras.push(format!(

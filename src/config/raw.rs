@@ -33,6 +33,7 @@ pub struct RawListener {
     pub pool: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,
     pub accept_proxy: Option<Spanned<bool>>,
+    pub proxy_from: Option<Spanned<Vec<Spanned<String>>>>,
     pub handshake_timeout: Option<Spanned<String>>,
     pub allow: Option<Spanned<Vec<Spanned<String>>>>,
     pub deny: Option<Spanned<Vec<Spanned<String>>>>,

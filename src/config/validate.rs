@@ -33,6 +33,11 @@ impl Source<'_> {
         self.text.lines().nth(line.saturating_sub(1)).unwrap_or("").trim()
     }
 
+    /// A warning in the form of an error message: file, line, key, what is wrong.
+    fn warning(&self, span: Range<usize>, key: &str, message: &str) -> String {
+        format!("{}:{}: {key}: {message}", self.path, self.line_of(span))
+    }
+
     fn invalid(&self, span: Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_string(),
@@ -219,7 +224,46 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
 
+    let mut warnings = Vec::new();
+    for (p, (name, raw_pool)) in raw.pools.iter().enumerate() {
+        if !listeners.iter().any(|(l, _)| l.pool == Some(p) || l.sni.routes_to(p)) {
+            warnings.push(src.warning(
+                raw_pool.span(),
+                &format!("pools.{name}"),
+                "no listener sends connections to this pool (its health checks run all the same)",
+            ));
+        }
+    }
+    for ((listener, _), (name, raw_listener)) in listeners.iter().zip(raw.listeners.iter()) {
+        if listener.accept_proxy && listener.proxy_from.is_empty() {
+            let span = raw_listener.get_ref().accept_proxy.as_ref().map_or(raw_listener.span(), |a| a.span());
+            warnings.push(src.warning(
+                span,
+                &format!("listeners.{name}.accept_proxy"),
+                "any client may send a PROXY header and choose the address that allow/deny, max_conns_per_source, \
+                 Maglev and logs see; set proxy_from to the balancers in front",
+            ));
+        }
+        for pool in &pools {
+            for (i, backend) in pool.backends.iter().enumerate() {
+                if loops_back(listener.bind, backend.address) {
+                    return Err(ConfigError::Invalid {
+                        path: src.path.to_string(),
+                        line: backend.line,
+                        key: format!("pools.{}.backends[{i}].address", pool.name),
+                        message: format!(
+                            "{} is ringlb's own listener {:?}: connections would loop back into ringlb; give the backend's address",
+                            backend.address, listener.name
+                        ),
+                    });
+                }
+            }
+        }
+    }
+
     Ok(Config {
+        path: src.path.to_string(),
+        warnings,
         workers,
         max_connections,
         metrics_bind,
@@ -229,6 +273,15 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         listeners: listeners.into_iter().map(|(l, _)| l).collect(),
         pools,
     })
+}
+
+/// Whether connecting to `backend` reaches the listener bound to `bind` (on any host: the
+/// same address, or a wildcard bind and a loopback backend). `host` checks the addresses that
+/// are only local on this host.
+fn loops_back(bind: SocketAddr, backend: SocketAddr) -> bool {
+    bind.port() == backend.port()
+        && bind.is_ipv4() == backend.is_ipv4()
+        && (bind.ip() == backend.ip() || (bind.ip().is_unspecified() && backend.ip().is_loopback()))
 }
 
 /// For numbers already checked to be at least 1.
@@ -308,6 +361,15 @@ fn validate_listener(
             .collect()
     };
     let access = AccessRules { allow: networks(&raw.allow, "allow")?, deny: networks(&raw.deny, "deny")? };
+    let accept_proxy = raw.accept_proxy.as_ref().is_some_and(|a| *a.get_ref());
+    let proxy_from = networks(&raw.proxy_from, "proxy_from")?;
+    if let (false, Some(list)) = (accept_proxy, &raw.proxy_from) {
+        return Err(src.invalid(
+            list.span(),
+            &key("proxy_from"),
+            "proxy_from says who may send a PROXY header; it needs accept_proxy = true",
+        ));
+    }
     let max_conns_per_source = raw
         .max_conns_per_source
         .as_ref()
@@ -324,10 +386,12 @@ fn validate_listener(
     };
     Ok(ListenerConfig {
         name: name.to_string(),
+        line: src.line_of(raw.bind.span()),
         bind,
         pool,
         idle_timeout: (!idle.is_zero()).then_some(idle),
-        accept_proxy: raw.accept_proxy.as_ref().is_some_and(|a| *a.get_ref()),
+        accept_proxy,
+        proxy_from,
         handshake_timeout,
         access,
         max_conns_per_source,
@@ -529,7 +593,7 @@ fn validate_backend(src: &Source<'_>, key: &str, raw: &RawBackend) -> Result<Bac
         .map(|m| src.integer(m, &format!("{key}.max_conns"), 1..=MAX_CONNS_LIMIT, "a connection count", ""))
         .transpose()?
         .and_then(|n| NonZeroU32::new(n as u32));
-    Ok(BackendConfig { address, weight, max_conns })
+    Ok(BackendConfig { address, line: src.line_of(raw.address.span()), weight, max_conns })
 }
 
 #[cfg(test)]

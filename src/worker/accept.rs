@@ -189,8 +189,14 @@ impl Worker {
         let slot = self.insert_conn(|generation| Conn::new(generation, fd, l as u32, relay, now));
         self.stats().accepted.add(1);
         // Without a PROXY header the connection's own peer is the client: check it at once.
-        // With one, the check waits for the address the header carries (see examine).
-        if !self.gate.listeners[l].admission.accept_proxy && !self.admit(slot) {
+        // With one, the check waits for the address the header carries (see examine), and
+        // only the balancers in proxy_from may send one.
+        let listener = &self.gate.listeners[l];
+        if !listener.admission.accept_proxy {
+            if !self.admit(slot) {
+                return;
+            }
+        } else if !listener.proxy_from.is_empty() && !self.sent_by_trusted_proxy(slot) {
             return;
         }
         let admission = &self.gate.listeners[l].admission;
@@ -235,16 +241,35 @@ impl Worker {
             None
         };
         let Some(why) = refusal else { return true };
+        self.refuse(slot, client.ip(), why);
+        false
+    }
+
+    /// With `proxy_from`: the connection's own peer must be one of the balancers allowed to
+    /// send a PROXY header; rejects it and returns false otherwise.
+    fn sent_by_trusted_proxy(&mut self, slot: usize) -> bool {
+        let conn = &self.conns[slot];
+        let listener = &self.gate.listeners[conn.listener as usize];
+        let peer = sys::peer_addr(conn.client).ok();
+        if peer.is_some_and(|peer| listener.proxy_from.iter().any(|net| net.contains(peer.ip()))) {
+            return true;
+        }
+        self.stats().refused_proxy_source.add(1);
+        let ip = peer.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |p| p.ip());
+        self.refuse(slot, ip, "may not send a PROXY header (not in the listener's proxy_from)");
+        false
+    }
+
+    /// Resets a connection refused before any byte was read from it, and says so (at most once
+    /// a second per worker).
+    fn refuse(&mut self, slot: usize, ip: std::net::IpAddr, why: &str) {
         if let Some(suppressed) = self.refuse_log.allow(self.now) {
             warn!(
-                "worker {}: listener {}: refused {}: {why} ({suppressed} more refusals since the last message)",
-                self.index,
-                self.gate.listeners[l].name,
-                client.ip()
+                "worker {}: listener {}: refused {ip}: {why} ({suppressed} more refusals since the last message)",
+                self.index, self.gate.listeners[self.conns[slot].listener as usize].name,
             );
         }
         self.step(slot, |conn, ops| conn.reject(End::Refused, ops));
-        false
     }
 
     /// The connection's prefix grew: route it if its PROXY header and ClientHello say enough.

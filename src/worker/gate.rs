@@ -14,13 +14,14 @@
 //! [`AcceptGate::plan`] decides; the worker submits or carries out what it returns and
 //! reports completions back.
 
-use std::time::Duration;
-
 use socket2::Socket;
 
-use super::RateLimit;
-use crate::acl::AccessRules;
+use super::{RateLimit, WorkerListener};
+use crate::acl::{AccessRules, Cidr};
+
 use crate::admission::Admission;
+#[cfg(test)]
+use std::time::Duration;
 
 /// Connections that may complete their handshake while one wake-up of the worker runs, on top
 /// of full accept queues: the margin a multishot accept needs.
@@ -44,6 +45,8 @@ pub(super) struct Listener {
     pub socket: Option<Socket>,
     pub admission: Admission,
     pub access: AccessRules,
+    /// With `accept_proxy`: who may send the PROXY header (empty: anyone).
+    pub proxy_from: Vec<Cidr>,
     pub idle_timeout_ms: Option<u64>,
     pub handshake_timeout_ms: u64,
     /// This worker's open connections that came through this listener, and the most it may
@@ -59,24 +62,17 @@ pub(super) struct Listener {
 }
 
 impl Listener {
-    pub fn new(
-        name: String,
-        socket: Socket,
-        admission: Admission,
-        access: AccessRules,
-        idle_timeout: Option<Duration>,
-        handshake_timeout: Duration,
-        cap: Option<usize>,
-    ) -> Listener {
+    pub fn new(plan: WorkerListener) -> Listener {
         Listener {
-            name,
-            socket: Some(socket),
-            admission,
-            access,
-            idle_timeout_ms: idle_timeout.map(|d| d.as_millis() as u64),
-            handshake_timeout_ms: handshake_timeout.as_millis() as u64,
+            name: plan.name,
+            socket: Some(plan.socket),
+            admission: plan.admission,
+            access: plan.access,
+            proxy_from: plan.proxy_from,
+            idle_timeout_ms: plan.idle_timeout.map(|d| d.as_millis() as u64),
+            handshake_timeout_ms: plan.handshake_timeout.as_millis() as u64,
             open: 0,
-            cap: cap.unwrap_or(usize::MAX),
+            cap: plan.max_connections.unwrap_or(usize::MAX),
             armed: Armed::Nothing,
             readable: false,
             accept_asked: false,
@@ -230,7 +226,16 @@ mod tests {
             .map(|(i, &cap)| {
                 let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
                 let admission = Admission { accept_proxy: false, sni: Default::default(), default_pool: Some(0) };
-                Listener::new(format!("l{i}"), socket, admission, AccessRules::default(), None, Duration::ZERO, cap)
+                Listener::new(WorkerListener {
+                    name: format!("l{i}"),
+                    socket,
+                    admission,
+                    access: AccessRules::default(),
+                    proxy_from: Vec::new(),
+                    idle_timeout: None,
+                    handshake_timeout: Duration::ZERO,
+                    max_connections: cap,
+                })
             })
             .collect();
         AcceptGate::new(listeners, backlog)

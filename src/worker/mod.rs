@@ -85,6 +85,8 @@ pub struct WorkerListener {
     /// What a connection must send before it can be routed, and where it goes.
     pub admission: Admission,
     pub access: AccessRules,
+    /// With `accept_proxy`: who may send the PROXY header (empty: anyone).
+    pub proxy_from: Vec<crate::acl::Cidr>,
     pub idle_timeout: Option<Duration>,
     pub handshake_timeout: Duration,
     /// This worker's share of the listener's `max_connections`, if it has one.
@@ -269,21 +271,7 @@ impl Worker {
             backoff: timespec(ACCEPT_BACKOFF),
             drain: timespec(plan.drain_timeout),
         });
-        let listeners = plan
-            .listeners
-            .into_iter()
-            .map(|l| {
-                Listener::new(
-                    l.name,
-                    l.socket,
-                    l.admission,
-                    l.access,
-                    l.idle_timeout,
-                    l.handshake_timeout,
-                    l.max_connections,
-                )
-            })
-            .collect();
+        let listeners = plan.listeners.into_iter().map(Listener::new).collect();
         let mut worker = Worker {
             ring,
             bufs,

@@ -198,6 +198,12 @@ impl Ringlb {
         self.log.lock().unwrap().clone()
     }
 
+    /// Whether the log has `needle`, waiting for it a while: ringlb writes a line before the
+    /// effect a test sees, but the line reaches the test through a pipe and a reader thread.
+    pub fn logged(&self, needle: &str) -> bool {
+        Ringlb::eventually(Duration::from_secs(10), || self.log().contains(needle))
+    }
+
     /// Names of the process's threads.
     pub fn thread_names(&self) -> Vec<String> {
         let dir = format!("/proc/{}/task", self.pid());
@@ -409,12 +415,34 @@ pub fn who(stream: &mut TcpStream) -> std::io::Result<String> {
 
 /// Connects to `addr` from source address `source` (any 127.0.0.0/8 address works here).
 pub fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> TcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.bind(&SocketAddr::new(source, 0).into()).unwrap();
-    socket.connect(&addr.into()).unwrap();
+    try_connect_from(source, addr).unwrap()
+}
+
+/// As [`connect_from`], returning the error: a connection ringlb resets at once may already be
+/// reset when `connect` returns (ECONNRESET from connect itself).
+pub fn try_connect_from(source: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect(&addr.into())?;
     let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    stream
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    Ok(stream)
+}
+
+/// Whether a connection from `source` to `addr` is closed or reset by ringlb without an
+/// answer (before or after `connect` returns).
+pub fn refused_from(source: std::net::IpAddr, addr: SocketAddr) -> bool {
+    match try_connect_from(source, addr) {
+        Err(e) => e.kind() == ErrorKind::ConnectionReset,
+        Ok(mut stream) => {
+            let mut buf = [0u8; 16];
+            match stream.read(&mut buf) {
+                Ok(0) => true,
+                Err(e) => e.kind() == ErrorKind::ConnectionReset,
+                Ok(_) => false,
+            }
+        }
+    }
 }
 
 /// An address whose port is held but not listening: connecting to it is refused.
