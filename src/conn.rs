@@ -23,7 +23,7 @@
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
 
-use crate::proxy_protocol;
+use crate::admission::proxy_protocol;
 
 /// A buffer id in the worker's provided-buffer ring.
 pub type BufId = u16;
@@ -303,6 +303,16 @@ pub enum Relay {
     /// Copy, and splice a direction once it moves a whole buffer at once (as HAProxy's
     /// splice-auto): small exchanges stay in the ring, bulk transfers skip the copies.
     Auto,
+}
+
+impl Relay {
+    pub fn name(self) -> &'static str {
+        match self {
+            Relay::Copy => "copy",
+            Relay::Splice => "splice",
+            Relay::Auto => "auto",
+        }
+    }
 }
 
 /// Pipe fills a direction may do per readiness before it polls again, so one busy connection

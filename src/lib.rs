@@ -23,21 +23,17 @@
 //! - [`ring`] and [`sys`] hold all the `unsafe`: the io_uring wrapper, the provided-buffer ring,
 //!   and the few syscalls made outside the ring.
 
-pub mod acl;
 pub mod admission;
 pub mod balance;
 pub mod config;
 pub mod conn;
 pub mod control;
 pub mod health;
-pub mod metrics;
 pub mod pool;
-pub mod proxy_protocol;
 pub mod queue;
 pub mod ring;
 pub mod server;
 pub mod spread;
 pub mod stats;
 pub mod sys;
-pub mod tls;
 pub mod worker;

@@ -8,8 +8,19 @@ use std::time::Duration;
 
 use socket2::SockAddr;
 
+use crate::admission::proxy_protocol::Version as ProxyVersion;
+use crate::balance::Algorithm;
 use crate::balance::maglev::{self, MaglevTable};
-use crate::config::{Algorithm, Config, OnDown, PoolConfig, ProxyVersion};
+use crate::config::{Config, PoolConfig};
+
+/// What happens to established connections when their backend is marked down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDown {
+    /// Leave them; they end when either side ends them.
+    Keep,
+    /// Close them (with a reset on both sides), as a database failover wants.
+    Close,
+}
 
 /// One backend: where it is and how much traffic it should get.
 #[derive(Debug)]

@@ -12,8 +12,8 @@ use std::time::Duration;
 use log::{error, info};
 
 use crate::admission::Admission;
-use crate::config::{Config, Relay};
-use crate::conn;
+use crate::config::Config;
+use crate::conn::Relay;
 use crate::control::{ControlEvent, RunState, Shared, SourceLimit, http};
 use crate::pool::Snapshot;
 use crate::stats;
@@ -164,12 +164,8 @@ impl Server {
                 listeners,
                 drain_timeout: config.drain_timeout,
                 max_connections: per_worker,
-                relay: match config.relay {
-                    Relay::Copy => conn::Relay::Copy,
-                    Relay::Splice { .. } => conn::Relay::Splice,
-                    Relay::Auto { .. } => conn::Relay::Auto,
-                },
-                pipe_size: config.relay.pipe_size().unwrap_or(0),
+                relay: config.relay,
+                pipe_size: config.pipe_size,
                 pipe_limit: pipe_limit as usize,
                 sizes,
                 doorbell: shared.doorbell(index),

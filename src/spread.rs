@@ -35,6 +35,27 @@
 
 use std::time::{Duration, Instant};
 
+/// How connections spread over the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spread {
+    /// New connections go to as few workers as keep up with the load; when one gets busy the
+    /// next takes new connections and a share of the open ones, and when the load falls the
+    /// connections gather on fewer workers again (see `crate::spread`).
+    Pack,
+    /// Every worker takes an equal share of new connections (the kernel's SO_REUSEPORT hash),
+    /// and a connection stays on the worker that accepted it, as in HAProxy and nginx.
+    Even,
+}
+
+impl Spread {
+    pub fn name(self) -> &'static str {
+        match self {
+            Spread::Pack => "pack",
+            Spread::Even => "even",
+        }
+    }
+}
+
 /// How often the control thread looks at the workers' load.
 pub const INTERVAL: Duration = Duration::from_millis(250);
 /// A worker using this share of a CPU...

@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use ringlb::admission::{Admission, Step};
-use ringlb::tls::SniRoutes;
+use ringlb::admission::tls::SniRoutes;
 
 fuzz_target!(|data: &[u8]| {
     let mut sni = SniRoutes::default();

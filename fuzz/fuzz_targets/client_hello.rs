@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ringlb::tls::{Hello, read_client_hello};
+use ringlb::admission::tls::{Hello, read_client_hello};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(Hello::Complete { server_name: Some(name) }) = read_client_hello(data) {

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ringlb::proxy_protocol::{MAX_HEADER, Parsed, encode, parse};
+use ringlb::admission::proxy_protocol::{MAX_HEADER, Parsed, encode, parse};
 
 fuzz_target!(|data: &[u8]| {
     match parse(data) {
@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(parse(&data[..header.len]), Ok(Parsed::Complete(header)));
             // What was carried can be sent on.
             if let Some((src, dst)) = header.addresses {
-                for version in [ringlb::proxy_protocol::Version::V1, ringlb::proxy_protocol::Version::V2] {
+                for version in [ringlb::admission::proxy_protocol::Version::V1, ringlb::admission::proxy_protocol::Version::V2] {
                     let again = encode(version, src, dst);
                     assert!(matches!(parse(again.as_bytes()), Ok(Parsed::Complete(_))));
                 }

@@ -16,8 +16,53 @@ pub mod maglev;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::config::{Algorithm, HashKey};
 use crate::pool::Pool;
+
+/// How a pool picks a backend for a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Weighted smooth round robin, the sequence nginx produces.
+    RoundRobin,
+    /// Fewest active connections (counted across all workers) per unit of weight.
+    LeastConn,
+    /// Two random backends; the one with fewer active connections per unit of weight.
+    RandomTwo,
+    /// Weighted Maglev consistent hashing of the client address.
+    Maglev { table_size: u32, hash_key: HashKey },
+}
+
+impl Algorithm {
+    pub const NAMES: &'static [&'static str] = &["round_robin", "least_conn", "random_two", "maglev"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::RoundRobin => "round_robin",
+            Algorithm::LeastConn => "least_conn",
+            Algorithm::RandomTwo => "random_two",
+            Algorithm::Maglev { .. } => "maglev",
+        }
+    }
+}
+
+/// What Maglev hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashKey {
+    /// The client's IP address: the same client reaches the same backend (affinity).
+    ClientIp,
+    /// The client's IP address and port: spreads one client's connections.
+    ClientIpPort,
+}
+
+impl HashKey {
+    pub const NAMES: &'static [&'static str] = &["client_ip", "client_ip_port"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HashKey::ClientIp => "client_ip",
+            HashKey::ClientIpPort => "client_ip_port",
+        }
+    }
+}
 
 /// Counters for one backend that every worker updates, each on its own cache lines.
 #[derive(Debug, Default)]

@@ -16,9 +16,13 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::Path;
 use std::time::Duration;
 
-pub use crate::acl::{AccessRules, Cidr};
-pub use crate::proxy_protocol::Version as ProxyVersion;
-pub use crate::tls::SniRoutes;
+pub use crate::admission::acl::{AccessRules, Cidr};
+pub use crate::admission::proxy_protocol::Version as ProxyVersion;
+pub use crate::admission::tls::SniRoutes;
+pub use crate::balance::{Algorithm, HashKey};
+pub use crate::conn::Relay;
+pub use crate::pool::OnDown;
+pub use crate::spread::Spread;
 pub use duration::{format_duration, parse_duration};
 pub use escape::{escape_bytes, parse_escapes};
 
@@ -56,62 +60,13 @@ pub struct Config {
     pub metrics_bind: Option<SocketAddr>,
     /// How bytes move between client and backend (default: auto).
     pub relay: Relay,
+    /// The size of the splice pipes, when the relay splices (`splice`, `auto`).
+    pub pipe_size: u32,
     /// How connections spread over the workers (default: pack).
     pub spread: Spread,
     /// Things that work but are likely mistakes, each naming the file, the line and the key;
     /// `ringlb check` prints them and `ringlb run` logs them.
     pub warnings: Vec<String>,
-}
-
-/// How connections spread over the workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Spread {
-    /// New connections go to as few workers as keep up with the load; when one gets busy the
-    /// next takes new connections and a share of the open ones, and when the load falls the
-    /// connections gather on fewer workers again (see `crate::spread`).
-    Pack,
-    /// Every worker takes an equal share of new connections (the kernel's SO_REUSEPORT hash),
-    /// and a connection stays on the worker that accepted it, as in HAProxy and nginx.
-    Even,
-}
-
-impl Spread {
-    pub fn name(self) -> &'static str {
-        match self {
-            Spread::Pack => "pack",
-            Spread::Even => "even",
-        }
-    }
-}
-
-/// How the workers move bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Relay {
-    /// Receive into a ring buffer, send from it: all in the ring.
-    Copy,
-    /// splice(2) through a pipe of `pipe_size` bytes, on the worker thread, after a poll in the
-    /// ring: the bytes are not copied through user space.
-    Splice { pipe_size: u32 },
-    /// Copy, and splice a direction once one receive fills a whole buffer (a bulk transfer).
-    Auto { pipe_size: u32 },
-}
-
-impl Relay {
-    pub fn name(self) -> &'static str {
-        match self {
-            Relay::Copy => "copy",
-            Relay::Splice { .. } => "splice",
-            Relay::Auto { .. } => "auto",
-        }
-    }
-
-    /// The size of the pipes, if the relay splices at all.
-    pub fn pipe_size(self) -> Option<u32> {
-        match self {
-            Relay::Copy => None,
-            Relay::Splice { pipe_size } | Relay::Auto { pipe_size } => Some(pipe_size),
-        }
-    }
 }
 
 /// Default and bounds of `pipe_size`: a pipe's default size, and what an unprivileged
@@ -211,61 +166,6 @@ impl BackendConfig {
     pub fn new(address: SocketAddr, weight: u32) -> BackendConfig {
         BackendConfig { address, line: 0, weight: NonZeroU32::new(weight).unwrap_or(NonZeroU32::MIN), max_conns: None }
     }
-}
-
-/// How a pool picks a backend for a new connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Algorithm {
-    /// Weighted smooth round robin, the sequence nginx produces.
-    RoundRobin,
-    /// Fewest active connections (counted across all workers) per unit of weight.
-    LeastConn,
-    /// Two random backends; the one with fewer active connections per unit of weight.
-    RandomTwo,
-    /// Weighted Maglev consistent hashing of the client address.
-    Maglev { table_size: u32, hash_key: HashKey },
-}
-
-impl Algorithm {
-    pub const NAMES: &'static [&'static str] = &["round_robin", "least_conn", "random_two", "maglev"];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Algorithm::RoundRobin => "round_robin",
-            Algorithm::LeastConn => "least_conn",
-            Algorithm::RandomTwo => "random_two",
-            Algorithm::Maglev { .. } => "maglev",
-        }
-    }
-}
-
-/// What Maglev hashes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HashKey {
-    /// The client's IP address: the same client reaches the same backend (affinity).
-    ClientIp,
-    /// The client's IP address and port: spreads one client's connections.
-    ClientIpPort,
-}
-
-impl HashKey {
-    pub const NAMES: &'static [&'static str] = &["client_ip", "client_ip_port"];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            HashKey::ClientIp => "client_ip",
-            HashKey::ClientIpPort => "client_ip_port",
-        }
-    }
-}
-
-/// What happens to established connections when their backend is marked down.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnDown {
-    /// Leave them; they end when either side ends them.
-    Keep,
-    /// Close them (with a reset on both sides), as a database failover wants.
-    Close,
 }
 
 /// Default Maglev lookup table size: a prime, good for up to 655 backends.
@@ -385,9 +285,9 @@ impl Config {
         if let Some(metrics) = self.metrics_bind {
             let _ = write!(out, "\n  metrics on http://{metrics}/metrics");
         }
-        let _ = match self.relay.pipe_size() {
-            None => write!(out, "\n  relay: copy (ring buffers)"),
-            Some(size) => write!(out, "\n  relay: {} (pipes of {size} bytes)", self.relay.name()),
+        let _ = match self.relay {
+            Relay::Copy => write!(out, "\n  relay: copy (ring buffers)"),
+            relay => write!(out, "\n  relay: {} (pipes of {} bytes)", relay.name(), self.pipe_size),
         };
         for listener in &self.listeners {
             let _ = match listener.pool.map(|p| &self.pools[p]) {

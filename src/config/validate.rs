@@ -165,12 +165,10 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     };
     let relay = match &raw.relay {
         // auto had the lowest CPU per request and near the lowest per GB (README, Performance).
-        None => Relay::Auto { pipe_size },
-        Some(r) => src.choice(
-            r,
-            "relay",
-            &[("copy", Relay::Copy), ("splice", Relay::Splice { pipe_size }), ("auto", Relay::Auto { pipe_size })],
-        )?,
+        None => Relay::Auto,
+        Some(r) => {
+            src.choice(r, "relay", &[("copy", Relay::Copy), ("splice", Relay::Splice), ("auto", Relay::Auto)])?
+        }
     };
     if let (Relay::Copy, Some(p)) = (relay, &raw.pipe_size) {
         return Err(src.invalid(p.span(), "pipe_size", "pipe_size only applies to relay = \"splice\" or \"auto\""));
@@ -268,6 +266,7 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         max_connections,
         metrics_bind,
         relay,
+        pipe_size,
         spread,
         drain_timeout,
         listeners: listeners.into_iter().map(|(l, _)| l).collect(),
@@ -993,16 +992,14 @@ backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight
 
     #[test]
     fn relay_modes() {
-        assert_eq!(Config::parse(GOOD, "t").unwrap().relay, Relay::Auto { pipe_size: DEFAULT_PIPE_SIZE });
+        let default = Config::parse(GOOD, "t").unwrap();
+        assert_eq!((default.relay, default.pipe_size), (Relay::Auto, DEFAULT_PIPE_SIZE));
         assert_eq!(Config::parse(&format!("relay = \"copy\"\n{GOOD}"), "t").unwrap().relay, Relay::Copy);
         let splice = Config::parse(&format!("relay = \"splice\"\n{GOOD}"), "t").unwrap();
-        assert_eq!(splice.relay, Relay::Splice { pipe_size: DEFAULT_PIPE_SIZE });
+        assert_eq!((splice.relay, splice.pipe_size), (Relay::Splice, DEFAULT_PIPE_SIZE));
         let sized = Config::parse(&format!("relay = \"splice\"\npipe_size = 262144\n{GOOD}"), "t").unwrap();
-        assert_eq!(sized.relay, Relay::Splice { pipe_size: 262_144 });
-        assert_eq!(
-            Config::parse(&format!("relay = \"auto\"\n{GOOD}"), "t").unwrap().relay,
-            Relay::Auto { pipe_size: DEFAULT_PIPE_SIZE }
-        );
+        assert_eq!((sized.relay, sized.pipe_size), (Relay::Splice, 262_144));
+        assert_eq!(Config::parse(&format!("relay = \"auto\"\n{GOOD}"), "t").unwrap().relay, Relay::Auto);
         assert_error(&format!("relay = \"zero-copy\"\n{GOOD}"), 1, &["relay", "copy, splice, auto"]);
         assert_eq!(Config::parse(GOOD, "t").unwrap().spread, Spread::Pack);
         assert_eq!(Config::parse(&format!("spread = \"even\"\n{GOOD}"), "t").unwrap().spread, Spread::Even);
@@ -1015,7 +1012,11 @@ backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight
             &["pipe_size", "only applies to relay = \"splice\" or \"auto\""],
         );
         let sized_default = Config::parse(&format!("pipe_size = 131072\n{GOOD}"), "t").unwrap();
-        assert_eq!(sized_default.relay, Relay::Auto { pipe_size: 131_072 }, "pipe_size applies to the default");
+        assert_eq!(
+            (sized_default.relay, sized_default.pipe_size),
+            (Relay::Auto, 131_072),
+            "pipe_size applies to the default"
+        );
     }
 
     #[test]

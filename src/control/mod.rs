@@ -14,6 +14,7 @@
 //! hand connections to each other through per-worker inboxes (see [`crate::spread`]).
 
 pub mod http;
+pub mod metrics;
 pub mod thread;
 
 use std::collections::HashMap;
@@ -25,11 +26,12 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
+use crate::balance::HashKey;
 use crate::balance::{BackendCounters, client_hash};
-use crate::config::{HashKey, Spread};
 use crate::conn::Conn;
 use crate::pool::Snapshot;
 use crate::queue::PoolQueue;
+use crate::spread::Spread;
 use crate::stats::WorkerStats;
 use crate::sys;
 

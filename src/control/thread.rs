@@ -13,11 +13,11 @@ use log::{error, info, warn};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::time::{Instant, sleep_until};
 
-use super::{ControlEvent, RunState, Shared, http};
-use crate::config::{Config, HealthConfig, Spread};
+use super::{ControlEvent, RunState, Shared, http, metrics};
+use crate::config::{Config, HealthConfig};
 use crate::health::{CheckFailure, HealthState, probe};
-use crate::metrics;
 use crate::pool::Pool;
+use crate::spread::Spread;
 use crate::{spread, sys};
 
 /// One check's result, from a probe task to the control loop.

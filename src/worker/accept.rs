@@ -11,8 +11,8 @@ use log::warn;
 use super::gate::AcceptOp;
 use super::{Mode, Worker, is_resource_shortage};
 use crate::admission::Step;
+use crate::admission::proxy_protocol;
 use crate::conn::{Conn, End, Prefix};
-use crate::proxy_protocol;
 use crate::ring::{Completion, GENERATION_MASK, Kind, Token};
 use crate::sys;
 

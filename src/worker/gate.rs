@@ -17,7 +17,7 @@
 use socket2::Socket;
 
 use super::{RateLimit, WorkerListener};
-use crate::acl::{AccessRules, Cidr};
+use crate::admission::acl::{AccessRules, Cidr};
 
 use crate::admission::Admission;
 #[cfg(test)]

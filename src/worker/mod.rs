@@ -23,14 +23,15 @@ use log::{debug, error, info, warn};
 use slab::Slab;
 use socket2::Socket;
 
-use crate::acl::AccessRules;
 use crate::admission::Admission;
+use crate::admission::acl::AccessRules;
 use crate::balance::Picker;
-use crate::config::{OnDown, Spread};
 use crate::conn::{self, Conn, Dir, End, Op, Relay};
 use crate::control::{RunState, Shared};
+use crate::pool::OnDown;
 use crate::pool::Snapshot;
 use crate::ring::{BufRing, Completion, Kind, Ring, Token};
+use crate::spread::Spread;
 use crate::stats::WorkerStats;
 use crate::sys;
 
@@ -86,7 +87,7 @@ pub struct WorkerListener {
     pub admission: Admission,
     pub access: AccessRules,
     /// With `accept_proxy`: who may send the PROXY header (empty: anyone).
-    pub proxy_from: Vec<crate::acl::Cidr>,
+    pub proxy_from: Vec<crate::admission::acl::Cidr>,
     pub idle_timeout: Option<Duration>,
     pub handshake_timeout: Duration,
     /// This worker's share of the listener's `max_connections`, if it has one.

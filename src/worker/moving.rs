@@ -7,9 +7,9 @@ use std::os::fd::AsRawFd;
 use log::warn;
 
 use super::{Mode, Worker};
-use crate::config::Spread;
 use crate::conn::Conn;
 use crate::spread;
+use crate::spread::Spread;
 use crate::sys;
 
 /// Connection moves one worker starts in one pass, so a pass never takes long.

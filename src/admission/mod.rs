@@ -1,5 +1,11 @@
-//! What a listener requires of a connection before it can be routed, and the decision from the
-//! bytes read so far: read more, route to a pool, or reject with a reason.
+//! Admission: what a listener requires of a connection before a backend is chosen, and the
+//! parsers of the client bytes that decide it.
+//!
+//! - [`acl`]: `allow`/`deny` CIDR lists (and `proxy_from`), checked on the client address.
+//! - [`proxy_protocol`]: PROXY protocol v1/v2, parsed from clients and written to backends.
+//! - [`tls`]: the server name read from a TLS ClientHello (SNI routing), without terminating TLS.
+//! - [`Admission`] (this file): the decision from the bytes read so far: read more, route to a
+//!   pool, or reject with a reason.
 //!
 //! With `accept_proxy` the connection must start with a PROXY header (v1 or v2); with SNI
 //! routes, a TLS ClientHello follows (after the header, if any) and its server name picks the
@@ -8,8 +14,12 @@
 use std::fmt;
 use std::net::SocketAddr;
 
-use crate::proxy_protocol::{self, ParseError, Parsed};
-use crate::tls::{self, Hello, HelloError, SniRoutes};
+pub mod acl;
+pub mod proxy_protocol;
+pub mod tls;
+
+use proxy_protocol::{ParseError, Parsed};
+use tls::{Hello, HelloError, SniRoutes};
 
 /// A listener's routing requirements, as a worker holds them.
 #[derive(Debug, Clone)]
@@ -118,8 +128,8 @@ impl Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy_protocol::{Version, encode};
-    use crate::tls::tests::{client_hello, records};
+    use crate::admission::proxy_protocol::{Version, encode};
+    use crate::admission::tls::tests::{client_hello, records};
 
     fn routes() -> SniRoutes {
         let mut routes = SniRoutes::default();

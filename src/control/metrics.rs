@@ -4,8 +4,8 @@
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
+use super::{RunState, Shared};
 use crate::balance::BackendCounters;
-use crate::control::{RunState, Shared};
 use crate::pool::Pool;
 use crate::stats;
 
