@@ -13,73 +13,59 @@ use std::sync::atomic::{AtomicU16, Ordering};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types, types::BufRingEntry};
 
-/// What an operation was for; the low byte of `user_data`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Kind {
+/// Defines [`Kind`] and its list of every kind from one list, so a new kind cannot be left out
+/// of decoding.
+macro_rules! kinds {
+    ($($(#[$doc:meta])* $name:ident = $value:literal,)*) => {
+        /// What an operation was for; the low byte of `user_data`.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u8)]
+        pub enum Kind {
+            $($(#[$doc])* $name = $value,)*
+        }
+
+        impl Kind {
+            const ALL: &'static [Kind] = &[$(Kind::$name,)*];
+        }
+    };
+}
+
+kinds! {
     // Per-connection operations: the slot and generation identify the connection.
     Connect = 1,
-    ConnectTimeout,
-    RecvPrefix,
-    RecvUp,
-    RecvDown,
-    SendUp,
-    SendDown,
-    PollUp,
-    PollDown,
-    PollInUp,
-    PollInDown,
-    Cancel,
+    ConnectTimeout = 2,
+    RecvPrefix = 3,
+    RecvUp = 4,
+    RecvDown = 5,
+    SendUp = 6,
+    SendDown = 7,
+    PollUp = 8,
+    PollDown = 9,
+    PollInUp = 10,
+    PollInDown = 11,
+    Cancel = 12,
     /// The stop of a multishot receive (a cancel by its user data).
-    StopRecv,
+    StopRecv = 13,
     /// The stop of a wait for a connection moving to another worker (a cancel by user data).
-    Park,
+    Park = 14,
     /// The watch of a client while its connection waits for a backend.
-    Watch,
+    Watch = 15,
     /// The stop of that watch.
-    StopWatch,
-    Close,
+    StopWatch = 16,
+    Close = 17,
     // Per-worker operations: the slot is a listener index or unused.
     Accept = 32,
     /// A poll for a listener being readable (near the connection cap, see worker::gate).
-    AcceptPoll,
-    AcceptCancel,
-    Doorbell,
-    Tick,
-    AcceptBackoff,
-    DrainDeadline,
-    CancelAll,
+    AcceptPoll = 33,
+    AcceptCancel = 34,
+    Doorbell = 35,
+    Tick = 36,
+    AcceptBackoff = 37,
+    DrainDeadline = 38,
+    CancelAll = 39,
 }
 
 impl Kind {
-    const ALL: [Kind; 25] = [
-        Kind::Connect,
-        Kind::ConnectTimeout,
-        Kind::RecvPrefix,
-        Kind::RecvUp,
-        Kind::RecvDown,
-        Kind::SendUp,
-        Kind::SendDown,
-        Kind::PollUp,
-        Kind::PollDown,
-        Kind::PollInUp,
-        Kind::PollInDown,
-        Kind::Cancel,
-        Kind::StopRecv,
-        Kind::Park,
-        Kind::Watch,
-        Kind::StopWatch,
-        Kind::Close,
-        Kind::Accept,
-        Kind::AcceptPoll,
-        Kind::AcceptCancel,
-        Kind::Doorbell,
-        Kind::Tick,
-        Kind::AcceptBackoff,
-        Kind::DrainDeadline,
-        Kind::CancelAll,
-    ];
-
     /// Decodes a kind byte with one table read (this runs for every completion).
     fn from_u8(value: u8) -> Option<Kind> {
         const TABLE: [Option<Kind>; 256] = {
@@ -518,7 +504,7 @@ mod tests {
 
     #[test]
     fn token_round_trips() {
-        for kind in Kind::ALL {
+        for &kind in Kind::ALL {
             for (slot, generation) in [(0, 0), (1, 7), (u32::MAX as usize, GENERATION_MASK)] {
                 let token = Token::new(kind, slot, generation);
                 assert_eq!(Token::decode(token.encode()), Some(token));

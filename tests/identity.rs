@@ -416,10 +416,8 @@ fn proxy_headers_are_taken_only_from_proxy_from() {
     // From the balancer in front: its header decides, and the carried address is allowed.
     let mut trusted = connect_from(IpAddr::from([127, 0, 3, 1]), lb.addr());
     assert_eq!(through(&mut trusted, request, 5), b"hello");
-    // From anywhere else the same header is refused, before it is read.
-    let mut other = connect_from(IpAddr::from([127, 0, 4, 1]), lb.addr());
-    let _ = other.write_all(request);
-    assert!(closed_without_answer(&mut other));
+    // From anywhere else the connection is refused before its header is read.
+    assert!(refused_from(IpAddr::from([127, 0, 4, 1]), lb.addr()));
     assert_eq!(backend.accepted(), 1);
     assert_eq!(lb.metrics()["ringlb_connections_refused_proxy_source_total"], 1.0);
     assert!(lb.logged("refused 127.0.4.1: may not send a PROXY header"), "{}", lb.log());

@@ -6,9 +6,9 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::{opcode, types};
-use log::warn;
 
 use super::gate::AcceptOp;
+use super::warn_limited;
 use super::{Mode, Worker, is_resource_shortage};
 use crate::admission::Step;
 use crate::admission::proxy_protocol;
@@ -54,14 +54,14 @@ impl Worker {
 
     fn accept_failed(&mut self, l: usize, errno: i32) {
         self.stats().accept_errors.add(1);
-        if let Some(suppressed) = self.gate.log.allow(self.now) {
-            warn!(
-                "worker {}: listener {}: accept failed: {} ({suppressed} more since the last message)",
-                self.index,
-                self.gate.listeners[l].name,
-                io::Error::from_raw_os_error(errno)
-            );
-        }
+        warn_limited!(
+            self.gate.log,
+            self.now,
+            "worker {}: listener {}: accept failed: {}",
+            self.index,
+            self.gate.listeners[l].name,
+            io::Error::from_raw_os_error(errno)
+        );
         if is_resource_shortage(errno) {
             self.pause_accepts();
         }
@@ -177,12 +177,13 @@ impl Worker {
             // operator set: refuse it.
             sys::close(fd);
             self.stats().over_limit.add(1);
-            if let Some(suppressed) = self.gate.log.allow(self.now) {
-                warn!(
-                    "worker {}: listener {}: at max_connections; closed a new connection ({suppressed} more since the last message)",
-                    self.index, self.gate.listeners[l].name,
-                );
-            }
+            warn_limited!(
+                self.gate.log,
+                self.now,
+                "worker {}: listener {}: at max_connections; closed a new connection",
+                self.index,
+                self.gate.listeners[l].name,
+            );
             return;
         }
         let (relay, now) = (self.relay, self.now);
@@ -263,12 +264,13 @@ impl Worker {
     /// Resets a connection refused before any byte was read from it, and says so (at most once
     /// a second per worker).
     fn refuse(&mut self, slot: usize, ip: std::net::IpAddr, why: &str) {
-        if let Some(suppressed) = self.refuse_log.allow(self.now) {
-            warn!(
-                "worker {}: listener {}: refused {ip}: {why} ({suppressed} more refusals since the last message)",
-                self.index, self.gate.listeners[self.conns[slot].listener as usize].name,
-            );
-        }
+        warn_limited!(
+            self.refuse_log,
+            self.now,
+            "worker {}: listener {}: refused {ip}: {why}",
+            self.index,
+            self.gate.listeners[self.conns[slot].listener as usize].name,
+        );
         self.step(slot, |conn, ops| conn.reject(End::Refused, ops));
     }
 
@@ -296,16 +298,17 @@ impl Worker {
 
     pub(super) fn reject_handshake(&mut self, slot: usize, why: impl std::fmt::Display) {
         self.stats().handshake_failed.add(1);
-        if let Some(suppressed) = self.refuse_log.allow(self.now) {
-            let conn = &self.conns[slot];
-            let peer = conn.client_addr.or_else(|| sys::peer_addr(conn.client).ok());
-            warn!(
-                "worker {}: listener {}: closed a connection from {}: {why} ({suppressed} more refusals since the last message)",
-                self.index,
-                self.gate.listeners[conn.listener as usize].name,
-                peer.map_or_else(|| "?".to_string(), |p| p.to_string()),
-            );
-        }
+        let conn = &self.conns[slot];
+        warn_limited!(
+            self.refuse_log,
+            self.now,
+            "worker {}: listener {}: closed a connection from {}: {why}",
+            self.index,
+            self.gate.listeners[conn.listener as usize].name,
+            conn.client_addr
+                .or_else(|| sys::peer_addr(conn.client).ok())
+                .map_or_else(|| "?".to_string(), |p| p.to_string()),
+        );
         self.step(slot, |conn, ops| conn.reject(End::HandshakeFailed, ops));
     }
 

@@ -116,6 +116,17 @@ pub struct WorkerPlan {
     pub accept_backlog: usize,
 }
 
+/// Logs a warning through a [`RateLimit`]: at most one line a second, which says how many like
+/// it were held back. The message is only formatted when it is logged.
+macro_rules! warn_limited {
+    ($limit:expr, $now:expr, $($message:tt)+) => {
+        if let Some(suppressed) = $limit.allow($now) {
+            log::warn!("{} ({suppressed} more like it since the last message)", format_args!($($message)+));
+        }
+    };
+}
+pub(crate) use warn_limited;
+
 /// Logs a message at most once per interval and counts what it held back.
 #[derive(Debug)]
 struct RateLimit {
@@ -563,15 +574,15 @@ impl Worker {
                 }
                 Some(Overdue::Queue) => {
                     worker.stats().queue_timeout.add(1);
-                    if let Some(suppressed) = worker.refuse_log.allow(worker.now) {
-                        let pool = &worker.snapshot.pools[worker.conns[slot].pool as usize];
-                        warn!(
-                            "worker {}: pool {}: closed a connection that waited {} ms for a backend below max_conns ({suppressed} more refusals since the last message)",
-                            worker.index,
-                            pool.name,
-                            pool.queue_timeout.as_millis()
-                        );
-                    }
+                    let pool = &worker.snapshot.pools[worker.conns[slot].pool as usize];
+                    warn_limited!(
+                        worker.refuse_log,
+                        worker.now,
+                        "worker {}: pool {}: closed a connection that waited {} ms for a backend below max_conns",
+                        worker.index,
+                        pool.name,
+                        pool.queue_timeout.as_millis()
+                    );
                     worker.step(slot, |conn, ops| conn.reject(End::QueueTimeout, ops));
                 }
                 None => {}

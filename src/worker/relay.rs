@@ -8,9 +8,9 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
 use io_uring::{opcode, types};
-use log::{debug, error, warn};
+use log::{debug, error};
 
-use super::{IDLE_PIPES, Worker, is_resource_shortage};
+use super::{IDLE_PIPES, Worker, is_resource_shortage, warn_limited};
 use crate::conn::{Conn, Dir, End, Event, Notice, Op};
 use crate::control::ControlEvent;
 use crate::queue::Taken;
@@ -96,7 +96,6 @@ impl Worker {
                 self.shared.notify(ControlEvent::ConnectFailed { pool, backend, errno });
             }
         }
-        let Some(suppressed) = self.connect_log.allow(self.now) else { return };
         let (pool, backend) = match failed {
             Some((pool, backend)) => {
                 let pool = &self.snapshot.pools[pool];
@@ -104,8 +103,10 @@ impl Worker {
             }
             None => ("?", None),
         };
-        warn!(
-            "worker {}: pool {pool}: connect to backend {} failed: {} ({suppressed} more since the last message)",
+        warn_limited!(
+            self.connect_log,
+            self.now,
+            "worker {}: pool {pool}: connect to backend {} failed: {}",
             self.index,
             backend.unwrap_or("?"),
             io::Error::from_raw_os_error(errno)
@@ -281,12 +282,13 @@ impl Worker {
                 unsafe { self.ring.push_linked(connect, timeout) };
             }
             Err(e) => {
-                if let Some(suppressed) = self.connect_log.allow(self.now) {
-                    warn!(
-                        "worker {}: cannot open a socket for pool {}: {e} ({suppressed} more since the last message)",
-                        self.index, pool.name
-                    );
-                }
+                warn_limited!(
+                    self.connect_log,
+                    self.now,
+                    "worker {}: cannot open a socket for pool {}: {e}",
+                    self.index,
+                    pool.name
+                );
                 self.release_slot(slot);
                 self.conns[slot].socket_failed(ops);
                 if e.raw_os_error().is_some_and(is_resource_shortage) {
