@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Load test: ringlb (its defaults, the copy and splice relays, and spread = "even") against
+# Load test: ringlb (its defaults, the copy and splice relays, and spread = "pack") against
 # HAProxy (mode tcp) and nginx's stream module, with the same backends and the same load, in
 # alternating rounds; reports medians, the proxy's own CPU per GB / per request, and memory per
 # idle connection. See `--help`.
@@ -21,8 +21,8 @@ Targets (default: all, in this order in every round):
                  the default relay (auto: copy; splice once a direction fills a buffer)
   ringlb-copy    the same binary and configuration, but relay = "copy"
   ringlb-splice  the same, but relay = "splice"
-  ringlb-even    the same, default relay, but spread = "even": every worker takes an equal
-                 share of connections, as HAProxy and nginx (ringlb packs by default)
+  ringlb-pack    the same, default relay, but spread = "pack": as few workers as keep up
+                 take connections (the default, "even", gives each worker its share)
   haproxy        HAProxy, mode tcp, balance leastconn, nbthread = P
   nginx          nginx stream module, least_conn, worker_processes = P
 P is --proxy-threads: the same number of threads (processes for nginx) for every proxy.
@@ -71,8 +71,8 @@ bench_dir=$root/scripts/bench
 
 # ---------------------------------------------------------------- options
 
-all_targets=(direct ringlb ringlb-copy ringlb-splice ringlb-even haproxy nginx)
-ringlb_targets=(ringlb ringlb-copy ringlb-splice ringlb-even)
+all_targets=(direct ringlb ringlb-copy ringlb-splice ringlb-pack haproxy nginx)
+ringlb_targets=(ringlb ringlb-copy ringlb-splice ringlb-pack)
 all_scenarios=(idle bulk keepalive connclose redis)
 quick=0 rounds='' duration='' warmup='' pause='' idle_conns=5000 out='' proxy_threads=''
 targets_arg=$(IFS=,; echo "${all_targets[*]}")
@@ -166,10 +166,10 @@ web_ports=($((port_base + 1)) $((port_base + 2)) $((port_base + 3)))
 redis_ports=($((port_base + 11)) $((port_base + 12)))
 declare -A web_port=([direct]=${web_ports[0]} [ringlb]=$((port_base + 21)) [haproxy]=$((port_base + 31))
     [nginx]=$((port_base + 41)) [ringlb-splice]=$((port_base + 51)) [ringlb-copy]=$((port_base + 61))
-    [ringlb-even]=$((port_base + 71)))
+    [ringlb-pack]=$((port_base + 71)))
 declare -A redis_port=([direct]=${redis_ports[0]} [ringlb]=$((port_base + 22)) [haproxy]=$((port_base + 32))
     [nginx]=$((port_base + 42)) [ringlb-splice]=$((port_base + 52)) [ringlb-copy]=$((port_base + 62))
-    [ringlb-even]=$((port_base + 72)))
+    [ringlb-pack]=$((port_base + 72)))
 
 needs_web=0 needs_redis=0
 for s in "${scenarios[@]}"; do
@@ -403,9 +403,9 @@ write_proxy_configs() {
         {
             if [[ $t == ringlb ]]; then
                 echo "# ringlb under test, default relay: least_conn, $proxy_threads worker(s)."
-            elif [[ $t == ringlb-even ]]; then
-                echo "# ringlb under test, spread = even: least_conn, $proxy_threads worker(s)."
-                echo 'spread = "even"'
+            elif [[ $t == ringlb-pack ]]; then
+                echo "# ringlb under test, spread = pack: least_conn, $proxy_threads worker(s)."
+                echo 'spread = "pack"'
             else
                 echo "# ringlb under test, relay = ${t#ringlb-}: least_conn, $proxy_threads worker(s)."
                 echo "relay = \"${t#ringlb-}\""
@@ -512,7 +512,7 @@ start_target() { # start_target TARGET; sets target_pid ('' for direct)
     target_pid=''
     case $t in
         direct) return 0 ;;
-        ringlb | ringlb-copy | ringlb-splice | ringlb-even) start_bg "$t" "$RINGLB_BIN" run -c "$tmp/conf/$t.toml" ;;
+        ringlb | ringlb-copy | ringlb-splice | ringlb-pack) start_bg "$t" "$RINGLB_BIN" run -c "$tmp/conf/$t.toml" ;;
         haproxy) start_bg haproxy haproxy -db -f "$tmp/conf/haproxy.cfg" ;;
         nginx) start_bg nginx nginx -e "$tmp/logs/nginx-stream.error.log" -p "$tmp/nginx-stream/" -c "$tmp/conf/nginx-stream.conf" ;;
     esac
@@ -576,7 +576,7 @@ check_tools
 # evenly over its workers) by the rest.
 fds_per_conn=2
 pipe_share=0
-if wants ringlb "${targets[*]}" || wants ringlb-splice "${targets[*]}" || wants ringlb-even "${targets[*]}"; then
+if wants ringlb "${targets[*]}" || wants ringlb-splice "${targets[*]}" || wants ringlb-pack "${targets[*]}"; then
     pipe_share=1
 fi
 fds_for() { # fds_for N: the open-file limit N idle connections need (10% spare: uneven workers)

@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::conn::Relay;
 use crate::control::{ControlEvent, RunState, Shared, SourceLimit, http};
 use crate::pool::Snapshot;
+use crate::spread::Handoff;
 use crate::stats;
 use crate::sys;
 use crate::worker::{RingSizes, Worker, WorkerListener, WorkerPlan};
@@ -127,6 +128,7 @@ impl Server {
             config.listeners.iter().map(|l| l.max_conns_per_source.map(|n| SourceLimit::new(n.get()))).collect();
         let (shared, events) = Shared::new(snapshot, workers, sources, config.spread).map_err(StartError::Doorbell)?;
         let shared = Arc::new(shared);
+        let handoff = shared.pack().map(|_| Arc::new(Handoff::new(workers)));
 
         // Every connection holds two descriptors. Splicing workers may also hold up to
         // `pipe_limit` pipes of two each (a quarter of the budget at most, 1024 per worker at
@@ -169,6 +171,7 @@ impl Server {
                 pipe_limit: pipe_limit as usize,
                 sizes,
                 doorbell: shared.doorbell(index),
+                handoff: handoff.clone(),
                 accept_backlog: accept_backlog(),
             };
             let shared = Arc::clone(&shared);

@@ -321,27 +321,15 @@ pub fn thread_cpu_time(tid: libc::pid_t) -> Option<std::time::Duration> {
     (ret == 0).then(|| std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
 }
 
-/// Steers the new connections of `listener`'s SO_REUSEPORT group to its first `count` sockets,
-/// at random among them, with a classic BPF program the kernel runs for every incoming SYN
-/// (it replaces the group's program, if any). The program's answer indexes the sockets in the
-/// order they started listening; an index past the end (a socket closed) falls back to the
-/// kernel's hash over all of them.
-pub fn steer_reuseport(listener: RawFd, count: u32) -> io::Result<()> {
-    // From the kernel's uapi headers (the libc crate has them for Android only).
+/// Attaches a classic BPF program to the SO_REUSEPORT group of `listener`
+/// (SO_ATTACH_REUSEPORT_CBPF), replacing the group's program if any: the kernel runs it for
+/// every incoming SYN and its answer picks the socket (see `crate::spread::steer`).
+pub fn attach_reuseport_cbpf(listener: RawFd, program: &[libc::sock_filter]) -> io::Result<()> {
+    // From the kernel's uapi headers (the libc crate has it for Android only).
     const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
-    const SKF_AD_RANDOM: u32 = 56;
-    let load_random = libc::sock_filter {
-        code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
-        jt: 0,
-        jf: 0,
-        k: (libc::SKF_AD_OFF as u32).wrapping_add(SKF_AD_RANDOM),
-    };
-    let modulo =
-        libc::sock_filter { code: (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16, jt: 0, jf: 0, k: count.max(1) };
-    let answer = libc::sock_filter { code: (libc::BPF_RET | libc::BPF_A) as u16, jt: 0, jf: 0, k: 0 };
-    let mut program = [load_random, modulo, answer];
-    // The kernel copies the program (3 instructions at `filter`, alive here) during the call.
-    let fprog = libc::sock_fprog { len: program.len() as u16, filter: program.as_mut_ptr() };
+    let fprog = libc::sock_fprog { len: program.len() as u16, filter: program.as_ptr().cast_mut() };
+    // The kernel copies the program (the instructions at `filter`, alive here) during the call
+    // and never writes them.
     set_option(listener, libc::SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &fprog)
 }
 
@@ -360,26 +348,6 @@ mod tests {
         let other = std::thread::spawn(thread_id).join().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(thread_cpu_time(other), None, "a thread that exited has no clock");
-    }
-
-    #[test]
-    fn steered_listeners_send_every_connection_to_the_first() {
-        let first = listener("127.0.0.1:0".parse().unwrap(), 64, true).unwrap();
-        let addr = first.local_addr().unwrap().as_socket().unwrap();
-        let second = listener(addr, 64, false).unwrap();
-        steer_reuseport(second.as_raw_fd(), 1).unwrap();
-        let clients: Vec<_> = (0..32).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
-        for socket in [&first, &second] {
-            socket.set_nonblocking(true).unwrap();
-        }
-        let accepted = |s: &Socket| std::iter::from_fn(|| s.accept().ok()).count();
-        assert_eq!((accepted(&first), accepted(&second)), (32, 0));
-        steer_reuseport(first.as_raw_fd(), 2).unwrap();
-        let more: Vec<_> = (0..64).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
-        let (a, b) = (accepted(&first), accepted(&second));
-        assert_eq!(a + b, 64);
-        assert!(a > 0 && b > 0, "both take connections: {a} and {b}");
-        drop((clients, more));
     }
 
     #[test]

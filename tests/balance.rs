@@ -21,12 +21,12 @@ fn trio() -> (Vec<Backend>, Vec<Arc<AtomicUsize>>) {
     (backends, served)
 }
 
-/// `spread = "even"`: both workers take connections, so the counts least_conn and the health
-/// checks share between workers are what is tested (packed, all would be on one worker).
+/// Two workers on the default spread (each takes its share), so the counts least_conn and the
+/// health checks share between workers are what is tested.
 fn pool_config(algorithm: &str, backends: &[SocketAddr], pool_extra: &str, health: &str) -> String {
     let list: Vec<String> = backends.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
     format!(
-        "workers = 2\nspread = \"even\"\nmetrics_bind = \"127.0.0.1:0\"\n[listeners.test]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n\n\
+        "workers = 2\nmetrics_bind = \"127.0.0.1:0\"\n[listeners.test]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n\n\
          [pools.p]\nalgorithm = \"{algorithm}\"\n{pool_extra}\nbackends = [{}]\n\n[pools.p.health]\n{health}\n",
         list.join(", ")
     )

@@ -29,12 +29,12 @@ fn mirror(marker: &'static [u8]) -> Backend {
     })
 }
 
-/// `spread = "even"`: both workers take connections, so per-source limits and backend queues
-/// are tested as counts the workers share (packed, every connection would be on one worker).
+/// Two workers on the default spread (each takes its share), so per-source limits and backend
+/// queues are tested as counts the workers share.
 fn listener_config(listener_extra: &str, backends: &[SocketAddr], pool_extra: &str) -> String {
     let list: Vec<String> = backends.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
     format!(
-        "workers = 2\nspread = \"even\"\nmetrics_bind = \"127.0.0.1:0\"\n[listeners.test]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n{listener_extra}\n\
+        "workers = 2\nmetrics_bind = \"127.0.0.1:0\"\n[listeners.test]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n{listener_extra}\n\
          [pools.p]\nbackends = [{}]\n{pool_extra}\n[pools.p.health]\nenabled = false\n",
         list.join(", ")
     )

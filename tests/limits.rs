@@ -236,7 +236,7 @@ fn clients_that_reset_while_queued_or_connecting_free_their_slots_at_once() {
     let full = Backend::echo();
     let (_listener, _fillers, silent) = syn_dropping_backend();
     let config = format!(
-        "workers = 2\nspread = \"even\"\nmetrics_bind = \"127.0.0.1:0\"\n\
+        "workers = 2\nmetrics_bind = \"127.0.0.1:0\"\n\
          [listeners.full]\nbind = \"127.0.0.1:0\"\npool = \"full\"\n\
          [listeners.silent]\nbind = \"127.0.0.1:0\"\npool = \"silent\"\n\
          [pools.full]\nqueue_timeout = \"10m\"\nbackends = [{{ address = \"{}\", max_conns = 1 }}]\n\

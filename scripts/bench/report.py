@@ -5,8 +5,8 @@
 
 Each figure is the median over the rounds that succeeded, and is also given as a ratio to the
 best peer: the better of HAProxy and nginx for that figure (the higher one where higher is
-better, the lower one where lower is better); ringlb, ringlb-copy, ringlb-splice and ringlb-even
-(the defaults, the copy and splice relay modes, and spread = "even") are each compared with that
+better, the lower one where lower is better); ringlb, ringlb-copy, ringlb-splice and ringlb-pack
+(the defaults, the copy and splice relay modes, and spread = "pack") are each compared with that
 peer, never with each other. The Markdown table is printed on stdout too.
 Exit status 3 when a run failed (the files are written all the same).
 """
@@ -26,7 +26,7 @@ TARGET_INFO = {
     "ringlb": ("ringlb", ["ringlb"], "#e6550d"),
     "ringlb-copy": ("ringlb-copy", ["ringlb-", "copy"], "#fdae6b"),
     "ringlb-splice": ("ringlb-splice", ["ringlb-", "splice"], "#756bb1"),
-    "ringlb-even": ("ringlb-even", ["ringlb-", "even"], "#d6616b"),
+    "ringlb-pack": ("ringlb-pack", ["ringlb-", "pack"], "#d6616b"),
     "haproxy": ("HAProxy", ["HAProxy"], "#3182bd"),
     "nginx": ("nginx stream", ["nginx"], "#31a354"),
 }
@@ -219,9 +219,9 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
         "- **ringlb**, **ringlb-copy** and **ringlb-splice** are the same binary with the same "
         "configuration (workers, pools, health checks) but for the relay mode: the default "
         "(`auto`), `relay = \"copy\"` and `relay = \"splice\"`, side by side in the same rounds. "
-        "**ringlb-even** is the default relay with `spread = \"even\"`: every worker takes an equal "
-        "share of the connections, as HAProxy and nginx do, where ringlb by default packs them into "
-        "as few workers as keep up. Each is compared with the best peer, not with the others; "
+        "**ringlb-pack** is the default relay with `spread = \"pack\"`: as few workers as keep up "
+        "take the connections, where by default (`even`) every worker takes its share, as HAProxy "
+        "and nginx do. Each is compared with the best peer, not with the others; "
         "`configs/ringlb*.toml` are the four.",
         "- In every round each proxy is started fresh, the idle scenario runs first (so its RSS "
         "baseline is a fresh process after 50 warm-up connections), then bulk, keep-alive, "

@@ -174,7 +174,8 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         return Err(src.invalid(p.span(), "pipe_size", "pipe_size only applies to relay = \"splice\" or \"auto\""));
     }
     let spread = match &raw.spread {
-        None => Spread::Pack,
+        // One ring per core, as the design promises; pack is for cores shared with other work.
+        None => Spread::Even,
         Some(s) => src.choice(s, "spread", &[("pack", Spread::Pack), ("even", Spread::Even)])?,
     };
     let connect_timeout =
@@ -1001,8 +1002,8 @@ backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight
         assert_eq!((sized.relay, sized.pipe_size), (Relay::Splice, 262_144));
         assert_eq!(Config::parse(&format!("relay = \"auto\"\n{GOOD}"), "t").unwrap().relay, Relay::Auto);
         assert_error(&format!("relay = \"zero-copy\"\n{GOOD}"), 1, &["relay", "copy, splice, auto"]);
-        assert_eq!(Config::parse(GOOD, "t").unwrap().spread, Spread::Pack);
-        assert_eq!(Config::parse(&format!("spread = \"even\"\n{GOOD}"), "t").unwrap().spread, Spread::Even);
+        assert_eq!(Config::parse(GOOD, "t").unwrap().spread, Spread::Even);
+        assert_eq!(Config::parse(&format!("spread = \"pack\"\n{GOOD}"), "t").unwrap().spread, Spread::Pack);
         assert_error(&format!("spread = \"round_robin\"\n{GOOD}"), 1, &["spread", "pack, even"]);
         assert_error(&format!("relay = \"splice\"\npipe_size = 100000\n{GOOD}"), 2, &["pipe_size", "power of two"]);
         assert_error(&format!("relay = \"splice\"\npipe_size = 2097152\n{GOOD}"), 2, &["pipe_size", "4096 to 1048576"]);

@@ -10,8 +10,8 @@
 //! Workers tell the control thread about failed backend connects through an unbounded channel
 //! ([`ControlEvent`]); sending never blocks a worker.
 //!
-//! With `spread = "pack"` the control side also sets how many workers are in use, and workers
-//! hand connections to each other through per-worker inboxes (see [`crate::spread`]).
+//! With `spread = "pack"` the shared state also holds [`Pack`]: how many workers are in use
+//! (the control thread sets it) and how many connections are on their way between workers.
 
 pub mod http;
 pub mod metrics;
@@ -20,7 +20,7 @@ pub mod thread;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -28,10 +28,9 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::balance::HashKey;
 use crate::balance::{BackendCounters, client_hash};
-use crate::conn::Conn;
 use crate::pool::Snapshot;
 use crate::queue::PoolQueue;
-use crate::spread::Spread;
+use crate::spread::{Pack, Spread};
 use crate::stats::WorkerStats;
 use crate::sys;
 
@@ -69,23 +68,8 @@ pub struct Shared {
     pub sources: Box<[Option<SourceLimit>]>,
     doorbells: Vec<Arc<OwnedFd>>,
     events: UnboundedSender<ControlEvent>,
-    pub spread: Spread,
-    /// With `spread = "pack"`: how many workers (the first ones) take new connections.
-    in_use: AtomicUsize,
-    /// `in_use` was set by [`Shared::hold_workers_in_use`]; the control thread leaves it.
-    held: AtomicBool,
-    /// Per worker: connections handed to it by other workers.
-    inboxes: Box<[Mutex<Inbox>]>,
-    /// Per worker: its thread id, once it runs (0 before), for its CPU time.
-    pub threads: Box<[AtomicI32]>,
-}
-
-/// Connections on their way to a worker.
-#[derive(Default)]
-struct Inbox {
-    conns: Vec<Conn>,
-    /// The worker finished: it takes no more.
-    closed: bool,
+    /// With `spread = "pack"`: the workers in use and what feeds that choice.
+    pack: Option<Pack>,
 }
 
 impl Shared {
@@ -114,14 +98,7 @@ impl Shared {
             sources,
             doorbells,
             events,
-            spread,
-            in_use: AtomicUsize::new(match spread {
-                Spread::Pack => 1,
-                Spread::Even => workers,
-            }),
-            held: AtomicBool::new(false),
-            inboxes: (0..workers).map(|_| Mutex::default()).collect(),
-            threads: (0..workers).map(|_| AtomicI32::new(0)).collect(),
+            pack: (spread == Spread::Pack).then(|| Pack::new(workers)),
         };
         Ok((shared, receiver))
     }
@@ -169,59 +146,50 @@ impl Shared {
         sys::eventfd_ring(&self.doorbells[worker]);
     }
 
-    /// How many workers (the first ones) take new connections.
-    pub fn workers_in_use(&self) -> usize {
-        self.in_use.load(Ordering::Acquire)
+    /// How connections spread over the workers.
+    pub fn spread(&self) -> Spread {
+        if self.pack.is_some() { Spread::Pack } else { Spread::Even }
     }
 
-    /// Sets the workers in use (the control thread's choice) and wakes the workers to follow.
+    /// With `spread = "pack"`, what the workers and the control thread share about it.
+    pub fn pack(&self) -> Option<&Pack> {
+        self.pack.as_ref()
+    }
+
+    /// How many workers (the first ones) take new connections: all of them unless packing.
+    pub fn workers_in_use(&self) -> usize {
+        self.pack.as_ref().map_or(self.doorbells.len(), Pack::workers_in_use)
+    }
+
+    /// Sets the workers in use (the control thread's choice, with `spread = "pack"`) and wakes
+    /// the workers to follow.
     pub fn set_workers_in_use(&self, count: usize) {
-        self.in_use.store(count.clamp(1, self.doorbells.len()), Ordering::Release);
-        self.ring_all();
+        if let Some(pack) = &self.pack {
+            pack.set_workers_in_use(count);
+            self.ring_all();
+        }
     }
 
     /// Sets the workers in use and keeps them so: the control thread no longer changes them
     /// (for tests, and for whoever embeds a server and decides on its own).
     pub fn hold_workers_in_use(&self, count: usize) {
-        self.held.store(true, Ordering::Release);
-        self.set_workers_in_use(count);
+        if let Some(pack) = &self.pack {
+            pack.hold(count);
+            self.ring_all();
+        }
     }
 
     pub fn workers_in_use_held(&self) -> bool {
-        self.held.load(Ordering::Acquire)
+        self.pack.as_ref().is_some_and(Pack::held)
     }
 
-    /// Every worker's open connections, by worker, counting those on their way to it (no
-    /// longer counted by the worker that handed them over, not yet by this one): without them,
-    /// a worker looking while its connections are in transit would hand on too many.
+    /// Every worker's open connections, counting those on their way to it (no longer counted
+    /// by the worker that handed them over, not yet by this one): without them, a worker
+    /// looking while its connections are in transit would hand on too many.
     pub fn open_connections(&self) -> Vec<u64> {
-        self.stats
-            .iter()
-            .zip(self.inboxes.iter())
-            .map(|(stats, inbox)| {
-                stats.active.get() + inbox.lock().unwrap_or_else(|e| e.into_inner()).conns.len() as u64
-            })
+        (0..self.stats.len())
+            .map(|w| self.stats[w].active.get() + self.pack.as_ref().map_or(0, |pack| pack.in_transit(w)))
             .collect()
-    }
-
-    /// Hands `conn` to worker `to` and wakes it; gives it back if that worker has finished.
-    pub fn hand_over(&self, to: usize, conn: Conn) -> Option<Conn> {
-        let mut inbox = self.inboxes[to].lock().unwrap_or_else(|e| e.into_inner());
-        if inbox.closed {
-            return Some(conn);
-        }
-        inbox.conns.push(conn);
-        drop(inbox);
-        self.ring(to);
-        None
-    }
-
-    /// The connections handed to `worker` since it last looked; with `close`, it takes no more
-    /// after these.
-    pub fn take_handed_over(&self, worker: usize, close: bool) -> Vec<Conn> {
-        let mut inbox = self.inboxes[worker].lock().unwrap_or_else(|e| e.into_inner());
-        inbox.closed |= close;
-        std::mem::take(&mut inbox.conns)
     }
 
     /// Wakes every worker but `me` (e.g. to serve its queue after a backend slot freed).

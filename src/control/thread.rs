@@ -6,7 +6,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 
 use log::{error, info, warn};
@@ -17,8 +16,7 @@ use super::{ControlEvent, RunState, Shared, http, metrics};
 use crate::config::{Config, HealthConfig};
 use crate::health::{CheckFailure, HealthState, probe};
 use crate::pool::Pool;
-use crate::spread::Spread;
-use crate::{spread, sys};
+use crate::spread;
 
 /// One check's result, from a probe task to the control loop.
 struct Checked {
@@ -70,7 +68,7 @@ pub fn spawn(
                     async move { metrics_reply(&shared, &request) }
                 }));
             }
-            if config.spread == Spread::Pack && shared.stats.len() > 1 {
+            if shared.pack().is_some() && shared.stats.len() > 1 {
                 tokio_uring::spawn(follow_load(Arc::clone(&shared), per_worker));
             }
             let _ = ready_tx.send(Ok(()));
@@ -188,13 +186,8 @@ async fn follow_load(shared: Arc<Shared>, per_worker: u64) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while shared.run_state() == RunState::Running {
         ticks.tick().await;
-        let busy = cpu.update(
-            std::time::Instant::now(),
-            shared.threads.iter().map(|tid| match tid.load(Ordering::Acquire) {
-                0 => None,
-                tid => sys::thread_cpu_time(tid),
-            }),
-        );
+        let Some(pack) = shared.pack() else { return };
+        let busy = cpu.update(std::time::Instant::now(), pack.cpu_times());
         let counts = shared.open_connections();
         let in_use = shared.workers_in_use();
         if !shared.workers_in_use_held() {

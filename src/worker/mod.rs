@@ -15,7 +15,6 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use io_uring::{opcode, squeue, types};
@@ -31,7 +30,7 @@ use crate::control::{RunState, Shared};
 use crate::pool::OnDown;
 use crate::pool::Snapshot;
 use crate::ring::{BufRing, Completion, Kind, Ring, Token};
-use crate::spread::Spread;
+use crate::spread::Handoff;
 use crate::stats::WorkerStats;
 use crate::sys;
 
@@ -111,6 +110,8 @@ pub struct WorkerPlan {
     pub pipe_limit: usize,
     pub sizes: RingSizes,
     pub doorbell: Arc<OwnedFd>,
+    /// With `spread = "pack"`: every worker's inbox for connections handed over.
+    pub handoff: Option<Arc<Handoff<Conn>>>,
     /// How many connections one listener's accept queue holds (the listen backlog, capped by
     /// the kernel's somaxconn).
     pub accept_backlog: usize,
@@ -195,6 +196,7 @@ pub struct Worker {
     index: usize,
     shared: Arc<Shared>,
     doorbell: Arc<OwnedFd>,
+    handoff: Option<Arc<Handoff<Conn>>>,
     doorbell_value: Box<u64>,
     gate: AcceptGate,
     /// Scratch space for the gate's operations, and the listeners to accept from once the
@@ -290,6 +292,7 @@ impl Worker {
             index: plan.index,
             shared,
             doorbell: plan.doorbell,
+            handoff: plan.handoff,
             doorbell_value: Box::new(0),
             gate: AcceptGate::new(listeners, plan.accept_backlog),
             gate_ops: Vec::new(),
@@ -325,7 +328,7 @@ impl Worker {
         };
         // Steer before the server reports this worker ready, so that no connection accepted
         // after the start is spread by the kernel's hash alone.
-        if worker.shared.spread == Spread::Pack {
+        if worker.shared.pack().is_some() {
             worker.steer(worker.shared.workers_in_use());
         }
         Ok(worker)
@@ -337,7 +340,9 @@ impl Worker {
 
     /// Runs until drained and every completion is in.
     pub fn run(mut self) -> io::Result<()> {
-        self.shared.threads[self.index].store(sys::thread_id(), Ordering::Release);
+        if let Some(pack) = self.shared.pack() {
+            pack.register_thread(self.index, sys::thread_id());
+        }
         self.arm_doorbell();
         self.regate();
         let queues = self.snapshot.pools.iter().any(|p| p.limited);
@@ -597,7 +602,7 @@ impl Worker {
         if !self.cancel_all_sent {
             // Connections handed over meanwhile are still this worker's to drain; after this,
             // other workers keep what they would hand over.
-            let arrived = self.shared.take_handed_over(self.index, true);
+            let arrived = self.take_handed_over(true);
             if !arrived.is_empty() {
                 for conn in arrived {
                     self.adopt(conn);

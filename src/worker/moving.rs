@@ -3,14 +3,13 @@
 //! in the ones handed to this worker.
 
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use log::warn;
 
 use super::{Mode, Worker};
 use crate::conn::Conn;
 use crate::spread;
-use crate::spread::Spread;
-use crate::sys;
 
 /// Connection moves one worker starts in one pass, so a pass never takes long.
 const MOVES_PER_PASS: u64 = 256;
@@ -19,10 +18,10 @@ impl Worker {
     /// On the doorbell: takes in connections handed over, steers the listeners if the workers
     /// in use changed, and starts handing on connections beyond this worker's share.
     pub(super) fn follow_spread(&mut self) {
-        if self.shared.spread != Spread::Pack {
+        if self.handoff.is_none() {
             return;
         }
-        for conn in self.shared.take_handed_over(self.index, false) {
+        for conn in self.take_handed_over(false) {
             self.adopt(conn);
         }
         let in_use = self.shared.workers_in_use();
@@ -41,7 +40,7 @@ impl Worker {
         self.steered = in_use;
         for listener in &self.gate.listeners {
             let Some(socket) = &listener.socket else { continue };
-            if let Err(e) = sys::steer_reuseport(socket.as_raw_fd(), in_use as u32) {
+            if let Err(e) = spread::steer::steer(socket.as_raw_fd(), in_use as u32) {
                 warn!(
                     "worker {}: listener {}: cannot steer new connections to the workers in use: {e}",
                     self.index, listener.name
@@ -85,10 +84,26 @@ impl Worker {
         let Some(to) = to else {
             return self.step(slot, |conn, ops| conn.arrive(ops));
         };
+        let Some(handoff) = self.handoff.clone() else { return };
+        let shared = Arc::clone(&self.shared);
+        let Some(pack) = shared.pack() else { return };
         let conn = self.remove_conn(slot);
-        match self.shared.hand_over(to, conn) {
-            None => self.stats().moved.add(1),
-            Some(conn) => self.adopt(conn),
+        match handoff.hand_over(to, conn, pack) {
+            Ok(()) => {
+                self.shared.ring(to);
+                self.stats().moved.add(1);
+            }
+            // That worker has finished: the connection stays here.
+            Err(conn) => self.adopt(conn),
+        }
+    }
+
+    /// The connections handed to this worker since it last looked; with `close`, it takes no
+    /// more after these (it is finishing).
+    pub(super) fn take_handed_over(&self, close: bool) -> Vec<Conn> {
+        match (&self.handoff, self.shared.pack()) {
+            (Some(handoff), Some(pack)) => handoff.take(self.index, close, pack),
+            _ => Vec::new(),
         }
     }
 

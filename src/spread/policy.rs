@@ -1,60 +1,8 @@
-//! How connections spread over the workers with `spread = "pack"` (the default).
-//!
-//! A worker that sleeps between completions pays a context switch for every wake-up, and on
-//! cores shared with other programs two half-busy workers wake about six times as often per
-//! request as one busier worker (README, Performance). So new connections go to as few
-//! workers as keep up:
-//!
-//! - The control thread reads every worker's CPU time each [`INTERVAL`] and [`Packer`] decides
-//!   how many workers are in use: more when a worker used [`GROW_AT`] of a CPU for
-//!   [`HOT_INTERVALS`] in a row and the work would spread over more workers than are in use
-//!   at [`TARGET`] each (one more, or as many as would each stay near [`TARGET`]);
-//!   one fewer after [`QUIET_INTERVALS`] in a row in which no worker was that busy and all
-//!   workers together used less than [`FELL_TO`] of what they used when that worker came
-//!   into use, or less than [`SHRINK_BELOW`] of a CPU per worker that would remain. The first
-//!   rule is the hysteresis that keeps a load that needed one more worker from flapping
-//!   between the two; the second brings a light load back to fewer workers whatever happened
-//!   before. A load that passes both ways all the same (it costs less over more workers)
-//!   doubles the quiet spell each time a shrink is undone within [`REGROW_WINDOW`].
-//! - Workers steer their listeners' SYNs to the workers in use (a classic BPF program on the
-//!   SO_REUSEPORT group, [`crate::sys::steer_reuseport`]). The program picks sockets by their
-//!   place in the group, which is the worker's index because the workers' listeners start
-//!   listening in that order. That holds while they all listen: a worker that fails stops
-//!   ringlb, and a draining one accepts nothing. Another process listening on the same port
-//!   (same user, SO_REUSEPORT) would join the group after ringlb's sockets and get no
-//!   connections at all: the program only picks among the first workers.
-//! - Open connections follow: a worker out of use hands all of its connections to the workers
-//!   in use, and a worker in use holding more than its share ([`excess`]) hands the rest to
-//!   the one with the fewest ([`destination`]). So a database pool opened in one burst while
-//!   the load was light spreads out once the load grows, and gathers again when it falls.
-//!
-//! A connection moves only while it waits for bytes in both directions (nothing received and
-//! unsent, no pipe held): its waits are cancelled, and if bytes come first the move is given up
-//! and it relays on where it is (see `Conn::begin_move`). Sockets move freely between threads
-//! of one process; the connection's state goes through the other worker's inbox.
+//! How many workers take new connections, and which hand connections on to which: the
+//! decisions of `spread = "pack"`, as pure functions of each worker's CPU share and open
+//! connections (the control thread and the workers feed them; see [`super`]).
 
-use std::time::{Duration, Instant};
-
-/// How connections spread over the workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Spread {
-    /// New connections go to as few workers as keep up with the load; when one gets busy the
-    /// next takes new connections and a share of the open ones, and when the load falls the
-    /// connections gather on fewer workers again (see `crate::spread`).
-    Pack,
-    /// Every worker takes an equal share of new connections (the kernel's SO_REUSEPORT hash),
-    /// and a connection stays on the worker that accepted it, as in HAProxy and nginx.
-    Even,
-}
-
-impl Spread {
-    pub fn name(self) -> &'static str {
-        match self {
-            Spread::Pack => "pack",
-            Spread::Even => "even",
-        }
-    }
-}
+use std::time::Duration;
 
 /// How often the control thread looks at the workers' load.
 pub const INTERVAL: Duration = Duration::from_millis(250);
@@ -241,67 +189,9 @@ pub fn crowded(in_use: usize, counts: &[u64], cap: u64) -> bool {
     counts.iter().take(in_use).any(|&c| c * 10 >= cap * 9)
 }
 
-/// Each worker's share of a CPU over the last interval, from its thread's CPU clock.
-pub struct CpuShares {
-    /// Each worker's CPU time at the last look; `None` if it had none (its thread not yet seen,
-    /// or gone), so the time a thread used before it was first seen is not one interval's.
-    before: Vec<Option<Duration>>,
-    last: Instant,
-}
-
-impl CpuShares {
-    pub fn new(workers: usize, now: Instant) -> CpuShares {
-        CpuShares { before: vec![None; workers], last: now }
-    }
-
-    /// Takes each worker's CPU time now (`None`: no thread yet, or it has exited) and returns
-    /// the share of a CPU each used since the last call: 0 for a worker without a reading at
-    /// both calls.
-    pub fn update(&mut self, now: Instant, used: impl IntoIterator<Item = Option<Duration>>) -> Vec<f64> {
-        // At least 1 ms: a tick that comes at once must not turn a little CPU into a spike.
-        let wall = now.saturating_duration_since(self.last).as_secs_f64().max(1e-3);
-        self.last = now;
-        self.before
-            .iter_mut()
-            .zip(used)
-            .map(|(before, used)| {
-                let share = match (*before, used) {
-                    (Some(before), Some(used)) => used.saturating_sub(before).as_secs_f64() / wall,
-                    _ => 0.0,
-                };
-                *before = used;
-                share
-            })
-            .collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpu_shares_need_two_readings_and_survive_a_thread_going_away() {
-        let ms = Duration::from_millis;
-        let start = Instant::now();
-        let mut shares = CpuShares::new(3, start);
-        // First look: worker 0 had used 5 s before it was seen; worker 2 has no thread yet.
-        assert_eq!(shares.update(start + ms(250), [Some(ms(5000)), Some(ms(10)), None]), [0.0, 0.0, 0.0]);
-        // 250 ms later: worker 0 used 200 ms (80%), worker 1 none; worker 2 is first seen.
-        let busy = shares.update(start + ms(500), [Some(ms(5200)), Some(ms(10)), Some(ms(1))]);
-        assert!((busy[0] - 0.8).abs() < 1e-9 && busy[1] == 0.0 && busy[2] == 0.0, "{busy:?}");
-        // Worker 0 has no reading for a look: 0 then, and 0 at the next (one reading is not
-        // an interval), then its share again.
-        let busy = shares.update(start + ms(750), [None, Some(ms(135)), Some(ms(51))]);
-        assert!(busy[0] == 0.0 && (busy[1] - 0.5).abs() < 1e-9 && (busy[2] - 0.2).abs() < 1e-9, "{busy:?}");
-        let busy = shares.update(start + ms(1000), [Some(ms(5300)), Some(ms(135)), Some(ms(51))]);
-        assert_eq!(busy[0], 0.0, "{busy:?}");
-        let busy = shares.update(start + ms(1250), [Some(ms(5350)), Some(ms(135)), Some(ms(51))]);
-        assert!((busy[0] - 0.2).abs() < 1e-9, "{busy:?}");
-        // Two looks at the same instant: the wall time counts as 1 ms, not 0.
-        let busy = shares.update(start + ms(1250), [Some(ms(5350)), Some(ms(136)), Some(ms(51))]);
-        assert!((busy[1] - 1.0).abs() < 1e-9, "{busy:?}");
-    }
 
     #[test]
     fn a_load_that_flaps_backs_off() {
