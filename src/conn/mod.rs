@@ -89,43 +89,18 @@ const SPLICE_ROUNDS: u8 = 8;
 /// socket (TCP flow control) instead of in the worker's shared buffers.
 pub const BACKLOG_STOP: usize = 4;
 
-/// The state of one proxied connection.
+/// The state of one proxied connection. What the worker keeps about it besides (its slot's
+/// generation, listener, addresses, backend slot, pipes) is the worker's own.
 #[derive(Debug)]
 pub struct Conn {
-    pub generation: u32,
-    pub client: RawFd,
-    pub backend: Option<RawFd>,
-    /// Index of the listener that accepted the connection.
-    pub listener: u32,
-    /// The client's address, when something needs it (access rules, Maglev, PROXY headers);
-    /// with `accept_proxy`, the address the header carried.
-    pub client_addr: Option<std::net::SocketAddr>,
-    /// The address the client connected to (for outgoing PROXY headers).
-    pub local_addr: Option<std::net::SocketAddr>,
-    /// Whether the connection holds a count in its listener's per-source limit.
-    pub source_counted: bool,
-    /// Whether the connection holds a slot (an active count) on `backend_index`.
-    pub holds_slot: bool,
-    /// When the connection started waiting in its pool's queue, if it is waiting.
-    pub queued_since: Option<u64>,
-    /// Index of the pool the connection was routed to.
-    pub pool: u32,
-    /// Index of the backend (in the pool) being connected to or relayed to.
-    pub backend_index: u32,
-    /// Backends this connection could not reach, in the order tried: a retry skips them.
-    /// Empty (no allocation) unless a connect failed.
-    pub failed_backends: Vec<u32>,
-    /// How many times that backend had been marked down when the connect started, by the
-    /// worker's snapshot ([`crate::pool::Pool::cuts`]).
-    pub backend_downs: u32,
+    client: RawFd,
+    backend: Option<RawFd>,
     /// Bytes to read before routing and to send before relaying; `None` when there are none.
-    pub prefix: Option<Box<Prefix>>,
+    prefix: Option<Box<Prefix>>,
     relay: Relay,
     /// Whether each direction relays by splice (always in splice mode; in auto mode once it
     /// moved a full buffer at once).
     spliced: [bool; 2],
-    /// Splice mode: the worker's pipe each direction holds, by index (worker-managed).
-    pub pipes: [Option<u32>; 2],
     /// Connect attempts still allowed, counting the one in flight.
     attempts_left: u32,
     /// Backends a socket was opened for so far.
@@ -150,32 +125,20 @@ pub struct Conn {
     /// must cancel first.
     busy: [u16; 2],
     /// Milliseconds (worker clock) of the last byte moved, or of the accept.
-    pub last_active: u64,
-    pub bytes: [u64; 2],
+    last_active: u64,
+    bytes: [u64; 2],
     end: Option<End>,
 }
 
 impl Conn {
     /// A connection just accepted on `client`, relayed the `relay` way.
-    pub fn new(generation: u32, client: RawFd, listener: u32, relay: Relay, now: u64) -> Conn {
+    pub fn new(client: RawFd, relay: Relay, now: u64) -> Conn {
         Conn {
-            generation,
             client,
             backend: None,
-            listener,
-            client_addr: None,
-            local_addr: None,
-            source_counted: false,
-            holds_slot: false,
-            queued_since: None,
-            pool: 0,
-            backend_index: 0,
-            failed_backends: Vec::new(),
-            backend_downs: 0,
             prefix: None,
             relay,
             spliced: [relay == Relay::Splice; 2],
-            pipes: [None; 2],
             attempts_left: 1,
             tried: 0,
             phase: Phase::New,
@@ -197,6 +160,26 @@ impl Conn {
     /// Why the connection ended, once it is closing.
     pub fn end(&self) -> Option<End> {
         self.end
+    }
+
+    /// The client's socket.
+    pub fn client_fd(&self) -> RawFd {
+        self.client
+    }
+
+    /// The backend's socket, once a connect started.
+    pub fn backend_fd(&self) -> Option<RawFd> {
+        self.backend
+    }
+
+    /// Milliseconds (worker clock) of the last byte moved, or of the accept.
+    pub fn last_active(&self) -> u64 {
+        self.last_active
+    }
+
+    /// Bytes relayed: client to backend, backend to client.
+    pub fn bytes(&self) -> [u64; 2] {
+        self.bytes
     }
 
     pub fn is_relaying(&self) -> bool {
@@ -233,11 +216,10 @@ impl Conn {
         ops.push(op);
     }
 
-    /// Routes the connection to pool `pool`, where `attempts` backends may be tried, and
-    /// starts the first connect.
-    pub fn route(&mut self, pool: u32, attempts: u32, ops: &mut Vec<Op>) {
+    /// The worker routed the connection to a pool where `attempts` backends may be tried:
+    /// watch the client and start the first connect.
+    pub fn route(&mut self, attempts: u32, ops: &mut Vec<Op>) {
         debug_assert!(matches!(self.phase, Phase::New | Phase::Handshake));
-        self.pool = pool;
         self.attempts_left = attempts.max(1);
         self.phase = Phase::Connecting;
         self.watching = true;
@@ -262,12 +244,9 @@ impl Conn {
         }
     }
 
-    /// The worker opened `fd` for the connect it was asked for, to backend `index`, which had
-    /// been marked down `downs` times.
-    pub fn backend_opened(&mut self, fd: RawFd, index: u32, downs: u32) {
+    /// The worker opened `fd` for the connect it was asked for.
+    pub fn backend_opened(&mut self, fd: RawFd) {
         self.backend = Some(fd);
-        self.backend_index = index;
-        self.backend_downs = downs;
         self.tried += 1;
     }
 

@@ -67,6 +67,8 @@ struct Model {
     stopped: [bool; 2],
     /// Moves to another worker that completed.
     moves: u32,
+    /// The pipe each direction holds, as the worker would track it.
+    pipes: [Option<u32>; 2],
     /// The stop of the client watch landed: it ends with ECANCELED next.
     watch_stopped: bool,
 }
@@ -76,7 +78,7 @@ impl Model {
     /// (PROXY header) is sent to the backend first.
     fn new(attempts: u32, handshake: bool, proxy: bool, defer: bool, relay: Relay, seed: u64) -> Model {
         let mut model = Model {
-            conn: Conn::new(1, CLIENT, 0, relay, 0),
+            conn: Conn::new(CLIENT, relay, 0),
             pending: Vec::new(),
             open_fds: BTreeSet::from([CLIENT]),
             closed_fds: BTreeSet::new(),
@@ -94,6 +96,7 @@ impl Model {
             unsent: Default::default(),
             stopped: [false; 2],
             moves: 0,
+            pipes: [None; 2],
             watch_stopped: false,
         };
         let mut ops = Vec::new();
@@ -106,7 +109,7 @@ impl Model {
                 prefix.prepare(0, b"PROXY UNKNOWN\r\n");
                 model.conn.prefix = Some(prefix);
             }
-            model.conn.route(0, attempts, &mut ops);
+            model.conn.route(attempts, &mut ops);
         }
         model.attempts = attempts;
         model.apply(ops, false);
@@ -134,7 +137,7 @@ impl Model {
         let prefix = self.conn.prefix.as_mut().unwrap();
         if prefix.received().len() >= 20 || !prefix.has_room() {
             prefix.prepare(3, b"HDR");
-            self.conn.route(0, self.attempts, &mut ops);
+            self.conn.route(self.attempts, &mut ops);
         } else {
             self.conn.read_prefix(&mut ops);
         }
@@ -172,7 +175,7 @@ impl Model {
                         let fd = BACKENDS[self.next_backend];
                         self.next_backend += 1;
                         self.open_fds.insert(fd);
-                        self.conn.backend_opened(fd, self.next_backend as u32 - 1, 0);
+                        self.conn.backend_opened(fd);
                         self.pending.push(Pending::Connect(fd));
                         self.pending.push(Pending::ConnectTimer);
                     }
@@ -224,15 +227,15 @@ impl Model {
                 Op::PollIn { dir, fd } => {
                     assert!(self.open_fds.contains(&fd), "poll on a closed fd");
                     self.stopped[dir as usize] = false;
-                    assert!(self.conn.pipes[dir as usize].is_none(), "polling while holding a pipe");
+                    assert!(self.pipes[dir as usize].is_none(), "polling while holding a pipe");
                     self.pending.push(Pending::PollIn(dir, fd));
                 }
                 Op::SpliceIn { dir, fd } => {
                     assert!(self.open_fds.contains(&fd), "splice from a closed fd");
                     assert_eq!(self.piped[dir as usize], 0, "splicing into a pipe that is not empty");
-                    if self.conn.pipes[dir as usize].is_none() {
+                    if self.pipes[dir as usize].is_none() {
                         self.next_pipe += 1;
-                        self.conn.pipes[dir as usize] = Some(self.next_pipe);
+                        self.pipes[dir as usize] = Some(self.next_pipe);
                     }
                     let result = match self.random() % 9 {
                         0 => 0,
@@ -244,7 +247,7 @@ impl Model {
                     };
                     if result == -libc::ENOBUFS {
                         // The worker had no pipe to give.
-                        self.conn.pipes[dir as usize] = None;
+                        self.pipes[dir as usize] = None;
                     }
                     if result > 0 {
                         self.piped[dir as usize] = result as u32;
@@ -255,7 +258,7 @@ impl Model {
                 }
                 Op::SpliceOut { dir, fd, len } => {
                     assert!(self.open_fds.contains(&fd), "splice to a closed fd");
-                    assert!(self.conn.pipes[dir as usize].is_some(), "splice out without a pipe");
+                    assert!(self.pipes[dir as usize].is_some(), "splice out without a pipe");
                     assert_eq!(len, self.piped[dir as usize], "splicing out other than what is in the pipe");
                     let result = match self.random() % 6 {
                         0 => -libc::EAGAIN,
@@ -271,7 +274,7 @@ impl Model {
                     queue.extend(more);
                 }
                 Op::ReleasePipe(dir) => {
-                    assert!(self.conn.pipes[dir as usize].take().is_some(), "releasing a pipe not held");
+                    assert!(self.pipes[dir as usize].take().is_some(), "releasing a pipe not held");
                     assert_eq!(self.piped[dir as usize], 0, "released a pipe with bytes in it");
                 }
                 Op::WaitWritable { dir, fd } => {
@@ -482,10 +485,9 @@ impl Model {
     fn arrive(&mut self) {
         assert!(self.pending.is_empty(), "moved with operations in flight: {:?}", self.pending);
         assert!(self.held_buffers.is_empty(), "moved holding buffers {:?}", self.held_buffers);
-        assert_eq!(self.conn.pipes, [None; 2], "moved holding a pipe");
+        assert_eq!(self.pipes, [None; 2], "moved holding a pipe");
         self.moves += 1;
         let mut ops = Vec::new();
-        self.conn.generation = self.moves + 1;
         self.conn.arrive(&mut ops);
         self.apply(ops, false);
         assert_eq!(self.pending.len(), 2, "both directions wait again after the move");

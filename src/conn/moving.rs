@@ -13,7 +13,6 @@ impl Conn {
         self.phase == Phase::Relaying
             && !self.moving
             && self.prefix.is_none()
-            && self.pipes == [None; 2]
             && Dir::BOTH.iter().all(|dir| {
                 let d = dir.index();
                 match self.flows[d] {
@@ -39,12 +38,6 @@ impl Conn {
             self.emit(Op::Park { dir, poll }, ops);
         }
         true
-    }
-
-    /// The connection under the generation of its new slot in another worker.
-    pub fn with_generation(mut self, generation: u32) -> Conn {
-        self.generation = generation;
-        self
     }
 
     /// The connection arrived in another worker's ring (or stays, if it had nowhere to go):

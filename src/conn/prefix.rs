@@ -65,6 +65,34 @@ impl Prefix {
 }
 
 impl Conn {
+    /// Starts reading the client's first bytes, up to `capacity`, before it can be routed.
+    pub fn start_handshake(&mut self, capacity: usize, ops: &mut Vec<Op>) {
+        self.prefix = Some(Prefix::new(capacity));
+        self.read_prefix(ops);
+    }
+
+    /// The bytes read before routing, and those to send before relaying.
+    pub fn prefix(&self) -> Option<&Prefix> {
+        self.prefix.as_deref()
+    }
+
+    pub fn prefix_mut(&mut self) -> Option<&mut Prefix> {
+        self.prefix.as_deref_mut()
+    }
+
+    /// Sets what goes to the backend first: `header` (an outgoing PROXY header), if any, then
+    /// the client bytes read while routing after the first `skip` (an incoming PROXY header).
+    pub fn prepare_prefix(&mut self, skip: usize, header: Option<&[u8]>) {
+        match header {
+            Some(header) => self.prefix.get_or_insert_with(|| Prefix::new(0)).prepare(skip, header),
+            None => {
+                if let Some(prefix) = self.prefix.as_mut() {
+                    prefix.prepare(skip, &[]);
+                }
+            }
+        }
+    }
+
     /// Reads (more) client bytes into the prefix, before the connection can be routed.
     pub fn read_prefix(&mut self, ops: &mut Vec<Op>) {
         debug_assert!(matches!(self.phase, Phase::New | Phase::Handshake));

@@ -26,15 +26,15 @@ fn ended(dir: Dir, result: i32) -> Event {
 impl Harness {
     /// A routed connection: its client watched and a connect asked for.
     fn routed(relay: Relay, attempts: u32) -> Harness {
-        let mut h = Harness { conn: Conn::new(1, CLIENT, 0, relay, 0), ops: Vec::new(), now: 0 };
-        h.conn.route(0, attempts, &mut h.ops);
+        let mut h = Harness { conn: Conn::new(CLIENT, relay, 0), ops: Vec::new(), now: 0 };
+        h.conn.route(attempts, &mut h.ops);
         assert_eq!(h.take(), vec![Op::WatchClient { fd: CLIENT }, Op::Connect]);
         h
     }
 
     fn new(attempts: u32) -> Harness {
         let mut h = Harness::routed(Relay::Copy, attempts);
-        h.conn.backend_opened(BACKEND, 0, 0);
+        h.conn.backend_opened(BACKEND);
         h
     }
 
@@ -47,7 +47,7 @@ impl Harness {
     /// A connection relayed the `relay` way, connected, its first operations taken.
     fn connected(relay: Relay) -> Harness {
         let mut h = Harness::routed(relay, 1);
-        h.conn.backend_opened(BACKEND, 0, 0);
+        h.conn.backend_opened(BACKEND);
         h.event(Event::ConnectTimerDone);
         h.event(Event::Connected(0));
         h.watch_stopped();
@@ -289,7 +289,7 @@ fn refused_connect_tries_next_backend() {
     assert_eq!(outcome, Some(Notice::ConnectFailed(libc::ECONNREFUSED)));
     assert_eq!(h.take(), vec![Op::Close { fd: BACKEND, reset: false }, Op::Connect]);
     assert_eq!(h.conn.backend, None);
-    h.conn.backend_opened(BACKEND2, 1, 0);
+    h.conn.backend_opened(BACKEND2);
     // Completions of the first attempt's timer and close arrive in any order.
     assert!(h.event(Event::ConnectTimerDone).is_empty());
     assert!(h.event(Event::Closed).is_empty());
@@ -299,7 +299,7 @@ fn refused_connect_tries_next_backend() {
         h.take(),
         vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Recv { dir: Dir::Down, fd: BACKEND2 }, Op::StopWatch]
     );
-    assert_eq!(h.conn.backend_index, 1);
+    assert_eq!(h.conn.backend_fd(), Some(BACKEND2));
 }
 
 #[test]
@@ -376,7 +376,7 @@ fn interrupted_operations_are_retried() {
 
 #[test]
 fn handshake_reads_then_prefix_goes_first() {
-    let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Copy, 0), ops: Vec::new(), now: 0 };
+    let mut h = Harness { conn: Conn::new(CLIENT, Relay::Copy, 0), ops: Vec::new(), now: 0 };
     h.conn.prefix = Some(Prefix::new(100));
     h.conn.read_prefix(&mut h.ops);
     assert_eq!(h.take(), vec![Op::ReadPrefix { fd: CLIENT }]);
@@ -389,9 +389,9 @@ fn handshake_reads_then_prefix_goes_first() {
     // It routes: the first 4 were an incoming header, replaced by a 3-byte outgoing one.
     h.conn.prefix.as_mut().unwrap().prepare(4, b"HDR");
     assert_eq!(h.conn.prefix.as_ref().unwrap().pending().len(), 3 + 6);
-    h.conn.route(0, 1, &mut h.ops);
+    h.conn.route(1, &mut h.ops);
     assert_eq!(h.take(), vec![Op::WatchClient { fd: CLIENT }, Op::Connect]);
-    h.conn.backend_opened(BACKEND, 0, 0);
+    h.conn.backend_opened(BACKEND);
     h.event(Event::ConnectTimerDone);
     // Connected: the prefix goes to the backend before the client is read.
     let ops = h.event(Event::Connected(0));
@@ -410,7 +410,7 @@ fn handshake_reads_then_prefix_goes_first() {
 
 #[test]
 fn client_leaving_during_handshake_ends_it() {
-    let mut h = Harness { conn: Conn::new(1, CLIENT, 0, Relay::Copy, 0), ops: Vec::new(), now: 0 };
+    let mut h = Harness { conn: Conn::new(CLIENT, Relay::Copy, 0), ops: Vec::new(), now: 0 };
     h.conn.prefix = Some(Prefix::new(100));
     h.conn.read_prefix(&mut h.ops);
     h.take();
@@ -492,7 +492,7 @@ fn a_watch_that_fires_after_the_connect_leaves_the_relay_to_notice() {
 #[test]
 fn splice_polls_then_pipes_source_to_destination() {
     let mut h = Harness::routed(Relay::Splice, 1);
-    h.conn.backend_opened(BACKEND, 0, 0);
+    h.conn.backend_opened(BACKEND);
     h.event(Event::ConnectTimerDone);
     assert_eq!(
         h.event(Event::Connected(0)),
@@ -543,7 +543,7 @@ fn splice_yields_after_a_few_pipe_fills() {
 #[test]
 fn auto_relay_splices_a_direction_after_a_full_buffer() {
     let mut h = Harness::routed(Relay::Auto, 1);
-    h.conn.backend_opened(BACKEND, 0, 0);
+    h.conn.backend_opened(BACKEND);
     h.event(Event::ConnectTimerDone);
     // Both directions start with the copy relay.
     assert_eq!(
@@ -607,11 +607,9 @@ fn idle_connection_moves_once_both_waits_are_stopped() {
     assert_eq!(h.conn.on_event(ended(Dir::Down, -libc::ECANCELED), 1, &mut h.ops), Some(Notice::Movable));
     assert!(h.take().is_empty(), "nothing re-armed in the old ring");
     assert_eq!(h.conn.inflight(), 0);
-    // The new worker starts both receives, under the new generation.
-    h.conn.generation = 7;
+    // The new worker starts both receives.
     h.conn.arrive(&mut h.ops);
     assert_eq!(h.take(), vec![Op::Recv { dir: Dir::Up, fd: CLIENT }, Op::Recv { dir: Dir::Down, fd: BACKEND }]);
-    assert_eq!(h.conn.generation, 7);
     assert!(!h.conn.is_moving());
     h.event(data(Dir::Up, 10, 1));
     assert!(!h.conn.can_move(), "bytes on their way");

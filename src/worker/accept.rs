@@ -8,11 +8,12 @@ use std::os::fd::{AsRawFd, RawFd};
 use io_uring::{opcode, types};
 
 use super::gate::AcceptOp;
+use super::slot::Slot;
 use super::warn_limited;
 use super::{Mode, Worker, is_resource_shortage};
 use crate::admission::Step;
 use crate::admission::proxy_protocol;
-use crate::conn::{Conn, End, Prefix};
+use crate::conn::{Conn, End};
 use crate::ring::{Completion, GENERATION_MASK, Kind, Token};
 use crate::sys;
 
@@ -148,13 +149,13 @@ impl Worker {
         self.regate();
     }
 
-    /// Puts the connection `make` builds for the next generation into a slot and counts it
-    /// open here; the accepts follow the room left.
-    pub(super) fn insert_conn(&mut self, make: impl FnOnce(u32) -> Conn) -> usize {
-        let generation = self.next_generation;
+    /// Puts a connection into a slot under the next generation and counts it open here; the
+    /// accepts follow the room left.
+    pub(super) fn insert_conn(&mut self, mut entry: Slot) -> usize {
+        entry.generation = self.next_generation;
         self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
-        let slot = self.conns.insert(make(generation));
-        self.gate.opened(self.conns[slot].listener as usize);
+        self.gate.opened(entry.listener as usize);
+        let slot = self.conns.insert(entry);
         self.stats().active.add(1);
         self.regate();
         slot
@@ -162,12 +163,12 @@ impl Worker {
 
     /// Takes the connection out of its slot and counts it closed here (freed, or handed to
     /// another worker); the accepts follow the room left.
-    pub(super) fn remove_conn(&mut self, slot: usize) -> Conn {
-        let conn = self.conns.remove(slot);
-        self.gate.closed(conn.listener as usize);
+    pub(super) fn remove_conn(&mut self, slot: usize) -> Slot {
+        let entry = self.conns.remove(slot);
+        self.gate.closed(entry.listener as usize);
         self.stats().active.sub(1);
         self.regate();
-        conn
+        entry
     }
 
     fn open_conn(&mut self, l: usize, fd: RawFd) {
@@ -186,8 +187,7 @@ impl Worker {
             );
             return;
         }
-        let (relay, now) = (self.relay, self.now);
-        let slot = self.insert_conn(|generation| Conn::new(generation, fd, l as u32, relay, now));
+        let slot = self.insert_conn(Slot::new(Conn::new(fd, self.relay, self.now), 0, l as u32));
         self.stats().accepted.add(1);
         // Without a PROXY header the connection's own peer is the client: check it at once.
         // With one, the check waits for the address the header carries (see examine), and
@@ -203,10 +203,7 @@ impl Worker {
         let admission = &self.gate.listeners[l].admission;
         if admission.reads_first() {
             let capacity = admission.read_capacity();
-            self.step(slot, |conn, ops| {
-                conn.prefix = Some(Prefix::new(capacity));
-                conn.read_prefix(ops);
-            });
+            self.step(slot, |conn, ops| conn.start_handshake(capacity, ops));
         } else {
             let pool = admission.default_pool.unwrap_or(0);
             self.route(slot, pool, 0);
@@ -217,22 +214,22 @@ impl Worker {
     /// connection's own peer, or the one its PROXY header carried); rejects the connection and
     /// returns false if it may not go on.
     fn admit(&mut self, slot: usize) -> bool {
-        let conn = &mut self.conns[slot];
-        let l = conn.listener as usize;
+        let entry = &mut self.conns[slot];
+        let l = entry.listener as usize;
         let limited = self.shared.sources[l].is_some();
         if self.gate.listeners[l].access.is_empty() && !limited {
             return true;
         }
-        if conn.client_addr.is_none() {
-            conn.client_addr = sys::peer_addr(conn.client).ok();
+        if entry.client.is_none() {
+            entry.client = sys::peer_addr(entry.conn.client_fd()).ok();
         }
-        let Some(client) = conn.client_addr else { return true };
+        let Some(client) = entry.client else { return true };
         let refusal = if !self.gate.listeners[l].access.permits(client.ip()) {
             self.stats().refused_access.add(1);
             Some("not allowed by the listener's allow/deny rules")
         } else if let Some(limit) = &self.shared.sources[l] {
             if limit.try_acquire(client.ip()) {
-                conn.source_counted = true;
+                entry.source_counted = true;
                 None
             } else {
                 self.stats().refused_source_limit.add(1);
@@ -249,9 +246,9 @@ impl Worker {
     /// With `proxy_from`: the connection's own peer must be one of the balancers allowed to
     /// send a PROXY header; rejects it and returns false otherwise.
     fn sent_by_trusted_proxy(&mut self, slot: usize) -> bool {
-        let conn = &self.conns[slot];
-        let listener = &self.gate.listeners[conn.listener as usize];
-        let peer = sys::peer_addr(conn.client).ok();
+        let entry = &self.conns[slot];
+        let listener = &self.gate.listeners[entry.listener as usize];
+        let peer = sys::peer_addr(entry.conn.client_fd()).ok();
         if peer.is_some_and(|peer| listener.proxy_from.iter().any(|net| net.contains(peer.ip()))) {
             return true;
         }
@@ -276,17 +273,17 @@ impl Worker {
 
     /// The connection's prefix grew: route it if its PROXY header and ClientHello say enough.
     pub(super) fn examine(&mut self, slot: usize) {
-        let conn = &self.conns[slot];
-        let l = conn.listener as usize;
-        let Some(prefix) = conn.prefix.as_ref() else { return };
+        let entry = &self.conns[slot];
+        let l = entry.listener as usize;
+        let Some(prefix) = entry.conn.prefix() else { return };
         match self.gate.listeners[l].admission.examine(prefix.received(), !prefix.has_room()) {
             Step::NeedMore => self.step(slot, |conn, ops| conn.read_prefix(ops)),
             Step::Reject(reason) => self.reject_handshake(slot, reason),
             Step::Route { pool, skip, carried } => {
                 if let Some((client, local)) = carried {
-                    let conn = &mut self.conns[slot];
-                    conn.client_addr = Some(client);
-                    conn.local_addr = Some(local);
+                    let entry = &mut self.conns[slot];
+                    entry.client = Some(client);
+                    entry.local = Some(local);
                 }
                 if self.gate.listeners[l].admission.accept_proxy && !self.admit(slot) {
                     return;
@@ -298,15 +295,16 @@ impl Worker {
 
     pub(super) fn reject_handshake(&mut self, slot: usize, why: impl std::fmt::Display) {
         self.stats().handshake_failed.add(1);
-        let conn = &self.conns[slot];
+        let entry = &self.conns[slot];
         warn_limited!(
             self.refuse_log,
             self.now,
             "worker {}: listener {}: closed a connection from {}: {why}",
             self.index,
-            self.gate.listeners[conn.listener as usize].name,
-            conn.client_addr
-                .or_else(|| sys::peer_addr(conn.client).ok())
+            self.gate.listeners[entry.listener as usize].name,
+            entry
+                .client
+                .or_else(|| sys::peer_addr(entry.conn.client_fd()).ok())
                 .map_or_else(|| "?".to_string(), |p| p.to_string()),
         );
         self.step(slot, |conn, ops| conn.reject(End::HandshakeFailed, ops));
@@ -320,21 +318,23 @@ impl Worker {
         let attempts = pool.usable().len() as u32;
         let send_proxy = pool.send_proxy;
         let needs_client = self.pickers[pool_index].needs_client() || send_proxy.is_some();
-        let conn = &mut self.conns[slot];
-        if needs_client && conn.client_addr.is_none() {
-            conn.client_addr = sys::peer_addr(conn.client).ok();
+        let entry = &mut self.conns[slot];
+        entry.pool = pool_index as u32;
+        let fd = entry.conn.client_fd();
+        if needs_client && entry.client.is_none() {
+            entry.client = sys::peer_addr(fd).ok();
         }
         if let Some(version) = send_proxy {
-            if conn.local_addr.is_none() {
-                conn.local_addr = sys::local_addr(conn.client).ok();
+            if entry.local.is_none() {
+                entry.local = sys::local_addr(fd).ok();
             }
-            if let (Some(client), Some(local)) = (conn.client_addr, conn.local_addr) {
+            if let (Some(client), Some(local)) = (entry.client, entry.local) {
                 let header = proxy_protocol::encode(version, client, local);
-                conn.prefix.get_or_insert_with(|| Prefix::new(0)).prepare(skip, header.as_bytes());
+                entry.conn.prepare_prefix(skip, Some(header.as_bytes()));
             }
-        } else if let Some(prefix) = conn.prefix.as_mut() {
-            prefix.prepare(skip, &[]);
+        } else {
+            entry.conn.prepare_prefix(skip, None);
         }
-        self.step(slot, |conn, ops| conn.route(pool_index as u32, attempts, ops));
+        self.step(slot, |conn, ops| conn.route(attempts, ops));
     }
 }

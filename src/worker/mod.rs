@@ -1,5 +1,5 @@
 //! A worker: one thread, pinned to one core, owning one ring, its own SO_REUSEPORT listeners
-//! and a slab of [`Conn`]s. It turns completions into connection events and the connections'
+//! and a slab of connections ([`Slot`]s, each a [`Conn`](crate::conn::Conn) and the worker's bookkeeping). It turns completions into connection events and the connections'
 //! [`Op`]s into submissions; this is the only place that touches the ring.
 //!
 //! Lifecycle: accept until the control side asks to drain (cancel the accepts, then close the
@@ -25,7 +25,7 @@ use socket2::Socket;
 use crate::admission::Admission;
 use crate::admission::acl::AccessRules;
 use crate::balance::Picker;
-use crate::conn::{self, Conn, Dir, End, Op, Relay};
+use crate::conn::{self, Dir, End, Op, Relay};
 use crate::control::{RunState, Shared};
 use crate::pool::OnDown;
 use crate::pool::Snapshot;
@@ -33,11 +33,13 @@ use crate::ring::{BufRing, Completion, Kind, Ring, Token};
 use crate::spread::Handoff;
 use crate::stats::WorkerStats;
 use crate::sys;
+pub use slot::Slot;
 
 mod accept;
 mod gate;
 mod moving;
 mod relay;
+mod slot;
 mod waiters;
 
 use gate::{AcceptGate, AcceptOp, Listener};
@@ -111,7 +113,7 @@ pub struct WorkerPlan {
     pub sizes: RingSizes,
     pub doorbell: Arc<OwnedFd>,
     /// With `spread = "pack"`: every worker's inbox for connections handed over.
-    pub handoff: Option<Arc<Handoff<Conn>>>,
+    pub handoff: Option<Arc<Handoff<Slot>>>,
     /// How many connections one listener's accept queue holds (the listen backlog, capped by
     /// the kernel's somaxconn).
     pub accept_backlog: usize,
@@ -196,7 +198,7 @@ pub struct Worker {
     index: usize,
     shared: Arc<Shared>,
     doorbell: Arc<OwnedFd>,
-    handoff: Option<Arc<Handoff<Conn>>>,
+    handoff: Option<Arc<Handoff<Slot>>>,
     doorbell_value: Box<u64>,
     gate: AcceptGate,
     /// Scratch space for the gate's operations, and the listeners to accept from once the
@@ -209,7 +211,7 @@ pub struct Worker {
     retired: Vec<Arc<Snapshot>>,
     pickers: Vec<Picker>,
     timers: Box<Timers>,
-    conns: Slab<Conn>,
+    conns: Slab<Slot>,
     /// Splice mode: pipes held by connections' directions (by index), and empty ones kept for
     /// the next transfer.
     pipes: Slab<sys::Pipe>,
@@ -481,9 +483,8 @@ impl Worker {
         let picked = self.for_each_conn(
             |worker, c| {
                 c.pool as usize == pool
-                    && c.holds_slot
-                    && !c.is_closing()
-                    && worker.snapshot.pools[pool].cuts(c.backend_index, c.backend_downs)
+                    && !c.conn.is_closing()
+                    && c.backend.is_some_and(|held| worker.snapshot.pools[pool].cuts(held.index, held.downs))
             },
             |worker, slot| {
                 worker.stats().backend_down_closed.add(1);
@@ -500,7 +501,7 @@ impl Worker {
 
     /// Picks the connections `pick` accepts, then runs `act` on each (picking first, because
     /// acting may free slots); returns how many were picked.
-    fn for_each_conn(&mut self, pick: impl Fn(&Self, &Conn) -> bool, mut act: impl FnMut(&mut Self, usize)) -> usize {
+    fn for_each_conn(&mut self, pick: impl Fn(&Self, &Slot) -> bool, mut act: impl FnMut(&mut Self, usize)) -> usize {
         let mut slots = std::mem::take(&mut self.scratch_slots);
         slots.clear();
         slots.extend(self.conns.iter().filter(|(_, c)| pick(self, c)).map(|(slot, _)| slot));
@@ -538,7 +539,7 @@ impl Worker {
             info!("worker {}: closing {open} connections ({why})", self.index);
         }
         self.for_each_conn(
-            |_, c| !c.is_closing(),
+            |_, c| !c.conn.is_closing(),
             |worker, slot| {
                 worker.stats().drain_closed.add(1);
                 worker.step(slot, |conn, ops| conn.close(ops));
@@ -547,16 +548,17 @@ impl Worker {
     }
 
     /// What, if anything, is overdue for a connection at `now`.
-    fn overdue(&self, conn: &Conn, now: u64) -> Option<Overdue> {
-        let listener = &self.gate.listeners[conn.listener as usize];
+    fn overdue(&self, entry: &Slot, now: u64) -> Option<Overdue> {
+        let listener = &self.gate.listeners[entry.listener as usize];
+        let conn = &entry.conn;
         let since = |t: u64| now.saturating_sub(t);
         if conn.is_relaying() {
-            listener.idle_timeout_ms.filter(|&limit| since(conn.last_active) >= limit).map(|_| Overdue::Idle)
+            listener.idle_timeout_ms.filter(|&limit| since(conn.last_active()) >= limit).map(|_| Overdue::Idle)
         } else if conn.in_handshake() {
-            (since(conn.last_active) >= listener.handshake_timeout_ms).then_some(Overdue::Handshake)
+            (since(conn.last_active()) >= listener.handshake_timeout_ms).then_some(Overdue::Handshake)
         } else if conn.is_queued() {
-            let limit = self.snapshot.pools[conn.pool as usize].queue_timeout.as_millis() as u64;
-            conn.queued_since.filter(|&t| since(t) >= limit).map(|_| Overdue::Queue)
+            let limit = self.snapshot.pools[entry.pool as usize].queue_timeout.as_millis() as u64;
+            entry.queued_since.filter(|&t| since(t) >= limit).map(|_| Overdue::Queue)
         } else {
             None
         }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use log::warn;
 
+use super::slot::Slot;
 use super::{Mode, Worker};
-use crate::conn::Conn;
 use crate::spread;
 
 /// Connection moves one worker starts in one pass, so a pass never takes long.
@@ -57,12 +57,12 @@ impl Worker {
         if excess == 0 {
             return;
         }
-        let moving = self.conns.iter().filter(|(_, c)| c.is_moving()).count() as u64;
+        let moving = self.conns.iter().filter(|(_, c)| c.conn.is_moving()).count() as u64;
         let wanted = excess.saturating_sub(moving).min(MOVES_PER_PASS) as usize;
         // A pass runs at most a few times a second: a small list beats threading a limit
         // through for_each_conn.
         let slots: Vec<usize> =
-            self.conns.iter().filter(|(_, c)| c.can_move()).map(|(slot, _)| slot).take(wanted).collect();
+            self.conns.iter().filter(|(_, c)| c.conn.can_move()).map(|(slot, _)| slot).take(wanted).collect();
         for slot in slots {
             self.step(slot, |conn, ops| {
                 conn.begin_move(ops);
@@ -100,7 +100,7 @@ impl Worker {
 
     /// The connections handed to this worker since it last looked; with `close`, it takes no
     /// more after these (it is finishing).
-    pub(super) fn take_handed_over(&self, close: bool) -> Vec<Conn> {
+    pub(super) fn take_handed_over(&self, close: bool) -> Vec<Slot> {
         match (&self.handoff, self.shared.pack()) {
             (Some(handoff), Some(pack)) => handoff.take(self.index, close, pack),
             _ => Vec::new(),
@@ -112,15 +112,15 @@ impl Worker {
     /// its backend was marked down since it connected, in a pool that cuts such connections
     /// (this worker cut its own when it installed that snapshot, before it looked at its inbox;
     /// a backend that went down and came back up meanwhile counts as down).
-    pub(super) fn adopt(&mut self, conn: Conn) {
-        let slot = self.insert_conn(|generation| conn.with_generation(generation));
+    pub(super) fn adopt(&mut self, entry: Slot) {
+        let slot = self.insert_conn(entry);
         self.step(slot, |conn, ops| conn.arrive(ops));
-        let conn = &self.conns[slot];
-        let pool = &self.snapshot.pools[conn.pool as usize];
+        let entry = &self.conns[slot];
+        let pool = &self.snapshot.pools[entry.pool as usize];
         if self.closing_all {
             self.stats().drain_closed.add(1);
             self.step(slot, |conn, ops| conn.close(ops));
-        } else if conn.holds_slot && pool.cuts(conn.backend_index, conn.backend_downs) {
+        } else if entry.backend.is_some_and(|held| pool.cuts(held.index, held.downs)) {
             self.stats().backend_down_closed.add(1);
             self.step(slot, |conn, ops| conn.cut(ops));
         }

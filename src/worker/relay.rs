@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use io_uring::{opcode, types};
 use log::{debug, error};
 
+use super::slot::Held;
 use super::{IDLE_PIPES, Worker, is_resource_shortage, warn_limited};
 use crate::conn::{Conn, Dir, End, Event, Notice, Op};
 use crate::control::ControlEvent;
@@ -21,7 +22,7 @@ impl Worker {
     pub(super) fn on_conn_completion(&mut self, token: Token, c: Completion) {
         let slot = token.slot as usize;
         match self.conns.get(slot) {
-            Some(conn) if conn.generation == token.generation => {}
+            Some(entry) if entry.generation == token.generation => {}
             _ => {
                 // Cannot happen while slots outlive their operations; recover the buffer anyway.
                 error!("worker {}: completion {:?} for a freed connection", self.index, token.kind);
@@ -67,14 +68,14 @@ impl Worker {
         let now = self.now;
         // Which backend a connect result is about, before the step moves on to the next one.
         let attempt = (token.kind == Kind::Connect).then(|| {
-            let conn = &self.conns[slot];
-            (conn.pool as usize, conn.backend_index as usize)
+            let entry = &self.conns[slot];
+            (entry.pool as usize, entry.backend.map_or(0, |held| held.index as usize))
         });
         if let Some((_, backend)) = attempt
             && c.result < 0
         {
             // A failed connect gives its backend slot back, and the retry skips the backend.
-            self.conns[slot].failed_backends.push(backend as u32);
+            self.conns[slot].failed.push(backend as u32);
             self.release_slot(slot);
         }
         let mut notice = None;
@@ -128,7 +129,7 @@ impl Worker {
 
     pub(super) fn step(&mut self, slot: usize, f: impl FnOnce(&mut Conn, &mut Vec<Op>)) {
         let mut ops = std::mem::take(&mut self.ops);
-        f(&mut self.conns[slot], &mut ops);
+        f(&mut self.conns[slot].conn, &mut ops);
         let mut i = 0;
         while i < ops.len() {
             let op = ops[i];
@@ -149,12 +150,12 @@ impl Worker {
         let entry = match op {
             Op::Connect => return self.connect(slot, ops),
             Op::ReadPrefix { fd } => {
-                let prefix = self.conns[slot].prefix.as_mut().expect("read_prefix sets a prefix");
+                let prefix = self.conns[slot].conn.prefix_mut().expect("read_prefix sets a prefix");
                 let (ptr, len) = prefix.free_space();
                 opcode::Recv::new(types::Fd(fd), ptr, len).build().user_data(token(Kind::RecvPrefix))
             }
             Op::SendPrefix { fd } => {
-                let pending = self.conns[slot].prefix.as_ref().expect("a prefix to send").pending();
+                let pending = self.conns[slot].conn.prefix().expect("a prefix to send").pending();
                 opcode::Send::new(types::Fd(fd), pending.as_ptr(), pending.len() as u32)
                     .flags(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
                     .build()
@@ -191,7 +192,7 @@ impl Worker {
                 }
                 self.count_relayed(dir, result);
                 let now = self.now;
-                return self.conns[slot].spliced_in(dir, result, now, ops);
+                return self.conns[slot].conn.spliced_in(dir, result, now, ops);
             }
             Op::SpliceOut { dir, fd, len } => {
                 let result = match self.conns[slot].pipes[dir as usize].and_then(|p| self.pipes.get(p as usize)) {
@@ -199,7 +200,7 @@ impl Worker {
                     None => -libc::EBADF,
                 };
                 let now = self.now;
-                return self.conns[slot].spliced_out(dir, result, now, ops);
+                return self.conns[slot].conn.spliced_out(dir, result, now, ops);
             }
             Op::ReleasePipe(dir) => {
                 if let Some(index) = self.conns[slot].pipes[dir as usize].take() {
@@ -243,32 +244,30 @@ impl Worker {
     }
 
     fn connect(&mut self, slot: usize, ops: &mut Vec<Op>) {
-        let conn = &self.conns[slot];
-        let pool_index = conn.pool as usize;
-        let backend_index = if conn.holds_slot {
+        let entry = &self.conns[slot];
+        let pool_index = entry.pool as usize;
+        let backend_index = if let Some(held) = entry.backend {
             // Reserved for it when it left the queue.
-            conn.backend_index as usize
+            held.index as usize
         } else {
             let pool = &self.snapshot.pools[pool_index];
             // A new connection queues behind those already waiting (in any worker).
-            let behind =
-                pool.limited && conn.failed_backends.is_empty() && self.shared.queues[pool_index].waiting() > 0;
+            let behind = pool.limited && entry.failed.is_empty() && self.shared.queues[pool_index].waiting() > 0;
             match if behind { Taken::Full } else { self.take_backend(slot) } {
                 Taken::Backend(backend) => backend,
                 Taken::Full => return self.enqueue(slot),
-                Taken::Exhausted => return self.conns[slot].no_backend_left(ops),
+                Taken::Exhausted => return self.conns[slot].conn.no_backend_left(ops),
             }
         };
         let pool = &self.snapshot.pools[pool_index];
-        let conn = &mut self.conns[slot];
-        conn.holds_slot = true;
-        conn.backend_index = backend_index as u32;
+        let entry = &mut self.conns[slot];
+        entry.backend = Some(Held { index: backend_index as u32, downs: pool.downs[backend_index] });
         let backend = &pool.backends[backend_index];
         match sys::backend_socket(&backend.sockaddr) {
             Ok(fd) => {
                 self.shared.backends[pool_index][backend_index].connections.fetch_add(1, Ordering::Relaxed);
-                conn.backend_opened(fd, backend_index as u32, pool.downs[backend_index]);
-                let token = |kind| Token::new(kind, slot, conn.generation).encode();
+                entry.conn.backend_opened(fd);
+                let token = |kind| Token::new(kind, slot, entry.generation).encode();
                 let connect =
                     opcode::Connect::new(types::Fd(fd), backend.sockaddr.as_ptr().cast(), backend.sockaddr.len())
                         .build()
@@ -290,7 +289,7 @@ impl Worker {
                     pool.name
                 );
                 self.release_slot(slot);
-                self.conns[slot].socket_failed(ops);
+                self.conns[slot].conn.socket_failed(ops);
                 if e.raw_os_error().is_some_and(is_resource_shortage) {
                     self.pause_accepts();
                 }
@@ -302,18 +301,18 @@ impl Worker {
     /// chooses (after a failed connect: the next usable one) or, when that one is at its
     /// `max_conns`, the next usable one with room; never one this connection failed to reach.
     pub(super) fn take_backend(&mut self, slot: usize) -> Taken {
-        let conn = &self.conns[slot];
-        let pool_index = conn.pool as usize;
+        let entry = &self.conns[slot];
+        let pool_index = entry.pool as usize;
         let pool = &self.snapshot.pools[pool_index];
         let counters = &self.shared.backends[pool_index];
         let picker = &mut self.pickers[pool_index];
-        let mut candidate = match conn.failed_backends.last() {
-            None => picker.pick(pool, counters, conn.client_addr),
+        let mut candidate = match entry.failed.last() {
+            None => picker.pick(pool, counters, entry.client),
             Some(&failed) => picker.next_after(pool, failed as usize),
         };
         let mut untried = false;
         for _ in 0..pool.usable().len() {
-            if !conn.failed_backends.contains(&(candidate as u32)) {
+            if !entry.failed.contains(&(candidate as u32)) {
                 untried = true;
                 if counters[candidate].acquire(pool.backends[candidate].max_conns) {
                     return Taken::Backend(candidate);
@@ -346,11 +345,9 @@ impl Worker {
 
     /// Gives back the backend slot a connection holds; a queued connection may have it.
     fn release_slot(&mut self, slot: usize) {
-        let conn = &mut self.conns[slot];
-        if !std::mem::take(&mut conn.holds_slot) {
-            return;
-        }
-        let (pool, backend) = (conn.pool as usize, conn.backend_index as usize);
+        let entry = &mut self.conns[slot];
+        let Some(held) = entry.backend.take() else { return };
+        let (pool, backend) = (entry.pool as usize, held.index as usize);
         self.shared.backends[pool][backend].release();
         if self.snapshot.pools[pool].limited && self.shared.queues[pool].waiting() > 0 {
             self.queue_work(pool);
@@ -367,7 +364,7 @@ impl Worker {
         while self.recycled > 0
             && let Some((slot, generation, dir)) = self.starved.pop_front()
         {
-            if self.conns.get(slot).is_some_and(|c| c.generation == generation && c.is_starved(dir)) {
+            if self.conns.get(slot).is_some_and(|c| c.generation == generation && c.conn.is_starved(dir)) {
                 self.recycled -= 1;
                 self.step(slot, |conn, ops| conn.buffer_available(dir, ops));
             }
@@ -377,23 +374,24 @@ impl Worker {
 
     fn free(&mut self, slot: usize) {
         self.release_slot(slot);
-        let conn = self.remove_conn(slot);
-        let pool = conn.pool as usize;
+        let entry = self.remove_conn(slot);
+        let pool = entry.pool as usize;
         // A pipe still held has bytes in it that will never be sent: close it, do not reuse it.
-        for index in conn.pipes.into_iter().flatten() {
+        for index in entry.pipes.into_iter().flatten() {
             drop(self.pipes.remove(index as usize));
         }
-        if conn.queued_since.is_some() {
+        if entry.queued_since.is_some() {
             // It left the line without being served: its worker's oldest ticket may change.
             self.shared.queues[pool].leave();
             self.queue_work(pool);
         }
-        if conn.source_counted
-            && let (Some(limit), Some(client)) = (&self.shared.sources[conn.listener as usize], conn.client_addr)
+        if entry.source_counted
+            && let (Some(limit), Some(client)) = (&self.shared.sources[entry.listener as usize], entry.client)
         {
             limit.release(client.ip());
         }
         let stats = &self.shared.stats[self.index];
+        let conn = &entry.conn;
         match conn.end() {
             Some(End::Finished) => stats.finished.add(1),
             Some(End::Reset(_)) => stats.reset.add(1),
@@ -406,8 +404,8 @@ impl Worker {
             "worker {}: connection closed ({:?}), {} bytes up, {} down",
             self.index,
             conn.end(),
-            conn.bytes[0],
-            conn.bytes[1]
+            conn.bytes()[0],
+            conn.bytes()[1]
         );
     }
 }

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use super::Worker;
+use super::slot::Held;
 use crate::queue::{self, LocalQueue, QueueHost, Taken, Waiter};
 
 /// This worker's waiting connections, per pool, and the pools to look at.
@@ -38,12 +39,12 @@ impl Worker {
     /// The connection waits in its pool's queue: nothing is submitted until a slot is reserved
     /// for it (or it times out, or its client goes).
     pub(super) fn enqueue(&mut self, slot: usize) {
-        let conn = &mut self.conns[slot];
-        let pool = conn.pool as usize;
-        conn.defer_connect();
-        conn.queued_since = Some(self.now);
+        let entry = &mut self.conns[slot];
+        let pool = entry.pool as usize;
+        entry.conn.defer_connect();
+        entry.queued_since = Some(self.now);
         let shared = &self.shared.queues[pool];
-        let waiter = Waiter { slot, generation: conn.generation, ticket: shared.join() };
+        let waiter = Waiter { slot, generation: entry.generation, ticket: shared.join() };
         self.queues.local[pool].push(waiter, shared, self.index);
         self.stats().queued.add(1);
         // A backend may have room all the same (it waited only behind others): look soon.
@@ -87,7 +88,7 @@ struct PoolHost<'a> {
 
 impl QueueHost for PoolHost<'_> {
     fn is_waiting(&self, waiter: &Waiter) -> bool {
-        self.worker.conns.get(waiter.slot).is_some_and(|c| c.generation == waiter.generation && c.is_queued())
+        self.worker.conns.get(waiter.slot).is_some_and(|c| c.generation == waiter.generation && c.conn.is_queued())
     }
 
     fn take_backend(&mut self, waiter: &Waiter) -> Taken {
@@ -101,10 +102,10 @@ impl QueueHost for PoolHost<'_> {
     }
 
     fn resume(&mut self, waiter: Waiter, backend: usize) {
-        let conn = &mut self.worker.conns[waiter.slot];
-        conn.queued_since = None;
-        conn.holds_slot = true;
-        conn.backend_index = backend as u32;
+        let pool = &self.worker.snapshot.pools[self.pool];
+        let entry = &mut self.worker.conns[waiter.slot];
+        entry.queued_since = None;
+        entry.backend = Some(Held { index: backend as u32, downs: pool.downs[backend] });
         self.worker.step(waiter.slot, |conn, ops| conn.resume(ops));
     }
 

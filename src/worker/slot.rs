@@ -1,0 +1,66 @@
+//! A connection as its worker holds it: the state machine ([`Conn`], which makes no syscalls
+//! and knows nothing of pools, listeners or pipes) and the worker's own bookkeeping for it. A
+//! slot moves whole when a connection is handed to another worker.
+
+use std::net::SocketAddr;
+
+use crate::conn::Conn;
+
+/// A backend slot a connection holds (an active count on that backend): for its connect, and
+/// while it relays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Held {
+    /// The backend's index in its pool.
+    pub index: u32,
+    /// How many times that backend had been marked down when the connection took the slot
+    /// ([`crate::pool::Pool::cuts`]).
+    pub downs: u32,
+}
+
+/// One connection in a worker's slab.
+#[derive(Debug)]
+pub struct Slot {
+    pub(super) conn: Conn,
+    /// Tags its operations' `user_data`: a new one for every slot it takes (see
+    /// [`crate::ring::Token`]).
+    pub(super) generation: u32,
+    /// Index of the listener that accepted it.
+    pub(super) listener: u32,
+    /// The client's address, when something needs it (access rules, Maglev, PROXY headers);
+    /// with `accept_proxy`, the address the header carried.
+    pub(super) client: Option<SocketAddr>,
+    /// The address the client connected to (for outgoing PROXY headers).
+    pub(super) local: Option<SocketAddr>,
+    /// Whether it holds a count in its listener's per-source limit.
+    pub(super) source_counted: bool,
+    /// When it started waiting in its pool's queue, if it waits.
+    pub(super) queued_since: Option<u64>,
+    /// Index of the pool it was routed to.
+    pub(super) pool: u32,
+    /// The backend slot it holds, if any.
+    pub(super) backend: Option<Held>,
+    /// Backends it could not reach, in the order tried: a retry skips them. Empty (no
+    /// allocation) unless a connect failed.
+    pub(super) failed: Vec<u32>,
+    /// Splice mode: the worker's pipe each direction holds, by index.
+    pub(super) pipes: [Option<u32>; 2],
+}
+
+impl Slot {
+    /// A connection just accepted through listener `listener`.
+    pub(super) fn new(conn: Conn, generation: u32, listener: u32) -> Slot {
+        Slot {
+            conn,
+            generation,
+            listener,
+            client: None,
+            local: None,
+            source_counted: false,
+            queued_since: None,
+            pool: 0,
+            backend: None,
+            failed: Vec::new(),
+            pipes: [None; 2],
+        }
+    }
+}
