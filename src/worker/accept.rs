@@ -72,12 +72,12 @@ impl Worker {
     /// worker's share of `max_connections` and each listener's own share (see [`AcceptGate`]).
     pub(super) fn regate(&mut self) {
         let room = self.max_connections.saturating_sub(self.conns.len());
-        let mut ops = std::mem::take(&mut self.gate_ops);
+        let mut ops = std::mem::take(&mut self.gate.ops);
         self.gate.plan(room, self.mode == Mode::Running, &mut ops);
         for op in ops.drain(..) {
             let (l, entry, kind) = match op {
                 AcceptOp::Accept(l) => {
-                    self.accept_work.push(l);
+                    self.gate.to_accept.push(l);
                     continue;
                 }
                 AcceptOp::Cancel { l, poll } => {
@@ -101,13 +101,13 @@ impl Worker {
             };
             self.push_misc(entry, kind, l);
         }
-        self.gate_ops = ops;
+        self.gate.ops = ops;
     }
 
     /// Accepts, with `accept4(2)`, from the listeners the gate asked for, while there is room;
     /// run once a batch of completions is handled.
     pub(super) fn accept_pending(&mut self) {
-        while let Some(l) = self.accept_work.pop() {
+        while let Some(l) = self.gate.to_accept.pop() {
             loop {
                 let room = self.max_connections.saturating_sub(self.conns.len());
                 let fd = self.gate.listeners[l].socket.as_ref().map(AsRawFd::as_raw_fd);

@@ -109,11 +109,22 @@ pub(super) struct AcceptGate {
     /// Paused after running out of descriptors, until the backoff timer fires.
     pub backed_off: bool,
     pub log: RateLimit,
+    /// Scratch space for [`AcceptGate::plan`]'s operations.
+    pub ops: Vec<AcceptOp>,
+    /// Listeners to accept from once the current batch of completions is handled.
+    pub to_accept: Vec<usize>,
 }
 
 impl AcceptGate {
     pub fn new(listeners: Vec<Listener>, backlog: usize) -> AcceptGate {
-        AcceptGate { listeners, multishot_above: backlog + ARRIVAL_MARGIN, backed_off: false, log: RateLimit::new() }
+        AcceptGate {
+            listeners,
+            multishot_above: backlog + ARRIVAL_MARGIN,
+            backed_off: false,
+            log: RateLimit::new(),
+            ops: Vec::new(),
+            to_accept: Vec::new(),
+        }
     }
 
     /// Whether a connection from listener `l` fits now (the worker's room is checked apart).

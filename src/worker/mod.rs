@@ -11,7 +11,6 @@
 //! carries out what the connections ask for (completions to events, operations to entries,
 //! connects, buffers, pipes, backend slots, freeing).
 
-use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -25,7 +24,7 @@ use socket2::Socket;
 use crate::admission::Admission;
 use crate::admission::acl::AccessRules;
 use crate::balance::Picker;
-use crate::conn::{self, Dir, End, Op, Relay};
+use crate::conn::{self, End, Op, Relay};
 use crate::control::{RunState, Shared};
 use crate::pool::OnDown;
 use crate::pool::Snapshot;
@@ -38,12 +37,14 @@ pub use slot::Slot;
 mod accept;
 mod gate;
 mod moving;
+mod pipes;
 mod relay;
 mod slot;
 mod waiters;
 
-use gate::{AcceptGate, AcceptOp, Listener};
-use waiters::Queues;
+use gate::{AcceptGate, Listener};
+use pipes::PipePool;
+use waiters::Waiters;
 
 /// Sizes of a worker's ring and buffers.
 #[derive(Debug, Clone, Copy)]
@@ -185,9 +186,6 @@ enum Overdue {
     Queue,
 }
 
-/// Empty pipes a worker keeps for the next transfer; more are closed.
-const IDLE_PIPES: usize = 64;
-
 /// How long accepting pauses after the process ran out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -201,10 +199,6 @@ pub struct Worker {
     handoff: Option<Arc<Handoff<Slot>>>,
     doorbell_value: Box<u64>,
     gate: AcceptGate,
-    /// Scratch space for the gate's operations, and the listeners to accept from once the
-    /// current batch of completions is handled.
-    gate_ops: Vec<AcceptOp>,
-    accept_work: Vec<usize>,
     snapshot: Arc<Snapshot>,
     /// Snapshots replaced since the last submission: kept until then because a queued connect
     /// points at their addresses.
@@ -212,24 +206,16 @@ pub struct Worker {
     pickers: Vec<Picker>,
     timers: Box<Timers>,
     conns: Slab<Slot>,
-    /// Splice mode: pipes held by connections' directions (by index), and empty ones kept for
-    /// the next transfer.
-    pipes: Slab<sys::Pipe>,
-    idle_pipes: Vec<sys::Pipe>,
+    /// Splice mode: pipes held by connections' directions.
+    pipes: PipePool,
     relay: Relay,
-    pipe_size: u32,
-    pipe_limit: usize,
-    /// Connections waiting for a backend below `max_conns`, per pool.
-    queues: Queues,
+    /// Connections waiting for a backend slot, directions waiting for a buffer.
+    waiters: Waiters,
     next_generation: u32,
     /// Scratch space reused for every connection step and every batch of completions.
     ops: Vec<Op>,
     completions: Vec<Completion>,
     scratch_slots: Vec<usize>,
-    /// Directions waiting for a buffer, oldest first, with their connection's generation.
-    starved: VecDeque<(usize, u32, Dir)>,
-    /// Buffers recycled since starved directions were last served.
-    recycled: usize,
     /// Worker-level operations in flight (accepts, doorbell, timers, cancels).
     misc_inflight: u32,
     mode: Mode,
@@ -270,7 +256,7 @@ impl Worker {
             0
         };
         let snapshot = shared.snapshot();
-        let queues = Queues::new(snapshot.pools.len());
+        let waiters = Waiters::new(snapshot.pools.len());
         let pickers =
             snapshot.pools.iter().enumerate().map(|(p, pool)| Picker::new(pool, picker_seed(plan.index, p))).collect();
         // The tick finds idle connections, slow handshakes and connections queued too long.
@@ -297,25 +283,18 @@ impl Worker {
             handoff: plan.handoff,
             doorbell_value: Box::new(0),
             gate: AcceptGate::new(listeners, plan.accept_backlog),
-            gate_ops: Vec::new(),
-            accept_work: Vec::new(),
             snapshot,
             retired: Vec::new(),
             pickers,
             timers,
-            queues,
+            waiters,
             conns: Slab::with_capacity(1024),
-            pipes: Slab::new(),
-            idle_pipes: Vec::new(),
+            pipes: PipePool::new(plan.pipe_size, plan.pipe_limit),
             relay: plan.relay,
-            pipe_size: plan.pipe_size,
-            pipe_limit: plan.pipe_limit,
             next_generation: 0,
             ops: Vec::with_capacity(16),
             completions: Vec::with_capacity(256),
             scratch_slots: Vec::new(),
-            starved: VecDeque::new(),
-            recycled: 0,
             misc_inflight: 0,
             mode: Mode::Running,
             closing_all: false,

@@ -11,7 +11,7 @@ use io_uring::{opcode, types};
 use log::{debug, error};
 
 use super::slot::Held;
-use super::{IDLE_PIPES, Worker, is_resource_shortage, warn_limited};
+use super::{Worker, is_resource_shortage, warn_limited};
 use crate::conn::{Conn, Dir, End, Event, Notice, Op};
 use crate::control::ControlEvent;
 use crate::queue::Taken;
@@ -183,8 +183,12 @@ impl Worker {
                 .build()
                 .user_data(token(by_dir(dir, Kind::PollInUp, Kind::PollInDown))),
             Op::SpliceIn { dir, fd } => {
-                let result = match self.pipe_for(slot, dir) {
-                    Ok((pipe, size)) => sys::splice(fd, pipe.write.as_raw_fd(), size as usize),
+                let held = &mut self.conns[slot].pipes[dir as usize];
+                let result = match self.pipes.take(*held) {
+                    Ok((index, pipe, size)) => {
+                        *held = Some(index);
+                        sys::splice(fd, pipe.write.as_raw_fd(), size as usize)
+                    }
                     Err(errno) => -errno,
                 };
                 if result == -libc::ENOBUFS {
@@ -195,7 +199,7 @@ impl Worker {
                 return self.conns[slot].conn.spliced_in(dir, result, now, ops);
             }
             Op::SpliceOut { dir, fd, len } => {
-                let result = match self.conns[slot].pipes[dir as usize].and_then(|p| self.pipes.get(p as usize)) {
+                let result = match self.conns[slot].pipes[dir as usize].and_then(|p| self.pipes.get(p)) {
                     Some(pipe) => sys::splice(pipe.read.as_raw_fd(), fd, len as usize),
                     None => -libc::EBADF,
                 };
@@ -204,10 +208,7 @@ impl Worker {
             }
             Op::ReleasePipe(dir) => {
                 if let Some(index) = self.conns[slot].pipes[dir as usize].take() {
-                    let pipe = self.pipes.remove(index as usize);
-                    if self.idle_pipes.len() < IDLE_PIPES {
-                        self.idle_pipes.push(pipe);
-                    }
+                    self.pipes.give_back(index);
                 }
                 return;
             }
@@ -233,7 +234,7 @@ impl Worker {
             }
             Op::Recycle(buf) => return self.recycle(buf),
             Op::WaitForBuffer(dir) => {
-                return self.starved.push_back((slot, generation, dir));
+                return self.waiters.starve(slot, generation, dir);
             }
             Op::Free => return self.free(slot),
         };
@@ -323,26 +324,6 @@ impl Worker {
         if untried { Taken::Full } else { Taken::Exhausted }
     }
 
-    /// The pipe a direction splices through, taken from the idle ones or made, and its size;
-    /// ENOBUFS when the worker holds as many as it may.
-    fn pipe_for(&mut self, slot: usize, dir: Dir) -> Result<(&sys::Pipe, u32), i32> {
-        let size = self.pipe_size;
-        let index = match self.conns[slot].pipes[dir as usize] {
-            Some(index) => index as usize,
-            None if self.pipes.len() >= self.pipe_limit => return Err(libc::ENOBUFS),
-            None => {
-                let pipe = match self.idle_pipes.pop() {
-                    Some(pipe) => pipe,
-                    None => sys::pipe(size).map_err(|e| e.raw_os_error().unwrap_or(libc::ENFILE))?,
-                };
-                let index = self.pipes.insert(pipe);
-                self.conns[slot].pipes[dir as usize] = Some(index as u32);
-                index
-            }
-        };
-        Ok((&self.pipes[index], size))
-    }
-
     /// Gives back the backend slot a connection holds; a queued connection may have it.
     fn release_slot(&mut self, slot: usize) {
         let entry = &mut self.conns[slot];
@@ -356,20 +337,7 @@ impl Worker {
 
     fn recycle(&mut self, buf: u16) {
         self.bufs.recycle(buf);
-        self.recycled += 1;
-    }
-
-    /// Gives each buffer recycled this round to one starved direction, oldest first.
-    pub(super) fn serve_starved(&mut self) {
-        while self.recycled > 0
-            && let Some((slot, generation, dir)) = self.starved.pop_front()
-        {
-            if self.conns.get(slot).is_some_and(|c| c.generation == generation && c.conn.is_starved(dir)) {
-                self.recycled -= 1;
-                self.step(slot, |conn, ops| conn.buffer_available(dir, ops));
-            }
-        }
-        self.recycled = 0;
+        self.waiters.recycled();
     }
 
     fn free(&mut self, slot: usize) {
@@ -378,7 +346,7 @@ impl Worker {
         let pool = entry.pool as usize;
         // A pipe still held has bytes in it that will never be sent: close it, do not reuse it.
         for index in entry.pipes.into_iter().flatten() {
-            drop(self.pipes.remove(index as usize));
+            self.pipes.discard(index);
         }
         if entry.queued_since.is_some() {
             // It left the line without being served: its worker's oldest ticket may change.

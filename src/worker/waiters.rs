@@ -1,31 +1,53 @@
-//! Connections waiting for a backend below its `max_conns`: this worker's side of the
-//! backend queues ([`crate::queue`]). A connection joins when every backend it may use is
-//! full (or others already wait); the queues are served after each batch of completions and
-//! on every doorbell, so a freed slot never serves a queue from inside another connection's
-//! step.
+//! What this worker's connections wait for, and serving them once the current batch of
+//! completions is handled (never from inside another connection's step):
+//!
+//! - a backend below its `max_conns`: this worker's side of the backend queues
+//!   ([`crate::queue`]); a connection joins when every backend it may use is full (or others
+//!   already wait), and the queues are also served on every doorbell;
+//! - a ring buffer: a direction whose receive found the buffer ring empty waits, oldest first,
+//!   for one of the buffers recycled meanwhile.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::Worker;
 use super::slot::Held;
+use crate::conn::Dir;
 use crate::queue::{self, LocalQueue, QueueHost, Taken, Waiter};
 
-/// This worker's waiting connections, per pool, and the pools to look at.
+/// This worker's waiting connections.
 #[derive(Debug, Default)]
-pub(super) struct Queues {
+pub(super) struct Waiters {
+    /// Per pool: connections waiting for a backend slot.
     local: Vec<LocalQueue>,
     /// Pools whose queue may move (a slot freed, a waiter left or joined), each once.
     work: Vec<usize>,
     marked: Vec<bool>,
+    /// Directions waiting for a buffer, oldest first, with their connection's generation.
+    starved: VecDeque<(usize, u32, Dir)>,
+    /// Buffers recycled since starved directions were last served.
+    recycled: usize,
 }
 
-impl Queues {
-    pub(super) fn new(pools: usize) -> Queues {
-        Queues {
+impl Waiters {
+    pub(super) fn new(pools: usize) -> Waiters {
+        Waiters {
             local: (0..pools).map(|_| LocalQueue::default()).collect(),
             work: Vec::new(),
             marked: vec![false; pools],
+            starved: VecDeque::new(),
+            recycled: 0,
         }
+    }
+
+    /// A direction found no buffer: it waits for the next one recycled.
+    pub(super) fn starve(&mut self, slot: usize, generation: u32, dir: Dir) {
+        self.starved.push_back((slot, generation, dir));
+    }
+
+    /// A buffer went back to the ring.
+    pub(super) fn recycled(&mut self) {
+        self.recycled += 1;
     }
 
     fn mark(&mut self, pool: usize) {
@@ -36,6 +58,19 @@ impl Queues {
 }
 
 impl Worker {
+    /// Gives each buffer recycled this round to one starved direction, oldest first.
+    pub(super) fn serve_starved(&mut self) {
+        while self.waiters.recycled > 0
+            && let Some((slot, generation, dir)) = self.waiters.starved.pop_front()
+        {
+            if self.conns.get(slot).is_some_and(|c| c.generation == generation && c.conn.is_starved(dir)) {
+                self.waiters.recycled -= 1;
+                self.step(slot, |conn, ops| conn.buffer_available(dir, ops));
+            }
+        }
+        self.waiters.recycled = 0;
+    }
+
     /// The connection waits in its pool's queue: nothing is submitted until a slot is reserved
     /// for it (or it times out, or its client goes).
     pub(super) fn enqueue(&mut self, slot: usize) {
@@ -45,37 +80,37 @@ impl Worker {
         entry.queued_since = Some(self.now);
         let shared = &self.shared.queues[pool];
         let waiter = Waiter { slot, generation: entry.generation, ticket: shared.join() };
-        self.queues.local[pool].push(waiter, shared, self.index);
+        self.waiters.local[pool].push(waiter, shared, self.index);
         self.stats().queued.add(1);
         // A backend may have room all the same (it waited only behind others): look soon.
-        self.queues.mark(pool);
+        self.waiters.mark(pool);
     }
 
     /// Asks for `pool`'s queue to be served once the current batch is handled.
     pub(super) fn queue_work(&mut self, pool: usize) {
-        self.queues.mark(pool);
+        self.waiters.mark(pool);
     }
 
     /// Asks for every pool's queue to be served (the backends' health may have changed).
     pub(super) fn queue_work_all(&mut self) {
-        for pool in 0..self.queues.local.len() {
-            self.queues.mark(pool);
+        for pool in 0..self.waiters.local.len() {
+            self.waiters.mark(pool);
         }
     }
 
     /// Serves the queues asked for since the last call.
     pub(super) fn serve_queues(&mut self) {
-        while let Some(pool) = self.queues.work.pop() {
-            self.queues.marked[pool] = false;
-            if self.queues.local[pool].is_empty() && self.shared.queues[pool].waiting() == 0 {
+        while let Some(pool) = self.waiters.work.pop() {
+            self.waiters.marked[pool] = false;
+            if self.waiters.local[pool].is_empty() && self.shared.queues[pool].waiting() == 0 {
                 continue;
             }
             let shared = Arc::clone(&self.shared);
-            let mut local = std::mem::take(&mut self.queues.local[pool]);
+            let mut local = std::mem::take(&mut self.waiters.local[pool]);
             queue::serve(&mut local, &shared.queues[pool], self.index, &mut PoolHost { worker: self, pool });
             // Serving only resumes or closes connections; none can join this queue meanwhile.
-            debug_assert!(self.queues.local[pool].is_empty());
-            self.queues.local[pool] = local;
+            debug_assert!(self.waiters.local[pool].is_empty());
+            self.waiters.local[pool] = local;
         }
     }
 }
