@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use ringlb::balance::maglev::{Entry, MaglevTable};
-use ringlb::balance::{BackendCounters, Picker, client_hash};
+use ringlb::balance::{Picker, client_hash};
 use ringlb::config::{Algorithm, BackendConfig, HashKey, PoolConfig};
 use ringlb::pool::Pool;
 
@@ -53,7 +53,7 @@ fn pool(algorithm: Algorithm, n: usize) -> Pool {
         .enumerate()
         .map(|(i, name)| BackendConfig::new(name.parse().unwrap(), 1 + (i % 3) as u32))
         .collect();
-    Pool::build(&PoolConfig::new("bench", algorithm, backends), &vec![true; n], &vec![0; n])
+    Pool::build(&PoolConfig::new("bench", algorithm, backends), &vec![true; n], &vec![0; n], None, 1)
 }
 
 fn picks(c: &mut Criterion) {
@@ -65,19 +65,18 @@ fn picks(c: &mut Criterion) {
         ("maglev", Algorithm::Maglev { table_size: 65_537, hash_key: HashKey::ClientIp }),
     ];
     for n in [3usize, 30] {
-        let counters: Vec<BackendCounters> = (0..n).map(|_| BackendCounters::default()).collect();
-        for (i, c) in counters.iter().enumerate() {
-            c.active.store((i * 7 % 11) as u64, std::sync::atomic::Ordering::Relaxed);
-        }
         for (name, algorithm) in algorithms {
             let pool = pool(algorithm, n);
+            for (i, backend) in pool.backends.iter().enumerate() {
+                backend.counters.active.store((i * 7 % 11) as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             let mut picker = Picker::new(&pool, 1);
             let mut port = 0u16;
             group.bench_function(BenchmarkId::new(name, n), |b| {
                 b.iter(|| {
                     port = port.wrapping_add(1);
                     let client = SocketAddr::from(([198, 51, 100, (port % 200) as u8], port));
-                    picker.pick(black_box(&pool), &counters, Some(client))
+                    picker.pick(black_box(&pool), Some(client))
                 })
             });
         }

@@ -9,9 +9,10 @@ use std::time::Duration;
 use socket2::SockAddr;
 
 use crate::admission::proxy_protocol::Version as ProxyVersion;
-use crate::balance::Algorithm;
 use crate::balance::maglev::{self, MaglevTable};
+use crate::balance::{Algorithm, BackendCounters};
 use crate::config::{Config, PoolConfig};
+use crate::queue::PoolQueue;
 
 /// What happens to established connections when their backend is marked down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +23,7 @@ pub enum OnDown {
     Close,
 }
 
-/// One backend: where it is and how much traffic it should get.
+/// One backend: where it is, how much traffic it should get, and its counters.
 #[derive(Debug)]
 pub struct Backend {
     pub address: SocketAddr,
@@ -33,6 +34,10 @@ pub struct Backend {
     pub max_conns: Option<u32>,
     /// The address in the form `connect` takes, built once.
     pub sockaddr: SockAddr,
+    /// What every worker counts for it (open and total connections, failures), carried into
+    /// every snapshot that keeps the backend: a connection holding a slot releases it here
+    /// even after the backend left the config.
+    pub counters: Arc<BackendCounters>,
 }
 
 /// One pool of backends with their health at the time the snapshot was built.
@@ -57,14 +62,24 @@ pub struct Pool {
     usable: Vec<u32>,
     /// For `maglev` pools, built over the usable backends.
     pub maglev: Option<MaglevTable>,
+    /// Connections waiting, in any worker, for a backend below its `max_conns`; carried into
+    /// every snapshot that keeps the pool.
+    pub queue: Arc<PoolQueue>,
 }
 
 impl Pool {
     /// Builds a pool for `config` with the given health (`up[i]` for backend i, which has been
-    /// marked down `downs[i]` times).
-    pub fn build(config: &PoolConfig, up: &[bool], downs: &[u32]) -> Pool {
+    /// marked down `downs[i]` times). It takes over the queue of the pool it replaces and the
+    /// counters of the backends that pool had (by address); without one, they start afresh,
+    /// the queue for `workers` workers.
+    pub fn build(config: &PoolConfig, up: &[bool], downs: &[u32], replaces: Option<&Pool>, workers: usize) -> Pool {
         debug_assert_eq!(up.len(), config.backends.len());
         debug_assert_eq!(downs.len(), config.backends.len());
+        let counters = |address: SocketAddr| {
+            replaces
+                .and_then(|old| old.backends.iter().find(|b| b.address == address))
+                .map_or_else(Arc::default, |b| Arc::clone(&b.counters))
+        };
         let backends: Vec<Backend> = config
             .backends
             .iter()
@@ -74,6 +89,7 @@ impl Pool {
                 weight: b.weight.get(),
                 max_conns: b.max_conns.map(|m| m.get()),
                 sockaddr: SockAddr::from(b.address),
+                counters: counters(b.address),
             })
             .collect();
         let mut usable: Vec<u32> = (0..backends.len() as u32).filter(|&i| up[i as usize]).collect();
@@ -108,7 +124,13 @@ impl Pool {
             downs: downs.to_vec(),
             usable,
             maglev,
+            queue: replaces.map_or_else(|| Arc::new(PoolQueue::new(workers)), |old| Arc::clone(&old.queue)),
         }
+    }
+
+    /// Whether any usable backend has room below its `max_conns`.
+    pub fn has_room(&self) -> bool {
+        self.usable.iter().any(|&b| self.backends[b as usize].counters.has_room(self.backends[b as usize].max_conns))
     }
 
     /// The backends a new connection may go to; never empty.
@@ -144,10 +166,11 @@ pub struct Snapshot {
 impl Snapshot {
     /// The first snapshot: every backend up.
     pub fn from_config(config: &Config) -> Arc<Snapshot> {
+        let workers = config.workers.get();
         let pools = config
             .pools
             .iter()
-            .map(|p| Arc::new(Pool::build(p, &vec![true; p.backends.len()], &vec![0; p.backends.len()])))
+            .map(|p| Arc::new(Pool::build(p, &vec![true; p.backends.len()], &vec![0; p.backends.len()], None, workers)))
             .collect();
         Arc::new(Snapshot { generation: 1, pools })
     }
@@ -170,7 +193,25 @@ mod tests {
             (0..downs.len()).map(|i| BackendConfig::new(format!("10.0.0.{}:80", i + 1).parse().unwrap(), 1)).collect();
         let mut config = PoolConfig::new("p", Algorithm::RoundRobin, backends);
         config.on_down = on_down;
-        Pool::build(&config, &vec![true; downs.len()], downs)
+        Pool::build(&config, &vec![true; downs.len()], downs, None, 1)
+    }
+
+    #[test]
+    fn a_rebuilt_pool_keeps_the_counters_of_the_backends_it_keeps_and_its_queue() {
+        let config = |addresses: &[&str]| {
+            let backends = addresses.iter().map(|a| BackendConfig::new(a.parse().unwrap(), 1)).collect();
+            PoolConfig::new("p", Algorithm::RoundRobin, backends)
+        };
+        let old = Pool::build(&config(&["10.0.0.1:80", "10.0.0.2:80"]), &[true; 2], &[0; 2], None, 2);
+        old.backends[1].counters.acquire(None);
+        old.queue.join();
+        // 10.0.0.2 stays (now first), 10.0.0.1 leaves, 10.0.0.3 is new.
+        let new = Pool::build(&config(&["10.0.0.2:80", "10.0.0.3:80"]), &[true; 2], &[0; 2], Some(&old), 2);
+        assert!(Arc::ptr_eq(&new.backends[0].counters, &old.backends[1].counters));
+        assert_eq!(new.backends[0].counters.active(), 1);
+        assert_eq!(new.backends[1].counters.active(), 0);
+        assert!(Arc::ptr_eq(&new.queue, &old.queue));
+        assert_eq!(new.queue.waiting(), 1);
     }
 
     #[test]

@@ -12,9 +12,10 @@ use std::time::Duration;
 use log::{error, info};
 
 use crate::admission::Admission;
+use crate::admission::sources::SourceLimit;
 use crate::config::Config;
 use crate::conn::Relay;
-use crate::control::{ControlEvent, RunState, Shared, SourceLimit, http};
+use crate::control::{ControlEvent, RunState, Shared, http};
 use crate::pool::Snapshot;
 use crate::spread::Handoff;
 use crate::stats;
@@ -82,6 +83,7 @@ impl Server {
         let mut listeners_by_worker: Vec<Vec<WorkerListener>> = (0..workers).map(|_| Vec::new()).collect();
         let mut listen_addrs = Vec::new();
         for listener in &config.listeners {
+            let sources = listener.max_conns_per_source.map(|n| Arc::new(SourceLimit::new(n.get())));
             let mut address = listener.bind;
             for (worker, worker_listeners) in listeners_by_worker.iter_mut().enumerate() {
                 let socket = sys::listener(address, BACKLOG, worker == 0).map_err(|source| StartError::Bind {
@@ -105,6 +107,7 @@ impl Server {
                     },
                     access: listener.access.clone(),
                     proxy_from: listener.proxy_from.clone(),
+                    sources: sources.clone(),
                     idle_timeout: listener.idle_timeout,
                     handshake_timeout: listener.handshake_timeout,
                     max_connections: listener.max_connections.map(|n| (n.get() / workers).max(1)),
@@ -124,9 +127,7 @@ impl Server {
         let metrics_addr = metrics.as_ref().and_then(|m| m.local_addr().ok());
 
         let snapshot = Snapshot::from_config(config);
-        let sources =
-            config.listeners.iter().map(|l| l.max_conns_per_source.map(|n| SourceLimit::new(n.get()))).collect();
-        let (shared, events) = Shared::new(snapshot, workers, sources, config.spread).map_err(StartError::Doorbell)?;
+        let (shared, events) = Shared::new(snapshot, workers, config.spread).map_err(StartError::Doorbell)?;
         let shared = Arc::new(shared);
         let handoff = shared.pack().map(|_| Arc::new(Handoff::new(workers)));
 

@@ -195,7 +195,8 @@ fn least_conn_counts_hold_while_connections_move() {
     server.shared().hold_workers_in_use(1);
     let addr = server.listen_addrs[0].1;
     let mut held = open_from([127, 0, 0, 1], addr, 20);
-    let active = || -> Vec<u64> { server.shared().backends[0].iter().map(|c| c.active()).collect() };
+    let active =
+        || -> Vec<u64> { server.shared().snapshot().pools[0].backends.iter().map(|b| b.counters.active()).collect() };
     assert_eq!(active(), [10, 10]);
     move_over_and_back(&server);
     server.shared().hold_workers_in_use(2);

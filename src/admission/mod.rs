@@ -4,6 +4,7 @@
 //! - [`acl`]: `allow`/`deny` CIDR lists (and `proxy_from`), checked on the client address.
 //! - [`proxy_protocol`]: PROXY protocol v1/v2, parsed from clients and written to backends.
 //! - [`tls`]: the server name read from a TLS ClientHello (SNI routing), without terminating TLS.
+//! - [`sources`]: `max_conns_per_source`, counted over all workers.
 //! - [`Admission`] (this file): the decision from the bytes read so far: read more, route to a
 //!   pool, or reject with a reason.
 //!
@@ -16,6 +17,7 @@ use std::net::SocketAddr;
 
 pub mod acl;
 pub mod proxy_protocol;
+pub mod sources;
 pub mod tls;
 
 use proxy_protocol::{ParseError, Parsed};

@@ -207,14 +207,14 @@ impl Picker {
     }
 
     /// The backend for a new connection from `client`.
-    pub fn pick(&mut self, pool: &Pool, counters: &[BackendCounters], client: Option<SocketAddr>) -> usize {
+    pub fn pick(&mut self, pool: &Pool, client: Option<SocketAddr>) -> usize {
         let usable = pool.usable();
         debug_assert!(!usable.is_empty());
         let weight = |i: usize| pool.backends[i].weight;
         // Whether backend a carries less load per unit of weight than backend b.
         let lighter = |a: usize, b: usize| {
-            u128::from(counters[a].active()) * u128::from(weight(b))
-                < u128::from(counters[b].active()) * u128::from(weight(a))
+            u128::from(pool.backends[a].counters.active()) * u128::from(weight(b))
+                < u128::from(pool.backends[b].counters.active()) * u128::from(weight(a))
         };
         match self {
             Picker::RoundRobin(rr) => rr.pick(usable, weight),
@@ -264,22 +264,19 @@ mod tests {
             .enumerate()
             .map(|(i, &w)| BackendConfig::new(format!("10.0.0.{}:80", i + 1).parse().unwrap(), w))
             .collect();
-        Pool::build(&PoolConfig::new("p", algorithm, backends), up, &vec![0; up.len()])
+        Pool::build(&PoolConfig::new("p", algorithm, backends), up, &vec![0; up.len()], None, 1)
     }
 
-    fn counters(active: &[u64]) -> Vec<BackendCounters> {
-        active
-            .iter()
-            .map(|&a| {
-                let c = BackendCounters::default();
-                c.active.store(a, Ordering::Relaxed);
-                c
-            })
-            .collect()
+    /// Sets the backends' open connections (over all workers).
+    fn counters<'a>(pool: &'a Pool, active: &[u64]) -> &'a Pool {
+        for (backend, &a) in pool.backends.iter().zip(active) {
+            backend.counters.active.store(a, Ordering::Relaxed);
+        }
+        pool
     }
 
-    fn picks(picker: &mut Picker, pool: &Pool, counters: &[BackendCounters], n: usize) -> Vec<usize> {
-        (0..n).map(|_| picker.pick(pool, counters, None)).collect()
+    fn picks(picker: &mut Picker, pool: &Pool, n: usize) -> Vec<usize> {
+        (0..n).map(|_| picker.pick(pool, None)).collect()
     }
 
     #[test]
@@ -287,17 +284,17 @@ mod tests {
         let p = pool(Algorithm::RoundRobin, &[5, 1, 1], &[true; 3]);
         let mut picker = Picker::new(&p, 0);
         // nginx's documented sequence for weights a=5, b=1, c=1.
-        assert_eq!(picks(&mut picker, &p, &counters(&[0; 3]), 7), vec![0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(picks(&mut picker, counters(&p, &[0; 3]), 7), vec![0, 0, 1, 0, 2, 0, 0]);
         let p = pool(Algorithm::RoundRobin, &[1, 2], &[true; 2]);
         let mut picker = Picker::new(&p, 0);
-        assert_eq!(picks(&mut picker, &p, &counters(&[0; 2]), 6), vec![1, 0, 1, 1, 0, 1]);
+        assert_eq!(picks(&mut picker, counters(&p, &[0; 2]), 6), vec![1, 0, 1, 1, 0, 1]);
     }
 
     #[test]
     fn round_robin_shares_follow_weights_and_skip_down_backends() {
         let p = pool(Algorithm::RoundRobin, &[3, 1, 4, 1, 5], &[true, true, false, true, true]);
         let mut picker = Picker::new(&p, 0);
-        let got = picks(&mut picker, &p, &counters(&[0; 5]), 100);
+        let got = picks(&mut picker, counters(&p, &[0; 5]), 100);
         for (i, expected) in [(0, 30), (1, 10), (2, 0), (3, 10), (4, 50)] {
             assert_eq!(got.iter().filter(|&&g| g == i).count(), expected, "backend {i}");
         }
@@ -308,27 +305,27 @@ mod tests {
         let p = pool(Algorithm::RoundRobin, &[1, 1, 1], &[false; 3]);
         assert!(p.all_down());
         let mut picker = Picker::new(&p, 0);
-        assert_eq!(picks(&mut picker, &p, &counters(&[0; 3]), 3), vec![0, 1, 2]);
+        assert_eq!(picks(&mut picker, counters(&p, &[0; 3]), 3), vec![0, 1, 2]);
     }
 
     #[test]
     fn least_conn_takes_fewest_per_weight_and_spreads_ties() {
         let p = pool(Algorithm::LeastConn, &[1, 1, 1], &[true; 3]);
         let mut picker = Picker::new(&p, 0);
-        assert_eq!(picks(&mut picker, &p, &counters(&[5, 2, 9]), 3), vec![1, 1, 1]);
+        assert_eq!(picks(&mut picker, counters(&p, &[5, 2, 9]), 3), vec![1, 1, 1]);
         // Ties rotate over every tied backend.
-        let mut seen = picks(&mut picker, &p, &counters(&[4, 4, 4]), 3);
+        let mut seen = picks(&mut picker, counters(&p, &[4, 4, 4]), 3);
         seen.sort();
         assert_eq!(seen, vec![0, 1, 2]);
         // Per weight: 6 connections on weight 3 is lighter than 3 on weight 1.
         let p = pool(Algorithm::LeastConn, &[3, 1], &[true; 2]);
         let mut picker = Picker::new(&p, 0);
-        assert_eq!(picker.pick(&p, &counters(&[6, 3]), None), 0);
-        assert_eq!(picker.pick(&p, &counters(&[7, 2]), None), 1);
+        assert_eq!(picker.pick(counters(&p, &[6, 3]), None), 0);
+        assert_eq!(picker.pick(counters(&p, &[7, 2]), None), 1);
         // A down backend is never picked, however idle.
         let p = pool(Algorithm::LeastConn, &[1, 1], &[false, true]);
         let mut picker = Picker::new(&p, 0);
-        assert_eq!(picks(&mut picker, &p, &counters(&[0, 100]), 4), vec![1; 4]);
+        assert_eq!(picks(&mut picker, counters(&p, &[0, 100]), 4), vec![1; 4]);
     }
 
     #[test]
@@ -337,7 +334,7 @@ mod tests {
         let mut picker = Picker::new(&p, 7);
         // With one backend far more loaded, it is picked only when both draws miss the others,
         // which cannot happen: two distinct draws always include a lighter one.
-        let got = picks(&mut picker, &p, &counters(&[100, 0, 0, 0]), 1000);
+        let got = picks(&mut picker, counters(&p, &[100, 0, 0, 0]), 1000);
         assert!(!got.contains(&0));
         for i in 1..4 {
             let share = got.iter().filter(|&&g| g == i).count();
@@ -345,7 +342,7 @@ mod tests {
         }
         let p = pool(Algorithm::RandomTwo, &[1, 1], &[true, false]);
         let mut picker = Picker::new(&p, 7);
-        assert_eq!(picks(&mut picker, &p, &counters(&[9, 0]), 5), vec![0; 5]);
+        assert_eq!(picks(&mut picker, counters(&p, &[9, 0]), 5), vec![0; 5]);
     }
 
     #[test]
@@ -353,12 +350,11 @@ mod tests {
         let algorithm = Algorithm::Maglev { table_size: 1009, hash_key: HashKey::ClientIp };
         let p = pool(algorithm, &[1, 1, 1], &[true; 3]);
         let mut picker = Picker::new(&p, 0);
-        let c = counters(&[0; 3]);
         let mut used = [0usize; 3];
         for host in 1..=60u8 {
-            let first = picker.pick(&p, &c, Some(SocketAddr::from(([127, 0, 1, host], 40000))));
+            let first = picker.pick(&p, Some(SocketAddr::from(([127, 0, 1, host], 40000))));
             for port in [40001, 50000, 60000] {
-                assert_eq!(picker.pick(&p, &c, Some(SocketAddr::from(([127, 0, 1, host], port)))), first);
+                assert_eq!(picker.pick(&p, Some(SocketAddr::from(([127, 0, 1, host], port)))), first);
             }
             used[first] += 1;
         }
@@ -367,9 +363,8 @@ mod tests {
         let algorithm = Algorithm::Maglev { table_size: 1009, hash_key: HashKey::ClientIpPort };
         let p = pool(algorithm, &[1, 1, 1], &[true; 3]);
         let mut picker = Picker::new(&p, 0);
-        let spread: std::collections::BTreeSet<usize> = (0..30u16)
-            .map(|port| picker.pick(&p, &c, Some(SocketAddr::from(([127, 0, 1, 1], 40000 + port)))))
-            .collect();
+        let spread: std::collections::BTreeSet<usize> =
+            (0..30u16).map(|port| picker.pick(&p, Some(SocketAddr::from(([127, 0, 1, 1], 40000 + port))))).collect();
         assert_eq!(spread.len(), 3);
     }
 
@@ -379,15 +374,14 @@ mod tests {
         let up = pool(algorithm, &[1, 1, 1], &[true; 3]);
         let one_down = pool(algorithm, &[1, 1, 1], &[true, false, true]);
         let back_up = pool(algorithm, &[1, 1, 1], &[true; 3]);
-        let c = counters(&[0; 3]);
         let mut picker = Picker::new(&up, 0);
         let (mut on_survivors, mut moved) = (0, 0);
         for i in 0..3000u32 {
             let client = Some(SocketAddr::from((std::net::Ipv4Addr::from(0x0a01_0000 + i), 1)));
-            let before = picker.pick(&up, &c, client);
-            let after = picker.pick(&one_down, &c, client);
+            let before = picker.pick(&up, client);
+            let after = picker.pick(&one_down, client);
             assert_ne!(after, 1);
-            assert_eq!(picker.pick(&back_up, &c, client), before, "clients return when the backend comes back");
+            assert_eq!(picker.pick(&back_up, client), before, "clients return when the backend comes back");
             if before != 1 {
                 on_survivors += 1;
                 moved += usize::from(before != after);

@@ -55,14 +55,14 @@ pub fn render(shared: &Shared) -> String {
     ];
     for (name, help, value) in families {
         header(&mut out, name, help);
-        for (pool, counters) in snapshot.pools.iter().zip(shared.backends.iter()) {
-            for (i, (backend, counter)) in pool.backends.iter().zip(counters.iter()).enumerate() {
+        for pool in &snapshot.pools {
+            for (i, backend) in pool.backends.iter().enumerate() {
                 let _ = writeln!(
                     out,
                     "{name}{{pool=\"{}\",backend=\"{}\"}} {}",
                     label(&pool.name),
                     label(&backend.name),
-                    value(pool, i, counter)
+                    value(pool, i, &backend.counters)
                 );
             }
         }
@@ -83,11 +83,10 @@ mod tests {
             "t",
         )
         .unwrap();
-        let (shared, _events) =
-            Shared::new(Snapshot::from_config(&config), 2, Box::new([None]), config.spread).unwrap();
+        let (shared, _events) = Shared::new(Snapshot::from_config(&config), 2, config.spread).unwrap();
         shared.stats[0].accepted.add(3);
         shared.stats[1].accepted.add(4);
-        shared.backends[0][1].active.store(5, std::sync::atomic::Ordering::Relaxed);
+        shared.snapshot().pools[0].backends[1].counters.active.store(5, std::sync::atomic::Ordering::Relaxed);
         let page = render(&shared);
         assert!(
             page.contains("# TYPE ringlb_connections_accepted_total counter\nringlb_connections_accepted_total 7\n"),

@@ -152,7 +152,10 @@ async fn control_loop(config: &Config, shared: &Shared, mut events: UnboundedRec
             info!("pool {name}: a backend is up again; no longer failing open");
         }
         let current = shared.snapshot();
-        shared.publish(current.with_pool(pool, Pool::build(pool_config, &pool_health.up, &pool_health.downs)));
+        let workers = shared.stats.len();
+        let rebuilt =
+            Pool::build(pool_config, &pool_health.up, &pool_health.downs, Some(&current.pools[pool]), workers);
+        shared.publish(current.with_pool(pool, rebuilt));
     }
 }
 

@@ -216,7 +216,7 @@ impl Worker {
     fn admit(&mut self, slot: usize) -> bool {
         let entry = &mut self.conns[slot];
         let l = entry.listener as usize;
-        let limited = self.shared.sources[l].is_some();
+        let limited = self.gate.listeners[l].sources.is_some();
         if self.gate.listeners[l].access.is_empty() && !limited {
             return true;
         }
@@ -227,7 +227,7 @@ impl Worker {
         let refusal = if !self.gate.listeners[l].access.permits(client.ip()) {
             self.stats().refused_access.add(1);
             Some("not allowed by the listener's allow/deny rules")
-        } else if let Some(limit) = &self.shared.sources[l] {
+        } else if let Some(limit) = &self.gate.listeners[l].sources {
             if limit.try_acquire(client.ip()) {
                 entry.source_counted = true;
                 None

@@ -17,7 +17,10 @@
 use socket2::Socket;
 
 use super::{RateLimit, WorkerListener};
+use std::sync::Arc;
+
 use crate::admission::acl::{AccessRules, Cidr};
+use crate::admission::sources::SourceLimit;
 
 use crate::admission::Admission;
 #[cfg(test)]
@@ -47,6 +50,8 @@ pub(super) struct Listener {
     pub access: AccessRules,
     /// With `accept_proxy`: who may send the PROXY header (empty: anyone).
     pub proxy_from: Vec<Cidr>,
+    /// `max_conns_per_source`, counted over all workers.
+    pub sources: Option<Arc<SourceLimit>>,
     pub idle_timeout_ms: Option<u64>,
     pub handshake_timeout_ms: u64,
     /// This worker's open connections that came through this listener, and the most it may
@@ -69,6 +74,7 @@ impl Listener {
             admission: plan.admission,
             access: plan.access,
             proxy_from: plan.proxy_from,
+            sources: plan.sources,
             idle_timeout_ms: plan.idle_timeout.map(|d| d.as_millis() as u64),
             handshake_timeout_ms: plan.handshake_timeout.as_millis() as u64,
             open: 0,
@@ -243,6 +249,7 @@ mod tests {
                     admission,
                     access: AccessRules::default(),
                     proxy_from: Vec::new(),
+                    sources: None,
                     idle_timeout: None,
                     handshake_timeout: Duration::ZERO,
                     max_connections: cap,

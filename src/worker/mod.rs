@@ -23,6 +23,7 @@ use socket2::Socket;
 
 use crate::admission::Admission;
 use crate::admission::acl::AccessRules;
+use crate::admission::sources::SourceLimit;
 use crate::balance::Picker;
 use crate::conn::{self, End, Op, Relay};
 use crate::control::{RunState, Shared};
@@ -90,6 +91,8 @@ pub struct WorkerListener {
     pub access: AccessRules,
     /// With `accept_proxy`: who may send the PROXY header (empty: anyone).
     pub proxy_from: Vec<crate::admission::acl::Cidr>,
+    /// `max_conns_per_source`, counted over all workers (one per listener, shared).
+    pub sources: Option<Arc<SourceLimit>>,
     pub idle_timeout: Option<Duration>,
     pub handshake_timeout: Duration,
     /// This worker's share of the listener's `max_connections`, if it has one.
@@ -463,7 +466,7 @@ impl Worker {
             |worker, c| {
                 c.pool as usize == pool
                     && !c.conn.is_closing()
-                    && c.backend.is_some_and(|held| worker.snapshot.pools[pool].cuts(held.index, held.downs))
+                    && c.backend.as_ref().is_some_and(|held| worker.snapshot.pools[pool].cuts(held.index, held.downs))
             },
             |worker, slot| {
                 worker.stats().backend_down_closed.add(1);

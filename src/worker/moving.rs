@@ -120,7 +120,7 @@ impl Worker {
         if self.closing_all {
             self.stats().drain_closed.add(1);
             self.step(slot, |conn, ops| conn.close(ops));
-        } else if entry.backend.is_some_and(|held| pool.cuts(held.index, held.downs)) {
+        } else if entry.backend.as_ref().is_some_and(|held| pool.cuts(held.index, held.downs)) {
             self.stats().backend_down_closed.add(1);
             self.step(slot, |conn, ops| conn.cut(ops));
         }

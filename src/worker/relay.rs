@@ -5,6 +5,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use io_uring::{opcode, types};
@@ -69,7 +70,7 @@ impl Worker {
         // Which backend a connect result is about, before the step moves on to the next one.
         let attempt = (token.kind == Kind::Connect).then(|| {
             let entry = &self.conns[slot];
-            (entry.pool as usize, entry.backend.map_or(0, |held| held.index as usize))
+            (entry.pool as usize, entry.backend.as_ref().map_or(0, |held| held.index as usize))
         });
         if let Some((_, backend)) = attempt
             && c.result < 0
@@ -91,7 +92,9 @@ impl Worker {
     fn connect_failed(&mut self, failed: Option<(usize, usize)>, errno: i32) {
         self.stats().connect_failed.add(1);
         if let Some((pool, backend)) = failed {
-            self.shared.backends[pool][backend].failures.fetch_add(1, Ordering::Relaxed);
+            if let Some(backend) = self.snapshot.pools[pool].backends.get(backend) {
+                backend.counters.failures.fetch_add(1, Ordering::Relaxed);
+            }
             // A shortage of local ports says nothing about the backend.
             if errno != libc::EADDRNOTAVAIL {
                 self.shared.notify(ControlEvent::ConnectFailed { pool, backend, errno });
@@ -247,13 +250,13 @@ impl Worker {
     fn connect(&mut self, slot: usize, ops: &mut Vec<Op>) {
         let entry = &self.conns[slot];
         let pool_index = entry.pool as usize;
-        let backend_index = if let Some(held) = entry.backend {
+        let backend_index = if let Some(held) = &entry.backend {
             // Reserved for it when it left the queue.
             held.index as usize
         } else {
             let pool = &self.snapshot.pools[pool_index];
             // A new connection queues behind those already waiting (in any worker).
-            let behind = pool.limited && entry.failed.is_empty() && self.shared.queues[pool_index].waiting() > 0;
+            let behind = pool.limited && entry.failed.is_empty() && pool.queue.waiting() > 0;
             match if behind { Taken::Full } else { self.take_backend(slot) } {
                 Taken::Backend(backend) => backend,
                 Taken::Full => return self.enqueue(slot),
@@ -262,11 +265,15 @@ impl Worker {
         };
         let pool = &self.snapshot.pools[pool_index];
         let entry = &mut self.conns[slot];
-        entry.backend = Some(Held { index: backend_index as u32, downs: pool.downs[backend_index] });
         let backend = &pool.backends[backend_index];
+        entry.backend = Some(Held {
+            index: backend_index as u32,
+            downs: pool.downs[backend_index],
+            counters: Arc::clone(&backend.counters),
+        });
         match sys::backend_socket(&backend.sockaddr) {
             Ok(fd) => {
-                self.shared.backends[pool_index][backend_index].connections.fetch_add(1, Ordering::Relaxed);
+                backend.counters.connections.fetch_add(1, Ordering::Relaxed);
                 entry.conn.backend_opened(fd);
                 let token = |kind| Token::new(kind, slot, entry.generation).encode();
                 let connect =
@@ -305,17 +312,17 @@ impl Worker {
         let entry = &self.conns[slot];
         let pool_index = entry.pool as usize;
         let pool = &self.snapshot.pools[pool_index];
-        let counters = &self.shared.backends[pool_index];
         let picker = &mut self.pickers[pool_index];
         let mut candidate = match entry.failed.last() {
-            None => picker.pick(pool, counters, entry.client),
+            None => picker.pick(pool, entry.client),
             Some(&failed) => picker.next_after(pool, failed as usize),
         };
         let mut untried = false;
         for _ in 0..pool.usable().len() {
             if !entry.failed.contains(&(candidate as u32)) {
                 untried = true;
-                if counters[candidate].acquire(pool.backends[candidate].max_conns) {
+                let backend = &pool.backends[candidate];
+                if backend.counters.acquire(backend.max_conns) {
                     return Taken::Backend(candidate);
                 }
             }
@@ -328,9 +335,9 @@ impl Worker {
     fn release_slot(&mut self, slot: usize) {
         let entry = &mut self.conns[slot];
         let Some(held) = entry.backend.take() else { return };
-        let (pool, backend) = (entry.pool as usize, held.index as usize);
-        self.shared.backends[pool][backend].release();
-        if self.snapshot.pools[pool].limited && self.shared.queues[pool].waiting() > 0 {
+        held.counters.release();
+        let pool = entry.pool as usize;
+        if self.snapshot.pools[pool].limited && self.snapshot.pools[pool].queue.waiting() > 0 {
             self.queue_work(pool);
         }
     }
@@ -350,11 +357,11 @@ impl Worker {
         }
         if entry.queued_since.is_some() {
             // It left the line without being served: its worker's oldest ticket may change.
-            self.shared.queues[pool].leave();
+            self.snapshot.pools[pool].queue.leave();
             self.queue_work(pool);
         }
         if entry.source_counted
-            && let (Some(limit), Some(client)) = (&self.shared.sources[entry.listener as usize], entry.client)
+            && let (Some(limit), Some(client)) = (&self.gate.listeners[entry.listener as usize].sources, entry.client)
         {
             limit.release(client.ip());
         }

@@ -3,18 +3,24 @@
 //! slot moves whole when a connection is handed to another worker.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::balance::BackendCounters;
 
 use crate::conn::Conn;
 
 /// A backend slot a connection holds (an active count on that backend): for its connect, and
 /// while it relays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(super) struct Held {
     /// The backend's index in its pool.
     pub index: u32,
     /// How many times that backend had been marked down when the connection took the slot
     /// ([`crate::pool::Pool::cuts`]).
     pub downs: u32,
+    /// The backend's counters, where the slot is given back (also after the backend left the
+    /// config).
+    pub counters: Arc<BackendCounters>,
 }
 
 /// One connection in a worker's slab.

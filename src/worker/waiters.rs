@@ -78,7 +78,7 @@ impl Worker {
         let pool = entry.pool as usize;
         entry.conn.defer_connect();
         entry.queued_since = Some(self.now);
-        let shared = &self.shared.queues[pool];
+        let shared = &self.snapshot.pools[pool].queue;
         let waiter = Waiter { slot, generation: entry.generation, ticket: shared.join() };
         self.waiters.local[pool].push(waiter, shared, self.index);
         self.stats().queued.add(1);
@@ -102,12 +102,12 @@ impl Worker {
     pub(super) fn serve_queues(&mut self) {
         while let Some(pool) = self.waiters.work.pop() {
             self.waiters.marked[pool] = false;
-            if self.waiters.local[pool].is_empty() && self.shared.queues[pool].waiting() == 0 {
+            let shared = Arc::clone(&self.snapshot.pools[pool].queue);
+            if self.waiters.local[pool].is_empty() && shared.waiting() == 0 {
                 continue;
             }
-            let shared = Arc::clone(&self.shared);
             let mut local = std::mem::take(&mut self.waiters.local[pool]);
-            queue::serve(&mut local, &shared.queues[pool], self.index, &mut PoolHost { worker: self, pool });
+            queue::serve(&mut local, &shared, self.index, &mut PoolHost { worker: self, pool });
             // Serving only resumes or closes connections; none can join this queue meanwhile.
             debug_assert!(self.waiters.local[pool].is_empty());
             self.waiters.local[pool] = local;
@@ -131,16 +131,18 @@ impl QueueHost for PoolHost<'_> {
     }
 
     fn has_room(&self) -> bool {
-        let pool = &self.worker.snapshot.pools[self.pool];
-        let counters = &self.worker.shared.backends[self.pool];
-        pool.usable().iter().any(|&b| counters[b as usize].has_room(pool.backends[b as usize].max_conns))
+        self.worker.snapshot.pools[self.pool].has_room()
     }
 
     fn resume(&mut self, waiter: Waiter, backend: usize) {
         let pool = &self.worker.snapshot.pools[self.pool];
         let entry = &mut self.worker.conns[waiter.slot];
         entry.queued_since = None;
-        entry.backend = Some(Held { index: backend as u32, downs: pool.downs[backend] });
+        entry.backend = Some(Held {
+            index: backend as u32,
+            downs: pool.downs[backend],
+            counters: Arc::clone(&pool.backends[backend].counters),
+        });
         self.worker.step(waiter.slot, |conn, ops| conn.resume(ops));
     }
 
