@@ -103,23 +103,26 @@ fn least_conn_balances_long_lived_connections_exactly() {
 /// Short connections in a loop, each asking who served it; any error is a client error.
 struct Traffic {
     stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
     handle: thread::JoinHandle<Vec<String>>,
 }
 
 impl Traffic {
     fn start(addr: SocketAddr) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = Arc::clone(&stop);
+        let done = Arc::new(AtomicUsize::new(0));
+        let (stop2, done2) = (Arc::clone(&stop), Arc::clone(&done));
         let handle = thread::spawn(move || {
             let mut served = Vec::new();
             while !stop2.load(Ordering::SeqCst) {
                 let mut stream = connect(addr);
                 served.push(who(&mut stream).unwrap_or_else(|e| panic!("client error: {e}")));
+                done2.fetch_add(1, Ordering::SeqCst);
                 thread::sleep(Duration::from_millis(5));
             }
             served
         });
-        Traffic { stop, handle }
+        Traffic { stop, done, handle }
     }
 
     fn stop(self) -> Vec<String> {
@@ -135,7 +138,7 @@ fn killed_backend_causes_no_client_error_and_returns_after_rise() {
     let lb = Ringlb::start(&pool_config("round_robin", &addrs, "", FAST_HEALTH));
     let served_by = |i: usize| served[i].load(Ordering::SeqCst);
 
-    let before = Traffic::start(lb.addr()).stop_after(Duration::from_millis(300));
+    let before = Traffic::start(lb.addr()).stop_after(30);
     assert!(before.iter().any(|n| n == "b"));
 
     // Kill b between requests (a connection caught in its backlog would be reset, and no
@@ -147,10 +150,11 @@ fn killed_backend_causes_no_client_error_and_returns_after_rise() {
         "b was not marked down:\n{}",
         lb.log()
     );
-    // After fall x interval it gets no traffic at all: not even connect attempts.
-    thread::sleep(Duration::from_millis(400));
+    // Once down it gets no traffic at all, not even connect attempts: over the next 50
+    // requests (after 10 that may have been under way when it went down).
+    traffic.wait_for(10);
     let attempts = lb.backend_metric("ringlb_backend_connections_total", "p", addrs[1]);
-    thread::sleep(Duration::from_millis(1000));
+    traffic.wait_for(50);
     assert_eq!(lb.backend_metric("ringlb_backend_connections_total", "p", addrs[1]), attempts, "b still tried");
     assert_eq!(lb.backend_metric("ringlb_backend_up", "p", addrs[1]), 0.0);
 
@@ -171,8 +175,17 @@ fn killed_backend_causes_no_client_error_and_returns_after_rise() {
 }
 
 impl Traffic {
-    fn stop_after(self, d: Duration) -> Vec<String> {
-        thread::sleep(d);
+    /// Waits until `n` more requests were answered.
+    fn wait_for(&self, n: usize) {
+        let start = self.done.load(Ordering::SeqCst);
+        assert!(
+            Ringlb::eventually(Duration::from_secs(30), || self.done.load(Ordering::SeqCst) >= start + n),
+            "traffic stalled"
+        );
+    }
+
+    fn stop_after(self, n: usize) -> Vec<String> {
+        self.wait_for(n);
         self.stop()
     }
 }
@@ -274,8 +287,8 @@ fn failed_connects_take_a_backend_down_before_the_next_check() {
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
     // The first check runs at start; the next not for a minute.
     let lb = Ringlb::start(&pool_config("round_robin", &addrs, "", "interval = \"60s\"\nfall = 3"));
-    assert!(Ringlb::eventually(Duration::from_secs(5), || lb.backend_metric("ringlb_backend_up", "p", addrs[2]) == 1.0));
-    thread::sleep(Duration::from_millis(300));
+    // Its first check (at start) is in: the failures below are all the workers'.
+    assert!(Ringlb::eventually(Duration::from_secs(10), || backends[2].accepted() >= 1));
     backends[2].stop_listening();
     // Each refused connect is retried on another backend; three of them take c down. (Which
     // worker, and so which round-robin turn, a connection gets is the kernel's choice.)
@@ -308,7 +321,10 @@ fn all_backends_down_fails_open_and_says_so_once() {
         who(&mut connect(lb.addr())).expect("served while every backend is down");
     }
     assert!(served[0].load(Ordering::SeqCst) >= 3 && served[1].load(Ordering::SeqCst) >= 3, "both still used");
-    thread::sleep(Duration::from_millis(600));
+    // Five more failed checks of each: still said once.
+    let checks = [backends[0].accepted(), backends[1].accepted()];
+    assert!(Ringlb::eventually(Duration::from_secs(20), || backends[0].accepted() >= checks[0] + 5
+        && backends[1].accepted() >= checks[1] + 5));
     assert_eq!(lb.log().matches("fail open").count(), 1, "{}", lb.log());
     let names = lb.thread_names();
     assert!(!names.iter().any(|n| n.starts_with("iou-wrk")), "health checks use io-wq threads: {names:?}");

@@ -111,17 +111,6 @@ fn second_signal_closes_at_once() {
     assert!(lb.logged("closing remaining connections now"));
 }
 
-/// Sum of accept failures the log reports (each message plus the ones it says it held back).
-fn logged_accept_failures(log: &str) -> u64 {
-    log.lines()
-        .filter(|l| l.contains("accept failed"))
-        .map(|l| {
-            let held_back = l.rsplit_once(" (").and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok());
-            1 + held_back.unwrap_or(0)
-        })
-        .sum()
-}
-
 #[test]
 fn out_of_file_descriptors_backs_off_and_keeps_serving() {
     raise_fd_limit();
@@ -139,27 +128,25 @@ fn out_of_file_descriptors_backs_off_and_keeps_serving() {
     for stream in streams.iter_mut() {
         stream.write_all(b"ping").unwrap();
     }
-    thread::sleep(Duration::from_millis(1500));
+    // Accepting runs out of descriptors (and backs off) before all 40 are served.
+    assert!(lb.logged("Too many open files"), "{}", lb.log());
     let mut served = 0;
     for stream in streams.iter_mut() {
-        stream.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
         let mut back = [0u8; 4];
         if stream.read_exact(&mut back).is_ok() {
             served += 1;
         }
     }
     assert!(served > 0 && served < 40, "served {served} of 40 with 40 descriptors");
-    assert!(lb.logged("Too many open files"), "{}", lb.log());
-    // Backing off, not spinning: about ten retries a second per worker, not thousands.
-    let failures = logged_accept_failures(&lb.log());
-    assert!(failures < 200, "{failures} accept failures in ~1.5 s: accept is spinning");
 
     drop(streams);
     // Once the queued connections are through (out of the accept queue and closed),
-    // descriptors are free again and new connections are served.
+    // descriptors are free again and new connections are served. (A health check's socket
+    // may be open at either count: one more is allowed.)
     assert!(
         Ringlb::eventually(Duration::from_secs(20), || Ringlb::accept_queue(addr.port()) == 0
-            && lb.fd_count() == baseline),
+            && lb.fd_count() <= baseline + 1),
         "fd count {} did not return to {baseline}, or {} still queued",
         lb.fd_count(),
         Ringlb::accept_queue(addr.port())
@@ -171,7 +158,11 @@ fn out_of_file_descriptors_backs_off_and_keeps_serving() {
     }
     assert!(!lb.log().contains("DOWN"), "a descriptor shortage marked the backend down:\n{}", lb.log());
     let counters = lb.stop();
-    assert!(counters["accept_errors_total"] > 0);
+    // Backing off, not spinning: every failed accept pauses accepting (one failure per pause
+    // and worker at most), where a spinning accept would fail thousands of times per pause.
+    let (errors, pauses) = (counters["accept_errors_total"], counters["accept_backoffs_total"]);
+    assert!(errors > 0 && pauses > 0, "{counters:?}");
+    assert!(errors <= pauses + 2, "{errors} accept failures for {pauses} pauses: accept is spinning");
 }
 
 #[test]
@@ -186,11 +177,9 @@ fn max_connections_holds_new_ones_in_the_backlog_until_one_closes() {
     // The fourth connects (the kernel completes the handshake) but is not served yet.
     let mut waiting = connect(addr);
     waiting.write_all(b"wait").unwrap();
-    waiting.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-    let mut back = [0u8; 4];
-    let err = waiting.read_exact(&mut back).expect_err("served past max_connections");
-    assert!(matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut), "{err}");
+    assert!(Ringlb::eventually(Duration::from_secs(10), || Ringlb::accept_queue(addr.port()) == 1));
     assert_eq!(backend.accepted(), 3);
+    let mut back = [0u8; 4];
     // One closes: the waiting one is accepted and relayed, nothing was lost.
     drop(open.pop());
     waiting.set_read_timeout(Some(Duration::from_secs(20))).unwrap();

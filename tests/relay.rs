@@ -124,9 +124,11 @@ fn backend_reset_reaches_client(relay: &str) {
 
 fn client_reset_reaches_backend(relay: &str) {
     let (tx, rx) = std::sync::mpsc::channel();
+    let (got_tx, got_rx) = std::sync::mpsc::channel();
     let backend = Backend::start(move |mut stream| {
         let mut buf = [0u8; 5];
         stream.read_exact(&mut buf).unwrap();
+        let _ = got_tx.send(());
         stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let (_, end) = read_until_end(&mut stream);
         let _ = tx.send(end.map_err(|e| e.kind()));
@@ -134,7 +136,8 @@ fn client_reset_reaches_backend(relay: &str) {
     let lb = Ringlb::start(&config_for(&[backend.addr], &top(relay, ""), ""));
     let stream = connect(lb.addr());
     (&stream).write_all(b"hello").unwrap();
-    thread::sleep(Duration::from_millis(200));
+    // Reset only once the backend has the bytes: the connection is relaying.
+    got_rx.recv_timeout(Duration::from_secs(20)).expect("the backend got the bytes");
     socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO)).unwrap();
     drop(stream);
     let end = rx.recv_timeout(Duration::from_secs(20)).expect("backend saw nothing");

@@ -145,6 +145,7 @@ impl Worker {
             return;
         }
         self.gate.backed_off = true;
+        self.stats().accept_backoffs.add(1);
         self.push_misc(opcode::Timeout::new(&self.timers.backoff).build(), Kind::AcceptBackoff, 0);
         self.regate();
     }
