@@ -178,3 +178,46 @@ fn a_second_ringlb_on_the_same_port_is_refused() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains(&format!("listener a: cannot listen on {addr}")) && err.contains("in use"), "{err}");
 }
+
+#[test]
+fn make_run_serves_where_it_says() {
+    // `make run` is scripts/run-demo.sh on the bundled config (ports 8080, 9001-9003 and 9100):
+    // it must print the listener's address, and a client there must reach a demo backend.
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::process::CommandExt;
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_ringlb")).parent().unwrap();
+    let mut demo = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/run-demo.sh"))
+        .env("BIN_DIR", bin_dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let stop = |demo: &mut std::process::Child| {
+        unsafe { libc::kill(-(demo.id() as i32), libc::SIGINT) };
+        demo.wait().unwrap()
+    };
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let said = lines.find_map(|l| l.ok()?.strip_prefix("ringlb is starting on ").map(str::to_string));
+    let Some(said) = said else {
+        stop(&mut demo);
+        panic!("run-demo.sh did not say where ringlb listens");
+    };
+    let address: std::net::SocketAddr = said.split_whitespace().next().unwrap().parse().unwrap();
+    assert_eq!(address, "127.0.0.1:8080".parse().unwrap(), "the bundled listener, not the metrics port");
+    // ringlb starts after the message: wait until it answers there.
+    let mut answer = String::new();
+    let served = common::Ringlb::eventually(std::time::Duration::from_secs(30), || {
+        let Ok(mut stream) = std::net::TcpStream::connect(address) else { return false };
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let _ = stream.write_all(b"hello\n");
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        answer.clear();
+        stream.read_to_string(&mut answer).is_ok() && answer.ends_with("hello\n")
+    });
+    let status = stop(&mut demo);
+    assert!(served, "nothing answered on {address}: {answer:?}");
+    assert!(answer.starts_with("hello from backend 127.0.0.1:900"), "{answer:?}");
+    assert!(status.success() || status.code() == Some(130), "{status}");
+}

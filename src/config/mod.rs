@@ -331,6 +331,15 @@ impl Config {
             }
         }
         for pool in &self.pools {
+            let backends: Vec<String> = pool
+                .backends
+                .iter()
+                .map(|b| match b.weight.get() {
+                    1 => b.address.to_string(),
+                    weight => format!("{} (weight {weight})", b.address),
+                })
+                .collect();
+            let _ = write!(out, "\n  pool {} backends: {}", pool.name, backends.join(", "));
             let on_down = if pool.on_down == OnDown::Close { "close" } else { "keep" };
             let _ = match &pool.health {
                 None => write!(out, "\n  pool {}: health checks off, on_down {on_down}", pool.name),
