@@ -1,27 +1,35 @@
 //! ringlb: a layer-4 TCP load balancer on io_uring, one ring per core.
 //!
-//! How the pieces fit, in the order a connection meets them:
+//! How the pieces fit, in the order a connection meets them (docs/ARCHITECTURE.md has the
+//! picture, the threads and the measured facts behind them):
 //!
-//! - [`config`] reads the TOML file and validates it into a typed [`config::Config`]; nothing
-//!   past startup sees config types.
+//! - [`config`] reads the TOML file and validates it into a typed [`config::Config`] (`raw`
+//!   mirrors the file, `validate` types it, `host` checks it against this host); nothing past
+//!   startup sees config types, and the domain enums it uses live in their own modules.
 //! - [`server`] binds one SO_REUSEPORT listener per worker per configured listener, builds the
-//!   first [`pool::Snapshot`], starts the workers and turns SIGTERM/SIGINT into a drain.
-//! - [`control`] is what the control side shares with the workers: the run state, the current
-//!   snapshot (swapped whole, never edited), per-worker [`stats`], per-backend counters, and an
-//!   eventfd doorbell per worker that says "look at the shared state". Its control thread runs
-//!   [`health`] checks (HAProxy's rise/fall), takes workers' failed connects as failed checks,
-//!   publishes a new snapshot when a backend goes up or down, and serves [`metrics`].
-//! - [`worker`] is one pinned thread with its own [`ring`]: it accepts (multishot), picks a
-//!   usable backend with its [`balance`] state (round robin, least connections, random two,
-//!   Maglev over the snapshot's table), and drives every [`conn::Conn`] by turning
-//!   completions into events and the connection's operations into submissions.
-//! - [`spread`] decides how many workers take connections (`spread = "pack"`): the control
-//!   thread watches the workers' CPU time, workers steer new connections to the workers in use
-//!   and hand open connections to each other.
+//!   first [`pool::Snapshot`], starts the workers and the control thread, and turns signals
+//!   into a drain.
+//! - [`control`] is what the control side shares with the workers ([`control::Shared`]: the
+//!   run state, the current snapshot, per-worker [`stats`], a doorbell per worker) and the
+//!   control thread ([`control::thread`]): [`health`] checks, snapshots published when a
+//!   backend goes up or down, and the HTTP server ([`control::http`]) of the metrics page
+//!   ([`control::metrics`]).
+//! - [`pool`] is the immutable snapshot the workers read: each pool's backends with their
+//!   shared counters, health, Maglev table and backend [`queue`].
+//! - [`worker`] is one pinned thread with its own [`ring`]: its accept gate takes in what fits
+//!   (`worker::gate`), [`admission`] rules and parsers (access lists, per-source limits, PROXY
+//!   protocol, TLS server names) decide where a connection goes, a [`balance`] picker chooses
+//!   the backend, and the worker drives every connection by turning completions into events
+//!   and the connection's operations into submissions.
 //! - [`conn`] is the per-connection state machine (connect with retries, relay both ways,
 //!   half-close, reset, close after the last completion). It makes no syscalls.
-//! - [`ring`] and [`sys`] hold all the `unsafe`: the io_uring wrapper, the provided-buffer ring,
-//!   and the few syscalls made outside the ring.
+//! - [`queue`] serves connections waiting for a backend below its `max_conns`, first come,
+//!   first served over all workers.
+//! - [`spread`] holds everything `spread = "pack"` needs (the default, `even`, uses none of
+//!   it): the policy, CPU clocks, the steering program and the hand-over between workers.
+//! - [`stats`] are per-worker counters; [`ring`] and [`sys`] hold the io_uring wrapper and the
+//!   few syscalls made outside the ring, and with them almost all the `unsafe` (the rest is
+//!   the worker's three submission points, each saying what keeps its memory alive).
 
 pub mod admission;
 pub mod balance;

@@ -381,9 +381,14 @@ impl BufRing {
 
     /// The start of buffer `bid`, for a send of bytes the kernel put there.
     pub fn ptr(&self, bid: u16) -> *const u8 {
-        debug_assert!(bid < self.count);
-        // SAFETY: bid < count, so the offset stays inside the mapping.
-        unsafe { self.memory.as_ptr().add(bid as usize * self.size as usize) }
+        self.ptr_at(bid, 0)
+    }
+
+    /// Byte `offset` of buffer `bid`, for the rest of a partly sent buffer.
+    pub fn ptr_at(&self, bid: u16, offset: u32) -> *const u8 {
+        debug_assert!(bid < self.count && offset < self.size);
+        // SAFETY: bid < count and offset < size, so the offset stays inside the mapping.
+        unsafe { self.memory.as_ptr().add(bid as usize * self.size as usize + offset as usize) }
     }
 
     /// Hands buffer `bid` back to the kernel.

@@ -24,7 +24,7 @@ impl Conn {
     }
 
     /// Starts moving to another worker: stops both directions' waits. When both are stopped,
-    /// an event returns [`Notice::Movable`]; if bytes or an end of stream come first, the move
+    /// an event returns [`Notice::Movable`](super::Notice::Movable); if bytes or an end of stream come first, the move
     /// is given up and the connection relays on here. Returns whether the move started.
     pub fn begin_move(&mut self, ops: &mut Vec<Op>) -> bool {
         if !self.can_move() {

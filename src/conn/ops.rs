@@ -48,11 +48,11 @@ impl Dir {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     /// Open a socket to the next backend and connect it under a linked timeout. Two
-    /// completions (connect, timeout), or [`Conn::socket_failed`] if no socket could be made.
+    /// completions (connect, timeout), or [`Conn::socket_failed`](crate::conn::Conn::socket_failed) if no socket could be made.
     Connect,
-    /// Receive from the client `fd` into the free end of the connection's [`Prefix`].
+    /// Receive from the client `fd` into the free end of the connection's [`Prefix`](crate::conn::Prefix).
     ReadPrefix { fd: RawFd },
-    /// Send the pending bytes of the connection's [`Prefix`] to the backend `fd`.
+    /// Send the pending bytes of the connection's [`Prefix`](crate::conn::Prefix) to the backend `fd`.
     SendPrefix { fd: RawFd },
     /// Receive from `fd` into ring buffers, multishot: completions ([`Event::Received`] with
     /// `more`) keep coming, each with a buffer, until one without `more` ends the receive (end
@@ -70,10 +70,10 @@ pub enum Op {
     /// Wait until `fd` has bytes to read (splice mode).
     PollIn { dir: Dir, fd: RawFd },
     /// Splice from the source `fd` into the direction's pipe (taking a pipe if it has none),
-    /// then call [`Conn::spliced_in`]. Done at once by the worker; no completion.
+    /// then call [`Conn::spliced_in`](crate::conn::Conn::spliced_in). Done at once by the worker; no completion.
     SpliceIn { dir: Dir, fd: RawFd },
     /// Splice `len` bytes from the direction's pipe to the destination `fd`, then call
-    /// [`Conn::spliced_out`]. No completion.
+    /// [`Conn::spliced_out`](crate::conn::Conn::spliced_out). No completion.
     SpliceOut { dir: Dir, fd: RawFd, len: u32 },
     /// The direction's pipe is empty: give it back to the worker's pool. No completion.
     ReleasePipe(Dir),
@@ -101,7 +101,7 @@ pub enum Op {
     Close { fd: RawFd, reset: bool },
     /// Hand a buffer back to the ring; no completion.
     Recycle(BufId),
-    /// The ring had no buffer: call [`Conn::buffer_available`] for `dir` when one returns.
+    /// The ring had no buffer: call [`Conn::buffer_available`](crate::conn::Conn::buffer_available) for `dir` when one returns.
     WaitForBuffer(Dir),
     /// Nothing is in flight and every fd is closed: the slot may be freed.
     Free,
@@ -223,7 +223,7 @@ pub enum Notice {
     /// More client bytes arrived in the prefix: the worker looks whether it can route now.
     PrefixGrew,
     /// Both directions are parked and nothing is in flight: the worker hands the connection to
-    /// another worker, which calls [`Conn::arrive`].
+    /// another worker, which calls [`Conn::arrive`](crate::conn::Conn::arrive).
     Movable,
 }
 

@@ -170,8 +170,7 @@ impl Worker {
             Op::Park { dir, poll: false } => cancel(by_dir(dir, Kind::RecvUp, Kind::RecvDown), Kind::Park),
             Op::Park { dir, poll: true } => cancel(by_dir(dir, Kind::PollInUp, Kind::PollInDown), Kind::Park),
             Op::Send { dir, fd, buf, offset, len } => {
-                // SAFETY: offset < len <= buffer size, so the pointer stays in buffer `buf`.
-                let ptr = unsafe { self.bufs.ptr(buf).add(offset as usize) };
+                let ptr = self.bufs.ptr_at(buf, offset);
                 // MSG_DONTWAIT: a full socket answers EAGAIN (then WaitWritable) instead of
                 // the kernel moving the send to an io-wq thread.
                 opcode::Send::new(types::Fd(fd), ptr, len - offset)
