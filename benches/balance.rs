@@ -6,9 +6,11 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use ringlb::balance::client_hash;
 use ringlb::balance::maglev::{Entry, MaglevTable};
-use ringlb::balance::{Picker, client_hash};
 use ringlb::config::{Algorithm, BackendConfig, HashKey, PoolConfig};
+use ringlb::control::snapshot::pool_from_config;
+use ringlb::pool::Picker;
 use ringlb::pool::Pool;
 
 fn names(n: usize) -> Vec<String> {
@@ -53,7 +55,7 @@ fn pool(algorithm: Algorithm, n: usize) -> Pool {
         .enumerate()
         .map(|(i, name)| BackendConfig::new(name.parse().unwrap(), 1 + (i % 3) as u32))
         .collect();
-    Pool::build(&PoolConfig::new("bench", algorithm, backends), &vec![true; n], &vec![0; n], None, 1)
+    pool_from_config(&PoolConfig::new("bench", algorithm, backends), &vec![true; n], &vec![0; n], None, 1)
 }
 
 fn picks(c: &mut Criterion) {

@@ -15,8 +15,8 @@ use crate::admission::Admission;
 use crate::admission::sources::SourceLimit;
 use crate::config::Config;
 use crate::conn::Relay;
+use crate::control::snapshot::first_snapshot;
 use crate::control::{ControlEvent, RunState, Shared, http};
-use crate::pool::Snapshot;
 use crate::spread::Handoff;
 use crate::stats;
 use crate::sys;
@@ -126,7 +126,7 @@ impl Server {
         };
         let metrics_addr = metrics.as_ref().and_then(|m| m.local_addr().ok());
 
-        let snapshot = Snapshot::from_config(config);
+        let snapshot = first_snapshot(config);
         let (shared, events) = Shared::new(snapshot, workers, config.spread).map_err(StartError::Doorbell)?;
         let shared = Arc::new(shared);
         let handoff = shared.pack().map(|_| Arc::new(Handoff::new(workers)));

@@ -74,7 +74,7 @@ pub fn render(shared: &Shared) -> String {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::pool::Snapshot;
+    use crate::control::snapshot::first_snapshot;
 
     #[test]
     fn renders_counters_and_backends() {
@@ -83,7 +83,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        let (shared, _events) = Shared::new(Snapshot::from_config(&config), 2, config.spread).unwrap();
+        let (shared, _events) = Shared::new(first_snapshot(&config), 2, config.spread).unwrap();
         shared.stats[0].accepted.add(3);
         shared.stats[1].accepted.add(4);
         shared.snapshot().pools[0].backends[1].counters.active.store(5, std::sync::atomic::Ordering::Relaxed);

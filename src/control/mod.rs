@@ -15,6 +15,7 @@
 
 pub mod http;
 pub mod metrics;
+pub mod snapshot;
 pub mod thread;
 
 use std::os::fd::OwnedFd;

@@ -12,10 +12,9 @@ use log::{error, info, warn};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::time::{Instant, sleep_until};
 
-use super::{ControlEvent, RunState, Shared, http, metrics};
+use super::{ControlEvent, RunState, Shared, http, metrics, snapshot};
 use crate::config::{Config, HealthConfig};
 use crate::health::{CheckFailure, HealthState, probe};
-use crate::pool::Pool;
 use crate::spread;
 
 /// One check's result, from a probe task to the control loop.
@@ -153,8 +152,13 @@ async fn control_loop(config: &Config, shared: &Shared, mut events: UnboundedRec
         }
         let current = shared.snapshot();
         let workers = shared.stats.len();
-        let rebuilt =
-            Pool::build(pool_config, &pool_health.up, &pool_health.downs, Some(&current.pools[pool]), workers);
+        let rebuilt = snapshot::pool_from_config(
+            pool_config,
+            &pool_health.up,
+            &pool_health.downs,
+            Some(&current.pools[pool]),
+            workers,
+        );
         shared.publish(current.with_pool(pool, rebuilt));
     }
 }

@@ -1,6 +1,6 @@
 //! Pools of backends as the workers see them: an immutable [`Snapshot`] that the control side
 //! builds (from the configuration and the backends' health) and publishes to every worker,
-//! which only ever reads it.
+//! which only ever reads it, and the [`picker`] each worker chooses backends with.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,8 +11,11 @@ use socket2::SockAddr;
 use crate::admission::proxy_protocol::Version as ProxyVersion;
 use crate::balance::maglev::{self, MaglevTable};
 use crate::balance::{Algorithm, BackendCounters};
-use crate::config::{Config, PoolConfig};
 use crate::queue::PoolQueue;
+
+pub mod picker;
+
+pub use picker::Picker;
 
 /// What happens to established connections when their backend is marked down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,37 +70,44 @@ pub struct Pool {
     pub queue: Arc<PoolQueue>,
 }
 
+/// What a pool is configured as, besides its backends.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub name: String,
+    pub algorithm: Algorithm,
+    pub connect_timeout: Duration,
+    pub on_down: OnDown,
+    pub send_proxy: Option<ProxyVersion>,
+    pub queue_timeout: Duration,
+}
+
+impl Backend {
+    /// A backend at `address`; `counters` are the ones it keeps from snapshot to snapshot.
+    pub fn new(address: SocketAddr, weight: u32, max_conns: Option<u32>, counters: Arc<BackendCounters>) -> Backend {
+        Backend { address, name: address.to_string(), weight, max_conns, sockaddr: SockAddr::from(address), counters }
+    }
+}
+
 impl Pool {
-    /// Builds a pool for `config` with the given health (`up[i]` for backend i, which has been
-    /// marked down `downs[i]` times). It takes over the queue of the pool it replaces and the
-    /// counters of the backends that pool had (by address); without one, they start afresh,
-    /// the queue for `workers` workers.
-    pub fn build(config: &PoolConfig, up: &[bool], downs: &[u32], replaces: Option<&Pool>, workers: usize) -> Pool {
-        debug_assert_eq!(up.len(), config.backends.len());
-        debug_assert_eq!(downs.len(), config.backends.len());
-        let counters = |address: SocketAddr| {
-            replaces
-                .and_then(|old| old.backends.iter().find(|b| b.address == address))
-                .map_or_else(Arc::default, |b| Arc::clone(&b.counters))
-        };
-        let backends: Vec<Backend> = config
-            .backends
-            .iter()
-            .map(|b| Backend {
-                address: b.address,
-                name: b.address.to_string(),
-                weight: b.weight.get(),
-                max_conns: b.max_conns.map(|m| m.get()),
-                sockaddr: SockAddr::from(b.address),
-                counters: counters(b.address),
-            })
-            .collect();
+    /// A pool of `backends` with their health (`up[i]` for backend i, which has been marked
+    /// down `downs[i]` times) and its queue; which backends are usable and the Maglev table
+    /// follow from them. (The control side builds pools from the config: see
+    /// `control::snapshot`.)
+    pub fn new(
+        settings: Settings,
+        backends: Vec<Backend>,
+        up: Vec<bool>,
+        downs: Vec<u32>,
+        queue: Arc<PoolQueue>,
+    ) -> Pool {
+        debug_assert_eq!(up.len(), backends.len());
+        debug_assert_eq!(downs.len(), backends.len());
         let mut usable: Vec<u32> = (0..backends.len() as u32).filter(|&i| up[i as usize]).collect();
         if usable.is_empty() {
             // Fail open: with every backend down, trying them all beats refusing everyone.
             usable = (0..backends.len() as u32).collect();
         }
-        let maglev = match config.algorithm {
+        let maglev = match settings.algorithm {
             Algorithm::Maglev { table_size, .. } => {
                 let entries: Vec<maglev::Entry<'_>> = usable
                     .iter()
@@ -112,19 +122,19 @@ impl Pool {
             _ => None,
         };
         Pool {
-            name: config.name.clone(),
-            algorithm: config.algorithm,
-            connect_timeout: config.connect_timeout,
-            on_down: config.on_down,
-            send_proxy: config.send_proxy,
-            queue_timeout: config.queue_timeout,
-            limited: config.backends.iter().any(|b| b.max_conns.is_some()),
+            name: settings.name,
+            algorithm: settings.algorithm,
+            connect_timeout: settings.connect_timeout,
+            on_down: settings.on_down,
+            send_proxy: settings.send_proxy,
+            queue_timeout: settings.queue_timeout,
+            limited: backends.iter().any(|b| b.max_conns.is_some()),
             backends,
-            up: up.to_vec(),
-            downs: downs.to_vec(),
+            up,
+            downs,
             usable,
             maglev,
-            queue: replaces.map_or_else(|| Arc::new(PoolQueue::new(workers)), |old| Arc::clone(&old.queue)),
+            queue,
         }
     }
 
@@ -164,15 +174,9 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The first snapshot: every backend up.
-    pub fn from_config(config: &Config) -> Arc<Snapshot> {
-        let workers = config.workers.get();
-        let pools = config
-            .pools
-            .iter()
-            .map(|p| Arc::new(Pool::build(p, &vec![true; p.backends.len()], &vec![0; p.backends.len()], None, workers)))
-            .collect();
-        Arc::new(Snapshot { generation: 1, pools })
+    /// The first snapshot of these pools.
+    pub fn new(pools: Vec<Pool>) -> Arc<Snapshot> {
+        Arc::new(Snapshot { generation: 1, pools: pools.into_iter().map(Arc::new).collect() })
     }
 
     /// The next snapshot, with pool `index` replaced and the others shared.
@@ -184,40 +188,39 @@ impl Snapshot {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::config::{Algorithm, BackendConfig};
 
-    fn pool(on_down: OnDown, downs: &[u32]) -> Pool {
-        let backends =
-            (0..downs.len()).map(|i| BackendConfig::new(format!("10.0.0.{}:80", i + 1).parse().unwrap(), 1)).collect();
-        let mut config = PoolConfig::new("p", Algorithm::RoundRobin, backends);
-        config.on_down = on_down;
-        Pool::build(&config, &vec![true; downs.len()], downs, None, 1)
+    /// A pool of backends 10.0.0.1:80, 10.0.0.2:80, ... with these weights and health.
+    pub(crate) fn pool(algorithm: Algorithm, weights: &[u32], up: &[bool]) -> Pool {
+        build(algorithm, OnDown::Keep, weights, up.to_vec(), vec![0; up.len()])
     }
 
-    #[test]
-    fn a_rebuilt_pool_keeps_the_counters_of_the_backends_it_keeps_and_its_queue() {
-        let config = |addresses: &[&str]| {
-            let backends = addresses.iter().map(|a| BackendConfig::new(a.parse().unwrap(), 1)).collect();
-            PoolConfig::new("p", Algorithm::RoundRobin, backends)
+    fn build(algorithm: Algorithm, on_down: OnDown, weights: &[u32], up: Vec<bool>, downs: Vec<u32>) -> Pool {
+        let settings = Settings {
+            name: "p".into(),
+            algorithm,
+            connect_timeout: Duration::from_secs(3),
+            on_down,
+            send_proxy: None,
+            queue_timeout: Duration::from_secs(3),
         };
-        let old = Pool::build(&config(&["10.0.0.1:80", "10.0.0.2:80"]), &[true; 2], &[0; 2], None, 2);
-        old.backends[1].counters.acquire(None);
-        old.queue.join();
-        // 10.0.0.2 stays (now first), 10.0.0.1 leaves, 10.0.0.3 is new.
-        let new = Pool::build(&config(&["10.0.0.2:80", "10.0.0.3:80"]), &[true; 2], &[0; 2], Some(&old), 2);
-        assert!(Arc::ptr_eq(&new.backends[0].counters, &old.backends[1].counters));
-        assert_eq!(new.backends[0].counters.active(), 1);
-        assert_eq!(new.backends[1].counters.active(), 0);
-        assert!(Arc::ptr_eq(&new.queue, &old.queue));
-        assert_eq!(new.queue.waiting(), 1);
+        let backends = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| Backend::new(format!("10.0.0.{}:80", i + 1).parse().unwrap(), w, None, Arc::default()))
+            .collect();
+        Pool::new(settings, backends, up, downs, Arc::new(PoolQueue::new(1)))
+    }
+
+    fn cutting(on_down: OnDown, downs: &[u32]) -> Pool {
+        build(Algorithm::RoundRobin, on_down, &vec![1; downs.len()], vec![true; downs.len()], downs.to_vec())
     }
 
     #[test]
     fn a_connection_is_cut_if_its_backend_went_down_since_it_connected_even_if_up_again() {
         // Backend 0 went down once and is up again; backend 1 never went down.
-        let now = pool(OnDown::Close, &[1, 0]);
+        let now = cutting(OnDown::Close, &[1, 0]);
         assert!(now.up.iter().all(|&u| u));
         assert!(now.cuts(0, 0), "connected before the down");
         assert!(!now.cuts(0, 1), "connected after it came back");
@@ -225,6 +228,6 @@ mod tests {
         // A connection from a worker with a newer snapshot (a count above this one's) stays.
         assert!(!now.cuts(0, 2));
         assert!(!now.cuts(7, 0), "no such backend");
-        assert!(!pool(OnDown::Keep, &[1, 0]).cuts(0, 0), "on_down = keep cuts nothing");
+        assert!(!cutting(OnDown::Keep, &[1, 0]).cuts(0, 0), "on_down = keep cuts nothing");
     }
 }

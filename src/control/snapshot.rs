@@ -1,0 +1,80 @@
+//! Building pool snapshots from the config: the first one at start, and each one after a
+//! backend's health (or, with a reload, the config) changes. A rebuilt pool takes over the queue
+//! of the pool it replaces and the counters of the backends it keeps, by address, so what the
+//! workers count carries across snapshots.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::config::{Config, PoolConfig};
+use crate::pool::{Backend, Pool, Settings, Snapshot};
+use crate::queue::PoolQueue;
+
+/// A pool for `config` with the given health (`up[i]` for backend i, marked down `downs[i]`
+/// times), taking over what `replaces` carries; without it, counters and queue start afresh,
+/// the queue for `workers` workers.
+pub fn pool_from_config(
+    config: &PoolConfig,
+    up: &[bool],
+    downs: &[u32],
+    replaces: Option<&Pool>,
+    workers: usize,
+) -> Pool {
+    let counters = |address: SocketAddr| {
+        replaces
+            .and_then(|old| old.backends.iter().find(|b| b.address == address))
+            .map_or_else(Arc::default, |b| Arc::clone(&b.counters))
+    };
+    let backends = config
+        .backends
+        .iter()
+        .map(|b| Backend::new(b.address, b.weight.get(), b.max_conns.map(|m| m.get()), counters(b.address)))
+        .collect();
+    let settings = Settings {
+        name: config.name.clone(),
+        algorithm: config.algorithm,
+        connect_timeout: config.connect_timeout,
+        on_down: config.on_down,
+        send_proxy: config.send_proxy,
+        queue_timeout: config.queue_timeout,
+    };
+    let queue = replaces.map_or_else(|| Arc::new(PoolQueue::new(workers)), |old| Arc::clone(&old.queue));
+    Pool::new(settings, backends, up.to_vec(), downs.to_vec(), queue)
+}
+
+/// The first snapshot: every backend up, nothing counted.
+pub fn first_snapshot(config: &Config) -> Arc<Snapshot> {
+    let workers = config.workers.get();
+    Snapshot::new(
+        config
+            .pools
+            .iter()
+            .map(|p| pool_from_config(p, &vec![true; p.backends.len()], &vec![0; p.backends.len()], None, workers))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::Algorithm;
+    use crate::config::BackendConfig;
+
+    #[test]
+    fn a_rebuilt_pool_keeps_the_counters_of_the_backends_it_keeps_and_its_queue() {
+        let config = |addresses: &[&str]| {
+            let backends = addresses.iter().map(|a| BackendConfig::new(a.parse().unwrap(), 1)).collect();
+            PoolConfig::new("p", Algorithm::RoundRobin, backends)
+        };
+        let old = pool_from_config(&config(&["10.0.0.1:80", "10.0.0.2:80"]), &[true; 2], &[0; 2], None, 2);
+        old.backends[1].counters.acquire(None);
+        old.queue.join();
+        // 10.0.0.2 stays (now first), 10.0.0.1 leaves, 10.0.0.3 is new.
+        let new = pool_from_config(&config(&["10.0.0.2:80", "10.0.0.3:80"]), &[true; 2], &[0; 2], Some(&old), 2);
+        assert!(Arc::ptr_eq(&new.backends[0].counters, &old.backends[1].counters));
+        assert_eq!(new.backends[0].counters.active(), 1);
+        assert_eq!(new.backends[1].counters.active(), 0);
+        assert!(Arc::ptr_eq(&new.queue, &old.queue));
+        assert_eq!(new.queue.waiting(), 1);
+    }
+}
