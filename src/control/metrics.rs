@@ -60,7 +60,7 @@ pub fn render(shared: &Shared) -> String {
                 let _ = writeln!(
                     out,
                     "{name}{{pool=\"{}\",backend=\"{}\"}} {}",
-                    label(&pool.name),
+                    label(&pool.settings.name),
                     label(&backend.name),
                     value(pool, i, &backend.counters)
                 );

@@ -46,12 +46,7 @@ pub struct Backend {
 /// One pool of backends with their health at the time the snapshot was built.
 #[derive(Debug)]
 pub struct Pool {
-    pub name: String,
-    pub algorithm: Algorithm,
-    pub connect_timeout: Duration,
-    pub on_down: OnDown,
-    pub send_proxy: Option<ProxyVersion>,
-    pub queue_timeout: Duration,
+    pub settings: Settings,
     /// Whether any backend has `max_conns` (and connections may queue).
     pub limited: bool,
     pub backends: Vec<Backend>,
@@ -122,12 +117,7 @@ impl Pool {
             _ => None,
         };
         Pool {
-            name: settings.name,
-            algorithm: settings.algorithm,
-            connect_timeout: settings.connect_timeout,
-            on_down: settings.on_down,
-            send_proxy: settings.send_proxy,
-            queue_timeout: settings.queue_timeout,
+            settings,
             limited: backends.iter().any(|b| b.max_conns.is_some()),
             backends,
             up,
@@ -154,7 +144,7 @@ impl Pool {
     /// between two snapshots a worker installed, or while the connection moved between workers.
     /// A count below the connection's is an older snapshot than the one it connected under.
     pub fn cuts(&self, backend: u32, downs: u32) -> bool {
-        self.on_down == OnDown::Close && self.downs.get(backend as usize).is_some_and(|&now| now > downs)
+        self.settings.on_down == OnDown::Close && self.downs.get(backend as usize).is_some_and(|&now| now > downs)
     }
 
     /// Whether every backend is down (and traffic goes to all of them: fail open).

@@ -22,7 +22,7 @@ pub enum Picker {
 impl Picker {
     /// `seed` differs per worker, so random choices do not line up across workers.
     pub fn new(pool: &Pool, seed: u64) -> Picker {
-        match pool.algorithm {
+        match pool.settings.algorithm {
             Algorithm::RoundRobin => Picker::RoundRobin(SmoothRoundRobin::new(pool.backends.len())),
             Algorithm::LeastConn => Picker::LeastConn { rotation: seed as usize },
             Algorithm::RandomTwo => Picker::RandomTwo(Rng::new(seed)),

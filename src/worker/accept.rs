@@ -317,7 +317,7 @@ impl Worker {
     fn route(&mut self, slot: usize, pool_index: usize, skip: usize) {
         let pool = &self.snapshot.pools[pool_index];
         let attempts = pool.usable().len() as u32;
-        let send_proxy = pool.send_proxy;
+        let send_proxy = pool.settings.send_proxy;
         let needs_client = self.pickers[pool_index].needs_client() || send_proxy.is_some();
         let entry = &mut self.conns[slot];
         entry.pool = pool_index as u32;

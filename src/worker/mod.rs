@@ -267,11 +267,11 @@ impl Worker {
             .listeners
             .iter()
             .flat_map(|l| [l.idle_timeout, l.admission.reads_first().then_some(l.handshake_timeout)])
-            .chain(snapshot.pools.iter().map(|p| p.limited.then_some(p.queue_timeout)))
+            .chain(snapshot.pools.iter().map(|p| p.limited.then_some(p.settings.queue_timeout)))
             .flatten()
             .min();
         let timers = Box::new(Timers {
-            connect: snapshot.pools.iter().map(|p| timespec(p.connect_timeout)).collect(),
+            connect: snapshot.pools.iter().map(|p| timespec(p.settings.connect_timeout)).collect(),
             tick: timespec(tick_interval(shortest)),
             backoff: timespec(ACCEPT_BACKOFF),
             drain: timespec(plan.drain_timeout),
@@ -453,7 +453,7 @@ impl Worker {
                 continue;
             }
             self.pickers[p] = Picker::new(after, picker_seed(self.index, p));
-            if after.on_down == OnDown::Close && before.downs != after.downs {
+            if after.settings.on_down == OnDown::Close && before.downs != after.downs {
                 self.cut_connections(p);
             }
         }
@@ -476,7 +476,7 @@ impl Worker {
         if picked > 0 {
             info!(
                 "worker {}: pool {}: cutting {picked} connections to backends marked down",
-                self.index, self.snapshot.pools[pool].name
+                self.index, self.snapshot.pools[pool].settings.name
             );
         }
     }
@@ -539,7 +539,7 @@ impl Worker {
         } else if conn.in_handshake() {
             (since(conn.last_active()) >= listener.handshake_timeout_ms).then_some(Overdue::Handshake)
         } else if conn.is_queued() {
-            let limit = self.snapshot.pools[entry.pool as usize].queue_timeout.as_millis() as u64;
+            let limit = self.snapshot.pools[entry.pool as usize].settings.queue_timeout.as_millis() as u64;
             entry.queued_since.filter(|&t| since(t) >= limit).map(|_| Overdue::Queue)
         } else {
             None
@@ -569,8 +569,8 @@ impl Worker {
                         worker.now,
                         "worker {}: pool {}: closed a connection that waited {} ms for a backend below max_conns",
                         worker.index,
-                        pool.name,
-                        pool.queue_timeout.as_millis()
+                        pool.settings.name,
+                        pool.settings.queue_timeout.as_millis()
                     );
                     worker.step(slot, |conn, ops| conn.reject(End::QueueTimeout, ops));
                 }

@@ -103,7 +103,7 @@ impl Worker {
         let (pool, backend) = match failed {
             Some((pool, backend)) => {
                 let pool = &self.snapshot.pools[pool];
-                (pool.name.as_str(), pool.backends.get(backend).map(|b| b.name.as_str()))
+                (pool.settings.name.as_str(), pool.backends.get(backend).map(|b| b.name.as_str()))
             }
             None => ("?", None),
         };
@@ -293,7 +293,7 @@ impl Worker {
                     self.now,
                     "worker {}: cannot open a socket for pool {}: {e}",
                     self.index,
-                    pool.name
+                    pool.settings.name
                 );
                 self.release_slot(slot);
                 self.conns[slot].conn.socket_failed(ops);
