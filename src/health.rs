@@ -43,6 +43,15 @@ impl HealthState {
         HealthState { health: rise + fall - 1, rise, fall, last: None, streak: 0 }
     }
 
+    /// A backend that starts fully up or fully down (a reload that changed rise or fall).
+    pub fn starting(rise: u32, fall: u32, up: bool) -> HealthState {
+        let mut state = HealthState::new(rise, fall);
+        if !up {
+            state.health = 0;
+        }
+        state
+    }
+
     pub fn is_up(&self) -> bool {
         self.health >= self.rise
     }

@@ -17,9 +17,10 @@ Examples:
   ringlb run -c config/ringlb.toml      serve until SIGTERM or SIGINT
   RUST_LOG=debug ringlb run -c FILE     log every connection
 
-Signals: SIGTERM, SIGINT or SIGQUIT stops accepting and lets open connections finish for
-up to drain_timeout (default 30s); a second one closes them at once. Exit status 0.
-SIGHUP, SIGUSR1, SIGUSR2, SIGALRM and SIGTTIN are logged and change nothing.";
+Signals: SIGHUP reloads the config file (an invalid one changes nothing). SIGTERM, SIGINT
+or SIGQUIT stops accepting and lets open connections finish for up to drain_timeout
+(default 30s); a second one closes them at once. Exit status 0. SIGUSR1, SIGUSR2, SIGALRM
+and SIGTTIN are logged and change nothing.";
 
 #[derive(Parser)]
 #[command(name = "ringlb", version, about = "A layer-4 TCP load balancer on io_uring", after_help = EXAMPLES)]
@@ -84,7 +85,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     for warning in &config.warnings {
         log::warn!("{warning}");
     }
-    let server = match Server::start(&config) {
+    let server = match Server::start_from_file(&config, path) {
         Ok(server) => server,
         Err(e) => {
             error!("{e}");

@@ -104,6 +104,11 @@ impl LocalQueue {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+
+    /// The waiters, oldest first (when the queue is dissolved: its pool left the config).
+    pub fn into_waiters(self) -> Vec<Waiter> {
+        self.entries.into()
+    }
 }
 
 /// The outcome of trying to take a backend slot for a waiter.

@@ -63,6 +63,8 @@ kinds! {
     AcceptBackoff = 37,
     DrainDeadline = 38,
     CancelAll = 39,
+    /// The cancel of a tick whose interval changed (a reload).
+    TickCancel = 40,
 }
 
 impl Kind {

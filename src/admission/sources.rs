@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::balance::{HashKey, client_hash};
 
@@ -13,7 +14,8 @@ use crate::balance::{HashKey, client_hash};
 /// tables, this count must be shared, and sharing it exactly takes a lock).
 #[derive(Debug)]
 pub struct SourceLimit {
-    limit: u32,
+    /// A reload may change it; connections counted stay counted.
+    limit: AtomicU32,
     shards: Box<[Mutex<HashMap<IpAddr, u32>>]>,
 }
 
@@ -21,7 +23,15 @@ impl SourceLimit {
     const SHARDS: usize = 64;
 
     pub fn new(limit: u32) -> SourceLimit {
-        SourceLimit { limit, shards: (0..Self::SHARDS).map(|_| Mutex::new(HashMap::new())).collect() }
+        SourceLimit {
+            limit: AtomicU32::new(limit),
+            shards: (0..Self::SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    /// A new limit from a reload, for connections from now on.
+    pub fn set_limit(&self, limit: u32) {
+        self.limit.store(limit, Ordering::Relaxed);
     }
 
     fn shard(&self, ip: IpAddr) -> &Mutex<HashMap<IpAddr, u32>> {
@@ -33,7 +43,7 @@ impl SourceLimit {
     pub fn try_acquire(&self, ip: IpAddr) -> bool {
         let mut shard = self.shard(ip).lock().unwrap_or_else(|e| e.into_inner());
         let count = shard.entry(ip).or_insert(0);
-        if *count >= self.limit {
+        if *count >= self.limit.load(Ordering::Relaxed) {
             return false;
         }
         *count += 1;

@@ -16,6 +16,8 @@ pub const BACKEND_CONNECTIONS: &str = "ringlb_backend_connections_total";
 pub const BACKEND_FAILURES: &str = "ringlb_backend_connect_failures_total";
 pub const DRAINING: &str = "ringlb_draining";
 pub const WORKERS_IN_USE: &str = "ringlb_workers_in_use";
+pub const RELOADS: &str = "ringlb_reloads_total";
+pub const CONFIG_LOADED: &str = "ringlb_config_loaded_timestamp_seconds";
 
 fn header(out: &mut String, name: &str, help: &str) {
     let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
@@ -42,6 +44,11 @@ pub fn render(shared: &Shared) -> String {
         "Workers that take new connections (spread = \"pack\" packs them into as few as keep up).",
     );
     let _ = writeln!(out, "{WORKERS_IN_USE} {}", shared.workers_in_use());
+    header(&mut out, RELOADS, "Config reloads (SIGHUP), by whether they took effect.");
+    let (ok, failed) = shared.reloads();
+    let _ = writeln!(out, "{RELOADS}{{result=\"ok\"}} {ok}\n{RELOADS}{{result=\"failed\"}} {failed}");
+    header(&mut out, CONFIG_LOADED, "When the config in effect was loaded (Unix time).");
+    let _ = writeln!(out, "{CONFIG_LOADED} {}", shared.config_loaded_at());
 
     let snapshot = shared.snapshot();
     type Value = fn(&Pool, usize, &BackendCounters) -> u64;

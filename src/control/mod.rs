@@ -13,17 +13,21 @@
 //! With `spread = "pack"` the shared state also holds [`Pack`]: how many workers are in use
 //! (the control thread sets it) and how many connections are on their way between workers.
 
+pub mod checks;
 pub mod http;
 pub mod metrics;
+pub mod reload;
 pub mod snapshot;
 pub mod thread;
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::oneshot;
 
 use crate::pool::Snapshot;
 use crate::spread::{Pack, Spread};
@@ -42,11 +46,14 @@ pub enum RunState {
     Closing = 2,
 }
 
-/// What workers tell the control thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the workers and the server tell the control thread.
+#[derive(Debug)]
 pub enum ControlEvent {
-    /// A connect to backend `backend` of pool `pool` failed with `errno` (a passive check).
-    ConnectFailed { pool: usize, backend: usize, errno: i32 },
+    /// A connect to backend `backend` of pool `pool` failed with `errno` (a passive check);
+    /// the indices are those of the snapshot layout `layout`.
+    ConnectFailed { layout: u64, pool: usize, backend: usize, errno: i32 },
+    /// Reload the config; the outcome goes to `reply`, if given.
+    Reload { source: reload::Source, reply: Option<oneshot::Sender<Result<reload::Report, reload::ReloadError>>> },
     /// Stop the control thread.
     Stop,
 }
@@ -60,6 +67,10 @@ pub struct Shared {
     events: UnboundedSender<ControlEvent>,
     /// With `spread = "pack"`: the workers in use and what feeds that choice.
     pack: Option<Pack>,
+    /// Reloads that took effect and that failed, and when the config in effect was loaded
+    /// (seconds since the Unix epoch).
+    reloads: [AtomicU64; 2],
+    loaded_at: AtomicU64,
 }
 
 impl Shared {
@@ -79,6 +90,8 @@ impl Shared {
             doorbells,
             events,
             pack: (spread == Spread::Pack).then(|| Pack::new(workers)),
+            reloads: [AtomicU64::new(0), AtomicU64::new(0)],
+            loaded_at: AtomicU64::new(0),
         };
         Ok((shared, receiver))
     }
@@ -170,6 +183,27 @@ impl Shared {
         (0..self.stats.len())
             .map(|w| self.stats[w].active.get() + self.pack.as_ref().map_or(0, |pack| pack.in_transit(w)))
             .collect()
+    }
+
+    /// Counts a reload that took effect (`ok`) or failed.
+    pub fn reloaded(&self, ok: bool) {
+        self.reloads[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reloads so far: (took effect, failed).
+    pub fn reloads(&self) -> (u64, u64) {
+        (self.reloads[0].load(Ordering::Relaxed), self.reloads[1].load(Ordering::Relaxed))
+    }
+
+    /// The config in effect was loaded just now.
+    pub fn config_loaded(&self) {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.loaded_at.store(now, Ordering::Relaxed);
+    }
+
+    /// When the config in effect was loaded, in seconds since the Unix epoch.
+    pub fn config_loaded_at(&self) -> u64 {
+        self.loaded_at.load(Ordering::Relaxed)
     }
 
     /// Wakes every worker but `me` (e.g. to serve its queue after a backend slot freed).

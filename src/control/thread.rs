@@ -4,43 +4,29 @@
 //! `spread = "pack"`, sets how many workers are in use.
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use log::{error, info, warn};
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
-use tokio::time::{Instant, sleep_until};
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
+use super::checks::{Checked, Checks};
+use super::reload::{self, ReloadError, Reloader, Report, Source};
 use super::{ControlEvent, RunState, Shared, http, metrics, snapshot};
-use crate::config::{Config, HealthConfig};
-use crate::health::{CheckFailure, HealthState, probe};
+use crate::config::Config;
+use crate::health::CheckFailure;
 use crate::spread;
-
-/// One check's result, from a probe task to the control loop.
-struct Checked {
-    pool: usize,
-    backend: usize,
-    result: Result<(), CheckFailure>,
-}
-
-/// Health of every backend of one pool, kept by the control thread.
-struct PoolHealth {
-    states: Vec<HealthState>,
-    up: Vec<bool>,
-    /// Times each backend was marked down (see [`Pool::downs`]).
-    downs: Vec<u32>,
-}
 
 /// Starts the control thread and returns once its runtime is up. `metrics` is an already
 /// bound listener for the metrics page; `per_worker` is each worker's share of
-/// `max_connections`.
+/// `max_connections`; `reloader` is what a reload needs of the server side.
 pub fn spawn(
     config: Arc<Config>,
     shared: Arc<Shared>,
     events: UnboundedReceiver<ControlEvent>,
     metrics: Option<std::net::TcpListener>,
     per_worker: u64,
+    reloader: Reloader,
 ) -> io::Result<JoinHandle<()>> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = std::thread::Builder::new().name("ringlb-control".into()).spawn(move || {
@@ -71,7 +57,11 @@ pub fn spawn(
                 tokio_uring::spawn(follow_load(Arc::clone(&shared), per_worker));
             }
             let _ = ready_tx.send(Ok(()));
-            control_loop(&config, &shared, events).await;
+            let (results, checked) = unbounded_channel();
+            let checks = Checks::start(&config, results);
+            shared.config_loaded();
+            let control = Control { config, shared, checks, reloader, local_failures: 0 };
+            control.run(events, checked).await;
         })
     })?;
     match ready_rx.recv() {
@@ -81,103 +71,142 @@ pub fn spawn(
     }
 }
 
-async fn control_loop(config: &Config, shared: &Shared, mut events: UnboundedReceiver<ControlEvent>) {
-    let (checked_tx, mut checked) = unbounded_channel();
-    let mut health: Vec<Option<PoolHealth>> = Vec::with_capacity(config.pools.len());
-    for (p, pool) in config.pools.iter().enumerate() {
-        let Some(check) = &pool.health else {
-            health.push(None);
-            continue;
-        };
-        for (b, backend) in pool.backends.iter().enumerate() {
-            tokio_uring::spawn(check_forever(p, b, backend.address, check.clone(), checked_tx.clone()));
-        }
-        health.push(Some(PoolHealth {
-            states: pool.backends.iter().map(|_| HealthState::new(check.rise, check.fall)).collect(),
-            up: vec![true; pool.backends.len()],
-            downs: vec![0; pool.backends.len()],
-        }));
-    }
-    drop(checked_tx);
+/// The control thread's state: the config in effect, every backend's health, and what a
+/// reload needs.
+struct Control {
+    config: Arc<Config>,
+    shared: Arc<Shared>,
+    checks: Checks,
+    reloader: Reloader,
+    /// Checks that failed for want of a local descriptor or port, not counted.
+    local_failures: u64,
+}
 
-    let mut local_failures = 0u64;
-    loop {
-        let (pool, backend, result) = tokio::select! {
-            Some(c) = checked.recv() => (c.pool, c.backend, c.result),
-            event = events.recv() => match event {
-                Some(ControlEvent::ConnectFailed { pool, backend, errno }) => (pool, backend, Err(CheckFailure::Passive(errno))),
-                Some(ControlEvent::Stop) | None => return,
-            },
-        };
+impl Control {
+    async fn run(mut self, mut events: UnboundedReceiver<ControlEvent>, mut checked: UnboundedReceiver<Checked>) {
+        loop {
+            tokio::select! {
+                Some(c) = checked.recv() => {
+                    if let Some((pool, backend)) = self.checks.task(c.task) {
+                        self.record(pool, backend, c.result);
+                    }
+                }
+                event = events.recv() => match event {
+                    Some(ControlEvent::ConnectFailed { layout, pool, backend, errno }) => {
+                        // A worker's failed connect counts as a failed check, unless a reload
+                        // has numbered the backends differently since.
+                        if layout == self.shared.snapshot().layout {
+                            self.record(pool, backend, Err(CheckFailure::Passive(errno)));
+                        }
+                    }
+                    Some(ControlEvent::Reload { source, reply }) => {
+                        let outcome = self.reload(source);
+                        if let Some(reply) = reply {
+                            let _ = reply.send(outcome);
+                        }
+                    }
+                    Some(ControlEvent::Stop) | None => return,
+                },
+            }
+        }
+    }
+
+    /// Records one check result (or failed connect) and publishes a new snapshot if the
+    /// backend went up or down.
+    fn record(&mut self, pool: usize, backend: usize, result: Result<(), CheckFailure>) {
+        let Some(pool_config) = self.config.pools.get(pool) else { return };
+        let Some(address) = pool_config.backends.get(backend).map(|b| b.address) else { return };
         if let Err(why) = &result
             && why.is_local()
         {
             // Out of descriptors or local ports: the backend is not to blame. Said once per
             // 100, as a worker's refusals are.
-            local_failures += 1;
-            if local_failures % 100 == 1 {
-                let pool_config = &config.pools[pool];
+            self.local_failures += 1;
+            if self.local_failures % 100 == 1 {
                 warn!(
-                    "pool {}: cannot check backend {}: {why} (not counted against it; {local_failures} such checks so far)",
-                    pool_config.name, pool_config.backends[backend].address
+                    "pool {}: cannot check backend {address}: {why} (not counted against it; {} such checks so far)",
+                    pool_config.name, self.local_failures
                 );
             }
-            continue;
+            return;
         }
-        let Some(pool_health) = health.get_mut(pool).and_then(Option::as_mut) else {
-            // No health checks for this pool: nothing could bring a backend back, so a
-            // worker's failed connect does not mark it down.
-            continue;
-        };
-        let state = &mut pool_health.states[backend];
-        let Some(now_up) = state.record(result.is_ok()) else { continue };
-        let pool_config = &config.pools[pool];
+        // No health checks for a pool: nothing could bring a backend back, so a worker's
+        // failed connect does not mark it down either (record says nothing changed).
+        let Some(change) = self.checks.record(pool, backend, result.is_ok()) else { return };
         let name = &pool_config.name;
-        let address = pool_config.backends[backend].address;
-        let streak = state.streak();
         match &result {
-            Ok(()) => info!("pool {name}: backend {address} UP after {streak} passed checks"),
-            Err(why) => warn!("pool {name}: backend {address} DOWN after {streak} failed checks ({why})"),
+            Ok(()) => info!("pool {name}: backend {address} UP after {} passed checks", change.streak),
+            Err(why) => warn!("pool {name}: backend {address} DOWN after {} failed checks ({why})", change.streak),
         }
-        let was_all_down = !pool_health.up.iter().any(|&u| u);
-        pool_health.up[backend] = now_up;
-        if !now_up {
-            pool_health.downs[backend] += 1;
-        }
-        let all_down = !pool_health.up.iter().any(|&u| u);
+        let (up, downs) = self.checks.health(pool);
+        let current = self.shared.snapshot();
+        let was_all_down = current.pools[pool].all_down();
+        let all_down = !up.iter().any(|&u| u);
         if all_down && !was_all_down {
             error!("pool {name}: every backend is down; sending connections to all of them (fail open)");
         } else if was_all_down && !all_down {
             info!("pool {name}: a backend is up again; no longer failing open");
         }
-        let current = shared.snapshot();
-        let workers = shared.stats.len();
-        let rebuilt = snapshot::pool_from_config(
-            pool_config,
-            &pool_health.up,
-            &pool_health.downs,
-            Some(&current.pools[pool]),
-            workers,
-        );
-        shared.publish(current.with_pool(pool, rebuilt));
+        let workers = self.shared.stats.len();
+        let rebuilt = snapshot::pool_from_config(pool_config, &up, &downs, Some(&current.pools[pool]), workers);
+        self.shared.publish(current.with_pool(pool, rebuilt));
     }
-}
 
-/// Checks one backend every `interval` (start to start) until the control loop is gone.
-async fn check_forever(
-    pool: usize,
-    backend: usize,
-    address: SocketAddr,
-    check: HealthConfig,
-    results: UnboundedSender<Checked>,
-) {
-    loop {
-        let started = Instant::now();
-        let result = probe(address, &check).await;
-        if results.send(Checked { pool, backend, result }).is_err() {
-            return;
+    /// Applies a new config (see [`reload`]); logs and counts the outcome.
+    fn reload(&mut self, source: Source) -> Result<Report, ReloadError> {
+        let outcome = self.try_reload(source);
+        match &outcome {
+            Ok(report) => {
+                self.shared.reloaded(true);
+                info!("reload: {report}");
+                if !report.not_applied.is_empty() {
+                    warn!(
+                        "reload: some settings take effect only at the next start: {}",
+                        report.not_applied.join(", ")
+                    );
+                }
+                for (name, address) in &report.listeners.added {
+                    let listener = self.config.listeners.iter().find(|l| &l.name == name);
+                    let pools = listener.map(|l| l.pools(&self.config)).unwrap_or_default();
+                    let pools: Vec<&str> = pools.iter().map(|&p| self.config.pools[p].name.as_str()).collect();
+                    info!("listener {name} on {address} -> pool {}", pools.join(", "));
+                }
+            }
+            Err(e) => {
+                self.shared.reloaded(false);
+                error!("reload failed, still serving with the previous config: {e}");
+            }
         }
-        sleep_until(started + check.interval).await;
+        outcome
+    }
+
+    fn try_reload(&mut self, source: Source) -> Result<Report, ReloadError> {
+        if self.shared.run_state() != RunState::Running {
+            return Err(ReloadError::Stopping);
+        }
+        let config = Arc::new(self.reloader.load(source)?);
+        for warning in &config.warnings {
+            warn!("reload: {warning}");
+        }
+        let mut report = reload::compare(&self.config, &config);
+        let current = self.shared.snapshot();
+        let workers = self.shared.stats.len();
+        let pools = config
+            .pools
+            .iter()
+            .zip(self.checks.carried(&config))
+            .map(|(pool, (up, downs))| {
+                let replaces = current.pool_index(&pool.name).map(|p| current.pools[p].as_ref());
+                snapshot::pool_from_config(pool, &up, &downs, replaces, workers)
+            })
+            .collect();
+        let relaid = current.relaid(pools);
+        report.listeners = self.reloader.listeners.apply(&config, &relaid).map_err(ReloadError::Listeners)?;
+        self.shared.publish(relaid);
+        self.checks.reconfigure(&config);
+        self.config = config;
+        self.shared.config_loaded();
+        Ok(report)
     }
 }
 

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use io_uring::types::Timespec;
 use socket2::SockAddr;
 
 use crate::admission::proxy_protocol::Version as ProxyVersion;
@@ -63,6 +64,9 @@ pub struct Pool {
     /// Connections waiting, in any worker, for a backend below its `max_conns`; carried into
     /// every snapshot that keeps the pool.
     pub queue: Arc<PoolQueue>,
+    /// `connect_timeout` in the form a linked timeout takes. The kernel reads it when the
+    /// connect is submitted; the worker keeps a replaced snapshot until then.
+    pub connect_timespec: Timespec,
 }
 
 /// What a pool is configured as, besides its backends.
@@ -117,6 +121,9 @@ impl Pool {
             _ => None,
         };
         Pool {
+            connect_timespec: Timespec::new()
+                .sec(settings.connect_timeout.as_secs())
+                .nsec(settings.connect_timeout.subsec_nanos()),
             settings,
             limited: backends.iter().any(|b| b.max_conns.is_some()),
             backends,
@@ -159,6 +166,9 @@ impl Pool {
 pub struct Snapshot {
     /// Increases with every snapshot published.
     pub generation: u64,
+    /// Increases with every reload: pools (and their backends) keep their indices from one
+    /// snapshot to the next within a layout, and may move across layouts.
+    pub layout: u64,
     /// Indexed like [`Config::pools`].
     pub pools: Vec<Arc<Pool>>,
 }
@@ -166,14 +176,28 @@ pub struct Snapshot {
 impl Snapshot {
     /// The first snapshot of these pools.
     pub fn new(pools: Vec<Pool>) -> Arc<Snapshot> {
-        Arc::new(Snapshot { generation: 1, pools: pools.into_iter().map(Arc::new).collect() })
+        Arc::new(Snapshot { generation: 1, layout: 1, pools: pools.into_iter().map(Arc::new).collect() })
     }
 
     /// The next snapshot, with pool `index` replaced and the others shared.
     pub fn with_pool(&self, index: usize, pool: Pool) -> Arc<Snapshot> {
         let mut pools = self.pools.clone();
         pools[index] = Arc::new(pool);
-        Arc::new(Snapshot { generation: self.generation + 1, pools })
+        Arc::new(Snapshot { generation: self.generation + 1, layout: self.layout, pools })
+    }
+
+    /// The snapshot after a reload: new pools, in a new layout.
+    pub fn relaid(&self, pools: Vec<Pool>) -> Arc<Snapshot> {
+        Arc::new(Snapshot {
+            generation: self.generation + 1,
+            layout: self.layout + 1,
+            pools: pools.into_iter().map(Arc::new).collect(),
+        })
+    }
+
+    /// The index of the pool named `name`, if the snapshot has it.
+    pub fn pool_index(&self, name: &str) -> Option<usize> {
+        self.pools.iter().position(|p| p.settings.name == name)
     }
 }
 

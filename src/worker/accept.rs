@@ -4,6 +4,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 
 use io_uring::{opcode, types};
 
@@ -43,10 +44,11 @@ impl Worker {
         self.listener_settled(l);
     }
 
-    /// After a listener's operation completed: close it if draining and nothing is left in
-    /// flight on it, else arm what it needs now.
+    /// After a listener's operation completed: close it if it is to stop (draining, or a
+    /// reload removed it) and nothing is left in flight on it, else arm what it needs now.
     fn listener_settled(&mut self, l: usize) {
-        if self.mode == Mode::Draining && !self.gate.armed(l) {
+        let stopping = self.mode == Mode::Draining || self.gate.listeners[l].retired_at.is_some();
+        if stopping && !self.gate.armed(l) {
             // Closing a listener does not end its operations: close it only now.
             self.gate.listeners[l].socket = None;
         }
@@ -60,7 +62,7 @@ impl Worker {
             self.now,
             "worker {}: listener {}: accept failed: {}",
             self.index,
-            self.gate.listeners[l].name,
+            self.gate.listeners[l].settings.name,
             io::Error::from_raw_os_error(errno)
         );
         if is_resource_shortage(errno) {
@@ -184,24 +186,31 @@ impl Worker {
                 self.now,
                 "worker {}: listener {}: at max_connections; closed a new connection",
                 self.index,
-                self.gate.listeners[l].name,
+                self.gate.listeners[l].settings.name,
             );
             return;
         }
-        let slot = self.insert_conn(Slot::new(Conn::new(fd, self.relay, self.now), 0, l as u32));
+        let settings = &self.gate.listeners[l].settings;
+        let entry = Slot::new(
+            Conn::new(fd, self.relay, self.now),
+            l as u32,
+            settings.idle_timeout.map(|d| d.as_millis() as u64),
+            settings.handshake_timeout.as_millis() as u64,
+        );
+        let slot = self.insert_conn(entry);
         self.stats().accepted.add(1);
         // Without a PROXY header the connection's own peer is the client: check it at once.
         // With one, the check waits for the address the header carries (see examine), and
         // only the balancers in proxy_from may send one.
         let listener = &self.gate.listeners[l];
-        if !listener.admission.accept_proxy {
+        if !listener.settings.admission.accept_proxy {
             if !self.admit(slot) {
                 return;
             }
-        } else if !listener.proxy_from.is_empty() && !self.sent_by_trusted_proxy(slot) {
+        } else if !listener.settings.proxy_from.is_empty() && !self.sent_by_trusted_proxy(slot) {
             return;
         }
-        let admission = &self.gate.listeners[l].admission;
+        let admission = &self.gate.listeners[l].settings.admission;
         if admission.reads_first() {
             let capacity = admission.read_capacity();
             self.step(slot, |conn, ops| conn.start_handshake(capacity, ops));
@@ -217,20 +226,20 @@ impl Worker {
     fn admit(&mut self, slot: usize) -> bool {
         let entry = &mut self.conns[slot];
         let l = entry.listener as usize;
-        let limited = self.gate.listeners[l].sources.is_some();
-        if self.gate.listeners[l].access.is_empty() && !limited {
+        let limited = self.gate.listeners[l].settings.sources.is_some();
+        if self.gate.listeners[l].settings.access.is_empty() && !limited {
             return true;
         }
         if entry.client.is_none() {
             entry.client = sys::peer_addr(entry.conn.client_fd()).ok();
         }
         let Some(client) = entry.client else { return true };
-        let refusal = if !self.gate.listeners[l].access.permits(client.ip()) {
+        let refusal = if !self.gate.listeners[l].settings.access.permits(client.ip()) {
             self.stats().refused_access.add(1);
             Some("not allowed by the listener's allow/deny rules")
-        } else if let Some(limit) = &self.gate.listeners[l].sources {
+        } else if let Some(limit) = &self.gate.listeners[l].settings.sources {
             if limit.try_acquire(client.ip()) {
-                entry.source_counted = true;
+                entry.source = Some(Arc::clone(limit));
                 None
             } else {
                 self.stats().refused_source_limit.add(1);
@@ -250,7 +259,7 @@ impl Worker {
         let entry = &self.conns[slot];
         let listener = &self.gate.listeners[entry.listener as usize];
         let peer = sys::peer_addr(entry.conn.client_fd()).ok();
-        if peer.is_some_and(|peer| listener.proxy_from.iter().any(|net| net.contains(peer.ip()))) {
+        if peer.is_some_and(|peer| listener.settings.proxy_from.iter().any(|net| net.contains(peer.ip()))) {
             return true;
         }
         self.stats().refused_proxy_source.add(1);
@@ -267,7 +276,7 @@ impl Worker {
             self.now,
             "worker {}: listener {}: refused {ip}: {why}",
             self.index,
-            self.gate.listeners[self.conns[slot].listener as usize].name,
+            self.gate.listeners[self.conns[slot].listener as usize].settings.name,
         );
         self.step(slot, |conn, ops| conn.reject(End::Refused, ops));
     }
@@ -277,7 +286,7 @@ impl Worker {
         let entry = &self.conns[slot];
         let l = entry.listener as usize;
         let Some(prefix) = entry.conn.prefix() else { return };
-        match self.gate.listeners[l].admission.examine(prefix.received(), !prefix.has_room()) {
+        match self.gate.listeners[l].settings.admission.examine(prefix.received(), !prefix.has_room()) {
             Step::NeedMore => self.step(slot, |conn, ops| conn.read_prefix(ops)),
             Step::Reject(reason) => self.reject_handshake(slot, reason),
             Step::Route { pool, skip, carried } => {
@@ -286,7 +295,7 @@ impl Worker {
                     entry.client = Some(client);
                     entry.local = Some(local);
                 }
-                if self.gate.listeners[l].admission.accept_proxy && !self.admit(slot) {
+                if self.gate.listeners[l].settings.admission.accept_proxy && !self.admit(slot) {
                     return;
                 }
                 self.route(slot, pool, skip);
@@ -302,7 +311,7 @@ impl Worker {
             self.now,
             "worker {}: listener {}: closed a connection from {}: {why}",
             self.index,
-            self.gate.listeners[entry.listener as usize].name,
+            self.gate.listeners[entry.listener as usize].settings.name,
             entry
                 .client
                 .or_else(|| sys::peer_addr(entry.conn.client_fd()).ok())
@@ -321,6 +330,7 @@ impl Worker {
         let needs_client = self.pickers[pool_index].needs_client() || send_proxy.is_some();
         let entry = &mut self.conns[slot];
         entry.pool = pool_index as u32;
+        entry.layout = self.snapshot.layout;
         let fd = entry.conn.client_fd();
         if needs_client && entry.client.is_none() {
             entry.client = sys::peer_addr(fd).ok();

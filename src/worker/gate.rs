@@ -16,15 +16,7 @@
 
 use socket2::Socket;
 
-use super::{RateLimit, WorkerListener};
-use std::sync::Arc;
-
-use crate::admission::acl::{AccessRules, Cidr};
-use crate::admission::sources::SourceLimit;
-
-use crate::admission::Admission;
-#[cfg(test)]
-use std::time::Duration;
+use super::{ListenerSettings, RateLimit, WorkerListener};
 
 /// Connections that may complete their handshake while one wake-up of the worker runs, on top
 /// of full accept queues: the margin a multishot accept needs.
@@ -43,17 +35,12 @@ enum Armed {
 /// A listener as a worker holds it.
 #[derive(Debug)]
 pub(super) struct Listener {
-    pub name: String,
+    pub settings: ListenerSettings,
     /// `None` once closed.
     pub socket: Option<Socket>,
-    pub admission: Admission,
-    pub access: AccessRules,
-    /// With `accept_proxy`: who may send the PROXY header (empty: anyone).
-    pub proxy_from: Vec<Cidr>,
-    /// `max_conns_per_source`, counted over all workers.
-    pub sources: Option<Arc<SourceLimit>>,
-    pub idle_timeout_ms: Option<u64>,
-    pub handshake_timeout_ms: u64,
+    /// When a reload removed it (worker clock, ms): it accepts no more, and its connections
+    /// are closed `drain_timeout` later if still open.
+    pub retired_at: Option<u64>,
     /// This worker's open connections that came through this listener, and the most it may
     /// hold (its share of the listener's `max_connections`).
     open: usize,
@@ -69,16 +56,11 @@ pub(super) struct Listener {
 impl Listener {
     pub fn new(plan: WorkerListener) -> Listener {
         Listener {
-            name: plan.name,
+            cap: plan.settings.max_connections.unwrap_or(usize::MAX),
+            settings: plan.settings,
             socket: Some(plan.socket),
-            admission: plan.admission,
-            access: plan.access,
-            proxy_from: plan.proxy_from,
-            sources: plan.sources,
-            idle_timeout_ms: plan.idle_timeout.map(|d| d.as_millis() as u64),
-            handshake_timeout_ms: plan.handshake_timeout.as_millis() as u64,
+            retired_at: None,
             open: 0,
-            cap: plan.max_connections.unwrap_or(usize::MAX),
             armed: Armed::Nothing,
             readable: false,
             accept_asked: false,
@@ -88,6 +70,12 @@ impl Listener {
     /// How many more connections this listener may take on this worker.
     pub fn room(&self) -> usize {
         self.cap.saturating_sub(self.open)
+    }
+
+    /// New settings from a reload; they apply to connections accepted from now on.
+    pub fn update(&mut self, settings: ListenerSettings) {
+        self.cap = settings.max_connections.unwrap_or(usize::MAX);
+        self.settings = settings;
     }
 }
 
@@ -187,11 +175,26 @@ impl AcceptGate {
         self.listeners.iter().all(|l| l.socket.is_none())
     }
 
-    /// Closes the listeners with nothing in flight (when draining).
-    pub fn close_idle(&mut self) {
+    /// Closes the listeners with nothing in flight: all of them (when draining), or those a
+    /// reload removed.
+    pub fn close_idle(&mut self, all: bool) {
         for listener in self.listeners.iter_mut().filter(|l| l.armed == Armed::Nothing) {
-            listener.socket = None;
+            if all || listener.retired_at.is_some() {
+                listener.socket = None;
+            }
         }
+    }
+
+    /// A reload added listener `index` (the next index, the same in every worker).
+    pub fn add(&mut self, index: usize, listener: Listener) {
+        debug_assert_eq!(index, self.listeners.len(), "listener indices grow the same in every worker");
+        self.listeners.push(listener);
+    }
+
+    /// A reload removed listener `l`: it accepts no more (the next plan cancels what is armed)
+    /// and closes once nothing is in flight.
+    pub fn retire(&mut self, l: usize, now: u64) {
+        self.listeners[l].retired_at.get_or_insert(now);
     }
 
     /// What to arm, cancel or accept so that no listener takes more than fits: `room` is how
@@ -204,6 +207,7 @@ impl AcceptGate {
             if listener.socket.is_none() || listener.armed == Armed::Cancelling {
                 continue;
             }
+            let accepting = accepting && listener.retired_at.is_none();
             let multishot = multishot_room && listener.room() > self.multishot_above;
             let keep = match listener.armed {
                 Armed::Multishot => accepting && multishot,
@@ -234,7 +238,11 @@ impl AcceptGate {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::admission::Admission;
+    use crate::admission::acl::AccessRules;
 
     fn gate(caps: &[Option<usize>], backlog: usize) -> AcceptGate {
         let listeners = caps
@@ -244,15 +252,18 @@ mod tests {
                 let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
                 let admission = Admission { accept_proxy: false, sni: Default::default(), default_pool: Some(0) };
                 Listener::new(WorkerListener {
-                    name: format!("l{i}"),
+                    index: i,
                     socket,
-                    admission,
-                    access: AccessRules::default(),
-                    proxy_from: Vec::new(),
-                    sources: None,
-                    idle_timeout: None,
-                    handshake_timeout: Duration::ZERO,
-                    max_connections: cap,
+                    settings: ListenerSettings {
+                        name: format!("l{i}"),
+                        admission,
+                        access: AccessRules::default(),
+                        proxy_from: Vec::new(),
+                        sources: None,
+                        idle_timeout: None,
+                        handshake_timeout: Duration::ZERO,
+                        max_connections: cap,
+                    },
                 })
             })
             .collect();

@@ -14,6 +14,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use io_uring::{opcode, squeue, types};
@@ -40,11 +41,13 @@ mod gate;
 mod moving;
 mod pipes;
 mod relay;
+mod reload;
 mod slot;
 mod waiters;
 
 use gate::{AcceptGate, Listener};
 use pipes::PipePool;
+pub use reload::WorkerChange;
 use waiters::Waiters;
 
 /// Sizes of a worker's ring and buffers.
@@ -81,11 +84,10 @@ impl Default for RingSizes {
     }
 }
 
-/// A listener as a worker sees it.
-#[derive(Debug)]
-pub struct WorkerListener {
+/// What a listener is configured as, in the form a worker uses it (the same in every worker).
+#[derive(Debug, Clone)]
+pub struct ListenerSettings {
     pub name: String,
-    pub socket: Socket,
     /// What a connection must send before it can be routed, and where it goes.
     pub admission: Admission,
     pub access: AccessRules,
@@ -97,6 +99,15 @@ pub struct WorkerListener {
     pub handshake_timeout: Duration,
     /// This worker's share of the listener's `max_connections`, if it has one.
     pub max_connections: Option<usize>,
+}
+
+/// A listener as a worker is given it: its socket and settings, at the index every worker
+/// knows it by.
+#[derive(Debug)]
+pub struct WorkerListener {
+    pub index: usize,
+    pub socket: Socket,
+    pub settings: ListenerSettings,
 }
 
 /// Everything a worker is started with.
@@ -121,6 +132,8 @@ pub struct WorkerPlan {
     /// How many connections one listener's accept queue holds (the listen backlog, capped by
     /// the kernel's somaxconn).
     pub accept_backlog: usize,
+    /// Where reloads are posted for this worker.
+    pub changes: Receiver<WorkerChange>,
 }
 
 /// Logs a warning through a [`RateLimit`]: at most one line a second, which says how many like
@@ -168,7 +181,6 @@ enum Mode {
 
 /// Slots for timespecs the kernel reads at submission; boxed so their addresses are stable.
 struct Timers {
-    connect: Vec<types::Timespec>,
     tick: types::Timespec,
     backoff: types::Timespec,
     drain: types::Timespec,
@@ -187,6 +199,8 @@ enum Overdue {
     Handshake,
     /// Waited queue_timeout for a backend below max_conns.
     Queue,
+    /// Its listener was removed by a reload `drain_timeout` ago.
+    Drained,
 }
 
 /// How long accepting pauses after the process ran out of file descriptors.
@@ -233,6 +247,12 @@ pub struct Worker {
     refuse_log: RateLimit,
     /// The workers in use the listeners were last steered to (0: not yet).
     steered: usize,
+    /// Reloads posted for this worker.
+    changes: Receiver<WorkerChange>,
+    /// The interval of the tick armed (None before the first), and the tick's number, which
+    /// tells its completions from those of one it replaced.
+    tick: Option<Duration>,
+    tick_generation: u32,
 }
 
 impl Worker {
@@ -262,17 +282,8 @@ impl Worker {
         let waiters = Waiters::new(snapshot.pools.len());
         let pickers =
             snapshot.pools.iter().enumerate().map(|(p, pool)| Picker::new(pool, picker_seed(plan.index, p))).collect();
-        // The tick finds idle connections, slow handshakes and connections queued too long.
-        let shortest = plan
-            .listeners
-            .iter()
-            .flat_map(|l| [l.idle_timeout, l.admission.reads_first().then_some(l.handshake_timeout)])
-            .chain(snapshot.pools.iter().map(|p| p.limited.then_some(p.settings.queue_timeout)))
-            .flatten()
-            .min();
         let timers = Box::new(Timers {
-            connect: snapshot.pools.iter().map(|p| timespec(p.settings.connect_timeout)).collect(),
-            tick: timespec(tick_interval(shortest)),
+            tick: timespec(tick_interval(None)),
             backoff: timespec(ACCEPT_BACKOFF),
             drain: timespec(plan.drain_timeout),
         });
@@ -309,6 +320,9 @@ impl Worker {
             recv_limit,
             refuse_log: RateLimit::new(),
             steered: 0,
+            changes: plan.changes,
+            tick: None,
+            tick_generation: 0,
         };
         // Steer before the server reports this worker ready, so that no connection accepted
         // after the start is spread by the kernel's hash alone.
@@ -329,14 +343,7 @@ impl Worker {
         }
         self.arm_doorbell();
         self.regate();
-        let queues = self.snapshot.pools.iter().any(|p| p.limited);
-        if queues || self.gate.listeners.iter().any(|l| l.idle_timeout_ms.is_some() || l.admission.reads_first()) {
-            self.push_misc(
-                opcode::Timeout::new(&self.timers.tick).count(0).flags(types::TimeoutFlags::MULTISHOT).build(),
-                Kind::Tick,
-                0,
-            );
-        }
+        self.arm_tick();
         // The state may have changed before the doorbell read was armed.
         self.check_run_state();
         loop {
@@ -418,15 +425,18 @@ impl Worker {
                     self.close_all("drain deadline");
                 }
             }
-            Kind::AcceptCancel | Kind::CancelAll => self.misc_inflight -= 1,
+            Kind::AcceptCancel | Kind::CancelAll | Kind::TickCancel => self.misc_inflight -= 1,
             _ => self.on_conn_completion(token, c),
         }
     }
 
     /// Acts on what the control side asked for.
     fn check_run_state(&mut self) {
+        // A reload first: it brings a snapshot of a new layout and the listeners that go
+        // with it. Later snapshots of that layout (health changes) are installed as usual.
+        self.take_changes();
         let current = self.shared.snapshot();
-        if current.generation != self.snapshot.generation {
+        if current.layout == self.snapshot.layout && current.generation > self.snapshot.generation {
             self.install(current);
         }
         self.queue_work_all();
@@ -503,7 +513,7 @@ impl Worker {
         // Closing a listener does not end its accepts: cancel them, and close the listener
         // when their last completion arrives (see on_accept).
         self.regate();
-        self.gate.close_idle();
+        self.gate.close_idle(true);
         if !self.drain_timeout.is_zero() {
             self.push_misc(opcode::Timeout::new(&self.timers.drain).build(), Kind::DrainDeadline, 0);
         } else {
@@ -531,13 +541,17 @@ impl Worker {
 
     /// What, if anything, is overdue for a connection at `now`.
     fn overdue(&self, entry: &Slot, now: u64) -> Option<Overdue> {
-        let listener = &self.gate.listeners[entry.listener as usize];
         let conn = &entry.conn;
         let since = |t: u64| now.saturating_sub(t);
-        if conn.is_relaying() {
-            listener.idle_timeout_ms.filter(|&limit| since(conn.last_active()) >= limit).map(|_| Overdue::Idle)
+        let drain_ms = self.drain_timeout.as_millis() as u64;
+        let retired = self.gate.listeners[entry.listener as usize].retired_at;
+        if retired.is_some_and(|at| since(at) >= drain_ms) && !conn.is_closing() {
+            // Its listener was removed by a reload: drained as on SIGTERM.
+            Some(Overdue::Drained)
+        } else if conn.is_relaying() {
+            entry.idle_timeout_ms.filter(|&limit| since(conn.last_active()) >= limit).map(|_| Overdue::Idle)
         } else if conn.in_handshake() {
-            (since(conn.last_active()) >= listener.handshake_timeout_ms).then_some(Overdue::Handshake)
+            (since(conn.last_active()) >= entry.handshake_timeout_ms).then_some(Overdue::Handshake)
         } else if conn.is_queued() {
             let limit = self.snapshot.pools[entry.pool as usize].settings.queue_timeout.as_millis() as u64;
             entry.queued_since.filter(|&t| since(t) >= limit).map(|_| Overdue::Queue)
@@ -557,8 +571,12 @@ impl Worker {
                     worker.stats().idle_closed.add(1);
                     worker.step(slot, |conn, ops| conn.close(ops));
                 }
+                Some(Overdue::Drained) => {
+                    worker.stats().drain_closed.add(1);
+                    worker.step(slot, |conn, ops| conn.close(ops));
+                }
                 Some(Overdue::Handshake) => {
-                    let timeout = worker.gate.listeners[worker.conns[slot].listener as usize].handshake_timeout_ms;
+                    let timeout = worker.conns[slot].handshake_timeout_ms;
                     worker.reject_handshake(slot, format_args!("no complete handshake within {timeout} ms"));
                 }
                 Some(Overdue::Queue) => {

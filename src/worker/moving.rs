@@ -43,7 +43,7 @@ impl Worker {
             if let Err(e) = spread::steer::steer(socket.as_raw_fd(), in_use as u32) {
                 warn!(
                     "worker {}: listener {}: cannot steer new connections to the workers in use: {e}",
-                    self.index, listener.name
+                    self.index, listener.settings.name
                 );
             }
         }
@@ -115,12 +115,15 @@ impl Worker {
     pub(super) fn adopt(&mut self, entry: Slot) {
         let slot = self.insert_conn(entry);
         self.step(slot, |conn, ops| conn.arrive(ops));
+        self.relocate(slot);
         let entry = &self.conns[slot];
-        let pool = &self.snapshot.pools[entry.pool as usize];
+        let pool = self.snapshot.pools.get(entry.pool as usize);
         if self.closing_all {
             self.stats().drain_closed.add(1);
             self.step(slot, |conn, ops| conn.close(ops));
-        } else if entry.backend.as_ref().is_some_and(|held| pool.cuts(held.index, held.downs)) {
+        } else if let (Some(pool), Some(held)) = (pool, entry.backend.as_ref())
+            && pool.cuts(held.index, held.downs)
+        {
             self.stats().backend_down_closed.add(1);
             self.step(slot, |conn, ops| conn.cut(ops));
         }

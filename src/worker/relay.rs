@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use io_uring::{opcode, types};
 use log::{debug, error};
 
+use super::reload::NO_BACKEND;
 use super::slot::Held;
 use super::{Worker, is_resource_shortage, warn_limited};
 use crate::conn::{Conn, Dir, End, Event, Notice, Op};
@@ -91,13 +92,15 @@ impl Worker {
 
     fn connect_failed(&mut self, failed: Option<(usize, usize)>, errno: i32) {
         self.stats().connect_failed.add(1);
+        // A reload may have removed the pool or backend since the connect started.
+        let failed =
+            failed.filter(|&(pool, backend)| self.snapshot.pools.get(pool).is_some_and(|p| backend < p.backends.len()));
         if let Some((pool, backend)) = failed {
-            if let Some(backend) = self.snapshot.pools[pool].backends.get(backend) {
-                backend.counters.failures.fetch_add(1, Ordering::Relaxed);
-            }
+            self.snapshot.pools[pool].backends[backend].counters.failures.fetch_add(1, Ordering::Relaxed);
             // A shortage of local ports says nothing about the backend.
             if errno != libc::EADDRNOTAVAIL {
-                self.shared.notify(ControlEvent::ConnectFailed { pool, backend, errno });
+                let layout = self.snapshot.layout;
+                self.shared.notify(ControlEvent::ConnectFailed { layout, pool, backend, errno });
             }
         }
         let (pool, backend) = match failed {
@@ -249,7 +252,11 @@ impl Worker {
     fn connect(&mut self, slot: usize, ops: &mut Vec<Op>) {
         let entry = &self.conns[slot];
         let pool_index = entry.pool as usize;
-        let backend_index = if let Some(held) = &entry.backend {
+        if pool_index >= self.snapshot.pools.len() {
+            // A reload removed its pool while it was connecting.
+            return self.conns[slot].conn.no_backend_left(ops);
+        }
+        let backend_index = if let Some(held) = entry.backend.as_ref().filter(|held| held.index != NO_BACKEND) {
             // Reserved for it when it left the queue.
             held.index as usize
         } else {
@@ -279,12 +286,10 @@ impl Worker {
                     opcode::Connect::new(types::Fd(fd), backend.sockaddr.as_ptr().cast(), backend.sockaddr.len())
                         .build()
                         .user_data(token(Kind::Connect));
-                let timeout = opcode::LinkTimeout::new(&self.timers.connect[pool_index])
-                    .build()
-                    .user_data(token(Kind::ConnectTimeout));
-                // SAFETY: the address lives in the snapshot, kept (in `retired` if replaced)
-                // until this submission, when the kernel copies it; the timespec lives in
-                // `self.timers`, likewise copied at submission.
+                let timeout =
+                    opcode::LinkTimeout::new(&pool.connect_timespec).build().user_data(token(Kind::ConnectTimeout));
+                // SAFETY: the address and the timespec live in the snapshot, kept (in
+                // `retired` if replaced) until this submission, when the kernel copies them.
                 unsafe { self.ring.push_linked(connect, timeout) };
             }
             Err(e) => {
@@ -336,7 +341,7 @@ impl Worker {
         let Some(held) = entry.backend.take() else { return };
         held.counters.release();
         let pool = entry.pool as usize;
-        if self.snapshot.pools[pool].limited && self.snapshot.pools[pool].queue.waiting() > 0 {
+        if self.snapshot.pools.get(pool).is_some_and(|p| p.limited && p.queue.waiting() > 0) {
             self.queue_work(pool);
         }
     }
@@ -356,12 +361,11 @@ impl Worker {
         }
         if entry.queued_since.is_some() {
             // It left the line without being served: its worker's oldest ticket may change.
+            // (Waiters of a pool a reload removed were let go then.)
             self.snapshot.pools[pool].queue.leave();
             self.queue_work(pool);
         }
-        if entry.source_counted
-            && let (Some(limit), Some(client)) = (&self.gate.listeners[entry.listener as usize].sources, entry.client)
-        {
+        if let (Some(limit), Some(client)) = (&entry.source, entry.client) {
             limit.release(client.ip());
         }
         let stats = &self.shared.stats[self.index];

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::admission::sources::SourceLimit;
 use crate::balance::BackendCounters;
 
 use crate::conn::Conn;
@@ -37,12 +38,18 @@ pub struct Slot {
     pub(super) client: Option<SocketAddr>,
     /// The address the client connected to (for outgoing PROXY headers).
     pub(super) local: Option<SocketAddr>,
-    /// Whether it holds a count in its listener's per-source limit.
-    pub(super) source_counted: bool,
+    /// The per-source limit it holds a count in, if any (its listener's when it was admitted).
+    pub(super) source: Option<Arc<SourceLimit>>,
+    /// Its listener's timeouts when it was accepted (a reload changes them for new ones only):
+    /// no byte either way for this long closes it; its PROXY header and ClientHello must be in
+    /// within the other.
+    pub(super) idle_timeout_ms: Option<u64>,
+    pub(super) handshake_timeout_ms: u64,
     /// When it started waiting in its pool's queue, if it waits.
     pub(super) queued_since: Option<u64>,
-    /// Index of the pool it was routed to.
+    /// Index of the pool it was routed to, in snapshot layout `layout` (a reload renumbers).
     pub(super) pool: u32,
+    pub(super) layout: u64,
     /// The backend slot it holds, if any.
     pub(super) backend: Option<Held>,
     /// Backends it could not reach, in the order tried: a retry skips them. Empty (no
@@ -53,17 +60,20 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// A connection just accepted through listener `listener`.
-    pub(super) fn new(conn: Conn, generation: u32, listener: u32) -> Slot {
+    /// A connection just accepted through listener `listener`, with its timeouts.
+    pub(super) fn new(conn: Conn, listener: u32, idle_timeout_ms: Option<u64>, handshake_timeout_ms: u64) -> Slot {
         Slot {
             conn,
-            generation,
+            generation: 0,
             listener,
             client: None,
             local: None,
-            source_counted: false,
+            source: None,
+            idle_timeout_ms,
+            handshake_timeout_ms,
             queued_since: None,
             pool: 0,
+            layout: 0,
             backend: None,
             failed: Vec::new(),
             pipes: [None; 2],

@@ -40,6 +40,24 @@ impl Waiters {
         }
     }
 
+    /// The pools moved (a reload): pool `p`'s queue is now pool `moved[p]`'s (`NO_POOL`: gone),
+    /// of `pools` in all. Returns the waiters of the pools that are gone, by their old index.
+    pub(super) fn relayout(&mut self, moved: &[u32], pools: usize) -> Vec<(usize, Vec<Waiter>)> {
+        let mut local: Vec<LocalQueue> = (0..pools).map(|_| LocalQueue::default()).collect();
+        let mut gone = Vec::new();
+        for (old, queue) in std::mem::take(&mut self.local).into_iter().enumerate() {
+            match moved.get(old).and_then(|&p| local.get_mut(p as usize)) {
+                Some(slot) => *slot = queue,
+                None if !queue.is_empty() => gone.push((old, queue.into_waiters())),
+                None => {}
+            }
+        }
+        self.local = local;
+        self.work.clear();
+        self.marked = vec![false; pools];
+        gone
+    }
+
     /// A direction found no buffer: it waits for the next one recycled.
     pub(super) fn starve(&mut self, slot: usize, generation: u32, dir: Dir) {
         self.starved.push_back((slot, generation, dir));

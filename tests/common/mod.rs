@@ -198,6 +198,35 @@ impl Ringlb {
         self.log.lock().unwrap().clone()
     }
 
+    /// Rewrites the config file with `config`, sends SIGHUP and waits for the reload's outcome:
+    /// its log line (`reload: ...` or `reload failed, ...`).
+    pub fn reload(&self, config: &str) -> String {
+        let outcomes = |log: &str| {
+            log.lines()
+                .filter(|l| l.contains("] reload: ") || l.contains("] reload failed"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        let before = outcomes(&self.log()).len();
+        std::fs::write(&self.config_path, config).unwrap();
+        self.signal(libc::SIGHUP);
+        assert!(
+            Ringlb::eventually(Duration::from_secs(20), || outcomes(&self.log()).len() > before),
+            "no reload outcome logged:\n{}",
+            self.log()
+        );
+        outcomes(&self.log())[before].clone()
+    }
+
+    /// The address a listener added by a reload was bound to, from its log line.
+    pub fn added_listener(&self, name: &str) -> SocketAddr {
+        let needle = format!("] listener {name} on ");
+        assert!(self.logged(&needle), "listener {name} not logged:\n{}", self.log());
+        let log = self.log();
+        let line = log.lines().rev().find(|l| l.contains(&needle)).unwrap();
+        line.split(&needle).nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+    }
+
     /// Whether the log has `needle`, waiting for it a while: ringlb writes a line before the
     /// effect a test sees, but the line reaches the test through a pipe and a reader thread.
     pub fn logged(&self, needle: &str) -> bool {

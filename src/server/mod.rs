@@ -4,8 +4,9 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -13,14 +14,19 @@ use log::{error, info};
 
 use crate::admission::Admission;
 use crate::admission::sources::SourceLimit;
-use crate::config::Config;
+use crate::config::{Config, ListenerConfig};
 use crate::conn::Relay;
+use crate::control::reload::{ReloadError, Reloader, Report, Source};
 use crate::control::snapshot::first_snapshot;
 use crate::control::{ControlEvent, RunState, Shared, http};
 use crate::spread::Handoff;
 use crate::stats;
 use crate::sys;
-use crate::worker::{RingSizes, Worker, WorkerListener, WorkerPlan};
+use crate::worker::{ListenerSettings, RingSizes, Worker, WorkerPlan};
+use listeners::{ListenerTable, SharedTable};
+use tokio::sync::oneshot;
+
+mod listeners;
 
 /// The listen backlog of every listener.
 const BACKLOG: i32 = 4096;
@@ -68,7 +74,16 @@ impl Server {
         Self::start_with(config, RingSizes::default())
     }
 
+    /// As [`Server::start`], for a config read from `path`: a reload (SIGHUP) reads it again.
+    pub fn start_from_file(config: &Config, path: &Path) -> Result<Server, StartError> {
+        Self::start_inner(config, RingSizes::default(), Some(path.to_path_buf()))
+    }
+
     pub fn start_with(config: &Config, sizes: RingSizes) -> Result<Server, StartError> {
+        Self::start_inner(config, sizes, None)
+    }
+
+    fn start_inner(config: &Config, sizes: RingSizes, path: Option<PathBuf>) -> Result<Server, StartError> {
         let fd_limit = match sys::raise_nofile_limit() {
             Ok(limit) => limit,
             Err(e) => {
@@ -80,41 +95,8 @@ impl Server {
         let cpus = sys::allowed_cpus();
 
         // Bind every worker's listener here, so a bad address fails the start, not a thread.
-        let mut listeners_by_worker: Vec<Vec<WorkerListener>> = (0..workers).map(|_| Vec::new()).collect();
-        let mut listen_addrs = Vec::new();
-        for listener in &config.listeners {
-            let sources = listener.max_conns_per_source.map(|n| Arc::new(SourceLimit::new(n.get())));
-            let mut address = listener.bind;
-            for (worker, worker_listeners) in listeners_by_worker.iter_mut().enumerate() {
-                let socket = sys::listener(address, BACKLOG, worker == 0).map_err(|source| StartError::Bind {
-                    listener: listener.name.clone(),
-                    address,
-                    source,
-                })?;
-                // With port 0 the first bind picks the port; the other workers share it.
-                if address.port() == 0
-                    && let Some(bound) = socket.local_addr().ok().and_then(|a| a.as_socket())
-                {
-                    address = bound;
-                }
-                worker_listeners.push(WorkerListener {
-                    name: listener.name.clone(),
-                    socket,
-                    admission: Admission {
-                        accept_proxy: listener.accept_proxy,
-                        sni: listener.sni.clone(),
-                        default_pool: listener.pool,
-                    },
-                    access: listener.access.clone(),
-                    proxy_from: listener.proxy_from.clone(),
-                    sources: sources.clone(),
-                    idle_timeout: listener.idle_timeout,
-                    handshake_timeout: listener.handshake_timeout,
-                    max_connections: listener.max_connections.map(|n| (n.get() / workers).max(1)),
-                });
-            }
-            listen_addrs.push((listener.name.clone(), address));
-        }
+        let (mut table, listeners_by_worker) = ListenerTable::bind(config, workers)?;
+        let listen_addrs = table.addresses();
 
         let metrics = match config.metrics_bind {
             Some(address) => Some(std::net::TcpListener::bind(address).map_err(|source| StartError::Bind {
@@ -158,9 +140,12 @@ impl Server {
             None => connection_capacity as usize,
         };
         let per_worker = (max_connections / workers).max(1);
+        let (mailboxes, changes): (Vec<_>, Vec<_>) = (0..workers).map(|_| mpsc::channel()).unzip();
+        table.connect(Arc::clone(&shared), mailboxes);
+        let table = Arc::new(Mutex::new(table));
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut handles = Vec::with_capacity(workers);
-        for (index, listeners) in listeners_by_worker.into_iter().enumerate() {
+        for (index, (listeners, changes)) in listeners_by_worker.into_iter().zip(changes).enumerate() {
             let plan = WorkerPlan {
                 index,
                 cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),
@@ -174,6 +159,7 @@ impl Server {
                 doorbell: shared.doorbell(index),
                 handoff: handoff.clone(),
                 accept_backlog: accept_backlog(),
+                changes,
             };
             let shared = Arc::clone(&shared);
             let ready = ready_tx.clone();
@@ -214,6 +200,7 @@ impl Server {
                 events,
                 metrics,
                 per_worker as u64,
+                Reloader { path, listeners: Box::new(SharedTable(Arc::clone(&table))) },
             )
             .map(Some)
             .map_err(StartError::Thread),
@@ -242,6 +229,14 @@ impl Server {
             if pipe_limit > 0 { format!(", with {pipe_limit} pipes per worker for splicing") } else { String::new() }
         );
         Ok(server)
+    }
+
+    /// Reloads the config (see [`crate::control::reload`]) and waits for the outcome, which
+    /// the control thread also logs and counts.
+    pub fn reload(&self, source: Source) -> Result<Report, ReloadError> {
+        let (reply, outcome) = oneshot::channel();
+        self.shared.notify(ControlEvent::Reload { source, reply: Some(reply) });
+        outcome.blocking_recv().unwrap_or(Err(ReloadError::Stopping))
     }
 
     /// Stops accepting and lets open connections finish (until the drain deadline).
@@ -306,6 +301,11 @@ impl Server {
                     info!("{}: closing remaining connections now", sys::signal_name(signal));
                     self.close_now();
                 }
+                Some(libc::SIGHUP) if !stopping => {
+                    info!("SIGHUP: reloading the config");
+                    // The control thread logs and counts the outcome.
+                    let _ = self.reload(Source::File);
+                }
                 Some(signal) => info!("{}: ignored; {}", sys::signal_name(signal), ignored_because(signal)),
                 None => {}
             }
@@ -331,6 +331,29 @@ impl Server {
     }
 }
 
+/// What a worker uses of a listener's config; `sources` is its per-source limit, shared by
+/// every worker.
+pub(crate) fn listener_settings(
+    listener: &ListenerConfig,
+    workers: usize,
+    sources: Option<Arc<SourceLimit>>,
+) -> ListenerSettings {
+    ListenerSettings {
+        name: listener.name.clone(),
+        admission: Admission {
+            accept_proxy: listener.accept_proxy,
+            sni: listener.sni.clone(),
+            default_pool: listener.pool,
+        },
+        access: listener.access.clone(),
+        proxy_from: listener.proxy_from.clone(),
+        sources,
+        idle_timeout: listener.idle_timeout,
+        handshake_timeout: listener.handshake_timeout,
+        max_connections: listener.max_connections.map(|n| (n.get() / workers).max(1)),
+    }
+}
+
 /// How many connections one listener's accept queue holds: the backlog ringlb asks for,
 /// capped by the kernel's net.core.somaxconn.
 fn accept_backlog() -> usize {
@@ -342,7 +365,7 @@ fn accept_backlog() -> usize {
 fn ignored_because(signal: libc::c_int) -> &'static str {
     match signal {
         libc::SIGUSR1 => "ringlb logs to stderr, so there is no log file to reopen",
-        libc::SIGHUP => "this version does not reload its config (restart to apply changes)",
+        libc::SIGHUP => "ringlb is stopping, so it does not reload",
         libc::SIGUSR2 => "this version does not upgrade its binary in place",
         _ => "it has no meaning for ringlb",
     }
