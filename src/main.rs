@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use log::{error, info};
 
 use ringlb::config::Config;
-use ringlb::server::Server;
+use ringlb::server::{Inherited, Invocation, Server};
 use ringlb::sys;
 
 const EXAMPLES: &str = "\
@@ -17,10 +17,12 @@ Examples:
   ringlb run -c config/ringlb.toml      serve until SIGTERM or SIGINT
   RUST_LOG=debug ringlb run -c FILE     log every connection
 
-Signals: SIGHUP reloads the config file (an invalid one changes nothing). SIGTERM, SIGINT
-or SIGQUIT stops accepting and lets open connections finish for up to drain_timeout
-(default 30s); a second one closes them at once. Exit status 0. SIGUSR1, SIGUSR2, SIGALRM
-and SIGTTIN are logged and change nothing.";
+Signals: SIGHUP reloads the config file (an invalid one changes nothing). SIGUSR2 starts
+the binary at the same path with the same arguments and hands it the listening sockets;
+once it serves, this process drains as on SIGTERM (if it fails, this one keeps serving).
+SIGTERM, SIGINT or SIGQUIT stops accepting and lets open connections finish for up to
+drain_timeout (default 30s); a second one closes them at once. Exit status 0. SIGUSR1,
+SIGALRM and SIGTTIN are logged and change nothing.";
 
 #[derive(Parser)]
 #[command(name = "ringlb", version, about = "A layer-4 TCP load balancer on io_uring", after_help = EXAMPLES)]
@@ -67,6 +69,18 @@ fn main() -> ExitCode {
 }
 
 fn run(path: &std::path::Path) -> ExitCode {
+    // Started by an upgrade: the old process waits for this one on the channel it passed.
+    let mut inherited = match Inherited::from_env() {
+        None => None,
+        Some(Ok(inherited)) => Some(inherited),
+        Some(Err(e)) => {
+            error!("cannot take over from the running process: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let invocation = Invocation::current()
+        .inspect_err(|e| log::warn!("cannot find this binary's path ({e}); SIGUSR2 will not upgrade"))
+        .ok();
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(e) => {
@@ -85,7 +99,8 @@ fn run(path: &std::path::Path) -> ExitCode {
     for warning in &config.warnings {
         log::warn!("{warning}");
     }
-    let server = match Server::start_from_file(&config, path) {
+    let handed = inherited.as_ref().map_or(0, Inherited::count);
+    let server = match Server::start_from_file(&config, path, inherited.as_mut()) {
         Ok(server) => server,
         Err(e) => {
             error!("{e}");
@@ -106,7 +121,13 @@ fn run(path: &std::path::Path) -> ExitCode {
     if let Some(address) = server.metrics_addr {
         info!("metrics on http://{address}/metrics");
     }
-    match server.serve_until_stopped(&signals) {
+    if let Some(inherited) = inherited {
+        info!("upgrade: took over {handed} listening sockets from the running process; telling it to drain");
+        if let Err(e) = inherited.ready() {
+            log::warn!("upgrade: cannot tell the old process this one serves: {e} (it may have exited)");
+        }
+    }
+    match server.serve_until_stopped(&signals, invocation.as_ref()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");

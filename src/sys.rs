@@ -333,6 +333,100 @@ pub fn attach_reuseport_cbpf(listener: RawFd, program: &[libc::sock_filter]) -> 
     set_option(listener, libc::SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &fprog)
 }
 
+/// Most descriptors one `sendmsg` carries here (the kernel's limit is 253).
+pub const FDS_PER_MESSAGE: usize = 200;
+
+/// Sends `bytes` and the descriptors `fds` (at most [`FDS_PER_MESSAGE`]) over a unix stream
+/// socket in one `sendmsg` (SCM_RIGHTS); the receiver gets its own copies of them.
+pub fn send_fds(socket: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    assert!(!bytes.is_empty() && fds.len() <= FDS_PER_MESSAGE);
+    let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
+    // SAFETY: CMSG_SPACE is a pure computation on a length.
+    let space = unsafe { libc::CMSG_SPACE(mem::size_of_val(fds) as u32) } as usize;
+    let mut control = vec![0u8; space.max(1)];
+    // SAFETY: msghdr is plain data; zeroed is a valid empty header, filled in below.
+    let mut message: libc::msghdr = unsafe { mem::zeroed() };
+    message.msg_iov = &mut iov;
+    message.msg_iovlen = 1;
+    if !fds.is_empty() {
+        message.msg_control = control.as_mut_ptr().cast();
+        message.msg_controllen = space as _;
+        // SAFETY: the control buffer is CMSG_SPACE(len) bytes, room for one header and `fds`;
+        // CMSG_FIRSTHDR/CMSG_DATA point inside it.
+        unsafe {
+            let header = libc::CMSG_FIRSTHDR(&message);
+            (*header).cmsg_level = libc::SOL_SOCKET;
+            (*header).cmsg_type = libc::SCM_RIGHTS;
+            (*header).cmsg_len = libc::CMSG_LEN(mem::size_of_val(fds) as u32) as _;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(header).cast::<RawFd>(), fds.len());
+        }
+    }
+    // SAFETY: the header points at the iovec (over `bytes`) and the control buffer, both alive
+    // for the call; the kernel only reads them.
+    let sent = unsafe { libc::sendmsg(socket, &message, libc::MSG_NOSIGNAL) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (sent as usize) < bytes.len() {
+        return Err(io::Error::other("short sendmsg"));
+    }
+    Ok(())
+}
+
+/// Receives up to `buf.len()` bytes and the descriptors sent with them (at most
+/// [`FDS_PER_MESSAGE`]); returns the byte count (0: the sender closed) and the descriptors,
+/// owned, close-on-exec.
+pub fn recv_fds(socket: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: CMSG_SPACE is a pure computation on a length.
+    let space = unsafe { libc::CMSG_SPACE((FDS_PER_MESSAGE * mem::size_of::<RawFd>()) as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: as in send_fds.
+    let mut message: libc::msghdr = unsafe { mem::zeroed() };
+    message.msg_iov = &mut iov;
+    message.msg_iovlen = 1;
+    message.msg_control = control.as_mut_ptr().cast();
+    message.msg_controllen = space as _;
+    // SAFETY: the kernel writes at most iov_len bytes into `buf` and msg_controllen into
+    // `control`, both ours and alive for the call.
+    let received = unsafe { libc::recvmsg(socket, &mut message, libc::MSG_CMSG_CLOEXEC) };
+    if received < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: the CMSG_* macros walk the control buffer the kernel filled (msg_controllen was
+    // updated to what it wrote); SCM_RIGHTS data is an array of fds that are now ours.
+    unsafe {
+        let mut header = libc::CMSG_FIRSTHDR(&message);
+        while !header.is_null() {
+            if (*header).cmsg_level == libc::SOL_SOCKET && (*header).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(header).cast::<RawFd>();
+                let count = ((*header).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / mem::size_of::<RawFd>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            header = libc::CMSG_NXTHDR(&message, header);
+        }
+    }
+    if message.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::other("descriptors were cut off (MSG_CTRUNC)"));
+    }
+    if message.msg_flags & libc::MSG_TRUNC != 0 {
+        return Err(io::Error::other("a message longer than the buffer was cut off (MSG_TRUNC)"));
+    }
+    Ok((received as usize, fds))
+}
+
+/// Sets or clears close-on-exec on `fd`. Async-signal-safe (a `pre_exec` hook may call it).
+pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD take and return flags for an fd we hold.
+    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    let flags = if on { flags | libc::FD_CLOEXEC } else { flags & !libc::FD_CLOEXEC };
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFD, flags) }).map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,6 +442,30 @@ mod tests {
         let other = std::thread::spawn(thread_id).join().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(thread_cpu_time(other), None, "a thread that exited has no clock");
+    }
+
+    #[test]
+    fn descriptors_travel_over_a_unix_socket() {
+        use std::io::{Read, Write};
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        send_fds(a.as_raw_fd(), b"listener", &[server.as_raw_fd()]).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, fds) = recv_fds(b.as_raw_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"listener");
+        assert_eq!(fds.len(), 1);
+        // The copy is the same listening socket: a client of the original is accepted on it.
+        drop(server);
+        let copy = std::net::TcpListener::from(fds.into_iter().next().unwrap());
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        client.write_all(b"x").unwrap();
+        let (mut accepted, _) = copy.accept().unwrap();
+        let mut byte = [0u8; 1];
+        accepted.read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"x");
+        drop(a);
+        assert_eq!(recv_fds(b.as_raw_fd(), &mut buf).unwrap().0, 0, "closed");
     }
 
     #[test]

@@ -197,9 +197,7 @@ fn stray_signals_change_nothing_and_sigquit_drains() {
     let mut lb = Ringlb::start(&config_for(&[backend.addr], "drain_timeout = \"60s\"", ""));
     let mut held = connect(lb.addr());
     round_trip(&mut held, b"before").unwrap();
-    for (signal, name) in
-        [(libc::SIGUSR1, "SIGUSR1"), (libc::SIGUSR2, "SIGUSR2"), (libc::SIGALRM, "SIGALRM"), (libc::SIGTTIN, "SIGTTIN")]
-    {
+    for (signal, name) in [(libc::SIGUSR1, "SIGUSR1"), (libc::SIGALRM, "SIGALRM"), (libc::SIGTTIN, "SIGTTIN")] {
         lb.signal(signal);
         let line = format!("{name}: ignored");
         assert!(Ringlb::eventually(Duration::from_secs(10), || lb.log().contains(&line)), "{name}: {}", lb.log());

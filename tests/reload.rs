@@ -6,8 +6,7 @@ mod common;
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::thread;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use common::*;
@@ -21,66 +20,6 @@ fn config(backends: &[SocketAddr], extra: &str, pool_extra: &str) -> String {
          [pools.p]\nbackends = [{}]\n{pool_extra}\n[pools.p.health]\nenabled = false\n",
         list.join(", ")
     )
-}
-
-/// Clients that keep exchanging messages on open connections, and one that opens a
-/// connection per request, all checking every byte, until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    exchanges: Arc<AtomicUsize>,
-    threads: Vec<thread::JoinHandle<Result<(), String>>>,
-}
-
-impl Load {
-    fn start(addr: SocketAddr) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let exchanges = Arc::new(AtomicUsize::new(0));
-        let mut threads = Vec::new();
-        for i in 0..6 {
-            let (stop, exchanges) = (Arc::clone(&stop), Arc::clone(&exchanges));
-            threads.push(thread::spawn(move || {
-                let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
-                stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    n += 1;
-                    let message = random_bytes(1 + (n as usize * 7919 + i * 104_729) % 20_000, n ^ i as u64);
-                    round_trip(&mut stream, &message)
-                        .map_err(|e| format!("keep-alive client {i}, exchange {n}: {e}"))?;
-                    exchanges.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(())
-            }));
-        }
-        let (stop2, exchanges2) = (Arc::clone(&stop), Arc::clone(&exchanges));
-        threads.push(thread::spawn(move || {
-            let mut n = 0u64;
-            while !stop2.load(Ordering::Relaxed) {
-                n += 1;
-                let mut stream = TcpStream::connect(addr).map_err(|e| format!("connection {n}: connect: {e}"))?;
-                stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                round_trip(&mut stream, format!("request {n}").as_bytes())
-                    .map_err(|e| format!("connection {n}: {e}"))?;
-                exchanges2.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(())
-        }));
-        Load { stop, exchanges, threads }
-    }
-
-    /// Waits until `n` more exchanges were done.
-    fn wait_for(&self, n: usize) {
-        let start = self.exchanges.load(Ordering::Relaxed);
-        assert!(
-            Ringlb::eventually(Duration::from_secs(30), || self.exchanges.load(Ordering::Relaxed) >= start + n),
-            "the load stalled"
-        );
-    }
-
-    fn finish(self) -> Vec<String> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.threads.into_iter().filter_map(|t| t.join().unwrap().err()).collect()
-    }
 }
 
 #[test]

@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 
 use crate::config::{Config, HealthConfig};
+use crate::control::snapshot::{Down, starts_down};
 use crate::health::{CheckFailure, HealthState, probe};
 
 /// One check's result, from a check task to the control loop.
@@ -57,11 +58,20 @@ pub struct Checks {
 }
 
 impl Checks {
-    /// Health for `config`'s pools, every backend up, each checked by a task started here
-    /// (on the control thread's runtime).
-    pub fn start(config: &Config, results: UnboundedSender<Checked>) -> Checks {
+    /// Health for `config`'s pools, every backend up but those in `down` (see
+    /// [`starts_down`]), each checked by a task started here (on the control thread's runtime).
+    pub fn start(config: &Config, results: UnboundedSender<Checked>, down: &Down) -> Checks {
         let mut checks = Checks { pools: Vec::new(), tasks: HashMap::new(), next_task: 0, results };
         checks.reconfigure(config);
+        for (pool, health) in config.pools.iter().zip(&mut checks.pools) {
+            let Some(check) = &pool.health else { continue };
+            for backend in &mut health.backends {
+                if starts_down(down, pool, backend.address) {
+                    backend.up = false;
+                    backend.state = HealthState::starting(check.rise, check.fall, false);
+                }
+            }
+        }
         checks
     }
 

@@ -90,7 +90,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        let (shared, _events) = Shared::new(first_snapshot(&config), 2, config.spread).unwrap();
+        let (shared, _events) = Shared::new(first_snapshot(&config, &Vec::new()), 2, config.spread).unwrap();
         shared.stats[0].accepted.add(3);
         shared.stats[1].accepted.add(4);
         shared.snapshot().pools[0].backends[1].counters.active.store(5, std::sync::atomic::Ordering::Relaxed);

@@ -54,6 +54,9 @@ pub enum ControlEvent {
     ConnectFailed { layout: u64, pool: usize, backend: usize, errno: i32 },
     /// Reload the config; the outcome goes to `reply`, if given.
     Reload { source: reload::Source, reply: Option<oneshot::Sender<Result<reload::Report, reload::ReloadError>>> },
+    /// A binary upgrade handed the listening sockets to a new process: stop serving the
+    /// metrics port (this process drains).
+    HandedOver,
     /// Stop the control thread.
     Stop,
 }

@@ -42,14 +42,27 @@ pub fn pool_from_config(
     Pool::new(settings, backends, up.to_vec(), downs.to_vec(), queue)
 }
 
-/// The first snapshot: every backend up, nothing counted.
-pub fn first_snapshot(config: &Config) -> Arc<Snapshot> {
+/// Backends marked down, as (pool name, address): what a binary upgrade carries from the old
+/// process to the new one.
+pub type Down = Vec<(String, SocketAddr)>;
+
+/// Whether backend `address` of `pool` starts down: it is in `down` and the pool is checked
+/// (in a pool without checks, nothing would ever mark it up again).
+pub fn starts_down(down: &Down, pool: &PoolConfig, address: SocketAddr) -> bool {
+    pool.health.is_some() && down.iter().any(|(name, a)| *name == pool.name && *a == address)
+}
+
+/// The first snapshot: every backend up but those in `down`, nothing counted.
+pub fn first_snapshot(config: &Config, down: &Down) -> Arc<Snapshot> {
     let workers = config.workers.get();
     Snapshot::new(
         config
             .pools
             .iter()
-            .map(|p| pool_from_config(p, &vec![true; p.backends.len()], &vec![0; p.backends.len()], None, workers))
+            .map(|p| {
+                let up: Vec<bool> = p.backends.iter().map(|b| !starts_down(down, p, b.address)).collect();
+                pool_from_config(p, &up, &vec![0; p.backends.len()], None, workers)
+            })
             .collect(),
     )
 }

@@ -12,7 +12,8 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use super::checks::{Checked, Checks};
 use super::reload::{self, ReloadError, Reloader, Report, Source};
-use super::{ControlEvent, RunState, Shared, http, metrics, snapshot};
+use super::snapshot::{self, Down};
+use super::{ControlEvent, RunState, Shared, http, metrics};
 use crate::config::Config;
 use crate::health::CheckFailure;
 use crate::spread;
@@ -27,6 +28,7 @@ pub fn spawn(
     metrics: Option<std::net::TcpListener>,
     per_worker: u64,
     reloader: Reloader,
+    down: Down,
 ) -> io::Result<JoinHandle<()>> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = std::thread::Builder::new().name("ringlb-control".into()).spawn(move || {
@@ -38,6 +40,7 @@ pub fn spawn(
             }
         };
         runtime.block_on(async move {
+            let mut metrics_server = None;
             if let Some(listener) = metrics {
                 let listener =
                     match listener.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(listener)) {
@@ -48,19 +51,19 @@ pub fn spawn(
                         }
                     };
                 let shared = Arc::clone(&shared);
-                tokio_uring::spawn(http::serve(listener, "metrics", move |request| {
+                metrics_server = Some(tokio_uring::spawn(http::serve(listener, "metrics", move |request| {
                     let shared = Arc::clone(&shared);
                     async move { metrics_reply(&shared, &request) }
-                }));
+                })));
             }
             if shared.pack().is_some() && shared.stats.len() > 1 {
                 tokio_uring::spawn(follow_load(Arc::clone(&shared), per_worker));
             }
             let _ = ready_tx.send(Ok(()));
             let (results, checked) = unbounded_channel();
-            let checks = Checks::start(&config, results);
+            let checks = Checks::start(&config, results, &down);
             shared.config_loaded();
-            let control = Control { config, shared, checks, reloader, local_failures: 0 };
+            let control = Control { config, shared, checks, reloader, local_failures: 0, metrics_server };
             control.run(events, checked).await;
         })
     })?;
@@ -80,6 +83,8 @@ struct Control {
     reloader: Reloader,
     /// Checks that failed for want of a local descriptor or port, not counted.
     local_failures: u64,
+    /// The metrics port's accept loop, stopped once an upgrade handed the port over.
+    metrics_server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Control {
@@ -103,6 +108,13 @@ impl Control {
                         let outcome = self.reload(source);
                         if let Some(reply) = reply {
                             let _ = reply.send(outcome);
+                        }
+                    }
+                    Some(ControlEvent::HandedOver) => {
+                        // The new process serves the port from now on (one that is already
+                        // connected here is answered); scrapes see one process's counters.
+                        if let Some(server) = self.metrics_server.take() {
+                            server.abort();
                         }
                     }
                     Some(ControlEvent::Stop) | None => return,

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use socket2::Socket;
 
+use super::upgrade::{Handed, Inherited};
 use super::{BACKLOG, StartError, listener_settings};
 use crate::admission::sources::SourceLimit;
 use crate::config::{Config, ListenerConfig};
@@ -87,13 +88,29 @@ fn limit_of(listener: &ListenerConfig) -> Option<Arc<SourceLimit>> {
 }
 
 impl ListenerTable {
-    /// Binds `config`'s listeners for `workers` workers: the table, and each worker's
+    /// Binds `config`'s listeners for `workers` workers, or takes the sockets `inherited`
+    /// has for them (see [`Inherited::take_listener`]): the table, and each worker's
     /// listeners.
-    pub fn bind(config: &Config, workers: usize) -> Result<(ListenerTable, Vec<Vec<WorkerListener>>), StartError> {
+    pub fn bind(
+        config: &Config,
+        workers: usize,
+        mut inherited: Option<&mut Inherited>,
+    ) -> Result<(ListenerTable, Vec<Vec<WorkerListener>>), StartError> {
         let mut table = ListenerTable { entries: Vec::new(), workers, mailboxes: Vec::new(), shared: None };
         let mut by_worker: Vec<Vec<WorkerListener>> = (0..workers).map(|_| Vec::new()).collect();
         for listener in &config.listeners {
-            let (address, sockets) = bind(listener, workers)?;
+            let (address, sockets) =
+                match inherited.as_deref_mut().and_then(|i| i.take_listener(&listener.name, listener.bind)) {
+                    Some((address, sockets)) if sockets.len() == workers => (address, sockets),
+                    Some((_, sockets)) => {
+                        return Err(StartError::Workers {
+                            listener: listener.name.clone(),
+                            handed: sockets.len(),
+                            workers,
+                        });
+                    }
+                    None => bind(listener, workers)?,
+                };
             for (w, socket) in sockets.into_iter().enumerate() {
                 by_worker[w].push(table.add(listener, config, address, socket, w));
             }
@@ -132,6 +149,16 @@ impl ListenerTable {
     pub fn connect(&mut self, shared: Arc<Shared>, mailboxes: Vec<Sender<WorkerChange>>) {
         self.shared = Some(shared);
         self.mailboxes = mailboxes;
+    }
+
+    /// Every active listener's sockets, for a binary upgrade. They stay open while the table
+    /// is held: a reload that removes a listener clears its entry before its workers close it.
+    pub fn sockets(&self) -> Vec<Handed> {
+        self.entries
+            .iter()
+            .filter(|e| e.active())
+            .map(|e| Handed { name: e.config.name.clone(), address: e.address, fds: e.fds.clone() })
+            .collect()
     }
 
     /// Each listener's name and the address it is bound to, in config order at start.

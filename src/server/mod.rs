@@ -1,9 +1,12 @@
-//! Starting and stopping ringlb: binds every worker's listeners, starts the pinned workers,
-//! and turns stop requests (SIGTERM, SIGINT) into a drain and, on a second request or at the
-//! drain deadline, a close of what is left.
+//! Starting and stopping ringlb: binds every worker's listeners (or takes them over from the
+//! process it upgrades), starts the pinned workers, and turns signals into what they ask for:
+//! a stop (SIGTERM, SIGINT, SIGQUIT) into a drain and, on a second request or at the drain
+//! deadline, a close of what is left; SIGHUP into a reload; SIGUSR2 into a binary upgrade
+//! (see [`upgrade`]).
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -17,7 +20,7 @@ use crate::admission::sources::SourceLimit;
 use crate::config::{Config, ListenerConfig};
 use crate::conn::Relay;
 use crate::control::reload::{ReloadError, Reloader, Report, Source};
-use crate::control::snapshot::first_snapshot;
+use crate::control::snapshot::{Down, first_snapshot};
 use crate::control::{ControlEvent, RunState, Shared, http};
 use crate::spread::Handoff;
 use crate::stats;
@@ -25,8 +28,11 @@ use crate::sys;
 use crate::worker::{ListenerSettings, RingSizes, Worker, WorkerPlan};
 use listeners::{ListenerTable, SharedTable};
 use tokio::sync::oneshot;
+use upgrade::{Handed, Started};
+pub use upgrade::{Inherited, Invocation, UpgradeError};
 
 mod listeners;
+pub mod upgrade;
 
 /// The listen backlog of every listener.
 const BACKLOG: i32 = 4096;
@@ -52,6 +58,10 @@ pub enum StartError {
     Thread(io::Error),
     #[error("cannot create the workers' doorbells: {0}")]
     Doorbell(io::Error),
+    #[error(
+        "listener {listener}: the running process has {handed} workers and this config says {workers}; an upgrade keeps the number of workers (restart ringlb to change it)"
+    )]
+    Workers { listener: String, handed: usize, workers: usize },
 }
 
 /// A running ringlb: its workers and the state they share.
@@ -59,6 +69,10 @@ pub struct Server {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<io::Result<()>>>,
     control: Option<JoinHandle<()>>,
+    /// Every listener's sockets, which reloads change and an upgrade hands over.
+    table: Arc<Mutex<ListenerTable>>,
+    /// The metrics port's socket (the control thread owns it): for an upgrade.
+    metrics_fd: Option<RawFd>,
     /// Where the metrics page is served, if it is.
     pub metrics_addr: Option<SocketAddr>,
     /// The address each listener is bound to (with the real port when the config said 0), in
@@ -75,15 +89,26 @@ impl Server {
     }
 
     /// As [`Server::start`], for a config read from `path`: a reload (SIGHUP) reads it again.
-    pub fn start_from_file(config: &Config, path: &Path) -> Result<Server, StartError> {
-        Self::start_inner(config, RingSizes::default(), Some(path.to_path_buf()))
+    /// With `inherited` (this process is an upgrade), its sockets are used instead of binding
+    /// where the config asks for the same, and its down backends start down.
+    pub fn start_from_file(
+        config: &Config,
+        path: &Path,
+        inherited: Option<&mut Inherited>,
+    ) -> Result<Server, StartError> {
+        Self::start_inner(config, RingSizes::default(), Some(path.to_path_buf()), inherited)
     }
 
     pub fn start_with(config: &Config, sizes: RingSizes) -> Result<Server, StartError> {
-        Self::start_inner(config, sizes, None)
+        Self::start_inner(config, sizes, None, None)
     }
 
-    fn start_inner(config: &Config, sizes: RingSizes, path: Option<PathBuf>) -> Result<Server, StartError> {
+    fn start_inner(
+        config: &Config,
+        sizes: RingSizes,
+        path: Option<PathBuf>,
+        mut inherited: Option<&mut Inherited>,
+    ) -> Result<Server, StartError> {
         let fd_limit = match sys::raise_nofile_limit() {
             Ok(limit) => limit,
             Err(e) => {
@@ -95,20 +120,25 @@ impl Server {
         let cpus = sys::allowed_cpus();
 
         // Bind every worker's listener here, so a bad address fails the start, not a thread.
-        let (mut table, listeners_by_worker) = ListenerTable::bind(config, workers)?;
+        let (mut table, listeners_by_worker) = ListenerTable::bind(config, workers, inherited.as_deref_mut())?;
         let listen_addrs = table.addresses();
 
         let metrics = match config.metrics_bind {
-            Some(address) => Some(std::net::TcpListener::bind(address).map_err(|source| StartError::Bind {
-                listener: "metrics".into(),
-                address,
-                source,
-            })?),
+            Some(address) => match inherited.as_deref_mut().and_then(|i| i.take_metrics(address)) {
+                Some(socket) => Some(socket),
+                None => Some(std::net::TcpListener::bind(address).map_err(|source| StartError::Bind {
+                    listener: "metrics".into(),
+                    address,
+                    source,
+                })?),
+            },
             None => None,
         };
         let metrics_addr = metrics.as_ref().and_then(|m| m.local_addr().ok());
+        let metrics_fd = metrics.as_ref().map(|m| m.as_raw_fd());
 
-        let snapshot = first_snapshot(config);
+        let down: Down = inherited.map(|i| i.down.clone()).unwrap_or_default();
+        let snapshot = first_snapshot(config, &down);
         let (shared, events) = Shared::new(snapshot, workers, config.spread).map_err(StartError::Doorbell)?;
         let shared = Arc::new(shared);
         let handoff = shared.pack().map(|_| Arc::new(Handoff::new(workers)));
@@ -201,6 +231,7 @@ impl Server {
                 metrics,
                 per_worker as u64,
                 Reloader { path, listeners: Box::new(SharedTable(Arc::clone(&table))) },
+                down,
             )
             .map(Some)
             .map_err(StartError::Thread),
@@ -214,6 +245,8 @@ impl Server {
             shared,
             workers: handles,
             control,
+            table,
+            metrics_fd,
             listen_addrs,
             metrics_addr,
             max_connections: per_worker * workers,
@@ -237,6 +270,40 @@ impl Server {
         let (reply, outcome) = oneshot::channel();
         self.shared.notify(ControlEvent::Reload { source, reply: Some(reply) });
         outcome.blocking_recv().unwrap_or(Err(ReloadError::Stopping))
+    }
+
+    /// Starts the binary again as `invocation` says and hands it this process's listening
+    /// sockets and down backends (see [`upgrade`]); returns the new process's pid once it
+    /// serves. This process then stops serving the metrics port and should drain.
+    pub fn upgrade(&self, invocation: &Invocation) -> Result<u32, UpgradeError> {
+        let started = {
+            // Held while the sockets are sent, so that no reload closes one meanwhile.
+            let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            let metrics = self.metrics_fd.zip(self.metrics_addr).map(|(fd, address)| Handed {
+                name: "metrics".into(),
+                address,
+                fds: vec![fd],
+            });
+            Started::start(invocation, &table.sockets(), metrics.as_ref(), &self.down_backends())?
+        };
+        info!("upgrade: started pid {}; waiting until it serves", started.pid());
+        let pid = started.wait_ready()?;
+        self.shared.notify(ControlEvent::HandedOver);
+        Ok(pid)
+    }
+
+    /// The backends marked down now, as (pool name, address).
+    fn down_backends(&self) -> Down {
+        let snapshot = self.shared.snapshot();
+        let mut down = Vec::new();
+        for pool in &snapshot.pools {
+            for (backend, up) in pool.backends.iter().zip(&pool.up) {
+                if !up {
+                    down.push((pool.settings.name.clone(), backend.address));
+                }
+            }
+        }
+        down
     }
 
     /// Stops accepting and lets open connections finish (until the drain deadline).
@@ -285,10 +352,12 @@ impl Server {
     }
 
     /// Serves until SIGTERM, SIGINT or SIGQUIT, then drains: a second one closes what is left
-    /// at once. Other handled signals are logged and change nothing. Returns when every worker
-    /// has stopped. The signals must already be blocked in every thread (see
+    /// at once. SIGHUP reloads the config; SIGUSR2 upgrades to the binary `invocation` starts
+    /// and, once the new process serves, drains (if the upgrade fails, this process keeps
+    /// serving). Other handled signals are logged and change nothing. Returns when every
+    /// worker has stopped. The signals must already be blocked in every thread (see
     /// [`sys::block_signals`]), which `main` does before starting.
-    pub fn serve_until_stopped(self, signals: &libc::sigset_t) -> io::Result<()> {
+    pub fn serve_until_stopped(self, signals: &libc::sigset_t, invocation: Option<&Invocation>) -> io::Result<()> {
         let mut stopping = false;
         loop {
             match sys::wait_signal_timeout(signals, Duration::from_millis(200))? {
@@ -306,6 +375,18 @@ impl Server {
                     // The control thread logs and counts the outcome.
                     let _ = self.reload(Source::File);
                 }
+                Some(libc::SIGUSR2) if !stopping => match invocation.map(|i| self.upgrade(i)) {
+                    Some(Ok(pid)) => {
+                        info!(
+                            "SIGUSR2: pid {pid} serves now; pid {} stops accepting and drains its open connections",
+                            std::process::id()
+                        );
+                        stopping = true;
+                        self.drain();
+                    }
+                    Some(Err(e)) => error!("SIGUSR2: upgrade failed, this process keeps serving: {e}"),
+                    None => error!("SIGUSR2: cannot upgrade: the path of this binary is not known"),
+                },
                 Some(signal) => info!("{}: ignored; {}", sys::signal_name(signal), ignored_because(signal)),
                 None => {}
             }
@@ -366,7 +447,7 @@ fn ignored_because(signal: libc::c_int) -> &'static str {
     match signal {
         libc::SIGUSR1 => "ringlb logs to stderr, so there is no log file to reopen",
         libc::SIGHUP => "ringlb is stopping, so it does not reload",
-        libc::SIGUSR2 => "this version does not upgrade its binary in place",
+        libc::SIGUSR2 => "ringlb is stopping (or has upgraded), so it does not upgrade",
         _ => "it has no meaning for ringlb",
     }
 }

@@ -26,7 +26,10 @@ impl Worker {
         self.gate.accept_completed(l, c.more());
         if c.result >= 0 {
             let fd = c.result;
-            if self.mode == Mode::Running {
+            // One accepted before a drain cancelled the accept is served too: its client
+            // completed the handshake and waits (with an upgrade, a new process serves those
+            // still queued).
+            if !self.closing_all {
                 self.open_conn(l, fd);
             } else {
                 sys::close(fd);

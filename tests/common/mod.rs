@@ -56,8 +56,17 @@ impl Ringlb {
 
     /// As `start`, with the process's hard RLIMIT_NOFILE lowered to `fd_limit`.
     pub fn start_with_fd_limit(config: &str, fd_limit: Option<u64>) -> Ringlb {
+        Self::spawn(std::path::Path::new(env!("CARGO_BIN_EXE_ringlb")), config, fd_limit)
+    }
+
+    /// As `start`, running the binary at `binary`.
+    pub fn start_binary(binary: &std::path::Path, config: &str) -> Ringlb {
+        Self::spawn(binary, config, None)
+    }
+
+    fn spawn(binary: &std::path::Path, config: &str, fd_limit: Option<u64>) -> Ringlb {
         let config_path = write_temp(config, "toml");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_ringlb"));
+        let mut command = Command::new(binary);
         command
             .args(["run", "--config"])
             .arg(&config_path)
@@ -86,11 +95,15 @@ impl Ringlb {
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                // "listener NAME on ADDRESS -> ..." (other lines about a listener, as errors, too
+                // start with "listener NAME").
                 if let Some(rest) = line.split("] listener ").nth(1) {
-                    let mut words = rest.split_whitespace();
-                    let name = words.next().unwrap().to_string();
-                    let addr: SocketAddr = words.nth(1).unwrap().parse().unwrap();
-                    let _ = tx.send((name, addr));
+                    let words: Vec<&str> = rest.split_whitespace().collect();
+                    if let [name, "on", addr, ..] = words[..]
+                        && let Ok(addr) = addr.parse::<SocketAddr>()
+                    {
+                        let _ = tx.send((name.to_string(), addr));
+                    }
                 }
                 if let Some(rest) = line.split("] metrics on http://").nth(1) {
                     let addr: SocketAddr = rest.trim_end_matches("/metrics").parse().unwrap();
@@ -208,7 +221,7 @@ impl Ringlb {
                 .collect::<Vec<_>>()
         };
         let before = outcomes(&self.log()).len();
-        std::fs::write(&self.config_path, config).unwrap();
+        self.write_config(config);
         self.signal(libc::SIGHUP);
         assert!(
             Ringlb::eventually(Duration::from_secs(20), || outcomes(&self.log()).len() > before),
@@ -216,6 +229,35 @@ impl Ringlb {
             self.log()
         );
         outcomes(&self.log())[before].clone()
+    }
+
+    /// Writes `config` to the config file (a reload or an upgrade reads it).
+    pub fn write_config(&self, config: &str) {
+        std::fs::write(&self.config_path, config).unwrap();
+    }
+
+    /// Sends SIGUSR2 and waits for the outcome: the new process, once the old one says it
+    /// serves, or the line that says why not.
+    pub fn upgrade(&self) -> Result<Successor, String> {
+        let outcomes =
+            |log: &str| log.lines().filter(|l| l.contains("] SIGUSR2: ")).map(str::to_string).collect::<Vec<_>>();
+        let before = outcomes(&self.log()).len();
+        self.signal(libc::SIGUSR2);
+        assert!(
+            Ringlb::eventually(Duration::from_secs(60), || outcomes(&self.log()).len() > before),
+            "no upgrade outcome logged:\n{}",
+            self.log()
+        );
+        let line = outcomes(&self.log())[before].clone();
+        match line.split("] SIGUSR2: pid ").nth(1).and_then(|rest| rest.split_whitespace().next()) {
+            Some(pid) if line.contains(" serves now") => Ok(Successor { pid: pid.parse().unwrap() }),
+            _ => Err(line),
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 
     /// The address a listener added by a reload was bound to, from its log line.
@@ -286,6 +328,55 @@ impl Ringlb {
             }
             thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// Makes this test process adopt orphaned descendants (PR_SET_CHILD_SUBREAPER): the process
+/// an upgrade starts outlives its parent, ringlb, and is then this process's to wait for.
+pub fn adopt_orphans() {
+    // SAFETY: prctl with these arguments only sets a flag on this process.
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
+}
+
+/// The process a binary upgrade started (see [`Ringlb::upgrade`]); killed when dropped.
+pub struct Successor {
+    pub pid: i32,
+}
+
+impl Successor {
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill takes a pid and a signal.
+        unsafe { libc::kill(self.pid, signal) };
+    }
+
+    /// Waits, up to `timeout`, for it to exit and returns its exit code (it is this process's
+    /// to wait for once its parent has exited; see [`adopt_orphans`]).
+    pub fn wait_exit(&self, timeout: Duration) -> Option<i32> {
+        let mut code = None;
+        Ringlb::eventually(timeout, || {
+            let mut status = 0;
+            // SAFETY: waitpid writes the status into a local.
+            if unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) } == self.pid {
+                code = Some(if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 });
+            }
+            code.is_some()
+        });
+        code
+    }
+
+    /// Sends SIGTERM and returns its exit code once it exited.
+    pub fn stop(&self) -> Option<i32> {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(Duration::from_secs(40))
+    }
+}
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        self.signal(libc::SIGKILL);
+        let mut status = 0;
+        // SAFETY: as in wait_exit; a pid that is not our child returns ECHILD at once.
+        unsafe { libc::waitpid(self.pid, &mut status, 0) };
     }
 }
 
@@ -548,4 +639,65 @@ pub fn stop_and_count(server: ringlb::server::Server) -> HashMap<&'static str, u
     server.drain();
     server.join().expect("workers stop cleanly");
     ringlb::stats::totals(&shared.stats).into_iter().map(|(name, _, value)| (name, value)).collect()
+}
+
+/// Clients that keep exchanging messages on open connections, and one that opens a
+/// connection per request, all checking every byte, until stopped.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    exchanges: Arc<AtomicUsize>,
+    threads: Vec<thread::JoinHandle<Result<(), String>>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let exchanges = Arc::new(AtomicUsize::new(0));
+        let mut threads = Vec::new();
+        for i in 0..6 {
+            let (stop, exchanges) = (Arc::clone(&stop), Arc::clone(&exchanges));
+            threads.push(thread::spawn(move || {
+                let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+                stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let message = random_bytes(1 + (n as usize * 7919 + i * 104_729) % 20_000, n ^ i as u64);
+                    round_trip(&mut stream, &message)
+                        .map_err(|e| format!("keep-alive client {i}, exchange {n}: {e}"))?;
+                    exchanges.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }));
+        }
+        let (stop2, exchanges2) = (Arc::clone(&stop), Arc::clone(&exchanges));
+        threads.push(thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop2.load(Ordering::Relaxed) {
+                n += 1;
+                let mut stream = TcpStream::connect(addr).map_err(|e| format!("connection {n}: connect: {e}"))?;
+                stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                round_trip(&mut stream, format!("request {n}").as_bytes())
+                    .map_err(|e| format!("connection {n}: {e}"))?;
+                exchanges2.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }));
+        Load { stop, exchanges, threads }
+    }
+
+    /// Waits until `n` more exchanges were done.
+    pub fn wait_for(&self, n: usize) {
+        let start = self.exchanges.load(Ordering::Relaxed);
+        assert!(
+            Ringlb::eventually(Duration::from_secs(30), || self.exchanges.load(Ordering::Relaxed) >= start + n),
+            "the load stalled"
+        );
+    }
+
+    /// Stops the clients; what went wrong, one line per client that failed.
+    pub fn finish(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads.into_iter().filter_map(|t| t.join().unwrap().err()).collect()
+    }
 }
