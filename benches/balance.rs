@@ -10,8 +10,7 @@ use ringlb::balance::client_hash;
 use ringlb::balance::maglev::{Entry, MaglevTable};
 use ringlb::config::{Algorithm, BackendConfig, HashKey, PoolConfig};
 use ringlb::control::snapshot::pool_from_config;
-use ringlb::pool::Picker;
-use ringlb::pool::Pool;
+use ringlb::pool::{Health, Picker, Pool};
 
 fn names(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("10.{}.{}.{}:5432", i / 65536, (i / 256) % 256, i % 256)).collect()
@@ -55,7 +54,7 @@ fn pool(algorithm: Algorithm, n: usize) -> Pool {
         .enumerate()
         .map(|(i, name)| BackendConfig::new(name.parse().unwrap(), 1 + (i % 3) as u32))
         .collect();
-    pool_from_config(&PoolConfig::new("bench", algorithm, backends), &vec![true; n], &vec![0; n], None, 1)
+    pool_from_config(&PoolConfig::new("bench", algorithm, backends), Health::all_up(n), &[], None, 1)
 }
 
 fn picks(c: &mut Criterion) {

@@ -1,13 +1,17 @@
 //! The `ringlb` command: parses the command line, loads the config, starts logging and the
 //! server, and waits for a stop signal. Everything else is in the library.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use log::{error, info};
 
 use ringlb::config::Config;
+use ringlb::connlog;
+use ringlb::ctl::{self, Action};
 use ringlb::server::{Inherited, Invocation, Server};
 use ringlb::sys;
 
@@ -15,7 +19,9 @@ const EXAMPLES: &str = "\
 Examples:
   ringlb check -c config/ringlb.toml    validate a config and print what it sets up
   ringlb run -c config/ringlb.toml      serve until SIGTERM or SIGINT
-  RUST_LOG=debug ringlb run -c FILE     log every connection
+  ringlb ctl -c FILE pools              every backend's health, admin state and connections
+  ringlb ctl -c FILE drain db 10.0.0.7:5432 --wait 5m
+                                        take a replica out once its sessions are gone
 
 Signals: SIGHUP reloads the config file (an invalid one changes nothing). SIGUSR2 starts
 the binary at the same path with the same arguments and hands it the listening sockets;
@@ -45,11 +51,72 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Talk to a running ringlb through its admin socket (exit 0 done, 1 refused or failed,
+    /// 2 usage).
+    Ctl {
+        /// The admin socket (default: the admin_socket of the config given with -c).
+        #[arg(long, value_name = "PATH", global = true)]
+        socket: Option<PathBuf>,
+        /// The config file whose admin_socket to use.
+        #[arg(short, long, value_name = "FILE", global = true)]
+        config: Option<PathBuf>,
+        /// Print the API's JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Version, pid, uptime, config, last reload.
+    Info,
+    /// Every backend of every pool (or of POOL): health, admin state, weight, connections.
+    Pools { pool: Option<String> },
+    /// No new connections to the backend; open ones continue.
+    Drain {
+        pool: String,
+        backend: SocketAddr,
+        /// Return once the backend has no open connections; fail after DURATION (e.g. 30s;
+        /// without one, wait as long as it takes).
+        #[arg(long, value_name = "DURATION", num_args = 0..=1, value_parser = duration)]
+        wait: Option<Option<Duration>>,
+    },
+    /// As drain, and stop checking it.
+    Maint { pool: String, backend: SocketAddr },
+    /// Back in: new connections may go to the backend (when its health allows).
+    Ready { pool: String, backend: SocketAddr },
+    /// Set the backend's weight (0 drains it).
+    Weight {
+        pool: String,
+        backend: SocketAddr,
+        #[arg(value_parser = clap::value_parser!(u32).range(0..=i64::from(ringlb::config::MAX_WEIGHT)))]
+        weight: u32,
+    },
+    /// Open connections (of a pool, of a backend).
+    Connections {
+        #[arg(long)]
+        pool: Option<String>,
+        #[arg(long)]
+        backend: Option<SocketAddr>,
+        /// At most this many (default 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Reset every open connection to the backend, both sides.
+    ShutdownSessions { pool: String, backend: SocketAddr },
+    /// Reload the config file (as SIGHUP) and say what changed.
+    Reload,
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    ringlb::config::parse_duration(text)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format(log_line).init();
     match cli.command {
         Command::Check { config: path } => match Config::load(&path) {
             Ok(config) => {
@@ -65,6 +132,60 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => run(&config),
+        Command::Ctl { socket, config, json, command } => ctl(socket, config.as_deref(), json, command),
+    }
+}
+
+fn ctl(socket: Option<PathBuf>, config: Option<&std::path::Path>, json: bool, command: CtlCommand) -> ExitCode {
+    let socket = match ctl::socket_path(socket, config) {
+        Ok(socket) => socket,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let state = |pool, backend, state| Action::State { pool, backend, state, wait: None };
+    let action = match command {
+        CtlCommand::Info => Action::Info,
+        CtlCommand::Pools { pool } => Action::Pools(pool),
+        CtlCommand::Drain { pool, backend, wait } => Action::State { pool, backend, state: "drain", wait },
+        CtlCommand::Maint { pool, backend } => state(pool, backend, "maint"),
+        CtlCommand::Ready { pool, backend } => state(pool, backend, "ready"),
+        CtlCommand::Weight { pool, backend, weight } => Action::Weight { pool, backend, weight },
+        CtlCommand::Connections { pool, backend, limit } => Action::Connections { pool, backend, limit },
+        CtlCommand::ShutdownSessions { pool, backend } => Action::ShutdownSessions { pool, backend },
+        CtlCommand::Reload => Action::Reload,
+    };
+    match ctl::run(&socket, &action, json) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(ctl::CtlError::Refused { body, message, .. }) if json => {
+            println!("{}", serde_json::to_string_pretty(&body).unwrap_or(message));
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One log line: `[time LEVEL target] message`, or with `log_format = "json"` a JSON object
+/// (a connection line's fields are its keys).
+fn log_line(buf: &mut env_logger::fmt::Formatter, record: &log::Record<'_>) -> std::io::Result<()> {
+    use std::io::Write;
+    let time = buf.timestamp();
+    if !connlog::json() {
+        return writeln!(buf, "[{time} {:<5} {}] {}", record.level(), record.target(), record.args());
+    }
+    let head = format!("{{\"time\":\"{time}\",\"level\":\"{}\",\"target\":\"{}\"", record.level(), record.target());
+    let message = record.args().to_string();
+    match message.strip_prefix('{') {
+        // A connection line is a JSON object already: its fields join the line's.
+        Some(fields) if record.target() == connlog::TARGET => writeln!(buf, "{head},{fields}"),
+        _ => writeln!(buf, "{head},\"message\":{}}}", serde_json::Value::String(message)),
     }
 }
 
@@ -88,6 +209,8 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The log format from here on (an error reading the config is written as text).
+    connlog::configure(config.connection_log, config.log_format == ringlb::config::LogFormat::Json);
     // Block the handled signals before any thread starts, so only sigtimedwait here sees them.
     let signals = sys::handled_signals();
     if let Err(e) = sys::block_signals(&signals) {

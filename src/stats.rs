@@ -54,6 +54,7 @@ worker_stats! {
     local_error: "ringlb_connections_local_error_total", "Connections closed because no socket could be opened.";
     idle_closed: "ringlb_connections_idle_closed_total", "Connections closed by the idle timeout.";
     drain_closed: "ringlb_connections_drain_closed_total", "Connections closed at the drain deadline.";
+    killed: "ringlb_connections_killed_total", "Connections reset by an operator's shutdown-sessions.";
     backend_down_closed: "ringlb_connections_backend_down_closed_total", "Connections cut because their backend was marked down (on_down = close).";
     connect_failed: "ringlb_backend_connect_failures_total", "Backend connect attempts that failed or timed out.";
     accept_errors: "ringlb_accept_errors_total", "Accept failures (including file-descriptor exhaustion).";
@@ -65,7 +66,7 @@ worker_stats! {
     handshake_failed: "ringlb_connections_handshake_failed_total", "Connections closed for a missing, malformed or late PROXY header or ClientHello, or no route for it.";
     queued: "ringlb_connections_queued_total", "Connections that waited for a backend below its max_conns.";
     queue_timeout: "ringlb_connections_queue_timeout_total", "Connections closed after waiting queue_timeout for a backend.";
-    client_gone: "ringlb_connections_client_gone_total", "Connections whose client reset or hung up while they waited for a backend (queued or connecting).";
+    client_gone: "ringlb_connections_client_gone_total", "Connections whose client reset or hung up before a backend answered (in its handshake, queued or connecting).";
     bytes_up: "ringlb_bytes_client_to_backend_total", "Bytes relayed from clients to backends.";
     bytes_down: "ringlb_bytes_backend_to_client_total", "Bytes relayed from backends to clients.";
     buffer_waits: "ringlb_buffer_waits_total", "Receives ended because the buffer ring was empty (they resume when buffers return).";

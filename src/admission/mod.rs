@@ -42,6 +42,8 @@ pub enum Step {
         skip: usize,
         /// The client and the address it connected to, from the PROXY header, when it gave them.
         carried: Option<(SocketAddr, SocketAddr)>,
+        /// The TLS server name the ClientHello carried, when the listener routes by it.
+        server_name: Option<String>,
     },
     Reject(Reason),
 }
@@ -102,25 +104,28 @@ impl Admission {
         } else {
             (0, None)
         };
-        let pool = if self.sni.is_empty() {
-            self.default_pool
+        let (pool, server_name) = if self.sni.is_empty() {
+            (self.default_pool, None)
         } else {
             let route = match tls::read_client_hello(&received[skip..]) {
                 Ok(Hello::Incomplete) => return if full { Step::Reject(Reason::TooLong) } else { Step::NeedMore },
-                Ok(Hello::NotTls) => self.default_pool.ok_or(Reason::NotTls),
-                Ok(Hello::Complete { server_name: None }) => self.default_pool.ok_or(Reason::NoServerName),
-                Ok(Hello::Complete { server_name: Some(name) }) => {
-                    self.sni.route(&name).or(self.default_pool).ok_or(Reason::NoRoute(name))
+                Ok(Hello::NotTls) => self.default_pool.ok_or(Reason::NotTls).map(|p| (p, None)),
+                Ok(Hello::Complete { server_name: None }) => {
+                    self.default_pool.ok_or(Reason::NoServerName).map(|p| (p, None))
                 }
+                Ok(Hello::Complete { server_name: Some(name) }) => match self.sni.route(&name).or(self.default_pool) {
+                    Some(pool) => Ok((pool, Some(name))),
+                    None => Err(Reason::NoRoute(name)),
+                },
                 Err(e) => Err(Reason::ClientHello(e)),
             };
             match route {
-                Ok(pool) => Some(pool),
+                Ok((pool, name)) => (Some(pool), name),
                 Err(reason) => return Step::Reject(reason),
             }
         };
         match pool {
-            Some(pool) => Step::Route { pool, skip, carried },
+            Some(pool) => Step::Route { pool, skip, carried, server_name },
             // Config validation requires a default pool without SNI routes.
             None => Step::Reject(Reason::NotTls),
         }
@@ -148,7 +153,7 @@ mod tests {
     fn plain_listener_routes_at_once() {
         let a = Admission { accept_proxy: false, sni: SniRoutes::default(), default_pool: Some(0) };
         assert!(!a.reads_first());
-        assert_eq!(a.examine(b"", false), Step::Route { pool: 0, skip: 0, carried: None });
+        assert_eq!(a.examine(b"", false), Step::Route { pool: 0, skip: 0, carried: None, server_name: None });
     }
 
     #[test]
@@ -161,7 +166,12 @@ mod tests {
         bytes.extend_from_slice(b"startup message");
         assert_eq!(
             a.examine(&bytes, false),
-            Step::Route { pool: 3, skip: 28, carried: Some((addr("203.0.113.5:4000"), addr("10.0.0.1:5432"))) }
+            Step::Route {
+                pool: 3,
+                skip: 28,
+                carried: Some((addr("203.0.113.5:4000"), addr("10.0.0.1:5432"))),
+                server_name: None
+            }
         );
         assert_eq!(a.examine(b"GET / HTTP/1.1\r\n", false), Step::Reject(Reason::ProxyHeader(ParseError::NotProxy)));
     }
@@ -173,22 +183,25 @@ mod tests {
         let hello = |name| client_hello(Some(name), 0);
         assert_eq!(
             with_default.examine(&hello("db.example.com"), false),
-            Step::Route { pool: 1, skip: 0, carried: None }
+            Step::Route { pool: 1, skip: 0, carried: None, server_name: Some("db.example.com".into()) }
         );
         assert_eq!(
             with_default.examine(&hello("api.example.com"), false),
-            Step::Route { pool: 2, skip: 0, carried: None }
+            Step::Route { pool: 2, skip: 0, carried: None, server_name: Some("api.example.com".into()) }
         );
-        assert_eq!(with_default.examine(&hello("other.org"), false), Step::Route { pool: 0, skip: 0, carried: None });
+        assert_eq!(
+            with_default.examine(&hello("other.org"), false),
+            Step::Route { pool: 0, skip: 0, carried: None, server_name: Some("other.org".into()) }
+        );
         assert_eq!(strict.examine(&hello("other.org"), false), Step::Reject(Reason::NoRoute("other.org".into())));
         assert_eq!(
             with_default.examine(&client_hello(None, 0), false),
-            Step::Route { pool: 0, skip: 0, carried: None }
+            Step::Route { pool: 0, skip: 0, carried: None, server_name: None }
         );
         assert_eq!(strict.examine(&client_hello(None, 0), false), Step::Reject(Reason::NoServerName));
         assert_eq!(
             with_default.examine(b"SSH-2.0-OpenSSH\r\n", false),
-            Step::Route { pool: 0, skip: 0, carried: None }
+            Step::Route { pool: 0, skip: 0, carried: None, server_name: None }
         );
         assert_eq!(strict.examine(b"SSH-2.0-OpenSSH\r\n", false), Step::Reject(Reason::NotTls));
         let partial = hello("db.example.com");
@@ -208,7 +221,12 @@ mod tests {
         }
         assert_eq!(
             a.examine(&bytes, false),
-            Step::Route { pool: 1, skip, carried: Some((addr("192.0.2.9:1234"), addr("192.0.2.1:443"))) }
+            Step::Route {
+                pool: 1,
+                skip,
+                carried: Some((addr("192.0.2.9:1234"), addr("192.0.2.1:443"))),
+                server_name: Some("db.example.com".into())
+            }
         );
         assert_eq!(a.read_capacity(), proxy_protocol::MAX_HEADER + tls::MAX_CLIENT_HELLO);
     }

@@ -72,6 +72,9 @@ pub struct BackendCounters {
     pub connections: AtomicU64,
     /// Connects to the backend that failed or timed out.
     pub failures: AtomicU64,
+    /// Bytes relayed client to backend and back (added as connections report them: at least
+    /// every second, and when they end).
+    pub bytes: [AtomicU64; 2],
 }
 
 impl BackendCounters {
@@ -101,6 +104,16 @@ impl BackendCounters {
 
     pub fn release(&self) {
         self.active.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn add_bytes(&self, up: u64, down: u64) {
+        self.bytes[0].fetch_add(up, Ordering::Relaxed);
+        self.bytes[1].fetch_add(down, Ordering::Relaxed);
+    }
+
+    /// Bytes relayed so far: client to backend, backend to client.
+    pub fn bytes(&self) -> [u64; 2] {
+        [self.bytes[0].load(Ordering::Relaxed), self.bytes[1].load(Ordering::Relaxed)]
     }
 }
 

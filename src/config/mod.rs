@@ -13,7 +13,7 @@ mod validate;
 
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use crate::admission::acl::{AccessRules, Cidr};
@@ -56,8 +56,14 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub listeners: Vec<ListenerConfig>,
     pub pools: Vec<PoolConfig>,
-    /// Where the Prometheus metrics endpoint listens, if anywhere.
+    /// Where the Prometheus metrics endpoint (and the status page) listens, if anywhere.
     pub metrics_bind: Option<SocketAddr>,
+    /// The unix socket the admin API listens on, if any.
+    pub admin_socket: Option<PathBuf>,
+    /// Whether every connection is logged when it ends (default: yes).
+    pub connection_log: bool,
+    /// How log lines are written (default: text).
+    pub log_format: LogFormat,
     /// How bytes move between client and backend (default: auto).
     pub relay: Relay,
     /// The size of the splice pipes, when the relay splices (`splice`, `auto`).
@@ -68,6 +74,28 @@ pub struct Config {
     /// `ringlb check` prints them and `ringlb run` logs them.
     pub warnings: Vec<String>,
 }
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// `[time LEVEL target] message`, connection lines as `key=value` pairs.
+    #[default]
+    Text,
+    /// One JSON object per line; a connection line's fields are its keys.
+    Json,
+}
+
+impl LogFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// Longest unix socket path (`sun_path` holds 108 bytes with the final NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
 
 /// Default and bounds of `pipe_size`: a pipe's default size, and what an unprivileged
 /// process may ask for (fs.pipe-max-size).

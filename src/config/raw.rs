@@ -20,6 +20,9 @@ pub struct RawConfig {
     pub relay: Option<Spanned<String>>,
     pub spread: Option<Spanned<String>>,
     pub pipe_size: Option<Spanned<i64>>,
+    pub admin_socket: Option<Spanned<String>>,
+    pub connection_log: Option<Spanned<bool>>,
+    pub log_format: Option<Spanned<String>>,
     #[serde(default)]
     pub listeners: BTreeMap<String, Spanned<RawListener>>,
     #[serde(default)]

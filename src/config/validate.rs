@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::ops::Range;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use toml::Spanned;
@@ -178,6 +179,37 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         None => Spread::Even,
         Some(s) => src.choice(s, "spread", &[("pack", Spread::Pack), ("even", Spread::Even)])?,
     };
+    let admin_socket = match &raw.admin_socket {
+        None => None,
+        Some(path) => {
+            let text = path.get_ref().trim();
+            let problem = if text.is_empty() {
+                Some("is empty".to_string())
+            } else if text.len() > MAX_SOCKET_PATH {
+                Some(format!("is {} bytes long; a unix socket path holds at most {MAX_SOCKET_PATH}", text.len()))
+            } else if text.ends_with('/') {
+                Some("names a directory".to_string())
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(src.invalid(
+                    path.span(),
+                    "admin_socket",
+                    format!(
+                        "{:?} {problem}; give the socket file's path, e.g. \"/run/ringlb/admin.sock\"",
+                        path.get_ref()
+                    ),
+                ));
+            }
+            Some(PathBuf::from(text))
+        }
+    };
+    let connection_log = raw.connection_log.as_ref().is_none_or(|c| *c.get_ref());
+    let log_format = match &raw.log_format {
+        None => LogFormat::Text,
+        Some(f) => src.choice(f, "log_format", &[("text", LogFormat::Text), ("json", LogFormat::Json)])?,
+    };
     let connect_timeout =
         src.positive_duration(&raw.connect_timeout, "connect_timeout", DEFAULT_CONNECT_TIMEOUT, CONNECT_TIMEOUT_ZERO)?;
     let idle_timeout = src.duration(&raw.idle_timeout, "idle_timeout", DEFAULT_IDLE_TIMEOUT)?;
@@ -266,6 +298,9 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         workers,
         max_connections,
         metrics_bind,
+        admin_socket,
+        connection_log,
+        log_format,
         relay,
         pipe_size,
         spread,

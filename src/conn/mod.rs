@@ -127,7 +127,14 @@ pub struct Conn {
     /// Milliseconds (worker clock) of the last byte moved, or of the accept.
     last_active: u64,
     bytes: [u64; 2],
+    /// The direction that last received bytes: with an idle timeout, the other side is the
+    /// one that went silent.
+    last_dir: Option<Dir>,
+    /// The errno of the last failed connect, 0 if none failed.
+    connect_error: i32,
     end: Option<End>,
+    /// Where it was when it began closing.
+    stage: Stage,
 }
 
 impl Conn {
@@ -153,7 +160,51 @@ impl Conn {
             busy: [0; 2],
             last_active: now,
             bytes: [0; 2],
+            last_dir: None,
+            connect_error: 0,
             end: None,
+            stage: Stage::Request,
+        }
+    }
+
+    /// How it ended, as HAProxy's termination state (see [`Termination`]); `None` until it
+    /// begins closing.
+    pub fn termination(&self) -> Option<Termination> {
+        let end = self.end?;
+        let who = match end {
+            End::Finished => return Some(Termination(*b"--")),
+            End::Reset(Side::Client) | End::ClientGone => b'C',
+            End::Reset(Side::Backend) => b'S',
+            End::NoBackend if self.connect_error == libc::ETIMEDOUT => b's',
+            End::NoBackend => b'S',
+            End::LocalError => b'R',
+            // The side that went silent: the server's if the client spoke last.
+            End::IdleTimeout if self.last_dir == Some(Dir::Up) => b's',
+            End::IdleTimeout | End::HandshakeTimeout => b'c',
+            End::Killed => b'K',
+            End::BackendDown => b'D',
+            End::Refused | End::HandshakeFailed => b'P',
+            End::QueueTimeout => b's',
+        };
+        let stage = match self.stage {
+            Stage::Request => b'R',
+            Stage::Queue => b'Q',
+            Stage::Connect => b'C',
+            Stage::Data => b'D',
+            Stage::LastData => b'L',
+        };
+        Some(Termination([who, stage]))
+    }
+
+    /// Where it is now (or was when it began closing).
+    pub fn stage(&self) -> Stage {
+        match self.phase {
+            Phase::Closing { .. } => self.stage,
+            Phase::New | Phase::Handshake => Stage::Request,
+            Phase::Queued => Stage::Queue,
+            Phase::Connecting => Stage::Connect,
+            Phase::Relaying if self.flows.contains(&Flow::Done) || self.eof.contains(&true) => Stage::LastData,
+            Phase::Relaying => Stage::Data,
         }
     }
 
@@ -278,9 +329,15 @@ impl Conn {
         self.begin_close(End::NoBackend, false, false, ops);
     }
 
-    /// Closes the connection from the worker's side (idle timeout, drain deadline): FIN both ways.
-    pub fn close(&mut self, ops: &mut Vec<Op>) {
-        self.begin_close(End::Closed, false, false, ops);
+    /// Closes the connection from the worker's side (`IdleTimeout`, or `Killed` at the drain
+    /// deadline): FIN both ways.
+    pub fn close(&mut self, end: End, ops: &mut Vec<Op>) {
+        self.begin_close(end, false, false, ops);
+    }
+
+    /// Kills the connection (an operator's shutdown-sessions): a reset to both sides.
+    pub fn kill(&mut self, ops: &mut Vec<Op>) {
+        self.begin_close(End::Killed, true, true, ops);
     }
 
     /// Cuts the connection because its backend was marked down: both sides get a reset, so
@@ -380,7 +437,7 @@ impl Conn {
                     self.read_prefix(ops);
                 } else {
                     // The client left (or failed) before it could be routed.
-                    self.begin_close(End::HandshakeFailed, result != 0, false, ops);
+                    self.begin_close(End::ClientGone, result != 0, false, ops);
                 }
             }
             Event::ConnectTimerDone | Event::Cancelled | Event::Closed => {}
@@ -453,6 +510,7 @@ impl Conn {
         }
         // The linked timeout cancels the connect: report it as a timeout.
         let errno = if -result == libc::ECANCELED { libc::ETIMEDOUT } else { -result };
+        self.connect_error = errno;
         if let Some(fd) = self.backend.take() {
             self.emit(Op::Close { fd, reset: false }, ops);
         }
@@ -475,6 +533,7 @@ impl Conn {
             (n, Some(buf)) if n > 0 => {
                 self.last_active = now;
                 self.bytes[d] += n as u64;
+                self.last_dir = Some(dir);
                 match self.flows[d] {
                     Flow::Receiving => self.send(dir, buf, 0, n as u32, ops),
                     Flow::Sending { .. } => {
@@ -601,6 +660,7 @@ impl Conn {
         if self.is_closing() {
             return;
         }
+        self.stage = self.stage();
         self.end = Some(end);
         self.moving = false;
         self.phase = Phase::Closing { reset_client, reset_backend, closes_sent: false };

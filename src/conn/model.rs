@@ -527,7 +527,7 @@ proptest! {
             }
             if close_at == Some(i) {
                 let mut ops = Vec::new();
-                model.conn.close(&mut ops);
+                model.conn.close(End::Killed, &mut ops);
                 model.apply(ops, false);
             }
             if model.queued && (model.pending.is_empty() || choice.outcome % 4 == 0) {
@@ -544,7 +544,7 @@ proptest! {
         // Whatever state it reached, closing it and completing everything frees it.
         if !model.freed {
             let mut ops = Vec::new();
-            model.conn.close(&mut ops);
+            model.conn.close(End::Killed, &mut ops);
             model.apply(ops, false);
             let mut n = 0usize;
             while !model.freed {

@@ -197,20 +197,55 @@ pub enum End {
     Reset(Side),
     /// No backend could be connected to.
     NoBackend,
-    /// No socket could be opened (local resource shortage).
+    /// No socket or pipe could be had (local resource shortage).
     LocalError,
-    /// Closed by the worker: idle timeout, drain deadline.
-    Closed,
+    /// No byte in either direction for `idle_timeout`.
+    IdleTimeout,
+    /// Closed by ringlb on purpose: the drain deadline (after a stop, an upgrade, or a reload
+    /// that removed its listener) or an operator's shutdown-sessions.
+    Killed,
     /// Cut because the backend was marked down (`on_down = "close"`).
     BackendDown,
     /// Refused by access rules or a connection limit (reset).
     Refused,
-    /// No usable PROXY header or ClientHello, or no route for it, or none in time (reset).
+    /// No usable PROXY header or ClientHello, or no route for it (reset).
     HandshakeFailed,
+    /// The PROXY header or ClientHello did not come within `handshake_timeout` (reset).
+    HandshakeTimeout,
     /// Waited for a backend below its `max_conns` longer than `queue_timeout` (reset).
     QueueTimeout,
-    /// The client reset or hung up while the connection was queued or connecting.
+    /// The client reset or hung up before a backend answered (during its handshake, in the
+    /// queue or while connecting).
     ClientGone,
+}
+
+/// Where a connection was when it ended: HAProxy's phases, the second letter of its
+/// termination code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Before routing: accepted, reading the PROXY header or the ClientHello (`R`).
+    Request,
+    /// Waiting in a backend queue (`Q`).
+    Queue,
+    /// Connecting to a backend (`C`).
+    Connect,
+    /// Relaying both ways (`D`).
+    Data,
+    /// Relaying one way; the other had ended (`L`).
+    LastData,
+}
+
+/// How a connection ended, as HAProxy's two-letter termination state: who or what ended it
+/// (`C` client, `S` server, `P` proxy, `R` resource, `D` backend marked down, `K` killed on
+/// purpose, `c`/`s` a client/server side timeout) and in which [`Stage`]; `--` for a normal
+/// end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Termination(pub [u8; 2]);
+
+impl Termination {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or("??")
+    }
 }
 
 /// What a completion meant, when the worker has to act on it.

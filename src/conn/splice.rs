@@ -23,6 +23,7 @@ impl Conn {
             n if n > 0 => {
                 self.last_active = now;
                 self.bytes[dir.index()] += n as u64;
+                self.last_dir = Some(dir);
                 self.flows[dir.index()] = Flow::Piping { queued: n as u32, rounds };
                 ops.push(Op::SpliceOut { dir, fd: dst, len: n as u32 });
             }

@@ -6,6 +6,11 @@ const CLIENT: RawFd = 10;
 const BACKEND: RawFd = 11;
 const BACKEND2: RawFd = 12;
 
+/// The connection's termination state.
+fn code(h: &Harness) -> String {
+    h.conn.termination().expect("closing").as_str().to_string()
+}
+
 /// A connection with its ops log, driven like the worker drives it.
 struct Harness {
     conn: Conn,
@@ -187,6 +192,7 @@ fn half_close_keeps_reverse_direction() {
         ]
     );
     assert_eq!(h.conn.end(), Some(End::Finished));
+    assert_eq!(code(&h), "--");
     h.finish_close(2);
 }
 
@@ -204,6 +210,7 @@ fn backend_reset_resets_client_after_cancelling() {
     // The client's receive is still in flight: cancel it before closing.
     assert_eq!(ops, vec![Op::Cancel { fd: CLIENT }]);
     assert_eq!(h.conn.end(), Some(End::Reset(Side::Backend)));
+    assert_eq!(code(&h), "SD");
     assert!(h.event(Event::Cancelled).is_empty());
     let ops = h.event(ended(Dir::Up, -libc::ECANCELED));
     assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: true }, Op::Close { fd: BACKEND, reset: false }]);
@@ -240,7 +247,7 @@ fn buffer_held_by_cancelled_send_is_recycled_on_its_completion() {
     let mut h = Harness::relaying();
     h.event(data(Dir::Up, 10, 2));
     h.event(data(Dir::Up, 10, 3));
-    h.conn.close(&mut h.ops);
+    h.conn.close(End::IdleTimeout, &mut h.ops);
     // The buffer waiting behind the send goes back at once; the up receive is on the
     // client's socket, the up send and the down receive on the backend's.
     assert_eq!(h.take(), vec![Op::Recycle(3), Op::Cancel { fd: CLIENT }, Op::Cancel { fd: BACKEND }]);
@@ -272,7 +279,7 @@ fn no_buffers_waits_then_resumes() {
 fn starved_connection_closes_without_waiting_for_a_buffer() {
     let mut h = Harness::relaying();
     h.event(ended(Dir::Up, -libc::ENOBUFS));
-    h.conn.close(&mut h.ops);
+    h.conn.close(End::IdleTimeout, &mut h.ops);
     // The down receive is in flight; the starved up direction has nothing in flight.
     assert_eq!(h.take(), vec![Op::Cancel { fd: BACKEND }]);
     h.event(ended(Dir::Down, -libc::ECANCELED));
@@ -318,6 +325,7 @@ fn all_backends_failing_closes_client_once_everything_completed() {
     // The backend's socket closes; the client's watch is cancelled before the client closes.
     assert_eq!(h.take(), vec![Op::Close { fd: BACKEND, reset: false }, Op::Cancel { fd: CLIENT }]);
     assert_eq!(h.conn.end(), Some(End::NoBackend));
+    assert_eq!(code(&h), "SC");
     // The client is closed only after the timer, the backend close and the watch are in.
     assert_eq!(h.conn.inflight(), 4);
     assert!(h.event(Event::ConnectTimerDone).is_empty());
@@ -334,6 +342,7 @@ fn socket_failure_closes_client() {
     h.conn.socket_failed(&mut h.ops);
     assert_eq!(h.take(), vec![Op::Cancel { fd: CLIENT }], "the watch goes first");
     assert_eq!(h.conn.end(), Some(End::LocalError));
+    assert_eq!(code(&h), "RC");
     assert!(h.event(Event::Cancelled).is_empty());
     let ops = h.event(Event::ClientGone { result: -libc::ECANCELED });
     assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }]);
@@ -343,7 +352,7 @@ fn socket_failure_closes_client() {
 #[test]
 fn close_while_connecting_cancels_connect() {
     let mut h = Harness::new(1);
-    h.conn.close(&mut h.ops);
+    h.conn.close(End::IdleTimeout, &mut h.ops);
     assert_eq!(h.take(), vec![Op::Cancel { fd: CLIENT }, Op::Cancel { fd: BACKEND }], "the watch and the connect");
     h.event(Event::Cancelled);
     h.event(Event::Cancelled);
@@ -357,9 +366,9 @@ fn close_while_connecting_cancels_connect() {
 #[test]
 fn close_is_idempotent() {
     let mut h = Harness::relaying();
-    h.conn.close(&mut h.ops);
+    h.conn.close(End::IdleTimeout, &mut h.ops);
     assert_eq!(h.take(), vec![Op::Cancel { fd: CLIENT }, Op::Cancel { fd: BACKEND }]);
-    h.conn.close(&mut h.ops);
+    h.conn.close(End::IdleTimeout, &mut h.ops);
     assert!(h.take().is_empty());
 }
 
@@ -416,7 +425,8 @@ fn client_leaving_during_handshake_ends_it() {
     h.take();
     let ops = h.event(Event::PrefixRead { result: 0 });
     assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }]);
-    assert_eq!(h.conn.end(), Some(End::HandshakeFailed));
+    assert_eq!(h.conn.end(), Some(End::ClientGone));
+    assert_eq!(code(&h), "CR");
     h.finish_close(1);
 }
 
@@ -662,7 +672,7 @@ fn end_of_stream_during_a_move_is_passed_on() {
 fn close_during_a_move_closes() {
     let mut h = Harness::relaying();
     begin_move(&mut h);
-    h.conn.close(&mut h.ops);
+    h.conn.close(End::IdleTimeout, &mut h.ops);
     assert_eq!(h.take(), vec![Op::Cancel { fd: CLIENT }, Op::Cancel { fd: BACKEND }]);
     // Two stops and two cancels by fd complete, and both receives end.
     for event in
@@ -723,7 +733,7 @@ fn close_while_waiting_for_writable_recycles_the_buffer() {
     let mut h = Harness::relaying();
     h.event(data(Dir::Down, 100, 5));
     h.event(Event::Sent { dir: Dir::Down, result: -libc::EAGAIN });
-    h.conn.close(&mut h.ops);
+    h.conn.close(End::IdleTimeout, &mut h.ops);
     // The up receive and the poll are on the client's socket, the down receive on the
     // backend's.
     assert_eq!(h.take(), vec![Op::Cancel { fd: CLIENT }, Op::Cancel { fd: BACKEND }]);
@@ -733,4 +743,59 @@ fn close_while_waiting_for_writable_recycles_the_buffer() {
     h.event(Event::Cancelled);
     let ops = h.event(Event::Cancelled);
     assert_eq!(ops, vec![Op::Close { fd: CLIENT, reset: false }, Op::Close { fd: BACKEND, reset: false }]);
+}
+
+#[test]
+fn the_termination_state_names_who_ended_it_and_where() {
+    // The client resets after the backend finished: client, last data.
+    let mut h = Harness::relaying();
+    assert_eq!(h.conn.termination(), None, "not before it closes");
+    assert_eq!(h.conn.stage(), Stage::Data);
+    h.event(ended(Dir::Down, 0));
+    assert_eq!(h.conn.stage(), Stage::LastData);
+    h.event(ended(Dir::Up, -libc::ECONNRESET));
+    assert_eq!(code(&h), "CL");
+
+    // Idle: the side that went silent. The client spoke last: the server's timeout.
+    let mut h = Harness::relaying();
+    h.event(data(Dir::Up, 5, 1));
+    h.conn.close(End::IdleTimeout, &mut h.ops);
+    assert_eq!(code(&h), "sD");
+    let mut h = Harness::relaying();
+    h.event(data(Dir::Up, 5, 1));
+    h.event(Event::Sent { dir: Dir::Up, result: 5 });
+    h.event(data(Dir::Down, 5, 2));
+    h.conn.close(End::IdleTimeout, &mut h.ops);
+    assert_eq!(code(&h), "cD");
+
+    // Killed, cut for a backend marked down.
+    let mut h = Harness::relaying();
+    h.conn.kill(&mut h.ops);
+    assert_eq!(code(&h), "KD");
+    let mut h = Harness::relaying();
+    h.conn.cut(&mut h.ops);
+    assert_eq!(code(&h), "DD");
+
+    // Before a backend: refused, bad handshake, handshake timeout, queue timeout, a client
+    // leaving while queued or connecting, connects that timed out.
+    for (end, expected) in [(End::Refused, "PR"), (End::HandshakeFailed, "PR"), (End::HandshakeTimeout, "cR")] {
+        let mut h = Harness { conn: Conn::new(CLIENT, Relay::Copy, 0), ops: Vec::new(), now: 0 };
+        h.conn.reject(end, &mut h.ops);
+        assert_eq!(code(&h), expected, "{end:?}");
+    }
+    let mut h = Harness::routed(Relay::Copy, 1);
+    h.conn.defer_connect();
+    h.conn.reject(End::QueueTimeout, &mut h.ops);
+    assert_eq!(code(&h), "sQ");
+    let mut h = Harness::routed(Relay::Copy, 1);
+    h.conn.defer_connect();
+    h.event(Event::ClientGone { result: libc::POLLHUP as i32 });
+    assert_eq!(code(&h), "CQ");
+    let mut h = Harness::new(1);
+    h.event(Event::ClientGone { result: libc::POLLHUP as i32 });
+    assert_eq!(code(&h), "CC");
+    let mut h = Harness::new(1);
+    h.event(Event::ConnectTimerDone);
+    h.event(Event::Connected(-libc::ECANCELED));
+    assert_eq!(code(&h), "sC");
 }

@@ -116,7 +116,13 @@ where
     F: Future<Output = Reply> + 'static,
 {
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(16 * 1024);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(16 * 1024)
+        // A client that sends its request and shuts its side (`printf ... | nc -U`) gets its
+        // answer.
+        .half_close(true);
     let service = service_fn(move |request: Request<Incoming>| {
         let handle = handle.clone();
         async move { Ok::<_, Infallible>(answer(request, handle).await) }

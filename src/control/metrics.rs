@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use super::{RunState, Shared};
 use crate::balance::BackendCounters;
-use crate::pool::Pool;
+use crate::pool::{AdminState, Pool};
 use crate::stats;
 
 /// Metric names that are not in [`stats::WorkerStats`], in one place.
@@ -14,6 +14,10 @@ pub const BACKEND_UP: &str = "ringlb_backend_up";
 pub const BACKEND_ACTIVE: &str = "ringlb_backend_active_connections";
 pub const BACKEND_CONNECTIONS: &str = "ringlb_backend_connections_total";
 pub const BACKEND_FAILURES: &str = "ringlb_backend_connect_failures_total";
+pub const BACKEND_READY: &str = "ringlb_backend_admin_ready";
+pub const BACKEND_WEIGHT: &str = "ringlb_backend_weight";
+pub const BACKEND_BYTES_UP: &str = "ringlb_backend_bytes_client_to_backend_total";
+pub const BACKEND_BYTES_DOWN: &str = "ringlb_backend_bytes_backend_to_client_total";
 pub const DRAINING: &str = "ringlb_draining";
 pub const WORKERS_IN_USE: &str = "ringlb_workers_in_use";
 pub const RELOADS: &str = "ringlb_reloads_total";
@@ -52,13 +56,29 @@ pub fn render(shared: &Shared) -> String {
 
     let snapshot = shared.snapshot();
     type Value = fn(&Pool, usize, &BackendCounters) -> u64;
-    let families: [(&str, &str, Value); 4] = [
+    let families: [(&str, &str, Value); 8] = [
         (BACKEND_UP, "Whether the backend is up (passes its health checks).", |pool, i, _| u64::from(pool.up[i])),
         (BACKEND_ACTIVE, "Connections open to the backend now, over all workers.", |_, _, c| c.active()),
         (BACKEND_CONNECTIONS, "Connections started to the backend.", |_, _, c| c.connections.load(Ordering::Relaxed)),
         (BACKEND_FAILURES, "Connects to the backend that failed or timed out.", |_, _, c| {
             c.failures.load(Ordering::Relaxed)
         }),
+        (BACKEND_READY, "1 unless an operator set the backend to drain or maint (or weight 0).", |pool, i, _| {
+            u64::from(pool.admin[i].effective() == AdminState::Ready)
+        }),
+        (BACKEND_WEIGHT, "The backend's weight now (the config's, or what an operator set).", |pool, i, _| {
+            u64::from(pool.backends[i].weight)
+        }),
+        (
+            BACKEND_BYTES_UP,
+            "Bytes relayed from clients to the backend (open connections report each second).",
+            |_, _, c| c.bytes()[0],
+        ),
+        (
+            BACKEND_BYTES_DOWN,
+            "Bytes relayed from the backend to clients (open connections report each second).",
+            |_, _, c| c.bytes()[1],
+        ),
     ];
     for (name, help, value) in families {
         header(&mut out, name, help);
@@ -90,7 +110,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        let (shared, _events) = Shared::new(first_snapshot(&config, &Vec::new()), 2, config.spread).unwrap();
+        let (shared, _events) = Shared::new(first_snapshot(&config, &Default::default()), 2, config.spread).unwrap();
         shared.stats[0].accepted.add(3);
         shared.stats[1].accepted.add(4);
         shared.snapshot().pools[0].backends[1].counters.active.store(5, std::sync::atomic::Ordering::Relaxed);

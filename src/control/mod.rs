@@ -13,16 +13,19 @@
 //! With `spread = "pack"` the shared state also holds [`Pack`]: how many workers are in use
 //! (the control thread sets it) and how many connections are on their way between workers.
 
+pub mod admin;
+pub mod api;
 pub mod checks;
 pub mod http;
 pub mod metrics;
 pub mod reload;
 pub mod snapshot;
+pub mod status;
 pub mod thread;
 
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -54,8 +57,11 @@ pub enum ControlEvent {
     ConnectFailed { layout: u64, pool: usize, backend: usize, errno: i32 },
     /// Reload the config; the outcome goes to `reply`, if given.
     Reload { source: reload::Source, reply: Option<oneshot::Sender<Result<reload::Report, reload::ReloadError>>> },
+    /// An admin API request that needs the control thread's state; the answer goes to
+    /// `reply`.
+    Admin { command: api::Command, reply: oneshot::Sender<api::Answer> },
     /// A binary upgrade handed the listening sockets to a new process: stop serving the
-    /// metrics port (this process drains).
+    /// metrics port and the admin socket (this process drains).
     HandedOver,
     /// Stop the control thread.
     Stop,
@@ -65,6 +71,10 @@ pub enum ControlEvent {
 pub struct Shared {
     run_state: AtomicU8,
     snapshot: ArcSwap<Snapshot>,
+    /// The generation of the snapshot published last: a worker compares it with its own
+    /// before each batch of completions (one atomic load), so a change an operator made is
+    /// in effect for every connection accepted after the change was answered.
+    published: AtomicU64,
     pub stats: Box<[WorkerStats]>,
     doorbells: Vec<Arc<OwnedFd>>,
     events: UnboundedSender<ControlEvent>,
@@ -74,6 +84,8 @@ pub struct Shared {
     /// (seconds since the Unix epoch).
     reloads: [AtomicU64; 2],
     loaded_at: AtomicU64,
+    /// What the admin API asks each worker, taken when its doorbell rings.
+    requests: Vec<Mutex<Vec<admin::WorkerRequest>>>,
 }
 
 impl Shared {
@@ -88,6 +100,7 @@ impl Shared {
         let (events, receiver) = unbounded_channel();
         let shared = Shared {
             run_state: AtomicU8::new(RunState::Running as u8),
+            published: AtomicU64::new(snapshot.generation),
             snapshot: ArcSwap::new(snapshot),
             stats: (0..workers).map(|_| WorkerStats::default()).collect(),
             doorbells,
@@ -95,6 +108,7 @@ impl Shared {
             pack: (spread == Spread::Pack).then(|| Pack::new(workers)),
             reloads: [AtomicU64::new(0), AtomicU64::new(0)],
             loaded_at: AtomicU64::new(0),
+            requests: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
         };
         Ok((shared, receiver))
     }
@@ -129,8 +143,15 @@ impl Shared {
 
     /// Publishes a new snapshot and wakes the workers to pick it up.
     pub fn publish(&self, snapshot: Arc<Snapshot>) {
+        let generation = snapshot.generation;
         self.snapshot.store(snapshot);
+        self.published.store(generation, Ordering::Release);
         self.ring_all();
+    }
+
+    /// The generation of the snapshot published last.
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Acquire)
     }
 
     fn ring_all(&self) {
@@ -207,6 +228,17 @@ impl Shared {
     /// When the config in effect was loaded, in seconds since the Unix epoch.
     pub fn config_loaded_at(&self) -> u64 {
         self.loaded_at.load(Ordering::Relaxed)
+    }
+
+    /// Asks worker `worker` something (it answers through the request's reply channel).
+    pub fn ask(&self, worker: usize, request: admin::WorkerRequest) {
+        self.requests[worker].lock().unwrap_or_else(|e| e.into_inner()).push(request);
+        self.ring(worker);
+    }
+
+    /// What the admin API asked worker `worker` since it last looked.
+    pub fn take_requests(&self, worker: usize) -> Vec<admin::WorkerRequest> {
+        std::mem::take(&mut *self.requests[worker].lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Wakes every worker but `me` (e.g. to serve its queue after a backend slot freed).

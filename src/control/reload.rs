@@ -164,6 +164,8 @@ pub fn compare(old: &Config, new: &Config) -> Report {
     restart("spread", old.spread.name().into(), new.spread.name().into());
     let metrics = |c: &Config| c.metrics_bind.map_or_else(|| "none".into(), |a| a.to_string());
     restart("metrics_bind", metrics(old), metrics(new));
+    let socket = |c: &Config| c.admin_socket.as_ref().map_or_else(|| "none".to_string(), |p| p.display().to_string());
+    restart("admin_socket", socket(old), socket(new));
     report
 }
 

@@ -6,17 +6,18 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use super::admin::AdminStates;
 use crate::config::{Config, PoolConfig};
-use crate::pool::{Backend, Pool, Settings, Snapshot};
+use crate::pool::{AdminSetting, Backend, Health, Pool, Settings, Snapshot};
 use crate::queue::PoolQueue;
 
-/// A pool for `config` with the given health (`up[i]` for backend i, marked down `downs[i]`
-/// times), taking over what `replaces` carries; without it, counters and queue start afresh,
-/// the queue for `workers` workers.
+/// A pool for `config` with the given health and what operators set for its backends
+/// (`admin[i]` for backend i), taking over what `replaces` carries; without it, counters and
+/// queue start afresh, the queue for `workers` workers.
 pub fn pool_from_config(
     config: &PoolConfig,
-    up: &[bool],
-    downs: &[u32],
+    health: Health,
+    admin: &[AdminSetting],
     replaces: Option<&Pool>,
     workers: usize,
 ) -> Pool {
@@ -25,11 +26,17 @@ pub fn pool_from_config(
             .and_then(|old| old.backends.iter().find(|b| b.address == address))
             .map_or_else(Arc::default, |b| Arc::clone(&b.counters))
     };
+    let setting = |i: usize| admin.get(i).copied().unwrap_or_default();
     let backends = config
         .backends
         .iter()
-        .map(|b| Backend::new(b.address, b.weight.get(), b.max_conns.map(|m| m.get()), counters(b.address)))
+        .enumerate()
+        .map(|(i, b)| {
+            let weight = setting(i).weight(b.weight.get());
+            Backend::new(b.address, weight, b.max_conns.map(|m| m.get()), counters(b.address))
+        })
         .collect();
+    let states = (0..config.backends.len()).map(setting).collect();
     let settings = Settings {
         name: config.name.clone(),
         algorithm: config.algorithm,
@@ -39,29 +46,36 @@ pub fn pool_from_config(
         queue_timeout: config.queue_timeout,
     };
     let queue = replaces.map_or_else(|| Arc::new(PoolQueue::new(workers)), |old| Arc::clone(&old.queue));
-    Pool::new(settings, backends, up.to_vec(), downs.to_vec(), queue)
+    Pool::new(settings, backends, health, states, queue)
 }
 
-/// Backends marked down, as (pool name, address): what a binary upgrade carries from the old
-/// process to the new one.
-pub type Down = Vec<(String, SocketAddr)>;
-
-/// Whether backend `address` of `pool` starts down: it is in `down` and the pool is checked
-/// (in a pool without checks, nothing would ever mark it up again).
-pub fn starts_down(down: &Down, pool: &PoolConfig, address: SocketAddr) -> bool {
-    pool.health.is_some() && down.iter().any(|(name, a)| *name == pool.name && *a == address)
+/// What a binary upgrade carries from the old process to the new one: the backends marked
+/// down, as (pool name, address), and what operators set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Carried {
+    pub down: Vec<(String, SocketAddr)>,
+    pub admin: AdminStates,
 }
 
-/// The first snapshot: every backend up but those in `down`, nothing counted.
-pub fn first_snapshot(config: &Config, down: &Down) -> Arc<Snapshot> {
+impl Carried {
+    /// Whether backend `address` of `pool` starts down: it was down and the pool is checked
+    /// (in a pool without checks, nothing would ever mark it up again).
+    pub fn starts_down(&self, pool: &PoolConfig, address: SocketAddr) -> bool {
+        pool.health.is_some() && self.down.iter().any(|(name, a)| *name == pool.name && *a == address)
+    }
+}
+
+/// The first snapshot: every backend up but those `carried` says are down, nothing counted.
+pub fn first_snapshot(config: &Config, carried: &Carried) -> Arc<Snapshot> {
     let workers = config.workers.get();
     Snapshot::new(
         config
             .pools
             .iter()
             .map(|p| {
-                let up: Vec<bool> = p.backends.iter().map(|b| !starts_down(down, p, b.address)).collect();
-                pool_from_config(p, &up, &vec![0; p.backends.len()], None, workers)
+                let up = p.backends.iter().map(|b| !carried.starts_down(p, b.address)).collect();
+                let health = Health { up, downs: vec![0; p.backends.len()] };
+                pool_from_config(p, health, &carried.admin.for_pool(p), None, workers)
             })
             .collect(),
     )
@@ -79,11 +93,11 @@ mod tests {
             let backends = addresses.iter().map(|a| BackendConfig::new(a.parse().unwrap(), 1)).collect();
             PoolConfig::new("p", Algorithm::RoundRobin, backends)
         };
-        let old = pool_from_config(&config(&["10.0.0.1:80", "10.0.0.2:80"]), &[true; 2], &[0; 2], None, 2);
+        let old = pool_from_config(&config(&["10.0.0.1:80", "10.0.0.2:80"]), Health::all_up(2), &[], None, 2);
         old.backends[1].counters.acquire(None);
         old.queue.join();
         // 10.0.0.2 stays (now first), 10.0.0.1 leaves, 10.0.0.3 is new.
-        let new = pool_from_config(&config(&["10.0.0.2:80", "10.0.0.3:80"]), &[true; 2], &[0; 2], Some(&old), 2);
+        let new = pool_from_config(&config(&["10.0.0.2:80", "10.0.0.3:80"]), Health::all_up(2), &[], Some(&old), 2);
         assert!(Arc::ptr_eq(&new.backends[0].counters, &old.backends[1].counters));
         assert_eq!(new.backends[0].counters.active(), 1);
         assert_eq!(new.backends[1].counters.active(), 0);

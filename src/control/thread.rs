@@ -6,29 +6,43 @@
 use std::io;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{error, info, warn};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
+use serde_json::json;
+
+use super::admin::AdminStates;
+use super::api::{self, Answer, Command, View};
 use super::checks::{Checked, Checks};
 use super::reload::{self, ReloadError, Reloader, Report, Source};
-use super::snapshot::{self, Down};
-use super::{ControlEvent, RunState, Shared, http, metrics};
+use super::snapshot::{self, Carried};
+use super::{ControlEvent, RunState, Shared, http, status};
 use crate::config::Config;
 use crate::health::CheckFailure;
 use crate::spread;
 
-/// Starts the control thread and returns once its runtime is up. `metrics` is an already
-/// bound listener for the metrics page; `per_worker` is each worker's share of
-/// `max_connections`; `reloader` is what a reload needs of the server side.
+/// What the control thread starts with besides the shared state.
+pub struct ControlPlan {
+    pub config: Arc<Config>,
+    /// An already bound listener for the metrics page and the status page.
+    pub metrics: Option<std::net::TcpListener>,
+    /// An already bound unix socket for the admin API.
+    pub admin: Option<std::os::unix::net::UnixListener>,
+    /// Each worker's share of `max_connections`.
+    pub per_worker: u64,
+    /// What a reload needs of the server side.
+    pub reloader: Reloader,
+    /// What an upgrade brought from the process before.
+    pub carried: Carried,
+}
+
+/// Starts the control thread and returns once its runtime is up.
 pub fn spawn(
-    config: Arc<Config>,
+    plan: ControlPlan,
     shared: Arc<Shared>,
     events: UnboundedReceiver<ControlEvent>,
-    metrics: Option<std::net::TcpListener>,
-    per_worker: u64,
-    reloader: Reloader,
-    down: Down,
 ) -> io::Result<JoinHandle<()>> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = std::thread::Builder::new().name("ringlb-control".into()).spawn(move || {
@@ -40,7 +54,8 @@ pub fn spawn(
             }
         };
         runtime.block_on(async move {
-            let mut metrics_server = None;
+            let ControlPlan { config, metrics, admin, per_worker, reloader, carried } = plan;
+            let mut servers = Vec::new();
             if let Some(listener) = metrics {
                 let listener =
                     match listener.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(listener)) {
@@ -51,9 +66,23 @@ pub fn spawn(
                         }
                     };
                 let shared = Arc::clone(&shared);
-                metrics_server = Some(tokio_uring::spawn(http::serve(listener, "metrics", move |request| {
+                servers.push(tokio_uring::spawn(http::serve(listener, "metrics", move |request| {
                     let shared = Arc::clone(&shared);
-                    async move { metrics_reply(&shared, &request) }
+                    async move { status::answer(shared, request).await }
+                })));
+            }
+            if let Some(listener) = admin {
+                let listener =
+                    match listener.set_nonblocking(true).and_then(|()| tokio::net::UnixListener::from_std(listener)) {
+                        Ok(listener) => listener,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                let shared = Arc::clone(&shared);
+                servers.push(tokio_uring::spawn(http::serve(listener, "admin", move |request| {
+                    api::answer(Arc::clone(&shared), request)
                 })));
             }
             if shared.pack().is_some() && shared.stats.len() > 1 {
@@ -61,9 +90,20 @@ pub fn spawn(
             }
             let _ = ready_tx.send(Ok(()));
             let (results, checked) = unbounded_channel();
-            let checks = Checks::start(&config, results, &down);
+            let checks = Checks::start(&config, results, &carried);
             shared.config_loaded();
-            let control = Control { config, shared, checks, reloader, local_failures: 0, metrics_server };
+            let control = Control {
+                config,
+                shared,
+                checks,
+                admin: carried.admin,
+                reloader,
+                local_failures: 0,
+                servers,
+                started: SystemTime::now(),
+                last_reload: None,
+                history: status::History::default(),
+            };
             control.run(events, checked).await;
         })
     })?;
@@ -74,23 +114,34 @@ pub fn spawn(
     }
 }
 
-/// The control thread's state: the config in effect, every backend's health, and what a
-/// reload needs.
+/// The control thread's state: the config in effect, every backend's health, what operators
+/// set, and what a reload needs.
 struct Control {
     config: Arc<Config>,
     shared: Arc<Shared>,
     checks: Checks,
+    /// What operators set at run time.
+    admin: AdminStates,
     reloader: Reloader,
     /// Checks that failed for want of a local descriptor or port, not counted.
     local_failures: u64,
-    /// The metrics port's accept loop, stopped once an upgrade handed the port over.
-    metrics_server: Option<tokio::task::JoinHandle<()>>,
+    /// The metrics port's and the admin socket's accept loops, stopped once an upgrade handed
+    /// them over.
+    servers: Vec<tokio::task::JoinHandle<()>>,
+    started: SystemTime,
+    /// When the last reload was, and what it said.
+    last_reload: Option<(SystemTime, Result<String, String>)>,
+    /// Totals sampled for the status page's charts.
+    history: status::History,
 }
 
 impl Control {
     async fn run(mut self, mut events: UnboundedReceiver<ControlEvent>, mut checked: UnboundedReceiver<Checked>) {
+        let mut sampling = tokio::time::interval(status::SAMPLE_INTERVAL);
+        sampling.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = sampling.tick() => self.history.sample(&self.shared),
                 Some(c) = checked.recv() => {
                     if let Some((pool, backend)) = self.checks.task(c.task) {
                         self.record(pool, backend, c.result);
@@ -110,10 +161,14 @@ impl Control {
                             let _ = reply.send(outcome);
                         }
                     }
+                    Some(ControlEvent::Admin { command, reply }) => {
+                        let _ = reply.send(self.command(command));
+                    }
                     Some(ControlEvent::HandedOver) => {
-                        // The new process serves the port from now on (one that is already
-                        // connected here is answered); scrapes see one process's counters.
-                        if let Some(server) = self.metrics_server.take() {
+                        // The new process serves the metrics port and the admin socket from
+                        // now on (a client already connected here is answered); scrapes see
+                        // one process's counters, and operators reach the process that serves.
+                        for server in self.servers.drain(..) {
                             server.abort();
                         }
                     }
@@ -144,29 +199,44 @@ impl Control {
         }
         // No health checks for a pool: nothing could bring a backend back, so a worker's
         // failed connect does not mark it down either (record says nothing changed).
-        let Some(change) = self.checks.record(pool, backend, result.is_ok()) else { return };
+        let Some(change) = self.checks.record(pool, backend, &result) else { return };
         let name = &pool_config.name;
         match &result {
             Ok(()) => info!("pool {name}: backend {address} UP after {} passed checks", change.streak),
             Err(why) => warn!("pool {name}: backend {address} DOWN after {} failed checks ({why})", change.streak),
         }
-        let (up, downs) = self.checks.health(pool);
+        let health = self.checks.health(pool);
         let current = self.shared.snapshot();
         let was_all_down = current.pools[pool].all_down();
-        let all_down = !up.iter().any(|&u| u);
+        let all_down = !health.up.iter().any(|&u| u);
         if all_down && !was_all_down {
             error!("pool {name}: every backend is down; sending connections to all of them (fail open)");
         } else if was_all_down && !all_down {
             info!("pool {name}: a backend is up again; no longer failing open");
         }
+        self.rebuild(pool);
+    }
+
+    /// Publishes a snapshot with pool `pool` rebuilt from its health and admin settings now.
+    fn rebuild(&self, pool: usize) {
+        let pool_config = &self.config.pools[pool];
+        let current = self.shared.snapshot();
         let workers = self.shared.stats.len();
-        let rebuilt = snapshot::pool_from_config(pool_config, &up, &downs, Some(&current.pools[pool]), workers);
+        let rebuilt = snapshot::pool_from_config(
+            pool_config,
+            self.checks.health(pool),
+            &self.admin.for_pool(pool_config),
+            Some(&current.pools[pool]),
+            workers,
+        );
         self.shared.publish(current.with_pool(pool, rebuilt));
     }
 
     /// Applies a new config (see [`reload`]); logs and counts the outcome.
     fn reload(&mut self, source: Source) -> Result<Report, ReloadError> {
         let outcome = self.try_reload(source);
+        let said = outcome.as_ref().map(ToString::to_string).map_err(ToString::to_string);
+        self.last_reload = Some((SystemTime::now(), said));
         match &outcome {
             Ok(report) => {
                 self.shared.reloaded(true);
@@ -207,18 +277,101 @@ impl Control {
             .pools
             .iter()
             .zip(self.checks.carried(&config))
-            .map(|(pool, (up, downs))| {
+            .map(|(pool, health)| {
                 let replaces = current.pool_index(&pool.name).map(|p| current.pools[p].as_ref());
-                snapshot::pool_from_config(pool, &up, &downs, replaces, workers)
+                snapshot::pool_from_config(pool, health, &self.admin.for_pool(pool), replaces, workers)
             })
             .collect();
         let relaid = current.relaid(pools);
         report.listeners = self.reloader.listeners.apply(&config, &relaid).map_err(ReloadError::Listeners)?;
         self.shared.publish(relaid);
-        self.checks.reconfigure(&config);
+        self.admin.retain(&config);
+        self.checks.reconfigure(&config, &self.admin);
+        crate::connlog::configure(config.connection_log, config.log_format == crate::config::LogFormat::Json);
         self.config = config;
         self.shared.config_loaded();
         Ok(report)
+    }
+}
+
+impl Control {
+    /// Answers an admin API command.
+    fn command(&mut self, command: Command) -> Answer {
+        let snapshot = self.shared.snapshot();
+        let view = View { config: &self.config, snapshot: &snapshot, checks: &self.checks, admin: &self.admin };
+        match command {
+            Command::Info => Answer::ok(self.info()),
+            Command::Pools(only) => view.pools(only.as_deref()),
+            Command::Backend { pool, address } => match view.find(&pool, address) {
+                Ok((p, b)) => Answer::ok(view.backend(p, b)),
+                Err(missing) => missing,
+            },
+            Command::Status => Answer::ok(status::view(&view, &self.history, &self.shared, self.info())),
+            Command::Set { pool, address, state, weight } => {
+                let (p, b) = match view.find(&pool, address) {
+                    Ok(found) => found,
+                    Err(missing) => return missing,
+                };
+                self.set(p, b, state, weight)
+            }
+        }
+    }
+
+    /// Sets backend `b` of pool `p`'s admin state and/or weight, and puts it into effect.
+    fn set(&mut self, p: usize, b: usize, state: Option<crate::pool::AdminState>, weight: Option<u32>) -> Answer {
+        let pool = &self.config.pools[p];
+        let address = pool.backends[b].address;
+        let before = self.admin.get(&pool.name, address);
+        let mut after = before;
+        if let Some(state) = state {
+            after.state = state;
+        }
+        if let Some(weight) = weight {
+            // The config's weight again is no longer a run-time setting.
+            after.weight = (weight != pool.backends[b].weight.get()).then_some(weight);
+        }
+        self.admin.put(&pool.name, address, after);
+        if after != before {
+            let weight = after.weight(pool.backends[b].weight.get());
+            info!(
+                "admin: pool {}: backend {address} is now {} with weight {weight} (was {}, weight {})",
+                pool.name,
+                after.effective().name(),
+                before.effective().name(),
+                before.weight(pool.backends[b].weight.get())
+            );
+            if (after.state == crate::pool::AdminState::Maint) != (before.state == crate::pool::AdminState::Maint) {
+                self.checks.reconfigure(&self.config, &self.admin);
+            }
+            self.rebuild(p);
+        }
+        let snapshot = self.shared.snapshot();
+        let view = View { config: &self.config, snapshot: &snapshot, checks: &self.checks, admin: &self.admin };
+        Answer::ok(view.backend(p, b))
+    }
+
+    fn info(&self) -> serde_json::Value {
+        let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let reload = self.last_reload.as_ref().map(|(at, outcome)| match outcome {
+            Ok(summary) => json!({ "at": unix(*at), "result": "ok", "summary": summary }),
+            Err(error) => json!({ "at": unix(*at), "result": "failed", "error": error }),
+        });
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "started_at": unix(self.started),
+            "uptime_s": self.started.elapsed().unwrap_or_default().as_secs(),
+            "config": self.reloader.path.as_ref().map(|p| p.display().to_string()),
+            "config_loaded_at": self.shared.config_loaded_at(),
+            "last_reload": reload,
+            "reloads": { "ok": self.shared.reloads().0, "failed": self.shared.reloads().1 },
+            "workers": self.shared.stats.len(),
+            "state": match self.shared.run_state() {
+                RunState::Running => "running",
+                RunState::Draining => "draining",
+                RunState::Closing => "closing",
+            },
+        })
     }
 }
 
@@ -257,16 +410,5 @@ async fn follow_load(shared: Arc<Shared>, per_worker: u64) {
                 shared.ring(worker);
             }
         }
-    }
-}
-
-/// Answers the metrics port: the Prometheus page at `GET /metrics` (and `/`).
-fn metrics_reply(shared: &Shared, request: &http::Req) -> http::Reply {
-    use hyper::{Method, StatusCode};
-    let get = request.method == Method::GET || request.method == Method::HEAD;
-    match request.path.as_str() {
-        "/metrics" | "/" if get => http::reply(StatusCode::OK, "text/plain; version=0.0.4", metrics::render(shared)),
-        "/metrics" | "/" => http::reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n"),
-        _ => http::reply(StatusCode::NOT_FOUND, "text/plain", "ringlb serves GET /metrics\n"),
     }
 }

@@ -27,12 +27,67 @@ pub enum OnDown {
     Close,
 }
 
+/// What an operator set for a backend at run time (the admin API, `ringlb ctl`), as
+/// HAProxy's `set server state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AdminState {
+    /// Takes new connections when its health allows.
+    #[default]
+    Ready,
+    /// Takes no new connections (Maglev leaves it out, so only its clients move); open ones
+    /// continue; its checks go on.
+    Drain,
+    /// As drain, and it is not checked.
+    Maint,
+}
+
+impl AdminState {
+    pub const ALL: [AdminState; 3] = [AdminState::Ready, AdminState::Drain, AdminState::Maint];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AdminState::Ready => "ready",
+            AdminState::Drain => "drain",
+            AdminState::Maint => "maint",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<AdminState> {
+        AdminState::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+/// What an operator set for one backend: its admin state and a weight in place of the
+/// config's. The default (ready, the config's weight) is what the config says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AdminSetting {
+    pub state: AdminState,
+    /// The weight set at run time, in place of the config's.
+    pub weight: Option<u32>,
+}
+
+impl AdminSetting {
+    /// The weight in effect for a backend configured with `configured`.
+    pub fn weight(&self, configured: u32) -> u32 {
+        self.weight.unwrap_or(configured)
+    }
+
+    /// The state in effect: a weight of 0 set at run time drains, as HAProxy's does.
+    pub fn effective(&self) -> AdminState {
+        match (self.state, self.weight) {
+            (AdminState::Ready, Some(0)) => AdminState::Drain,
+            (state, _) => state,
+        }
+    }
+}
+
 /// One backend: where it is, how much traffic it should get, and its counters.
 #[derive(Debug)]
 pub struct Backend {
     pub address: SocketAddr,
     /// The address as text, the backend's name in hashing and logs.
     pub name: String,
+    /// Its weight now: the config's, or what the admin API set (0 takes no new connections).
     pub weight: u32,
     /// Most connections at once, over all workers (`max_conns`).
     pub max_conns: Option<u32>,
@@ -57,7 +112,10 @@ pub struct Pool {
     /// remembers its backend's count when it connects; a higher count now means the backend
     /// went down since, even if it is up again (see [`Pool::cuts`]).
     pub downs: Vec<u32>,
-    /// Indices of the backends new connections may go to: the up ones, or all when none is up.
+    /// What an operator set for each backend.
+    pub admin: Vec<AdminSetting>,
+    /// Indices of the backends new connections may go to: of those that are ready (admin
+    /// state ready, weight above 0), the up ones, or all when none is up.
     usable: Vec<u32>,
     /// For `maglev` pools, built over the usable backends.
     pub maglev: Option<MaglevTable>,
@@ -89,22 +147,28 @@ impl Backend {
 
 impl Pool {
     /// A pool of `backends` with their health (`up[i]` for backend i, which has been marked
-    /// down `downs[i]` times) and its queue; which backends are usable and the Maglev table
-    /// follow from them. (The control side builds pools from the config: see
+    /// down `downs[i]` times), their admin states and its queue; which backends are usable and
+    /// the Maglev table follow from them. (The control side builds pools from the config: see
     /// `control::snapshot`.)
     pub fn new(
         settings: Settings,
         backends: Vec<Backend>,
-        up: Vec<bool>,
-        downs: Vec<u32>,
+        health: Health,
+        admin: Vec<AdminSetting>,
         queue: Arc<PoolQueue>,
     ) -> Pool {
+        let Health { up, downs } = health;
         debug_assert_eq!(up.len(), backends.len());
         debug_assert_eq!(downs.len(), backends.len());
-        let mut usable: Vec<u32> = (0..backends.len() as u32).filter(|&i| up[i as usize]).collect();
+        debug_assert_eq!(admin.len(), backends.len());
+        let ready: Vec<u32> = (0..backends.len() as u32)
+            .filter(|&i| admin[i as usize].effective() == AdminState::Ready && backends[i as usize].weight > 0)
+            .collect();
+        let mut usable: Vec<u32> = ready.iter().copied().filter(|&i| up[i as usize]).collect();
         if usable.is_empty() {
-            // Fail open: with every backend down, trying them all beats refusing everyone.
-            usable = (0..backends.len() as u32).collect();
+            // Fail open: with every ready backend down, trying them all beats refusing
+            // everyone. An operator's drain is kept: with none ready, none is usable.
+            usable = ready;
         }
         let maglev = match settings.algorithm {
             Algorithm::Maglev { table_size, .. } => {
@@ -129,6 +193,7 @@ impl Pool {
             backends,
             up,
             downs,
+            admin,
             usable,
             maglev,
             queue,
@@ -140,7 +205,8 @@ impl Pool {
         self.usable.iter().any(|&b| self.backends[b as usize].counters.has_room(self.backends[b as usize].max_conns))
     }
 
-    /// The backends a new connection may go to; never empty.
+    /// The backends a new connection may go to; empty only when an operator took every
+    /// backend out (drain, maint, weight 0).
     pub fn usable(&self) -> &[u32] {
         &self.usable
     }
@@ -157,6 +223,20 @@ impl Pool {
     /// Whether every backend is down (and traffic goes to all of them: fail open).
     pub fn all_down(&self) -> bool {
         !self.up.iter().any(|&u| u)
+    }
+}
+
+/// Each backend's health: whether it is up, and how many times it was marked down.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Health {
+    pub up: Vec<bool>,
+    pub downs: Vec<u32>,
+}
+
+impl Health {
+    /// `n` backends, all up, never marked down.
+    pub fn all_up(n: usize) -> Health {
+        Health { up: vec![true; n], downs: vec![0; n] }
     }
 }
 
@@ -224,7 +304,8 @@ pub(crate) mod tests {
             .enumerate()
             .map(|(i, &w)| Backend::new(format!("10.0.0.{}:80", i + 1).parse().unwrap(), w, None, Arc::default()))
             .collect();
-        Pool::new(settings, backends, up, downs, Arc::new(PoolQueue::new(1)))
+        let admin = vec![AdminSetting::default(); up.len()];
+        Pool::new(settings, backends, Health { up, downs }, admin, Arc::new(PoolQueue::new(1)))
     }
 
     fn cutting(on_down: OnDown, downs: &[u32]) -> Pool {

@@ -17,20 +17,23 @@ use log::{error, info};
 
 use crate::admission::Admission;
 use crate::admission::sources::SourceLimit;
-use crate::config::{Config, ListenerConfig};
+use crate::config::{Config, ListenerConfig, LogFormat};
 use crate::conn::Relay;
 use crate::control::reload::{ReloadError, Reloader, Report, Source};
-use crate::control::snapshot::{Down, first_snapshot};
+use crate::control::snapshot::{Carried, first_snapshot};
+use crate::control::thread::ControlPlan;
 use crate::control::{ControlEvent, RunState, Shared, http};
 use crate::spread::Handoff;
 use crate::stats;
 use crate::sys;
 use crate::worker::{ListenerSettings, RingSizes, Worker, WorkerPlan};
+use admin_socket::AdminSocket;
 use listeners::{ListenerTable, SharedTable};
 use tokio::sync::oneshot;
 use upgrade::{Handed, Started};
 pub use upgrade::{Inherited, Invocation, UpgradeError};
 
+mod admin_socket;
 mod listeners;
 pub mod upgrade;
 
@@ -58,6 +61,8 @@ pub enum StartError {
     Thread(io::Error),
     #[error("cannot create the workers' doorbells: {0}")]
     Doorbell(io::Error),
+    #[error("admin_socket {path}: {message}")]
+    AdminSocket { path: String, message: String },
     #[error(
         "listener {listener}: the running process has {handed} workers and this config says {workers}; an upgrade keeps the number of workers (restart ringlb to change it)"
     )]
@@ -73,6 +78,11 @@ pub struct Server {
     table: Arc<Mutex<ListenerTable>>,
     /// The metrics port's socket (the control thread owns it): for an upgrade.
     metrics_fd: Option<RawFd>,
+    /// The admin socket's file and listening socket (the control thread owns it).
+    admin: Option<(AdminSocket, RawFd)>,
+    /// Set once an upgrade handed the sockets over: the admin socket file is the new
+    /// process's then, and stays at exit.
+    handed_over: std::sync::atomic::AtomicBool,
     /// Where the metrics page is served, if it is.
     pub metrics_addr: Option<SocketAddr>,
     /// The address each listener is bound to (with the real port when the config said 0), in
@@ -118,6 +128,7 @@ impl Server {
         };
         let workers = config.workers.get();
         let cpus = sys::allowed_cpus();
+        crate::connlog::configure(config.connection_log, config.log_format == LogFormat::Json);
 
         // Bind every worker's listener here, so a bad address fails the start, not a thread.
         let (mut table, listeners_by_worker) = ListenerTable::bind(config, workers, inherited.as_deref_mut())?;
@@ -136,9 +147,18 @@ impl Server {
         };
         let metrics_addr = metrics.as_ref().and_then(|m| m.local_addr().ok());
         let metrics_fd = metrics.as_ref().map(|m| m.as_raw_fd());
+        let (admin_listener, admin) = match &config.admin_socket {
+            Some(path) => {
+                let inherited = inherited.as_deref_mut().and_then(|i| i.take_admin(path));
+                let (listener, socket) = AdminSocket::bind(path, inherited)?;
+                let fd = listener.as_raw_fd();
+                (Some(listener), Some((socket, fd)))
+            }
+            None => (None, None),
+        };
 
-        let down: Down = inherited.map(|i| i.down.clone()).unwrap_or_default();
-        let snapshot = first_snapshot(config, &down);
+        let carried = inherited.map(|i| i.carried.clone()).unwrap_or_default();
+        let snapshot = first_snapshot(config, &carried);
         let (shared, events) = Shared::new(snapshot, workers, config.spread).map_err(StartError::Doorbell)?;
         let shared = Arc::new(shared);
         let handoff = shared.pack().map(|_| Arc::new(Handoff::new(workers)));
@@ -225,13 +245,16 @@ impl Server {
         }
         let control = match failure {
             None => crate::control::thread::spawn(
-                Arc::new(config.clone()),
+                ControlPlan {
+                    config: Arc::new(config.clone()),
+                    metrics,
+                    admin: admin_listener,
+                    per_worker: per_worker as u64,
+                    reloader: Reloader { path, listeners: Box::new(SharedTable(Arc::clone(&table))) },
+                    carried,
+                },
                 Arc::clone(&shared),
                 events,
-                metrics,
-                per_worker as u64,
-                Reloader { path, listeners: Box::new(SharedTable(Arc::clone(&table))) },
-                down,
             )
             .map(Some)
             .map_err(StartError::Thread),
@@ -247,6 +270,8 @@ impl Server {
             control,
             table,
             metrics_fd,
+            admin,
+            handed_over: Default::default(),
             listen_addrs,
             metrics_addr,
             max_connections: per_worker * workers,
@@ -284,26 +309,31 @@ impl Server {
                 address,
                 fds: vec![fd],
             });
-            Started::start(invocation, &table.sockets(), metrics.as_ref(), &self.down_backends())?
+            let admin = self.admin.as_ref().map(|(socket, fd)| (socket.path.as_path(), *fd));
+            Started::start(invocation, &table.sockets(), metrics.as_ref(), admin, &self.carried())?
         };
         info!("upgrade: started pid {}; waiting until it serves", started.pid());
         let pid = started.wait_ready()?;
+        self.handed_over.store(true, std::sync::atomic::Ordering::Relaxed);
         self.shared.notify(ControlEvent::HandedOver);
         Ok(pid)
     }
 
-    /// The backends marked down now, as (pool name, address).
-    fn down_backends(&self) -> Down {
+    /// What an upgrade carries, as the current snapshot has it: the backends marked down now
+    /// and what operators set.
+    fn carried(&self) -> Carried {
         let snapshot = self.shared.snapshot();
-        let mut down = Vec::new();
+        let mut carried = Carried::default();
         for pool in &snapshot.pools {
-            for (backend, up) in pool.backends.iter().zip(&pool.up) {
-                if !up {
-                    down.push((pool.settings.name.clone(), backend.address));
+            let name = &pool.settings.name;
+            for (i, backend) in pool.backends.iter().enumerate() {
+                if !pool.up[i] {
+                    carried.down.push((name.clone(), backend.address));
                 }
+                carried.admin.put(name, backend.address, pool.admin[i]);
             }
         }
-        down
+        carried
     }
 
     /// Stops accepting and lets open connections finish (until the drain deadline).
@@ -347,6 +377,11 @@ impl Server {
             && control.join().is_err()
         {
             error!("the control thread panicked");
+        }
+        if let Some((socket, _)) = &self.admin
+            && !self.handed_over.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            socket.remove();
         }
         result
     }

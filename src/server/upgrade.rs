@@ -15,25 +15,30 @@
 //! a listener the new config no longer has is closed in the new process.
 //!
 //! Backends the old process had marked down start down in the new one (and come up when
-//! their checks pass), so an upgrade sends no client to a backend known to be failing.
+//! their checks pass), so an upgrade sends no client to a backend known to be failing; what
+//! operators set (admin state, weight) carries over too.
 //!
 //! Messages (SOCK_SEQPACKET, so each keeps its boundary and its descriptors; names last, as
 //! they may hold spaces): `listener ADDRESS NAME` with that listener's sockets in worker order
 //! (several such messages when there are more than [`sys::FDS_PER_MESSAGE`]), `metrics
-//! ADDRESS` with one socket, `down ADDRESS POOL` per backend marked down, `end`; then, back,
-//! `ready PID`.
+//! ADDRESS` with one socket, `admin-socket PATH` with one socket, `down ADDRESS POOL` per
+//! backend marked down, `setting ADDRESS STATE WEIGHT POOL` per backend an operator set
+//! (WEIGHT `-`: the config's), `end`; then, back, `ready PID`.
 
 use std::ffi::OsString;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
 
+use crate::control::snapshot::Carried;
+use crate::pool::{AdminSetting, AdminState};
 use crate::sys;
 
 /// The environment variable that tells a new process the descriptor of its upgrade channel.
@@ -84,10 +89,6 @@ pub struct Handed {
     pub fds: Vec<RawFd>,
 }
 
-/// What the old process hands over besides its sockets: the backends it has marked down, as
-/// (pool name, address).
-pub type Down = Vec<(String, SocketAddr)>;
-
 /// A new process that was started and given the sockets, not yet ready.
 pub struct Started {
     child: Child,
@@ -95,13 +96,15 @@ pub struct Started {
 }
 
 impl Started {
-    /// Starts the new process and sends it `listeners`, `metrics` and `down`; the descriptors
-    /// are copied into the channel here, so they only need to stay open during this call.
+    /// Starts the new process and sends it `listeners`, `metrics` and `carried`; the
+    /// descriptors are copied into the channel here, so they only need to stay open during
+    /// this call.
     pub fn start(
         invocation: &Invocation,
         listeners: &[Handed],
         metrics: Option<&Handed>,
-        down: &Down,
+        admin: Option<(&Path, RawFd)>,
+        carried: &Carried,
     ) -> Result<Started, UpgradeError> {
         let (ours, theirs) =
             Socket::pair(Domain::UNIX, Type::SEQPACKET.cloexec(), None).map_err(UpgradeError::Channel)?;
@@ -116,7 +119,7 @@ impl Started {
             .map_err(|source| UpgradeError::Spawn { path: invocation.exe.display().to_string(), source })?;
         drop(theirs);
         let started = Started { child, channel: ours };
-        if let Err(e) = send(started.channel.as_raw_fd(), listeners, metrics, down) {
+        if let Err(e) = send(started.channel.as_raw_fd(), listeners, metrics, admin, carried) {
             return Err(started.give_up(UpgradeError::Channel(e)));
         }
         Ok(started)
@@ -169,8 +172,14 @@ impl Started {
     }
 }
 
-/// Sends the sockets and the down backends over `channel`, then `end`.
-fn send(channel: RawFd, listeners: &[Handed], metrics: Option<&Handed>, down: &Down) -> io::Result<()> {
+/// Sends the sockets and what is carried over `channel`, then `end`.
+fn send(
+    channel: RawFd,
+    listeners: &[Handed],
+    metrics: Option<&Handed>,
+    admin: Option<(&Path, RawFd)>,
+    carried: &Carried,
+) -> io::Result<()> {
     for listener in listeners {
         for fds in listener.fds.chunks(sys::FDS_PER_MESSAGE) {
             sys::send_fds(channel, format!("listener {} {}", listener.address, listener.name).as_bytes(), fds)?;
@@ -179,8 +188,17 @@ fn send(channel: RawFd, listeners: &[Handed], metrics: Option<&Handed>, down: &D
     if let Some(metrics) = metrics {
         sys::send_fds(channel, format!("metrics {}", metrics.address).as_bytes(), &metrics.fds)?;
     }
-    for (pool, address) in down {
+    if let Some((path, fd)) = admin {
+        let line = format!("admin-socket {}", path.display());
+        sys::send_fds(channel, line.as_bytes(), &[fd])?;
+    }
+    for (pool, address) in &carried.down {
         sys::send_fds(channel, format!("down {address} {pool}").as_bytes(), &[])?;
+    }
+    for (pool, address, setting) in carried.admin.iter() {
+        let weight = setting.weight.map_or_else(|| "-".to_string(), |w| w.to_string());
+        let line = format!("setting {address} {} {weight} {pool}", setting.state.name());
+        sys::send_fds(channel, line.as_bytes(), &[])?;
     }
     sys::send_fds(channel, b"end", &[])
 }
@@ -191,8 +209,9 @@ pub struct Inherited {
     /// Per listener name: the address and the sockets, in worker order.
     listeners: Vec<(String, SocketAddr, Vec<Socket>)>,
     metrics: Option<(SocketAddr, std::net::TcpListener)>,
-    /// The backends the old process had marked down.
-    pub down: Down,
+    admin: Option<(PathBuf, UnixListener)>,
+    /// The backends the old process had marked down, and what operators set.
+    pub carried: Carried,
 }
 
 impl Inherited {
@@ -210,7 +229,8 @@ impl Inherited {
         // else in this process owns it.
         let channel = Socket::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
         sys::set_cloexec(channel.as_raw_fd(), true)?;
-        let mut inherited = Inherited { channel, listeners: Vec::new(), metrics: None, down: Vec::new() };
+        let mut inherited =
+            Inherited { channel, listeners: Vec::new(), metrics: None, admin: None, carried: Carried::default() };
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("upgrade channel: {what}"));
         let mut buf = vec![0u8; MESSAGE_MAX];
         loop {
@@ -220,6 +240,11 @@ impl Inherited {
             }
             let line = std::str::from_utf8(&buf[..n]).map_err(|_| bad("a message is not text"))?;
             let (kind, rest) = line.split_once(' ').unwrap_or((line, ""));
+            if kind == "admin-socket" {
+                let socket = fds.into_iter().next().ok_or_else(|| bad("admin-socket without a socket"))?;
+                inherited.admin = Some((PathBuf::from(rest), UnixListener::from(socket)));
+                continue;
+            }
             let (address, name) = rest.split_once(' ').unwrap_or((rest, ""));
             let address = || address.parse::<SocketAddr>().map_err(|_| bad(line));
             match kind {
@@ -237,7 +262,20 @@ impl Inherited {
                     let socket = fds.into_iter().next().ok_or_else(|| bad("metrics without a socket"))?;
                     inherited.metrics = Some((address, std::net::TcpListener::from(socket)));
                 }
-                "down" => inherited.down.push((name.to_string(), address()?)),
+                "down" => inherited.carried.down.push((name.to_string(), address()?)),
+                "setting" => {
+                    // "setting ADDRESS STATE WEIGHT POOL": `name` holds "STATE WEIGHT POOL".
+                    let mut rest = name.splitn(3, ' ');
+                    let (state, weight, pool) = (rest.next(), rest.next(), rest.next());
+                    let state = state.and_then(AdminState::parse).ok_or_else(|| bad(line))?;
+                    let weight = match weight {
+                        Some("-") => None,
+                        Some(w) => Some(w.parse().map_err(|_| bad(line))?),
+                        None => return Err(bad(line)),
+                    };
+                    let pool = pool.ok_or_else(|| bad(line))?;
+                    inherited.carried.admin.put(pool, address()?, AdminSetting { state, weight });
+                }
                 _ => return Err(bad(line)),
             }
         }
@@ -261,9 +299,22 @@ impl Inherited {
         }
     }
 
+    /// The admin socket, if it was at `path`.
+    pub fn take_admin(&mut self, path: &Path) -> Option<UnixListener> {
+        match self.admin.take() {
+            Some((at, socket)) if at == path => Some(socket),
+            other => {
+                self.admin = other;
+                None
+            }
+        }
+    }
+
     /// How many listening sockets came, in all.
     pub fn count(&self) -> usize {
-        self.listeners.iter().map(|(_, _, s)| s.len()).sum::<usize>() + usize::from(self.metrics.is_some())
+        self.listeners.iter().map(|(_, _, s)| s.len()).sum::<usize>()
+            + usize::from(self.metrics.is_some())
+            + usize::from(self.admin.is_some())
     }
 
     /// Tells the old process this one is serving: it stops accepting and drains.
@@ -300,13 +351,31 @@ mod tests {
         ];
         let metrics_handed =
             Handed { name: "metrics".into(), address: metrics.local_addr().unwrap(), fds: vec![metrics.as_raw_fd()] };
-        let down = vec![("replicas eu".to_string(), "10.0.0.7:5432".parse().unwrap())];
+        let mut carried =
+            Carried { down: vec![("replicas eu".to_string(), "10.0.0.7:5432".parse().unwrap())], ..Default::default() };
+        carried.admin.put(
+            "replicas eu",
+            "10.0.0.8:5432".parse().unwrap(),
+            AdminSetting { state: AdminState::Drain, weight: None },
+        );
+        carried.admin.put(
+            "db",
+            "10.0.0.9:5432".parse().unwrap(),
+            AdminSetting { state: AdminState::Ready, weight: Some(7) },
+        );
         // The channel holds it all before anyone reads (as the new process may start slowly).
-        send(ours.as_raw_fd(), &handed, Some(&metrics_handed), &down).unwrap();
+        let admin_path = std::env::temp_dir().join(format!("ringlb-upgrade-test-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&admin_path);
+        let admin = UnixListener::bind(&admin_path).unwrap();
+        send(ours.as_raw_fd(), &handed, Some(&metrics_handed), Some((&admin_path, admin.as_raw_fd())), &carried)
+            .unwrap();
 
         let mut inherited = Inherited::receive(theirs.into_raw_fd()).unwrap();
-        assert_eq!(inherited.count(), workers.len() + 2);
-        assert_eq!(inherited.down, down);
+        assert_eq!(inherited.count(), workers.len() + 3);
+        assert!(inherited.take_admin(Path::new("/elsewhere.sock")).is_none());
+        assert!(inherited.take_admin(&admin_path).is_some());
+        std::fs::remove_file(&admin_path).unwrap();
+        assert_eq!(inherited.carried, carried);
         let any_port = SocketAddr::new(address.ip(), 0);
         assert!(inherited.take_listener("main", any_port).is_none(), "port 0 matches by name only");
         let (got, sockets) = inherited.take_listener("main db", any_port).unwrap();

@@ -12,9 +12,10 @@ use super::gate::AcceptOp;
 use super::slot::Slot;
 use super::warn_limited;
 use super::{Mode, Worker, is_resource_shortage};
-use crate::admission::Step;
 use crate::admission::proxy_protocol;
+use crate::admission::{Reason, Step};
 use crate::conn::{Conn, End};
+use crate::connlog;
 use crate::ring::{Completion, GENERATION_MASK, Kind, Token};
 use crate::sys;
 
@@ -194,12 +195,22 @@ impl Worker {
             return;
         }
         let settings = &self.gate.listeners[l].settings;
-        let entry = Slot::new(
+        let mut entry = Slot::new(
             Conn::new(fd, self.relay, self.now),
             l as u32,
+            self.now,
             settings.idle_timeout.map(|d| d.as_millis() as u64),
             settings.handshake_timeout.as_millis() as u64,
         );
+        if connlog::enabled() {
+            // The connection log names the client even when it never reaches a backend.
+            let peer = sys::peer_addr(fd).ok();
+            if settings.admission.accept_proxy {
+                entry.peer = peer;
+            } else {
+                entry.client = peer;
+            }
+        }
         let slot = self.insert_conn(entry);
         self.stats().accepted.add(1);
         // Without a PROXY header the connection's own peer is the client: check it at once.
@@ -291,13 +302,19 @@ impl Worker {
         let Some(prefix) = entry.conn.prefix() else { return };
         match self.gate.listeners[l].settings.admission.examine(prefix.received(), !prefix.has_room()) {
             Step::NeedMore => self.step(slot, |conn, ops| conn.read_prefix(ops)),
-            Step::Reject(reason) => self.reject_handshake(slot, reason),
-            Step::Route { pool, skip, carried } => {
+            Step::Reject(reason) => {
+                if let Reason::NoRoute(name) = &reason {
+                    self.conns[slot].sni = Some(name.as_str().into());
+                }
+                self.reject_handshake(slot, End::HandshakeFailed, reason)
+            }
+            Step::Route { pool, skip, carried, server_name } => {
+                let entry = &mut self.conns[slot];
                 if let Some((client, local)) = carried {
-                    let entry = &mut self.conns[slot];
                     entry.client = Some(client);
                     entry.local = Some(local);
                 }
+                entry.sni = server_name.map(String::into_boxed_str);
                 if self.gate.listeners[l].settings.admission.accept_proxy && !self.admit(slot) {
                     return;
                 }
@@ -306,7 +323,9 @@ impl Worker {
         }
     }
 
-    pub(super) fn reject_handshake(&mut self, slot: usize, why: impl std::fmt::Display) {
+    /// Ends a connection whose handshake failed (`end`: `HandshakeFailed` or
+    /// `HandshakeTimeout`), saying why.
+    pub(super) fn reject_handshake(&mut self, slot: usize, end: End, why: impl std::fmt::Display) {
         self.stats().handshake_failed.add(1);
         let entry = &self.conns[slot];
         warn_limited!(
@@ -320,7 +339,7 @@ impl Worker {
                 .or_else(|| sys::peer_addr(entry.conn.client_fd()).ok())
                 .map_or_else(|| "?".to_string(), |p| p.to_string()),
         );
-        self.step(slot, |conn, ops| conn.reject(End::HandshakeFailed, ops));
+        self.step(slot, |conn, ops| conn.reject(end, ops));
     }
 
     /// Sends the connection on to `pool`: sets what goes to the backend first (an outgoing
@@ -332,6 +351,7 @@ impl Worker {
         let send_proxy = pool.settings.send_proxy;
         let needs_client = self.pickers[pool_index].needs_client() || send_proxy.is_some();
         let entry = &mut self.conns[slot];
+        entry.routed = true;
         entry.pool = pool_index as u32;
         entry.layout = self.snapshot.layout;
         let fd = entry.conn.client_fd();

@@ -37,6 +37,7 @@ use crate::sys;
 pub use slot::Slot;
 
 mod accept;
+mod admin;
 mod gate;
 mod moving;
 mod pipes;
@@ -253,6 +254,8 @@ pub struct Worker {
     /// tells its completions from those of one it replaced.
     tick: Option<Duration>,
     tick_generation: u32,
+    /// When open connections last reported their bytes to their backends (worker clock).
+    bytes_reported_at: u64,
 }
 
 impl Worker {
@@ -323,6 +326,7 @@ impl Worker {
             changes: plan.changes,
             tick: None,
             tick_generation: 0,
+            bytes_reported_at: 0,
         };
         // Steer before the server reports this worker ready, so that no connection accepted
         // after the start is spread by the kernel's hash alone.
@@ -357,6 +361,11 @@ impl Worker {
                 self.stats().cq_overflow.add(1);
             }
             self.ring.reap(&mut completions);
+            if self.shared.published() > self.snapshot.generation {
+                // Before any accept of this batch is routed (its doorbell may come later in
+                // the batch than the accept).
+                self.install_current();
+            }
             for completion in completions.drain(..) {
                 self.dispatch(completion);
             }
@@ -412,6 +421,10 @@ impl Worker {
                 }
                 if c.result == -libc::ETIME {
                     self.close_overdue();
+                    if self.now.saturating_sub(self.bytes_reported_at) >= BYTES_REPORT_MS {
+                        self.bytes_reported_at = self.now;
+                        self.conns.iter_mut().for_each(|(_, entry)| entry.report_bytes());
+                    }
                 }
             }
             Kind::AcceptBackoff => {
@@ -435,10 +448,8 @@ impl Worker {
         // A reload first: it brings a snapshot of a new layout and the listeners that go
         // with it. Later snapshots of that layout (health changes) are installed as usual.
         self.take_changes();
-        let current = self.shared.snapshot();
-        if current.layout == self.snapshot.layout && current.generation > self.snapshot.generation {
-            self.install(current);
-        }
+        self.answer_requests();
+        self.install_current();
         self.queue_work_all();
         self.serve_queues();
         self.follow_spread();
@@ -449,6 +460,15 @@ impl Worker {
                 self.start_drain();
                 self.close_all("second stop signal");
             }
+        }
+    }
+
+    /// Installs the snapshot published last, if it is newer and of this worker's layout (one of
+    /// a new layout comes with its reload, through the mailbox).
+    fn install_current(&mut self) {
+        let current = self.shared.snapshot();
+        if current.layout == self.snapshot.layout && current.generation > self.snapshot.generation {
+            self.install(current);
         }
     }
 
@@ -534,7 +554,7 @@ impl Worker {
             |_, c| !c.conn.is_closing(),
             |worker, slot| {
                 worker.stats().drain_closed.add(1);
-                worker.step(slot, |conn, ops| conn.close(ops));
+                worker.step(slot, |conn, ops| conn.close(End::Killed, ops));
             },
         );
     }
@@ -569,15 +589,16 @@ impl Worker {
             |worker, slot| match worker.overdue(&worker.conns[slot], now) {
                 Some(Overdue::Idle) => {
                     worker.stats().idle_closed.add(1);
-                    worker.step(slot, |conn, ops| conn.close(ops));
+                    worker.step(slot, |conn, ops| conn.close(End::IdleTimeout, ops));
                 }
                 Some(Overdue::Drained) => {
                     worker.stats().drain_closed.add(1);
-                    worker.step(slot, |conn, ops| conn.close(ops));
+                    worker.step(slot, |conn, ops| conn.close(End::Killed, ops));
                 }
                 Some(Overdue::Handshake) => {
                     let timeout = worker.conns[slot].handshake_timeout_ms;
-                    worker.reject_handshake(slot, format_args!("no complete handshake within {timeout} ms"));
+                    let why = format_args!("no complete handshake within {timeout} ms");
+                    worker.reject_handshake(slot, End::HandshakeTimeout, why);
                 }
                 Some(Overdue::Queue) => {
                     worker.stats().queue_timeout.add(1);
@@ -619,6 +640,9 @@ impl Worker {
         self.misc_inflight == 0
     }
 }
+
+/// How often open connections add what they relayed to their backends' byte counters.
+const BYTES_REPORT_MS: u64 = 1000;
 
 /// Seeds a worker's random choices for one pool, different for every worker and pool.
 fn picker_seed(worker: usize, pool: usize) -> u64 {

@@ -9,6 +9,7 @@ use log::warn;
 
 use super::slot::Slot;
 use super::{Mode, Worker};
+use crate::conn::End;
 use crate::spread;
 
 /// Connection moves one worker starts in one pass, so a pass never takes long.
@@ -120,7 +121,7 @@ impl Worker {
         let pool = self.snapshot.pools.get(entry.pool as usize);
         if self.closing_all {
             self.stats().drain_closed.add(1);
-            self.step(slot, |conn, ops| conn.close(ops));
+            self.step(slot, |conn, ops| conn.close(End::Killed, ops));
         } else if let (Some(pool), Some(held)) = (pool, entry.backend.as_ref())
             && pool.cuts(held.index, held.downs)
         {

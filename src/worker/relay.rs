@@ -5,7 +5,6 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use io_uring::{opcode, types};
@@ -15,6 +14,7 @@ use super::reload::NO_BACKEND;
 use super::slot::Held;
 use super::{Worker, is_resource_shortage, warn_limited};
 use crate::conn::{Conn, Dir, End, Event, Notice, Op};
+use crate::connlog;
 use crate::control::ControlEvent;
 use crate::queue::Taken;
 use crate::ring::{self, Completion, Kind, Token};
@@ -86,7 +86,11 @@ impl Worker {
             Some(Notice::ConnectFailed(errno)) => self.connect_failed(attempt, errno),
             Some(Notice::PrefixGrew) => self.examine(slot),
             Some(Notice::Movable) => self.move_away(slot),
-            Some(Notice::Connected) | None => {}
+            Some(Notice::Connected) => {
+                let entry = &mut self.conns[slot];
+                entry.connect_ms = entry.connect_started.map(|t| now.saturating_sub(t));
+            }
+            None => {}
         }
     }
 
@@ -272,11 +276,8 @@ impl Worker {
         let pool = &self.snapshot.pools[pool_index];
         let entry = &mut self.conns[slot];
         let backend = &pool.backends[backend_index];
-        entry.backend = Some(Held {
-            index: backend_index as u32,
-            downs: pool.downs[backend_index],
-            counters: Arc::clone(&backend.counters),
-        });
+        entry.backend = Some(Held::new(pool, backend_index));
+        entry.connect_started.get_or_insert(self.now);
         match sys::backend_socket(&backend.sockaddr) {
             Ok(fd) => {
                 backend.counters.connections.fetch_add(1, Ordering::Relaxed);
@@ -316,6 +317,10 @@ impl Worker {
         let entry = &self.conns[slot];
         let pool_index = entry.pool as usize;
         let pool = &self.snapshot.pools[pool_index];
+        if pool.usable().is_empty() {
+            // An operator took every backend out.
+            return Taken::Exhausted;
+        }
         let picker = &mut self.pickers[pool_index];
         let mut candidate = match entry.failed.last() {
             None => picker.pick(pool, entry.client),
@@ -352,6 +357,10 @@ impl Worker {
     }
 
     fn free(&mut self, slot: usize) {
+        self.conns[slot].report_bytes();
+        if connlog::enabled() {
+            self.log_connection(slot);
+        }
         self.release_slot(slot);
         let entry = self.remove_conn(slot);
         let pool = entry.pool as usize;
@@ -376,15 +385,53 @@ impl Worker {
             Some(End::NoBackend) => stats.no_backend.add(1),
             Some(End::LocalError) => stats.local_error.add(1),
             Some(End::ClientGone) => stats.client_gone.add(1),
-            Some(End::Closed | End::BackendDown | End::Refused | End::HandshakeFailed | End::QueueTimeout) | None => {}
+            // Counted where they are decided (idle, drain, cut, refused, handshake, queue).
+            Some(
+                End::IdleTimeout
+                | End::Killed
+                | End::BackendDown
+                | End::Refused
+                | End::HandshakeFailed
+                | End::HandshakeTimeout
+                | End::QueueTimeout,
+            )
+            | None => {}
         }
-        debug!(
-            "worker {}: connection closed ({:?}), {} bytes up, {} down",
-            self.index,
-            conn.end(),
-            conn.bytes()[0],
-            conn.bytes()[1]
-        );
+    }
+
+    /// Writes the connection log line of the connection in `slot`, which has ended.
+    fn log_connection(&self, slot: usize) {
+        let entry = &self.conns[slot];
+        let conn = &entry.conn;
+        let Some(termination) = conn.termination() else { return };
+        let listener = self.gate.listeners.get(entry.listener as usize).map_or("?", |l| l.settings.name.as_str());
+        // A reload may have removed its pool (or renumbered the pools, for one that never
+        // relayed and was not relocated).
+        let pool = (entry.routed && entry.layout == self.snapshot.layout)
+            .then(|| self.snapshot.pools.get(entry.pool as usize))
+            .flatten()
+            .map(|p| p.settings.name.as_str());
+        let (client, proxied) = match entry.peer {
+            Some(peer) => (Some(peer), entry.client),
+            None => (entry.client, None),
+        };
+        let bytes = conn.bytes();
+        let record = connlog::Record {
+            client,
+            proxied,
+            listener,
+            pool,
+            backend: entry.backend.as_ref().filter(|_| entry.connect_ms.is_some()).map(|held| held.address),
+            sni: entry.sni.as_deref(),
+            queued_ms: entry.queued_ms,
+            connect_ms: entry.connect_ms,
+            total_ms: self.now.saturating_sub(entry.accepted_at),
+            bytes_up: bytes[0],
+            bytes_down: bytes[1],
+            attempts: conn.tried(),
+            termination: termination.as_str(),
+        };
+        log::info!(target: connlog::TARGET, "{}", record.line());
     }
 }
 

@@ -106,7 +106,8 @@ impl Worker {
         for (old_pool, waiters) in self.waiters.relayout(&moved, self.snapshot.pools.len()) {
             for waiter in waiters {
                 let waiting = self.conns.get(waiter.slot).is_some_and(|c| c.generation == waiter.generation);
-                if waiting && self.conns[waiter.slot].queued_since.take().is_some() {
+                let now = self.now;
+                if waiting && self.conns[waiter.slot].leave_queue(now) {
                     old.pools[old_pool].queue.leave();
                     self.step(waiter.slot, |conn, ops| conn.give_up_waiting(ops));
                 }

@@ -154,18 +154,16 @@ impl QueueHost for PoolHost<'_> {
 
     fn resume(&mut self, waiter: Waiter, backend: usize) {
         let pool = &self.worker.snapshot.pools[self.pool];
+        let now = self.worker.now;
         let entry = &mut self.worker.conns[waiter.slot];
-        entry.queued_since = None;
-        entry.backend = Some(Held {
-            index: backend as u32,
-            downs: pool.downs[backend],
-            counters: Arc::clone(&pool.backends[backend].counters),
-        });
+        entry.leave_queue(now);
+        entry.backend = Some(Held::new(pool, backend));
         self.worker.step(waiter.slot, |conn, ops| conn.resume(ops));
     }
 
     fn give_up(&mut self, waiter: Waiter) {
-        self.worker.conns[waiter.slot].queued_since = None;
+        let now = self.worker.now;
+        self.worker.conns[waiter.slot].leave_queue(now);
         self.worker.step(waiter.slot, |conn, ops| conn.give_up_waiting(ops));
     }
 

@@ -30,6 +30,8 @@ pub struct Ringlb {
     pub metrics_addr: Option<SocketAddr>,
     log: Arc<Mutex<String>>,
     config_path: std::path::PathBuf,
+    /// The admin socket, when the config has `admin_socket`.
+    pub admin_socket: Option<std::path::PathBuf>,
 }
 
 fn temp_path(suffix: &str) -> std::path::PathBuf {
@@ -95,9 +97,18 @@ impl Ringlb {
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                // With log_format = "json", the message of a JSON line.
+                let message = if line.starts_with('{') {
+                    serde_json::from_str::<serde_json::Value>(&line)
+                        .ok()
+                        .and_then(|v| v["message"].as_str().map(|m| format!("] {m}")))
+                        .unwrap_or_default()
+                } else {
+                    line.clone()
+                };
                 // "listener NAME on ADDRESS -> ..." (other lines about a listener, as errors, too
                 // start with "listener NAME").
-                if let Some(rest) = line.split("] listener ").nth(1) {
+                if let Some(rest) = message.split("] listener ").nth(1) {
                     let words: Vec<&str> = rest.split_whitespace().collect();
                     if let [name, "on", addr, ..] = words[..]
                         && let Ok(addr) = addr.parse::<SocketAddr>()
@@ -105,7 +116,7 @@ impl Ringlb {
                         let _ = tx.send((name.to_string(), addr));
                     }
                 }
-                if let Some(rest) = line.split("] metrics on http://").nth(1) {
+                if let Some(rest) = message.split("] metrics on http://").nth(1) {
                     let addr: SocketAddr = rest.trim_end_matches("/metrics").parse().unwrap();
                     let _ = tx.send(("metrics on".to_string(), addr));
                 }
@@ -135,7 +146,11 @@ impl Ringlb {
             }
         }
         let metrics_addr = addrs.remove("metrics on");
-        Ringlb { child, addrs, metrics_addr, log, config_path }
+        let admin_socket = config
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("admin_socket = "))
+            .map(|v| std::path::PathBuf::from(v.trim_matches('"')));
+        Ringlb { child, addrs, metrics_addr, log, config_path, admin_socket }
     }
 
     /// Scrapes the metrics page: series (name with labels) -> value.
@@ -229,6 +244,51 @@ impl Ringlb {
             self.log()
         );
         outcomes(&self.log())[before].clone()
+    }
+
+    /// Runs `ringlb ctl -c CONFIG ARGS...`: its exit code, standard output and error.
+    pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_ringlb"))
+            .arg("ctl")
+            .arg("-c")
+            .arg(&self.config_path)
+            .args(args)
+            .output()
+            .expect("run ringlb ctl");
+        let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+        (out.status.code().unwrap_or(-1), text(out.stdout), text(out.stderr))
+    }
+
+    /// As [`Ringlb::ctl`], started in the background.
+    pub fn ctl_child(&self, args: &[&str]) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_ringlb"))
+            .arg("ctl")
+            .arg("-c")
+            .arg(&self.config_path)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run ringlb ctl")
+    }
+
+    /// One admin API request: the HTTP status and the JSON body.
+    pub fn admin(&self, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+        let socket = self.admin_socket.as_ref().expect("config has admin_socket");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: ringlb\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let response = unix_exchange(socket, request.as_bytes());
+        let text = String::from_utf8(response).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP head in {text:?}"));
+        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (status, serde_json::from_str(body).unwrap_or_else(|_| serde_json::Value::String(body.to_string())))
+    }
+
+    /// The config file it runs with.
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config_path
     }
 
     /// Writes `config` to the config file (a reload or an upgrade reads it).
@@ -329,6 +389,23 @@ impl Ringlb {
             thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Sends `request` on a new connection to the unix socket at `path`, closes the sending side
+/// and returns everything that comes back.
+pub fn unix_exchange(path: &std::path::Path, request: &[u8]) -> Vec<u8> {
+    let mut stream = std::os::unix::net::UnixStream::connect(path).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream.write_all(request).unwrap();
+    let _ = stream.shutdown(Shutdown::Write);
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    response
+}
+
+/// A path for an admin socket in a directory of its own (which does not exist yet).
+pub fn admin_socket_path() -> std::path::PathBuf {
+    temp_path("admin").join("admin.sock")
 }
 
 /// Makes this test process adopt orphaned descendants (PR_SET_CHILD_SUBREAPER): the process
