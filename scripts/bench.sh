@@ -12,7 +12,7 @@ Usage: scripts/bench.sh [--quick] [--rounds N] [--duration SECONDS] [--warmup S]
                         [--targets LIST] [--scenarios LIST] [--out DIR] [--idle-conns N]
                         [--proxy-threads N]
 
-Runs the same load through seven targets and writes DIR/results.md, results.json and
+Runs the same load through eight targets and writes DIR/results.md, results.json and
 results.svg (DIR defaults to bench-results/ in the repository).
 
 Targets (default: all, in this order in every round):
@@ -23,6 +23,8 @@ Targets (default: all, in this order in every round):
   ringlb-splice  the same, but relay = "splice"
   ringlb-pack    the same, default relay, but spread = "pack": as few workers as keep up
                  take connections (the default, "even", gives each worker its share)
+  ringlb-nolog   the same as ringlb, but connection_log = false (ringlb logs a line per
+                 connection by default, to a file here; HAProxy and nginx here log none)
   haproxy        HAProxy, mode tcp, balance leastconn, nbthread = P
   nginx          nginx stream module, least_conn, worker_processes = P
 P is --proxy-threads: the same number of threads (processes for nginx) for every proxy.
@@ -52,8 +54,8 @@ Options:
   --proxy-threads P  threads of every proxy: ringlb workers, HAProxy nbthread, nginx
                      worker_processes (default: the CPUs, one per core as each is meant to run)
 
-Environment: RINGLB_BIN (the ringlb binary of the four ringlb targets), BENCH_PORT_BASE (default
-17000; ports BASE+1 to BASE+72 on 127.0.0.1 are used). Missing tools (haproxy, nginx,
+Environment: RINGLB_BIN (the ringlb binary of the five ringlb targets), BENCH_PORT_BASE (default
+17000; ports BASE+1 to BASE+82 on 127.0.0.1 are used). Missing tools (haproxy, nginx,
 libnginx-mod-stream, wrk, redis-server, redis-tools) are installed with apt-get when run as
 root; the services those packages would start are stopped and disabled. Every process the
 bench starts is stopped on exit, Ctrl-C included.
@@ -71,8 +73,8 @@ bench_dir=$root/scripts/bench
 
 # ---------------------------------------------------------------- options
 
-all_targets=(direct ringlb ringlb-copy ringlb-splice ringlb-pack haproxy nginx)
-ringlb_targets=(ringlb ringlb-copy ringlb-splice ringlb-pack)
+all_targets=(direct ringlb ringlb-copy ringlb-splice ringlb-pack ringlb-nolog haproxy nginx)
+ringlb_targets=(ringlb ringlb-copy ringlb-splice ringlb-pack ringlb-nolog)
 all_scenarios=(idle bulk keepalive connclose redis)
 quick=0 rounds='' duration='' warmup='' pause='' idle_conns=5000 out='' proxy_threads=''
 targets_arg=$(IFS=,; echo "${all_targets[*]}")
@@ -166,10 +168,10 @@ web_ports=($((port_base + 1)) $((port_base + 2)) $((port_base + 3)))
 redis_ports=($((port_base + 11)) $((port_base + 12)))
 declare -A web_port=([direct]=${web_ports[0]} [ringlb]=$((port_base + 21)) [haproxy]=$((port_base + 31))
     [nginx]=$((port_base + 41)) [ringlb-splice]=$((port_base + 51)) [ringlb-copy]=$((port_base + 61))
-    [ringlb-pack]=$((port_base + 71)))
+    [ringlb-pack]=$((port_base + 71)) [ringlb-nolog]=$((port_base + 81)))
 declare -A redis_port=([direct]=${redis_ports[0]} [ringlb]=$((port_base + 22)) [haproxy]=$((port_base + 32))
     [nginx]=$((port_base + 42)) [ringlb-splice]=$((port_base + 52)) [ringlb-copy]=$((port_base + 62))
-    [ringlb-pack]=$((port_base + 72)))
+    [ringlb-pack]=$((port_base + 72)) [ringlb-nolog]=$((port_base + 82)))
 
 needs_web=0 needs_redis=0
 for s in "${scenarios[@]}"; do
@@ -406,6 +408,9 @@ write_proxy_configs() {
             elif [[ $t == ringlb-pack ]]; then
                 echo "# ringlb under test, spread = pack: least_conn, $proxy_threads worker(s)."
                 echo 'spread = "pack"'
+            elif [[ $t == ringlb-nolog ]]; then
+                echo "# ringlb under test, no connection log: least_conn, $proxy_threads worker(s)."
+                echo 'connection_log = false'
             else
                 echo "# ringlb under test, relay = ${t#ringlb-}: least_conn, $proxy_threads worker(s)."
                 echo "relay = \"${t#ringlb-}\""
@@ -512,7 +517,7 @@ start_target() { # start_target TARGET; sets target_pid ('' for direct)
     target_pid=''
     case $t in
         direct) return 0 ;;
-        ringlb | ringlb-copy | ringlb-splice | ringlb-pack) start_bg "$t" "$RINGLB_BIN" run -c "$tmp/conf/$t.toml" ;;
+        ringlb | ringlb-copy | ringlb-splice | ringlb-pack | ringlb-nolog) start_bg "$t" "$RINGLB_BIN" run -c "$tmp/conf/$t.toml" ;;
         haproxy) start_bg haproxy haproxy -db -f "$tmp/conf/haproxy.cfg" ;;
         nginx) start_bg nginx nginx -e "$tmp/logs/nginx-stream.error.log" -p "$tmp/nginx-stream/" -c "$tmp/conf/nginx-stream.conf" ;;
     esac
@@ -576,7 +581,8 @@ check_tools
 # evenly over its workers) by the rest.
 fds_per_conn=2
 pipe_share=0
-if wants ringlb "${targets[*]}" || wants ringlb-splice "${targets[*]}" || wants ringlb-pack "${targets[*]}"; then
+if wants ringlb "${targets[*]}" || wants ringlb-splice "${targets[*]}" || wants ringlb-pack "${targets[*]}" ||
+    wants ringlb-nolog "${targets[*]}"; then
     pipe_share=1
 fi
 fds_for() { # fds_for N: the open-file limit N idle connections need (10% spare: uneven workers)

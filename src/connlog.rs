@@ -9,28 +9,46 @@
 //! `proxied` (the source a PROXY header carried) and `sni` (the TLS server name read) appear
 //! when known; `pool`, `backend` and `connect_ms` are `-` when none was reached. The
 //! termination state is HAProxy's (see [`crate::conn::Termination`] and the README).
+//!
+//! A line per connection at tens of thousands of connections a second must not cost a
+//! syscall and a lock each: every worker collects its lines in a [`Writer`] and writes them
+//! to stderr at most every [`FLUSH_EVERY_MS`] (or once [`FLUSH_AT`] bytes are waiting; a quiet
+//! worker writes what it holds at its next tick, within a second), in the format of the other
+//! log lines (`main`'s), in writes of whole lines of at most [`PIPE_BUF`] bytes (so that a
+//! pipe, as journald's, never interleaves them with another thread's). `RUST_LOG` is read
+//! once, at start.
 
 use std::fmt::Write;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
 /// The log target of connection lines.
 pub const TARGET: &str = "ringlb::connection";
+/// The most bytes one write to a pipe keeps together.
+pub const PIPE_BUF: usize = 4096;
+/// A worker writes what it collected once it holds this much.
+pub const FLUSH_AT: usize = 16 * 1024;
+/// ... or once this long has passed since it last wrote (worker clock, ms).
+pub const FLUSH_EVERY_MS: u64 = 50;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 static JSON: AtomicBool = AtomicBool::new(false);
 
-/// Turns the connection log on or off and sets the format (at start and on every reload).
+/// Turns the connection log on or off and sets the format (at start and on every reload);
+/// off too when `RUST_LOG` leaves out `info` for [`TARGET`].
 pub fn configure(enabled: bool, json: bool) {
-    ENABLED.store(enabled, Ordering::Relaxed);
+    let wanted = enabled && log::log_enabled!(target: TARGET, log::Level::Info);
+    ENABLED.store(wanted, Ordering::Relaxed);
     JSON.store(json, Ordering::Relaxed);
 }
 
-/// Whether connection lines are wanted (configured on and `info` enabled for the target).
+/// Whether connection lines are wanted.
 pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed) && log::log_enabled!(target: TARGET, log::Level::Info)
+    ENABLED.load(Ordering::Relaxed)
 }
 
 /// Whether lines are written as JSON.
@@ -66,39 +84,151 @@ pub struct Record<'a> {
 }
 
 impl Record<'_> {
-    /// The line, in the configured format.
-    pub fn line(&self) -> String {
-        if json() { self.json() } else { self.text() }
-    }
-
     /// As `key=value` pairs; a value that is not plain printable ASCII without spaces (a name
     /// from the config, a server name from a client) is quoted and escaped.
     pub fn text(&self) -> String {
         let mut out = String::with_capacity(256);
-        let dash = |a: Option<SocketAddr>| a.map_or_else(|| "-".to_string(), |a| a.to_string());
-        let _ = write!(out, "client={}", dash(self.client));
+        self.write_text(&mut out);
+        out
+    }
+
+    /// As [`Record::text`], appended to `out`.
+    pub fn write_text(&self, out: &mut String) {
+        out.push_str("client=");
+        dash(out, self.client);
         if let Some(proxied) = self.proxied {
             let _ = write!(out, " proxied={proxied}");
         }
-        let _ = write!(out, " listener={}", Plain(self.listener));
-        let _ = write!(out, " pool={}", Plain(self.pool.unwrap_or("-")));
-        let _ = write!(out, " backend={}", dash(self.backend));
+        let _ = write!(out, " listener={} pool={} backend=", Plain(self.listener), Plain(self.pool.unwrap_or("-")));
+        dash(out, self.backend);
         if let Some(sni) = self.sni {
             let _ = write!(out, " sni={}", Plain(sni));
         }
-        let connect = self.connect_ms.map_or_else(|| "-".to_string(), |ms| ms.to_string());
+        let _ = write!(out, " queued_ms={} connect_ms=", self.queued_ms);
+        match self.connect_ms {
+            Some(ms) => {
+                let _ = write!(out, "{ms}");
+            }
+            None => out.push('-'),
+        }
         let _ = write!(
             out,
-            " queued_ms={} connect_ms={connect} total_ms={} bytes_up={} bytes_down={} attempts={} termination={}",
-            self.queued_ms, self.total_ms, self.bytes_up, self.bytes_down, self.attempts, self.termination
+            " total_ms={} bytes_up={} bytes_down={} attempts={} termination={}",
+            self.total_ms, self.bytes_up, self.bytes_down, self.attempts, self.termination
         );
-        out
     }
 
     /// As one JSON object.
     pub fn json(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
+}
+
+/// An address, or `-`.
+fn dash(out: &mut String, address: Option<SocketAddr>) {
+    match address {
+        Some(address) => {
+            let _ = write!(out, "{address}");
+        }
+        None => out.push('-'),
+    }
+}
+
+/// One worker's connection lines, written to stderr a batch at a time.
+#[derive(Debug, Default)]
+pub struct Writer {
+    buf: String,
+    /// When it last wrote (worker clock, ms).
+    flushed_at: u64,
+    /// The second the cached timestamp is of, and the timestamp.
+    second: u64,
+    stamp: String,
+}
+
+impl Writer {
+    /// Adds the line of `record`, as `main` formats log lines: `[TIME INFO  TARGET] FIELDS`,
+    /// or a JSON object with the record's fields beside `time`, `level` and `target`.
+    pub fn push(&mut self, record: &Record<'_>) {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if now != self.second || self.stamp.is_empty() {
+            self.second = now;
+            self.stamp = timestamp(now);
+        }
+        if json() {
+            let fields = record.json();
+            let _ = writeln!(
+                self.buf,
+                "{{\"time\":\"{}\",\"level\":\"INFO\",\"target\":\"{TARGET}\",{}",
+                self.stamp,
+                fields.strip_prefix('{').unwrap_or(&fields)
+            );
+        } else {
+            let _ = write!(self.buf, "[{} INFO  {TARGET}] ", self.stamp);
+            record.write_text(&mut self.buf);
+            self.buf.push('\n');
+        }
+    }
+
+    /// Writes what was collected if it is [`FLUSH_AT`] bytes or more, or was last written
+    /// [`FLUSH_EVERY_MS`] or more before `now` (worker clock, ms).
+    pub fn flush_due(&mut self, now: u64) {
+        if !self.buf.is_empty() && (self.buf.len() >= FLUSH_AT || now.saturating_sub(self.flushed_at) >= FLUSH_EVERY_MS)
+        {
+            self.flushed_at = now;
+            self.flush();
+        }
+    }
+
+    /// Writes what was collected.
+    pub fn flush(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let mut out = std::io::stderr().lock();
+        for chunk in line_chunks(&self.buf, PIPE_BUF) {
+            // Nowhere to report a failing stderr; the lines are dropped.
+            let _ = out.write_all(chunk.as_bytes());
+        }
+        self.buf.clear();
+    }
+}
+
+/// `text` (whole lines) cut into pieces of at most `max` bytes each that end at a line's end
+/// (a longer line is a piece of its own).
+fn line_chunks(text: &str, max: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let window = &rest.as_bytes()[..rest.len().min(max)];
+        let end = match window.iter().rposition(|&b| b == b'\n') {
+            Some(i) if rest.len() > max => i + 1,
+            _ if rest.len() <= max => rest.len(),
+            // One line longer than `max`: up to its end.
+            _ => rest.find('\n').map_or(rest.len(), |i| i + 1),
+        };
+        let (chunk, tail) = rest.split_at(end);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+/// `secs` since the Unix epoch as RFC 3339 in UTC, to the second (as env_logger writes it).
+pub fn timestamp(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// A value written bare if it is plain (printable ASCII, no space, quote or `=`), else quoted.
@@ -147,6 +277,30 @@ mod tests {
         assert!(!line.contains('\n'));
         let none = Record { pool: None, backend: None, connect_ms: None, ..record(None, "db") };
         assert!(none.text().contains("pool=- backend=- queued_ms=0 connect_ms=-"), "{}", none.text());
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_in_utc() {
+        assert_eq!(timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(timestamp(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(timestamp(1_796_233_404), "2026-12-02T17:43:24Z");
+    }
+
+    #[test]
+    fn lines_are_written_whole_in_pieces_that_a_pipe_keeps_together() {
+        let line = "x".repeat(99) + "\n";
+        let text = line.repeat(100);
+        let chunks: Vec<&str> = line_chunks(&text, PIPE_BUF).collect();
+        assert_eq!(chunks.concat(), text);
+        assert!(
+            chunks.iter().all(|c| c.len() <= PIPE_BUF && c.ends_with('\n')),
+            "{:?}",
+            chunks.iter().map(|c| c.len()).collect::<Vec<_>>()
+        );
+        assert_eq!(chunks.len(), 3);
+        let long = "y".repeat(5000) + "\n" + "z\n";
+        let chunks: Vec<&str> = line_chunks(&long, PIPE_BUF).collect();
+        assert_eq!(chunks, vec![&long[..5001], "z\n"]);
     }
 
     #[test]

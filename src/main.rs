@@ -172,20 +172,21 @@ fn ctl(socket: Option<PathBuf>, config: Option<&std::path::Path>, json: bool, co
     }
 }
 
-/// One log line: `[time LEVEL target] message`, or with `log_format = "json"` a JSON object
-/// (a connection line's fields are its keys).
+/// One log line: `[time LEVEL target] message`, or with `log_format = "json"` a JSON object.
+/// (Connection lines are written by the workers in the same format: see `connlog`.)
 fn log_line(buf: &mut env_logger::fmt::Formatter, record: &log::Record<'_>) -> std::io::Result<()> {
     use std::io::Write;
     let time = buf.timestamp();
-    if !connlog::json() {
-        return writeln!(buf, "[{time} {:<5} {}] {}", record.level(), record.target(), record.args());
-    }
-    let head = format!("{{\"time\":\"{time}\",\"level\":\"{}\",\"target\":\"{}\"", record.level(), record.target());
-    let message = record.args().to_string();
-    match message.strip_prefix('{') {
-        // A connection line is a JSON object already: its fields join the line's.
-        Some(fields) if record.target() == connlog::TARGET => writeln!(buf, "{head},{fields}"),
-        _ => writeln!(buf, "{head},\"message\":{}}}", serde_json::Value::String(message)),
+    if connlog::json() {
+        let message = serde_json::Value::String(record.args().to_string());
+        writeln!(
+            buf,
+            "{{\"time\":\"{time}\",\"level\":\"{}\",\"target\":\"{}\",\"message\":{message}}}",
+            record.level(),
+            record.target()
+        )
+    } else {
+        writeln!(buf, "[{time} {:<5} {}] {}", record.level(), record.target(), record.args())
     }
 }
 

@@ -147,3 +147,33 @@ fn an_upgrade_runs_the_binary_that_replaced_the_old_one_at_its_path() {
     assert_eq!(new.stop(), Some(0), "log:\n{}", lb.log());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn an_upgrade_keeps_the_admin_socket_and_what_operators_set() {
+    adopt_orphans();
+    let (a, b) = (Backend::echo(), Backend::echo());
+    let socket = admin_socket_path();
+    let top = format!("metrics_bind = \"127.0.0.1:0\"\nadmin_socket = \"{}\"", socket.display());
+    let mut lb = Ringlb::start(&config_for(&[a.addr, b.addr], &top, ""));
+    let (code, out, err) = lb.ctl(&["drain", "p", &a.addr.to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    lb.ctl(&["weight", "p", &b.addr.to_string(), "9"]);
+
+    let new = lb.upgrade().expect("upgrade");
+    assert!(lb.wait_exit(Duration::from_secs(40)).expect("old process exits").success());
+    // The same socket file, now served by the new process, which kept the settings.
+    assert!(socket.exists(), "the old process removed the socket it handed over");
+    let (code, info, _) = lb.ctl(&["info"]);
+    assert_eq!(code, 0);
+    assert!(info.contains(&format!("pid: {}", new.pid)), "{info}");
+    let (_, pools) = lb.admin("GET", "/v1/pools/p", "");
+    let backends = pools["backends"].as_array().unwrap();
+    assert_eq!(backends[0]["admin_state"], "drain", "{pools}");
+    assert_eq!(backends[1]["weight"], 9, "{pools}");
+    for _ in 0..10 {
+        round_trip(&mut connect(lb.addr()), b"to b only").unwrap();
+    }
+    assert_eq!(a.accepted(), 0, "the drained backend got connections after the upgrade");
+    assert_eq!(new.stop(), Some(0), "log:\n{}", lb.log());
+    assert!(!socket.exists(), "the new process leaves its socket behind");
+}

@@ -5,9 +5,9 @@
 
 Each figure is the median over the rounds that succeeded, and is also given as a ratio to the
 best peer: the better of HAProxy and nginx for that figure (the higher one where higher is
-better, the lower one where lower is better); ringlb, ringlb-copy, ringlb-splice and ringlb-pack
-(the defaults, the copy and splice relay modes, and spread = "pack") are each compared with that
-peer, never with each other. The Markdown table is printed on stdout too.
+better, the lower one where lower is better); ringlb, ringlb-copy, ringlb-splice, ringlb-pack
+and ringlb-nolog (the defaults, the copy and splice relay modes, spread = "pack", and no
+connection log) are each compared with that peer, never with each other. The Markdown table is printed on stdout too.
 Exit status 3 when a run failed (the files are written all the same).
 """
 
@@ -27,6 +27,7 @@ TARGET_INFO = {
     "ringlb-copy": ("ringlb-copy", ["ringlb-", "copy"], "#fdae6b"),
     "ringlb-splice": ("ringlb-splice", ["ringlb-", "splice"], "#756bb1"),
     "ringlb-pack": ("ringlb-pack", ["ringlb-", "pack"], "#d6616b"),
+    "ringlb-nolog": ("ringlb-nolog", ["ringlb-", "nolog"], "#fd8d3c"),
     "haproxy": ("HAProxy", ["HAProxy"], "#3182bd"),
     "nginx": ("nginx stream", ["nginx"], "#31a354"),
 }
@@ -221,8 +222,9 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
         "(`auto`), `relay = \"copy\"` and `relay = \"splice\"`, side by side in the same rounds. "
         "**ringlb-pack** is the default relay with `spread = \"pack\"`: as few workers as keep up "
         "take the connections, where by default (`even`) every worker takes its share, as HAProxy "
-        "and nginx do. Each is compared with the best peer, not with the others; "
-        "`configs/ringlb*.toml` are the four.",
+        "and nginx do. **ringlb-nolog** is the defaults with `connection_log = false`: ringlb "
+        "writes a line per connection by default (to a file here), HAProxy and nginx here none. "
+        "Each is compared with the best peer, not with the others; `configs/ringlb*.toml` are the five.",
         "- In every round each proxy is started fresh, the idle scenario runs first (so its RSS "
         "baseline is a fresh process after 50 warm-up connections), then bulk, keep-alive, "
         "connection per request and redis, each followed by a pause without load (`--pause`, so that "

@@ -311,8 +311,17 @@ impl Config {
             format_duration(self.drain_timeout)
         );
         if let Some(metrics) = self.metrics_bind {
-            let _ = write!(out, "\n  metrics on http://{metrics}/metrics");
+            let _ = write!(out, "\n  metrics on http://{metrics}/metrics, status page on http://{metrics}/");
         }
+        if let Some(socket) = &self.admin_socket {
+            let _ = write!(out, "\n  admin API on {} (ringlb ctl)", socket.display());
+        }
+        let _ = write!(
+            out,
+            "\n  log: {}, connection log {}",
+            self.log_format.name(),
+            if self.connection_log { "on" } else { "off" }
+        );
         let _ = match self.relay {
             Relay::Copy => write!(out, "\n  relay: copy (ring buffers)"),
             relay => write!(out, "\n  relay: {} (pipes of {} bytes)", relay.name(), self.pipe_size),

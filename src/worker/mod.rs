@@ -26,6 +26,7 @@ use crate::admission::Admission;
 use crate::admission::acl::AccessRules;
 use crate::admission::sources::SourceLimit;
 use crate::conn::{self, End, Op, Relay};
+use crate::connlog;
 use crate::control::{RunState, Shared};
 use crate::pool::OnDown;
 use crate::pool::Picker;
@@ -256,6 +257,8 @@ pub struct Worker {
     tick_generation: u32,
     /// When open connections last reported their bytes to their backends (worker clock).
     bytes_reported_at: u64,
+    /// Connection log lines, written once per batch.
+    connlog: connlog::Writer,
 }
 
 impl Worker {
@@ -327,6 +330,7 @@ impl Worker {
             tick: None,
             tick_generation: 0,
             bytes_reported_at: 0,
+            connlog: connlog::Writer::default(),
         };
         // Steer before the server reports this worker ready, so that no connection accepted
         // after the start is spread by the kernel's hash alone.
@@ -377,10 +381,12 @@ impl Worker {
             if sq_full > 0 {
                 self.stats().sq_full.add(sq_full);
             }
+            self.connlog.flush_due(self.now);
             if self.finished() {
                 break;
             }
         }
+        self.connlog.flush();
         self.bufs.unregister(&self.ring);
         debug!("worker {}: stopped", self.index);
         Ok(())

@@ -399,8 +399,8 @@ impl Worker {
         }
     }
 
-    /// Writes the connection log line of the connection in `slot`, which has ended.
-    fn log_connection(&self, slot: usize) {
+    /// Adds the connection log line of the connection in `slot`, which has ended.
+    fn log_connection(&mut self, slot: usize) {
         let entry = &self.conns[slot];
         let conn = &entry.conn;
         let Some(termination) = conn.termination() else { return };
@@ -431,7 +431,7 @@ impl Worker {
             attempts: conn.tried(),
             termination: termination.as_str(),
         };
-        log::info!(target: connlog::TARGET, "{}", record.line());
+        self.connlog.push(&record);
     }
 }
 
