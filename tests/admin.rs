@@ -246,7 +246,8 @@ fn run_time_settings_survive_a_reload_and_go_with_their_backend() {
     // A backend that leaves the config takes its setting with it.
     let without_a = with_c.replace(&format!("{{ address = \"{a}\" }}, "), "");
     assert!(lb.reload(&without_a).contains("] reload: "));
-    assert!(lb.reload(&with_c).contains("] reload: "));
+    let out = lb.reload(&with_c);
+    assert!(out.contains("] reload: "), "{out}\n{}", lb.log());
     assert_eq!(backend(&lb, a)["admin_state"], "ready");
     // An invalid file: 400 with the line and key, nothing changes.
     lb.write_config(&with_c.replace("pool = \"p\"", "pool = \"nope\""));

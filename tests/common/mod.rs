@@ -228,13 +228,25 @@ impl Ringlb {
 
     /// Rewrites the config file with `config`, sends SIGHUP and waits for the reload's outcome:
     /// its log line (`reload: ...` or `reload failed, ...`).
+    ///
+    /// The log arrives through a pipe, so the outcome of a reload made another way (the admin
+    /// API) may not be in it yet: with an admin socket or a metrics page, this first waits until
+    /// the log holds an outcome for every reload ringlb has counted.
     pub fn reload(&self, config: &str) -> String {
+        // Outcome lines only: a reload's warnings ("WARN ... reload: ...") come before its outcome.
         let outcomes = |log: &str| {
             log.lines()
-                .filter(|l| l.contains("] reload: ") || l.contains("] reload failed"))
+                .filter(|l| (l.contains(" INFO ") && l.contains("] reload: ")) || l.contains("] reload failed"))
                 .map(str::to_string)
                 .collect::<Vec<_>>()
         };
+        if let Some(counted) = self.reloads_counted() {
+            assert!(
+                Ringlb::eventually(Duration::from_secs(20), || outcomes(&self.log()).len() as u64 >= counted),
+                "{counted} reloads counted, fewer outcomes logged:\n{}",
+                self.log()
+            );
+        }
         let before = outcomes(&self.log()).len();
         self.write_config(config);
         self.signal(libc::SIGHUP);
@@ -244,6 +256,18 @@ impl Ringlb {
             self.log()
         );
         outcomes(&self.log())[before].clone()
+    }
+
+    /// Reloads so far (took effect and failed), from the admin API or the metrics page.
+    fn reloads_counted(&self) -> Option<u64> {
+        if self.admin_socket.is_some() {
+            let (_, info) = self.admin("GET", "/v1/info", "");
+            return Some(info["reloads"]["ok"].as_u64()? + info["reloads"]["failed"].as_u64()?);
+        }
+        self.metrics_addr?;
+        let metrics = self.metrics();
+        let count = |result: &str| metrics.get(&format!("ringlb_reloads_total{{result=\"{result}\"}}")).copied();
+        Some((count("ok")? + count("failed")?) as u64)
     }
 
     /// Runs `ringlb ctl -c CONFIG ARGS...`: its exit code, standard output and error.
