@@ -11,9 +11,11 @@
 //!   into a drain.
 //! - [`control`] is what the control side shares with the workers ([`control::Shared`]: the
 //!   run state, the current snapshot, per-worker [`stats`], a doorbell per worker) and the
-//!   control thread ([`control::thread`]): [`health`] checks, snapshots published when a
-//!   backend goes up or down, and the HTTP server ([`control::http`]) of the metrics page
-//!   ([`control::metrics`]).
+//!   control thread ([`control::thread`]): [`health`] checks (TCP, or a MySQL or PostgreSQL
+//!   login), snapshots published when a backend goes up or down, backend names looked up
+//!   ([`control::dns`]), reloads ([`control::reload`]), and the HTTP server
+//!   ([`control::http`]) of the metrics page ([`control::metrics`]), the status page and the
+//!   admin API ([`control::api`]).
 //! - [`pool`] is the immutable snapshot the workers read: each pool's backends with their
 //!   shared counters, health, Maglev table and backend [`queue`].
 //! - [`worker`] is one pinned thread with its own [`ring`]: its accept gate takes in what fits

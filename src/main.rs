@@ -123,6 +123,11 @@ fn main() -> ExitCode {
                 for warning in &config.warnings {
                     eprintln!("warning: {warning}");
                 }
+                for (name, why) in unresolved_names(&config) {
+                    eprintln!(
+                        "warning: {name} does not resolve now: {why} (its pool starts without it and it comes in once it resolves)"
+                    );
+                }
                 println!("{}: OK\n{}", path.display(), config.summary());
                 ExitCode::SUCCESS
             }
@@ -133,6 +138,17 @@ fn main() -> ExitCode {
         },
         Command::Run { config } => run(&config),
         Command::Ctl { socket, config, json, command } => ctl(socket, config.as_deref(), json, command),
+    }
+}
+
+/// The backend names of `config` that do not resolve now (a warning for `ringlb check`).
+fn unresolved_names(config: &Config) -> Vec<(String, String)> {
+    if !ringlb::control::dns::Names::any(config) {
+        return Vec::new();
+    }
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime.block_on(ringlb::control::dns::unresolved(config)),
+        Err(e) => vec![("the backend names".into(), format!("cannot start a resolver: {e}"))],
     }
 }
 

@@ -64,6 +64,8 @@ pub struct Config {
     pub connection_log: bool,
     /// How log lines are written (default: text).
     pub log_format: LogFormat,
+    /// How backend names are resolved.
+    pub dns: DnsConfig,
     /// How bytes move between client and backend (default: auto).
     pub relay: Relay,
     /// The size of the splice pipes, when the relay splices (`splice`, `auto`).
@@ -144,12 +146,68 @@ impl ListenerConfig {
     }
 }
 
+/// The `[dns]` table: how backend names are resolved (on the control thread).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Name servers; empty: those of /etc/resolv.conf.
+    pub servers: Vec<SocketAddr>,
+    /// A name is resolved again this often at most (sooner if its TTL is shorter, never
+    /// under a second).
+    pub refresh: Duration,
+    /// How long the last good answer is kept when lookups fail.
+    pub hold: Duration,
+}
+
+pub const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(10);
+pub const DEFAULT_DNS_HOLD: Duration = Duration::from_secs(300);
+/// The shortest time between two lookups of a name.
+pub const MIN_DNS_REFRESH: Duration = Duration::from_secs(1);
+
+impl Default for DnsConfig {
+    fn default() -> DnsConfig {
+        DnsConfig { servers: Vec::new(), refresh: DEFAULT_DNS_REFRESH, hold: DEFAULT_DNS_HOLD }
+    }
+}
+
+/// A backend entry given by name: each address the name resolves to is a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameConfig {
+    pub kind: NameKind,
+    /// The line of its entry.
+    pub line: usize,
+    /// The weight of each address (A/AAAA); SRV records carry their own.
+    pub weight: NonZeroU32,
+    pub max_conns: Option<NonZeroU32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum NameKind {
+    /// `address = "host:port"`: every A and AAAA answer, on `port`.
+    Host { host: String, port: u16 },
+    /// `srv = "_service._proto.name"`: every SRV target's addresses, on its port, with its
+    /// weight; the lowest priority serves, the others only when all of it are down.
+    Srv { name: String },
+}
+
+impl NameConfig {
+    /// The name as the config writes it.
+    pub fn label(&self) -> String {
+        match &self.kind {
+            NameKind::Host { host, port } => format!("{host}:{port}"),
+            NameKind::Srv { name } => format!("srv {name}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     pub name: String,
     pub algorithm: Algorithm,
     pub connect_timeout: Duration,
+    /// The backends: those given by address, then (at run time) those names resolved to.
     pub backends: Vec<BackendConfig>,
+    /// Backend entries given by name, resolved at run time.
+    pub names: Vec<NameConfig>,
     /// What happens to relayed connections when their backend is marked down.
     pub on_down: OnDown,
     /// Active health checks (and passive marking from connect failures); `None` = off, every
@@ -170,6 +228,7 @@ impl PoolConfig {
             algorithm,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             backends,
+            names: Vec::new(),
             on_down: OnDown::Keep,
             health: Some(HealthConfig::default()),
             send_proxy: None,
@@ -187,12 +246,25 @@ pub struct BackendConfig {
     /// Most connections open to this backend at once, over all workers; more wait in the
     /// pool's queue for up to `queue_timeout` (HAProxy's maxconn and queue).
     pub max_conns: Option<NonZeroU32>,
+    /// The name entry (index into [`PoolConfig::names`]) it was resolved from; `None` for an
+    /// address written in the config.
+    pub origin: Option<u16>,
+    /// Lower serves first: backends of a higher priority take connections only when every
+    /// one of the lowest is down (SRV priorities; 0 for the others).
+    pub priority: u16,
 }
 
 impl BackendConfig {
     /// A backend of weight `weight` (0 is taken as 1) and no connection limit.
     pub fn new(address: SocketAddr, weight: u32) -> BackendConfig {
-        BackendConfig { address, line: 0, weight: NonZeroU32::new(weight).unwrap_or(NonZeroU32::MIN), max_conns: None }
+        BackendConfig {
+            address,
+            line: 0,
+            weight: NonZeroU32::new(weight).unwrap_or(NonZeroU32::MIN),
+            max_conns: None,
+            origin: None,
+            priority: 0,
+        }
     }
 }
 
@@ -216,6 +288,34 @@ pub struct HealthConfig {
     pub send: Option<Vec<u8>>,
     /// The reply must start with these bytes, if set.
     pub expect: Option<Vec<u8>>,
+    /// Check this port of the backend's address instead of its traffic port.
+    pub port: Option<u16>,
+    /// What the check speaks after connecting.
+    pub protocol: CheckProtocol,
+}
+
+/// What a health check speaks.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum CheckProtocol {
+    /// Connect, then `send` and `expect` if set.
+    #[default]
+    Tcp,
+    /// A MySQL/MariaDB login as `user` (no password) and a clean quit: passes when the server
+    /// accepts the login.
+    Mysql { user: String },
+    /// A PostgreSQL startup as `user` to `database`: passes on AuthenticationOk or any
+    /// authentication request (the server is up and accepting).
+    Postgres { user: String, database: String },
+}
+
+impl CheckProtocol {
+    pub fn name(&self) -> &'static str {
+        match self {
+            CheckProtocol::Tcp => "tcp",
+            CheckProtocol::Mysql { .. } => "mysql",
+            CheckProtocol::Postgres { .. } => "postgres",
+        }
+    }
 }
 
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -234,6 +334,8 @@ impl Default for HealthConfig {
             fall: DEFAULT_FALL,
             send: None,
             expect: None,
+            port: None,
+            protocol: CheckProtocol::Tcp,
         }
     }
 }

@@ -23,10 +23,19 @@ pub struct RawConfig {
     pub admin_socket: Option<Spanned<String>>,
     pub connection_log: Option<Spanned<bool>>,
     pub log_format: Option<Spanned<String>>,
+    pub dns: Option<Spanned<RawDns>>,
     #[serde(default)]
     pub listeners: BTreeMap<String, Spanned<RawListener>>,
     #[serde(default)]
     pub pools: BTreeMap<String, Spanned<RawPool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    pub servers: Option<Spanned<Vec<Spanned<String>>>>,
+    pub refresh: Option<Spanned<String>>,
+    pub hold: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,12 +78,17 @@ pub struct RawHealth {
     pub fall: Option<Spanned<i64>>,
     pub send: Option<Spanned<String>>,
     pub expect: Option<Spanned<String>>,
+    pub port: Option<Spanned<i64>>,
+    pub protocol: Option<Spanned<String>>,
+    pub user: Option<Spanned<String>>,
+    pub database: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBackend {
-    pub address: Spanned<String>,
+    pub address: Option<Spanned<String>>,
+    pub srv: Option<Spanned<String>>,
     pub weight: Option<Spanned<i64>>,
     pub max_conns: Option<Spanned<i64>>,
 }

@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{RawBackend, RawConfig, RawHealth, RawListener, RawPool};
+use super::raw::{RawBackend, RawConfig, RawDns, RawHealth, RawListener, RawPool};
 use super::*;
 
 const CONNECT_TIMEOUT_ZERO: &str = "a connect timeout of 0 would fail every connection; use e.g. \"3s\"";
 
-const ADDRESS_HINT: &str = "use IP:port, e.g. \"127.0.0.1:9001\" or \"[::1]:9001\" (host names are not resolved)";
+const ADDRESS_HINT: &str = "use IP:port, e.g. \"127.0.0.1:9001\" or \"[::1]:9001\"";
 
 /// Where errors point: the file's name and text, to turn byte offsets into lines.
 struct Source<'a> {
@@ -206,6 +206,7 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         }
     };
     let connection_log = raw.connection_log.as_ref().is_none_or(|c| *c.get_ref());
+    let dns = validate_dns(src, raw.dns.as_ref())?;
     let log_format = match &raw.log_format {
         None => LogFormat::Text,
         Some(f) => src.choice(f, "log_format", &[("text", LogFormat::Text), ("json", LogFormat::Json)])?,
@@ -301,6 +302,7 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         admin_socket,
         connection_log,
         log_format,
+        dns,
         relay,
         pipe_size,
         spread,
@@ -533,30 +535,86 @@ fn validate_pool(
         ));
     }
     let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.backends.get_ref().len());
+    let mut names: Vec<NameConfig> = Vec::new();
     for (i, backend) in raw.backends.get_ref().iter().enumerate() {
-        let validated = validate_backend(src, &format!("pools.{name}.backends[{i}]"), backend.get_ref())?;
-        if backends.iter().any(|b| b.address == validated.address) {
-            return Err(src.invalid(
-                backend.span(),
-                &format!("pools.{name}.backends[{i}].address"),
-                format!(
-                    "{} is listed twice in this pool; list it once and raise its weight instead",
-                    validated.address
-                ),
-            ));
+        let entry_key = format!("pools.{name}.backends[{i}]");
+        match validate_backend(src, &entry_key, backend)? {
+            Entry::Address(validated) => {
+                if backends.iter().any(|b| b.address == validated.address) {
+                    return Err(src.invalid(
+                        backend.span(),
+                        &format!("{entry_key}.address"),
+                        format!(
+                            "{} is listed twice in this pool; list it once and raise its weight instead",
+                            validated.address
+                        ),
+                    ));
+                }
+                backends.push(validated);
+            }
+            Entry::Name(validated) => {
+                if names.iter().any(|n| n.kind == validated.kind) {
+                    return Err(src.invalid(
+                        backend.span(),
+                        &entry_key,
+                        format!("{} is listed twice in this pool; list it once", validated.label()),
+                    ));
+                }
+                names.push(validated);
+            }
         }
-        backends.push(validated);
     }
     Ok(PoolConfig {
         name: name.to_string(),
         algorithm,
         connect_timeout,
         backends,
+        names,
         on_down,
         health,
         send_proxy,
         queue_timeout,
     })
+}
+
+fn validate_dns(src: &Source<'_>, raw: Option<&Spanned<RawDns>>) -> Result<DnsConfig, ConfigError> {
+    let Some(raw) = raw.map(Spanned::get_ref) else { return Ok(DnsConfig::default()) };
+    let mut servers = Vec::new();
+    if let Some(list) = &raw.servers {
+        for server in list.get_ref() {
+            // A bare IP means port 53.
+            let text = server.get_ref().trim();
+            let parsed = text
+                .parse::<SocketAddr>()
+                .ok()
+                .or_else(|| text.parse::<std::net::IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)));
+            match parsed {
+                Some(address) if address.port() != 0 && !address.ip().is_unspecified() => servers.push(address),
+                _ => {
+                    return Err(src.invalid(
+                        server.span(),
+                        "dns.servers",
+                        format!("{text:?} is not a name server address; write IP or IP:port, e.g. \"10.0.0.2\" or \"127.0.0.1:5353\""),
+                    ));
+                }
+            }
+        }
+        if servers.is_empty() {
+            return Err(src.invalid(
+                list.span(),
+                "dns.servers",
+                "is empty; list a server, or leave servers out to use /etc/resolv.conf",
+            ));
+        }
+    }
+    let refresh =
+        src.positive_duration(&raw.refresh, "dns.refresh", DEFAULT_DNS_REFRESH, "must be at least 1s, e.g. \"10s\"")?;
+    if refresh < MIN_DNS_REFRESH {
+        let span = raw.refresh.as_ref().map_or(0..0, |r| r.span());
+        return Err(src.invalid(span, "dns.refresh", "must be at least 1s, e.g. \"10s\""));
+    }
+    let hold = src.duration(&raw.hold, "dns.hold", DEFAULT_DNS_HOLD)?;
+    Ok(DnsConfig { servers, refresh, hold })
 }
 
 fn validate_health(
@@ -588,6 +646,69 @@ fn validate_health(
         }
         Ok(Some(parsed))
     };
+    let port = raw.port.as_ref().map(|p| src.integer(p, &key("port"), 1..=65535, "a port", "")).transpose()?;
+    let name = |value: &Option<Spanned<String>>, field: &str| -> Result<Option<String>, ConfigError> {
+        let Some(v) = value else { return Ok(None) };
+        let text = v.get_ref();
+        if text.is_empty() || text.len() > 63 || text.contains('\0') {
+            return Err(src.invalid(v.span(), &key(field), "must be 1 to 63 bytes, without NUL"));
+        }
+        Ok(Some(text.clone()))
+    };
+    let user = name(&raw.user, "user")?;
+    let database = name(&raw.database, "database")?;
+    let protocol = match &raw.protocol {
+        None => CheckProtocol::Tcp,
+        Some(p) => {
+            let choice = src.choice(p, &key("protocol"), &[("tcp", 0), ("mysql", 1), ("postgres", 2)])?;
+            let needs_user = || {
+                user.clone().ok_or_else(|| {
+                    src.invalid(
+                        p.span(),
+                        &key("user"),
+                        format!(
+                            "protocol = {:?} logs in: give the user it logs in as, e.g. user = \"ringlb\" (a user without a password that may connect)",
+                            p.get_ref()
+                        ),
+                    )
+                })
+            };
+            match choice {
+                1 => CheckProtocol::Mysql { user: needs_user()? },
+                2 => {
+                    let user = needs_user()?;
+                    CheckProtocol::Postgres { database: database.clone().unwrap_or_else(|| user.clone()), user }
+                }
+                _ => CheckProtocol::Tcp,
+            }
+        }
+    };
+    if protocol != CheckProtocol::Tcp {
+        for (field, span) in
+            [("send", raw.send.as_ref().map(|v| v.span())), ("expect", raw.expect.as_ref().map(|v| v.span()))]
+        {
+            if let Some(span) = span {
+                return Err(src.invalid(
+                    span,
+                    &key(field),
+                    format!(
+                        "{field} does not go with protocol = {:?}, which speaks the protocol itself",
+                        protocol.name()
+                    ),
+                ));
+            }
+        }
+    }
+    let only_with = |value: Option<&Range<usize>>, field: &str, with: &str| match value {
+        Some(span) => Err(src.invalid(span.clone(), &key(field), format!("{field} only applies to protocol = {with}"))),
+        None => Ok(()),
+    };
+    if protocol == CheckProtocol::Tcp {
+        only_with(raw.user.as_ref().map(|u| u.span()).as_ref(), "user", "\"mysql\" or \"postgres\"")?;
+    }
+    if !matches!(protocol, CheckProtocol::Postgres { .. }) {
+        only_with(raw.database.as_ref().map(|d| d.span()).as_ref(), "database", "\"postgres\"")?;
+    }
     Ok(Some(HealthConfig {
         interval: positive(&raw.interval, "interval", DEFAULT_HEALTH_INTERVAL)?,
         timeout: positive(&raw.timeout, "timeout", DEFAULT_HEALTH_TIMEOUT)?,
@@ -595,6 +716,8 @@ fn validate_health(
         fall: count(&raw.fall, "fall", DEFAULT_FALL)?,
         send: bytes(&raw.send, "send")?,
         expect: bytes(&raw.expect, "expect")?,
+        port: port.map(|p| p as u16),
+        protocol,
     }))
 }
 
@@ -606,15 +729,14 @@ fn next_prime(n: u64) -> u64 {
     (n..).find(|&c| is_prime(c)).unwrap_or(n)
 }
 
-fn validate_backend(src: &Source<'_>, key: &str, raw: &RawBackend) -> Result<BackendConfig, ConfigError> {
-    let address = src.address(&raw.address, &format!("{key}.address"))?;
-    if address.port() == 0 || address.ip().is_unspecified() {
-        return Err(src.invalid(
-            raw.address.span(),
-            &format!("{key}.address"),
-            format!("{address} cannot be connected to; give the backend's own IP and port"),
-        ));
-    }
+/// A backend entry: an address, or a name resolved at run time.
+enum Entry {
+    Address(BackendConfig),
+    Name(NameConfig),
+}
+
+fn validate_backend(src: &Source<'_>, key: &str, entry: &Spanned<RawBackend>) -> Result<Entry, ConfigError> {
+    let raw = entry.get_ref();
     let weight = match &raw.weight {
         None => NonZeroU32::MIN,
         Some(w) => {
@@ -628,7 +750,85 @@ fn validate_backend(src: &Source<'_>, key: &str, raw: &RawBackend) -> Result<Bac
         .map(|m| src.integer(m, &format!("{key}.max_conns"), 1..=MAX_CONNS_LIMIT, "a connection count", ""))
         .transpose()?
         .and_then(|n| NonZeroU32::new(n as u32));
-    Ok(BackendConfig { address, line: src.line_of(raw.address.span()), weight, max_conns })
+    let address = match (&raw.address, &raw.srv) {
+        (Some(_), Some(srv)) => {
+            return Err(src.invalid(srv.span(), &format!("{key}.srv"), "give either address or srv, not both"));
+        }
+        (None, None) => {
+            return Err(src.invalid(
+                entry.span(),
+                key,
+                "a backend needs an address (\"10.0.0.5:5432\" or \"db.example:5432\") or an srv name (\"_postgresql._tcp.db.example\")",
+            ));
+        }
+        (None, Some(srv)) => {
+            if let Some(w) = &raw.weight {
+                return Err(src.invalid(
+                    w.span(),
+                    &format!("{key}.weight"),
+                    "SRV records carry their own weights; leave weight out",
+                ));
+            }
+            let name = srv.get_ref().trim().trim_end_matches('.');
+            if !is_host_name(name) || !name.starts_with('_') {
+                return Err(src.invalid(
+                    srv.span(),
+                    &format!("{key}.srv"),
+                    format!("{:?} is not an SRV name; write e.g. \"_postgresql._tcp.db.example\"", srv.get_ref()),
+                ));
+            }
+            let kind = NameKind::Srv { name: name.to_string() };
+            return Ok(Entry::Name(NameConfig { kind, line: src.line_of(srv.span()), weight, max_conns }));
+        }
+        (Some(address), None) => address,
+    };
+    let field = format!("{key}.address");
+    let text = address.get_ref().trim();
+    let line = src.line_of(address.span());
+    if let Ok(parsed) = text.parse::<SocketAddr>() {
+        if parsed.port() == 0 || parsed.ip().is_unspecified() {
+            return Err(src.invalid(
+                address.span(),
+                &field,
+                format!("{parsed} cannot be connected to; give the backend's own IP and port"),
+            ));
+        }
+        return Ok(Entry::Address(BackendConfig {
+            address: parsed,
+            line,
+            weight,
+            max_conns,
+            origin: None,
+            priority: 0,
+        }));
+    }
+    let hint = "use IP:port or host:port, e.g. \"10.0.0.5:5432\", \"[::1]:5432\" or \"db.example:5432\"";
+    let (host, port) = text
+        .rsplit_once(':')
+        .filter(|(host, _)| is_host_name(host.trim_end_matches('.')))
+        .ok_or_else(|| src.invalid(address.span(), &field, format!("{text:?} is not an address; {hint}")))?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| src.invalid(address.span(), &field, format!("{port:?} is not a port (1-65535); {hint}")))?;
+    let kind = NameKind::Host { host: host.trim_end_matches('.').to_string(), port };
+    Ok(Entry::Name(NameConfig { kind, line, weight, max_conns }))
+}
+
+/// Whether `name` is a DNS name ringlb resolves: dot-separated labels of letters, digits,
+/// `-` and `_` (SRV labels), at most 253 bytes, not all digits (an IP is not a name).
+fn is_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+        && !name.split('.').all(|label| label.bytes().all(|b| b.is_ascii_digit()))
 }
 
 #[cfg(test)]
@@ -925,10 +1125,83 @@ backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight
             ("fall = 1001", &["pools.web.health.fall", "1 to 1000"][..]),
             ("send = \"\\\\q\"", &["pools.web.health.send", "not an escape"][..]),
             ("expect = \"\"", &["pools.web.health.expect", "1 to 4096 bytes"][..]),
-            ("port = 1", &["port", "interval"][..]),
+            ("port = 0", &["pools.web.health.port", "1 to 65535"][..]),
+            ("protocol = \"redis\"", &["pools.web.health.protocol", "tcp, mysql, postgres"][..]),
+            ("protocol = \"mysql\"", &["pools.web.health.user", "logs in"][..]),
+            ("user = \"ringlb\"", &["pools.web.health.user", "only applies"][..]),
         ] {
             assert_error(&format!("{base}[pools.web.health]\n{setting}\n"), line, needles);
         }
+    }
+
+    #[test]
+    fn backends_by_name_and_srv_and_the_dns_table() {
+        let text = GOOD.replace(
+            "backends = [{ address = \"127.0.0.1:9001\" }, { address = \"127.0.0.1:9002\", weight = 2 }]",
+            "backends = [{ address = \"primary.db.example.:5432\", weight = 3, max_conns = 10 }, { srv = \"_postgresql._tcp.replicas.db.example\" }]",
+        );
+        let config = Config::parse(
+            &format!("{text}\n[dns]\nservers = [\"127.0.0.1:5353\", \"10.0.0.2\"]\nrefresh = \"5s\"\nhold = \"1m\"\n"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(config.dns.servers, vec!["127.0.0.1:5353".parse().unwrap(), "10.0.0.2:53".parse().unwrap()]);
+        assert_eq!(config.dns.refresh, Duration::from_secs(5));
+        assert_eq!(config.dns.hold, Duration::from_secs(60));
+        let pool = &config.pools[0];
+        assert!(pool.backends.is_empty());
+        assert_eq!(pool.names[0].kind, NameKind::Host { host: "primary.db.example".into(), port: 5432 });
+        assert_eq!(pool.names[0].weight.get(), 3);
+        assert_eq!(pool.names[0].max_conns.map(|m| m.get()), Some(10));
+        assert_eq!(pool.names[1].kind, NameKind::Srv { name: "_postgresql._tcp.replicas.db.example".into() });
+        assert_eq!(Config::parse(GOOD, "t").unwrap().dns, DnsConfig::default());
+
+        let pool_line = |entry: &str| {
+            GOOD.replace(
+                "backends = [{ address = \"127.0.0.1:9001\" }, { address = \"127.0.0.1:9002\", weight = 2 }]",
+                &format!("backends = [{entry}]"),
+            )
+        };
+        let line = GOOD.lines().position(|l| l.starts_with("backends")).unwrap() + 1;
+        for (entry, needles) in [
+            ("{ address = \"db.example\" }", &["backends[0].address", "host:port"][..]),
+            ("{ address = \"db.example:0\" }", &["backends[0].address", "not a port"][..]),
+            ("{ address = \"bad name!:5432\" }", &["backends[0].address", "not an address"][..]),
+            ("{ srv = \"db.example\" }", &["backends[0].srv", "_postgresql._tcp"][..]),
+            ("{ srv = \"_pg._tcp.db\", weight = 2 }", &["backends[0].weight", "own weights"][..]),
+            ("{ srv = \"_pg._tcp.db\", address = \"a.b:1\" }", &["backends[0].srv", "not both"][..]),
+            ("{ weight = 2 }", &["backends[0]", "an address", "srv"][..]),
+            ("{ address = \"a.example:1\" }, { address = \"a.example:1\" }", &["backends[1]", "twice"][..]),
+        ] {
+            assert_error(&pool_line(entry), line, needles);
+        }
+        let after = GOOD.lines().count() + 3;
+        assert_error(&format!("{GOOD}\n[dns]\nservers = [\"resolver\"]\n"), after, &["dns.servers", "IP:port"]);
+        assert_error(&format!("{GOOD}\n[dns]\nrefresh = \"500ms\"\n"), after, &["dns.refresh", "at least 1s"]);
+    }
+
+    #[test]
+    fn database_checks_and_their_conflicts() {
+        let base = with_pool("");
+        let config = Config::parse(
+            &format!("{base}[pools.web.health]\nprotocol = \"postgres\"\nuser = \"ringlb\"\nport = 8008\n"),
+            "t",
+        )
+        .unwrap();
+        let health = config.pools[0].health.clone().unwrap();
+        assert_eq!(health.protocol, CheckProtocol::Postgres { user: "ringlb".into(), database: "ringlb".into() });
+        assert_eq!(health.port, Some(8008));
+        let line = base.lines().count() + 4;
+        assert_error(
+            &format!("{base}[pools.web.health]\nprotocol = \"mysql\"\nuser = \"u\"\nsend = \"x\"\n"),
+            line,
+            &["pools.web.health.send", "protocol = \"mysql\""],
+        );
+        assert_error(
+            &format!("{base}[pools.web.health]\nprotocol = \"mysql\"\nuser = \"u\"\ndatabase = \"d\"\n"),
+            line,
+            &["pools.web.health.database", "postgres"],
+        );
     }
 
     #[test]

@@ -306,12 +306,43 @@ async fn reload(shared: &Shared) -> Answer {
     }
 }
 
+/// A backend name: what its lookups found, and the last one's result and time.
+fn name(status: &super::dns::NameStatus) -> Value {
+    let last = status.last.as_ref().map(|(at, outcome)| {
+        let mut last = json!({
+            "at": at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
+            "ago_ms": at.elapsed().unwrap_or_default().as_millis() as u64,
+        });
+        match outcome {
+            Ok(n) => {
+                last["result"] = json!("ok");
+                last["addresses"] = json!(n);
+            }
+            Err(why) => {
+                last["result"] = json!("failed");
+                last["error"] = json!(why);
+            }
+        }
+        last
+    });
+    json!({
+        "name": status.name,
+        "addresses": status.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "holding": status.holding,
+        "last_lookup": last,
+        "lookups_ok": status.lookups_ok,
+        "lookups_failed": status.lookups_failed,
+    })
+}
+
 /// What the control loop shows of its state.
 pub(super) struct View<'a> {
     pub config: &'a Config,
     pub snapshot: &'a Snapshot,
     pub checks: &'a Checks,
     pub admin: &'a AdminStates,
+    /// Each backend name's lookups.
+    pub names: &'a [super::dns::NameStatus],
 }
 
 impl View<'_> {
@@ -341,6 +372,7 @@ impl View<'_> {
             "usable_backends": live.map_or(0, |l| l.usable().len()),
             "queued": live.map_or(0, |l| l.queue.waiting()),
             "backends": (0..config.backends.len()).map(|b| self.backend(p, b)).collect::<Vec<_>>(),
+            "names": self.names.iter().filter(|n| n.pool == config.name).map(name).collect::<Vec<_>>(),
         })
     }
 
@@ -368,6 +400,8 @@ impl View<'_> {
         let bytes = counters.map_or([0, 0], |c| c.bytes());
         json!({
             "address": backend.address.to_string(),
+            "from_name": backend.origin.and_then(|i| pool.names.get(usize::from(i))).map(|n| n.label()),
+            "priority": backend.priority,
             "weight": setting.weight(backend.weight.get()),
             "config_weight": backend.weight.get(),
             "admin_state": setting.effective().name(),

@@ -22,6 +22,11 @@ pub const DRAINING: &str = "ringlb_draining";
 pub const WORKERS_IN_USE: &str = "ringlb_workers_in_use";
 pub const RELOADS: &str = "ringlb_reloads_total";
 pub const CONFIG_LOADED: &str = "ringlb_config_loaded_timestamp_seconds";
+pub const DNS_ADDRESSES: &str = "ringlb_dns_addresses";
+pub const DNS_LOOKUPS: &str = "ringlb_dns_lookups_total";
+pub const DNS_LAST_LOOKUP: &str = "ringlb_dns_last_lookup_timestamp_seconds";
+pub const DNS_HOLDING: &str = "ringlb_dns_holding";
+pub const DNS_BACKEND: &str = "ringlb_dns_backend";
 
 fn header(out: &mut String, name: &str, help: &str) {
     let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
@@ -94,7 +99,44 @@ pub fn render(shared: &Shared) -> String {
             }
         }
     }
+    names(&mut out, &shared.names());
     out
+}
+
+/// Each backend name's lookups, and which backends came from it.
+fn names(out: &mut String, names: &[super::dns::NameStatus]) {
+    if names.is_empty() {
+        return;
+    }
+    let labels = |n: &super::dns::NameStatus| format!("pool=\"{}\",name=\"{}\"", label(&n.pool), label(&n.name));
+    header(out, DNS_ADDRESSES, "Addresses the backend name gives now (each one a backend).");
+    for n in names {
+        let _ = writeln!(out, "{DNS_ADDRESSES}{{{}}} {}", labels(n), n.addresses.len());
+    }
+    header(out, DNS_LOOKUPS, "Lookups of the backend name, by whether they got an answer.");
+    for n in names {
+        let l = labels(n);
+        let _ = writeln!(out, "{DNS_LOOKUPS}{{{l},result=\"ok\"}} {}", n.lookups_ok);
+        let _ = writeln!(out, "{DNS_LOOKUPS}{{{l},result=\"failed\"}} {}", n.lookups_failed);
+    }
+    header(out, DNS_LAST_LOOKUP, "When the backend name was last looked up (Unix time; 0: not yet).");
+    for n in names {
+        let at = n
+            .last
+            .as_ref()
+            .map_or(0.0, |(at, _)| at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64());
+        let _ = writeln!(out, "{DNS_LAST_LOOKUP}{{{}}} {at:.3}", labels(n));
+    }
+    header(out, DNS_HOLDING, "1 while lookups of the name fail and its last good answer is kept (dns.hold).");
+    for n in names {
+        let _ = writeln!(out, "{DNS_HOLDING}{{{}}} {}", labels(n), u8::from(n.holding));
+    }
+    header(out, DNS_BACKEND, "1 for each backend a backend name gave.");
+    for n in names {
+        for address in &n.addresses {
+            let _ = writeln!(out, "{DNS_BACKEND}{{{},backend=\"{address}\"}} 1", labels(n));
+        }
+    }
 }
 
 #[cfg(test)]

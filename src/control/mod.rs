@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod api;
 pub mod checks;
+pub mod dns;
 pub mod http;
 pub mod metrics;
 pub mod reload;
@@ -86,6 +87,8 @@ pub struct Shared {
     loaded_at: AtomicU64,
     /// What the admin API asks each worker, taken when its doorbell rings.
     requests: Vec<Mutex<Vec<admin::WorkerRequest>>>,
+    /// Each backend name's lookups, for the metrics page.
+    names: Mutex<Arc<Vec<dns::NameStatus>>>,
 }
 
 impl Shared {
@@ -109,6 +112,7 @@ impl Shared {
             reloads: [AtomicU64::new(0), AtomicU64::new(0)],
             loaded_at: AtomicU64::new(0),
             requests: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
+            names: Mutex::new(Arc::new(Vec::new())),
         };
         Ok((shared, receiver))
     }
@@ -220,6 +224,15 @@ impl Shared {
     }
 
     /// The config in effect was loaded just now.
+    /// Every backend name's lookups now (the control thread sets them).
+    pub fn set_names(&self, names: Vec<dns::NameStatus>) {
+        *self.names.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(names);
+    }
+
+    pub fn names(&self) -> Arc<Vec<dns::NameStatus>> {
+        Arc::clone(&self.names.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     pub fn config_loaded(&self) {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         self.loaded_at.store(now, Ordering::Relaxed);

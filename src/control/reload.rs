@@ -143,9 +143,9 @@ pub fn compare(old: &Config, new: &Config) -> Report {
             || previous.send_proxy != pool.send_proxy
             || previous.queue_timeout != pool.queue_timeout
             || previous.backends.iter().any(|b| {
-                pool.backends
-                    .iter()
-                    .any(|n| n.address == b.address && (n.weight, n.max_conns) != (b.weight, b.max_conns))
+                pool.backends.iter().any(|n| {
+                    n.address == b.address && (n.weight, n.max_conns, n.priority) != (b.weight, b.max_conns, b.priority)
+                })
             });
         if settings_changed {
             report.pools_changed.push(pool.name.clone());

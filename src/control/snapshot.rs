@@ -33,7 +33,7 @@ pub fn pool_from_config(
         .enumerate()
         .map(|(i, b)| {
             let weight = setting(i).weight(b.weight.get());
-            Backend::new(b.address, weight, b.max_conns.map(|m| m.get()), counters(b.address))
+            Backend::new(b.address, weight, b.max_conns.map(|m| m.get()), counters(b.address)).with_priority(b.priority)
         })
         .collect();
     let states = (0..config.backends.len()).map(setting).collect();

@@ -16,6 +16,7 @@ use serde_json::json;
 use super::admin::AdminStates;
 use super::api::{self, Answer, Command, View};
 use super::checks::{Checked, Checks};
+use super::dns::{self, Looked, Names};
 use super::reload::{self, ReloadError, Reloader, Report, Source};
 use super::snapshot::{self, Carried};
 use super::{ControlEvent, RunState, Shared, http, status};
@@ -88,12 +89,15 @@ pub fn spawn(
             if shared.pack().is_some() && shared.stats.len() > 1 {
                 tokio_uring::spawn(follow_load(Arc::clone(&shared), per_worker));
             }
-            let _ = ready_tx.send(Ok(()));
             let (results, checked) = unbounded_channel();
             let checks = Checks::start(&config, results, &carried);
+            let (looked_tx, mut looked) = unbounded_channel();
+            let names = Names::start(&config, looked_tx);
             shared.config_loaded();
-            let control = Control {
+            let mut control = Control {
+                file: Arc::clone(&config),
                 config,
+                names,
                 shared,
                 checks,
                 admin: carried.admin,
@@ -104,7 +108,9 @@ pub fn spawn(
                 last_reload: None,
                 history: status::History::default(),
             };
-            control.run(events, checked).await;
+            control.first_answers(&mut looked).await;
+            let _ = ready_tx.send(Ok(()));
+            control.run(events, checked, looked).await;
         })
     })?;
     match ready_rx.recv() {
@@ -117,7 +123,12 @@ pub fn spawn(
 /// The control thread's state: the config in effect, every backend's health, what operators
 /// set, and what a reload needs.
 struct Control {
+    /// The config as the file says it.
+    file: Arc<Config>,
+    /// The config in effect: the file's, with the backends its names resolve to.
     config: Arc<Config>,
+    /// The backends' names and their lookups.
+    names: Names,
     shared: Arc<Shared>,
     checks: Checks,
     /// What operators set at run time.
@@ -136,12 +147,18 @@ struct Control {
 }
 
 impl Control {
-    async fn run(mut self, mut events: UnboundedReceiver<ControlEvent>, mut checked: UnboundedReceiver<Checked>) {
+    async fn run(
+        mut self,
+        mut events: UnboundedReceiver<ControlEvent>,
+        mut checked: UnboundedReceiver<Checked>,
+        mut looked: UnboundedReceiver<Looked>,
+    ) {
         let mut sampling = tokio::time::interval(status::SAMPLE_INTERVAL);
         sampling.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = sampling.tick() => self.history.sample(&self.shared),
+                Some(answer) = looked.recv() => self.looked_up(answer),
                 Some(c) = checked.recv() => {
                     if let Some((pool, backend)) = self.checks.task(c.task) {
                         self.record(pool, backend, c.result);
@@ -232,6 +249,46 @@ impl Control {
         self.shared.publish(current.with_pool(pool, rebuilt));
     }
 
+    /// Waits (up to [`dns::FIRST_ANSWERS`]) for the first lookup of every name and puts what
+    /// they found into effect, so that pools given by name have their backends before the
+    /// first connection.
+    async fn first_answers(&mut self, looked: &mut UnboundedReceiver<Looked>) {
+        if !Names::any(&self.file) {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + dns::FIRST_ANSWERS;
+        let mut changed = false;
+        while !self.names.all_looked_up() {
+            match tokio::time::timeout_at(deadline, looked.recv()).await {
+                Ok(Some(answer)) => changed |= self.names.record(answer),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if changed {
+            self.follow_names();
+        }
+        self.shared.set_names(self.names.status(&self.file));
+    }
+
+    /// Takes in one lookup; a change in a name's addresses is put into effect.
+    fn looked_up(&mut self, answer: Looked) {
+        if self.names.record(answer) {
+            self.follow_names();
+        }
+        self.shared.set_names(self.names.status(&self.file));
+    }
+
+    /// Puts the file's config with the addresses its names resolve to now into effect, as a
+    /// reload does (without counting it as one).
+    fn follow_names(&mut self) {
+        let config = Arc::new(self.names.expand(&self.file));
+        match self.apply(config) {
+            Ok(report) if report.is_empty() => {}
+            Ok(report) => info!("dns: {report}"),
+            Err(e) => error!("dns: the new addresses could not be put into effect: {e}"),
+        }
+    }
+
     /// Applies a new config (see [`reload`]); logs and counts the outcome.
     fn reload(&mut self, source: Source) -> Result<Report, ReloadError> {
         let outcome = self.try_reload(source);
@@ -266,10 +323,22 @@ impl Control {
         if self.shared.run_state() != RunState::Running {
             return Err(ReloadError::Stopping);
         }
-        let config = Arc::new(self.reloader.load(source)?);
-        for warning in &config.warnings {
+        let file = Arc::new(self.reloader.load(source)?);
+        for warning in &file.warnings {
             warn!("reload: {warning}");
         }
+        // Names that stay keep their addresses; new ones come in with their first answer.
+        let report = self.apply(Arc::new(self.names.expand(&file)))?;
+        self.names.reconfigure(&file);
+        self.file = file;
+        self.shared.config_loaded();
+        self.shared.set_names(self.names.status(&self.file));
+        Ok(report)
+    }
+
+    /// Puts `config` into effect: new pools (kept backends keep their health, counters and
+    /// admin settings), listeners, checks.
+    fn apply(&mut self, config: Arc<Config>) -> Result<Report, ReloadError> {
         let mut report = reload::compare(&self.config, &config);
         let current = self.shared.snapshot();
         let workers = self.shared.stats.len();
@@ -289,7 +358,6 @@ impl Control {
         self.checks.reconfigure(&config, &self.admin);
         crate::connlog::configure(config.connection_log, config.log_format == crate::config::LogFormat::Json);
         self.config = config;
-        self.shared.config_loaded();
         Ok(report)
     }
 }
@@ -298,7 +366,9 @@ impl Control {
     /// Answers an admin API command.
     fn command(&mut self, command: Command) -> Answer {
         let snapshot = self.shared.snapshot();
-        let view = View { config: &self.config, snapshot: &snapshot, checks: &self.checks, admin: &self.admin };
+        let names = self.shared.names();
+        let view =
+            View { config: &self.config, snapshot: &snapshot, checks: &self.checks, admin: &self.admin, names: &names };
         match command {
             Command::Info => Answer::ok(self.info()),
             Command::Pools(only) => view.pools(only.as_deref()),
@@ -346,7 +416,9 @@ impl Control {
             self.rebuild(p);
         }
         let snapshot = self.shared.snapshot();
-        let view = View { config: &self.config, snapshot: &snapshot, checks: &self.checks, admin: &self.admin };
+        let names = self.shared.names();
+        let view =
+            View { config: &self.config, snapshot: &snapshot, checks: &self.checks, admin: &self.admin, names: &names };
         Answer::ok(view.backend(p, b))
     }
 

@@ -6,8 +6,9 @@
 //! down after `fall` failures in a row and a down one comes up after `rise` passes in a row.
 //! Backends start fully up, as in HAProxy, so a healthy pool serves from the first second.
 //!
-//! A check ([`probe`]) connects, optionally sends bytes and expects a reply prefix, all within
-//! the timeout, and closes politely: FIN, then it reads until the backend closes too, so no
+//! A check ([`probe`]) connects (to the traffic port, or the check's own `port`), optionally
+//! sends bytes and expects a reply prefix, or speaks MySQL's or PostgreSQL's login
+//! ([`mysql`], [`postgres`]), all within the timeout, and closes politely: FIN, then it reads until the backend closes too, so no
 //! half-open socket is left behind and no RST is sent for a reply it did not read. It uses
 //! tokio's sockets: a check that times out drops its socket, which closes it at once (a
 //! tokio-uring socket stays open while a connect or read is in flight, and a backend that drops
@@ -23,7 +24,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 
-use crate::config::{HealthConfig, escape_bytes};
+use crate::config::{CheckProtocol, HealthConfig, escape_bytes};
+
+pub mod mysql;
+pub mod postgres;
 
 /// One backend's rise/fall counter.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +101,10 @@ pub enum CheckFailure {
     },
     /// A worker's connect failed (passive check), with its errno.
     Passive(i32),
+    /// A database check got something it does not understand.
+    Protocol(String),
+    /// A database check was refused by the server, with what it said.
+    Refused(String),
 }
 
 impl CheckFailure {
@@ -128,6 +136,7 @@ impl fmt::Display for CheckFailure {
             CheckFailure::Passive(errno) => {
                 write!(f, "{}, seen by a worker", describe(&io::Error::from_raw_os_error(*errno)))
             }
+            CheckFailure::Protocol(what) | CheckFailure::Refused(what) => write!(f, "{what}"),
         }
     }
 }
@@ -140,8 +149,10 @@ fn describe(e: &io::Error) -> String {
     chars.next().map_or_else(String::new, |first| first.to_lowercase().chain(chars).collect())
 }
 
-/// Runs one check of `address`; must run inside a tokio runtime (the control thread's).
+/// Runs one check of the backend at `address` (on the check's own `port`, if it has one);
+/// must run inside a tokio runtime (the control thread's).
 pub async fn probe(address: SocketAddr, config: &HealthConfig) -> Result<(), CheckFailure> {
+    let address = config.port.map_or(address, |port| SocketAddr::new(address.ip(), port));
     let deadline = Instant::now() + config.timeout;
     let stream = match timeout_at(deadline, TcpStream::connect(address)).await {
         Err(_) => return Err(CheckFailure::ConnectTimedOut),
@@ -158,6 +169,11 @@ pub async fn probe(address: SocketAddr, config: &HealthConfig) -> Result<(), Che
 const CLOSE_GRACE: Duration = Duration::from_millis(200);
 
 async fn converse(stream: &mut TcpStream, config: &HealthConfig) -> Result<(), CheckFailure> {
+    match &config.protocol {
+        CheckProtocol::Tcp => {}
+        CheckProtocol::Mysql { user } => return mysql::check(stream, user).await,
+        CheckProtocol::Postgres { user, database } => return postgres::check(stream, user, database).await,
+    }
     if let Some(send) = &config.send {
         stream.write_all(send).await.map_err(CheckFailure::Send)?;
     }

@@ -91,6 +91,8 @@ pub struct Backend {
     pub weight: u32,
     /// Most connections at once, over all workers (`max_conns`).
     pub max_conns: Option<u32>,
+    /// Lower serves first (SRV priority; 0 for the others): see [`Pool::usable`].
+    pub priority: u16,
     /// The address in the form `connect` takes, built once.
     pub sockaddr: SockAddr,
     /// What every worker counts for it (open and total connections, failures), carried into
@@ -115,7 +117,8 @@ pub struct Pool {
     /// What an operator set for each backend.
     pub admin: Vec<AdminSetting>,
     /// Indices of the backends new connections may go to: of those that are ready (admin
-    /// state ready, weight above 0), the up ones, or all when none is up.
+    /// state ready, weight above 0), the up ones of the lowest priority that has any up; when
+    /// none is up, the ready ones of the lowest priority (fail open).
     usable: Vec<u32>,
     /// For `maglev` pools, built over the usable backends.
     pub maglev: Option<MaglevTable>,
@@ -141,7 +144,21 @@ pub struct Settings {
 impl Backend {
     /// A backend at `address`; `counters` are the ones it keeps from snapshot to snapshot.
     pub fn new(address: SocketAddr, weight: u32, max_conns: Option<u32>, counters: Arc<BackendCounters>) -> Backend {
-        Backend { address, name: address.to_string(), weight, max_conns, sockaddr: SockAddr::from(address), counters }
+        Backend {
+            address,
+            name: address.to_string(),
+            weight,
+            max_conns,
+            priority: 0,
+            sockaddr: SockAddr::from(address),
+            counters,
+        }
+    }
+
+    /// The same backend, of priority `priority`.
+    pub fn with_priority(mut self, priority: u16) -> Backend {
+        self.priority = priority;
+        self
     }
 }
 
@@ -164,12 +181,13 @@ impl Pool {
         let ready: Vec<u32> = (0..backends.len() as u32)
             .filter(|&i| admin[i as usize].effective() == AdminState::Ready && backends[i as usize].weight > 0)
             .collect();
-        let mut usable: Vec<u32> = ready.iter().copied().filter(|&i| up[i as usize]).collect();
-        if usable.is_empty() {
-            // Fail open: with every ready backend down, trying them all beats refusing
-            // everyone. An operator's drain is kept: with none ready, none is usable.
-            usable = ready;
-        }
+        let up_ready: Vec<u32> = ready.iter().copied().filter(|&i| up[i as usize]).collect();
+        // Fail open: with every ready backend down, trying them beats refusing everyone. An
+        // operator's drain is kept: with none ready, none is usable.
+        let candidates = if up_ready.is_empty() { ready } else { up_ready };
+        let first = candidates.iter().map(|&i| backends[i as usize].priority).min();
+        let usable: Vec<u32> =
+            candidates.into_iter().filter(|&i| Some(backends[i as usize].priority) == first).collect();
         let maglev = match settings.algorithm {
             Algorithm::Maglev { table_size, .. } => {
                 let entries: Vec<maglev::Entry<'_>> = usable
@@ -220,9 +238,10 @@ impl Pool {
         self.settings.on_down == OnDown::Close && self.downs.get(backend as usize).is_some_and(|&now| now > downs)
     }
 
-    /// Whether every backend is down (and traffic goes to all of them: fail open).
+    /// Whether every backend is down (and traffic goes to all of them: fail open). A pool
+    /// without backends (its names resolve to nothing yet) is not.
     pub fn all_down(&self) -> bool {
-        !self.up.iter().any(|&u| u)
+        !self.up.is_empty() && !self.up.iter().any(|&u| u)
     }
 }
 
@@ -310,6 +329,46 @@ pub(crate) mod tests {
 
     fn cutting(on_down: OnDown, downs: &[u32]) -> Pool {
         build(Algorithm::RoundRobin, on_down, &vec![1; downs.len()], vec![true; downs.len()], downs.to_vec())
+    }
+
+    #[test]
+    fn the_lowest_priority_with_a_backend_up_serves_and_drained_ones_never() {
+        let priorities = [0u16, 0, 10, 10];
+        let pool = |up: &[bool], admin: &[AdminState]| {
+            let backends = (0..4)
+                .map(|i| {
+                    Backend::new(format!("10.0.0.{}:80", i + 1).parse().unwrap(), 1, None, Arc::default())
+                        .with_priority(priorities[i])
+                })
+                .collect();
+            let admin = admin.iter().map(|&state| AdminSetting { state, weight: None }).collect();
+            let settings = Settings {
+                name: "p".into(),
+                algorithm: Algorithm::RoundRobin,
+                connect_timeout: Duration::from_secs(3),
+                on_down: OnDown::Keep,
+                send_proxy: None,
+                queue_timeout: Duration::from_secs(3),
+            };
+            Pool::new(
+                settings,
+                backends,
+                Health { up: up.to_vec(), downs: vec![0; 4] },
+                admin,
+                Arc::new(PoolQueue::new(1)),
+            )
+        };
+        let ready = [AdminState::Ready; 4];
+        assert_eq!(pool(&[true; 4], &ready).usable(), &[0, 1]);
+        assert_eq!(pool(&[false, true, true, true], &ready).usable(), &[1]);
+        // Every backend of priority 0 down: the backups serve.
+        assert_eq!(pool(&[false, false, true, true], &ready).usable(), &[2, 3]);
+        // All down: fail open to the lowest priority.
+        assert_eq!(pool(&[false; 4], &ready).usable(), &[0, 1]);
+        // Drained ones are out, whatever their priority.
+        let drained = [AdminState::Drain, AdminState::Maint, AdminState::Ready, AdminState::Ready];
+        assert_eq!(pool(&[true; 4], &drained).usable(), &[2, 3]);
+        assert!(pool(&[true; 4], &[AdminState::Drain; 4]).usable().is_empty());
     }
 
     #[test]
