@@ -221,6 +221,26 @@ fn connections_are_listed_by_pool_and_backend() {
 }
 
 #[test]
+fn a_limit_says_truncated_also_when_one_worker_holds_every_connection() {
+    let backend_ = Backend::echo();
+    let top = format!("workers = 1\nadmin_socket = \"{}\"", admin_socket_path().display());
+    let lb = Ringlb::start(&config_for(&[backend_.addr], &top, ""));
+    let _streams: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut stream = connect(lb.addr());
+            round_trip(&mut stream, b"x\n").unwrap();
+            stream
+        })
+        .collect();
+    let (_, limited) = lb.admin("GET", "/v1/connections?limit=2", "");
+    assert_eq!(limited["count"], 2, "{limited}");
+    assert_eq!(limited["truncated"], true, "{limited}");
+    let (_, all) = lb.admin("GET", "/v1/connections?limit=3", "");
+    assert_eq!(all["count"], 3, "{all}");
+    assert_eq!(all["truncated"], false, "{all}");
+}
+
+#[test]
 fn run_time_settings_survive_a_reload_and_go_with_their_backend() {
     let (backends, _) = identities(&["a", "b", "c"]);
     let (a, b, c) = (backends[0].addr, backends[1].addr, backends[2].addr);

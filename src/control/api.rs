@@ -249,7 +249,11 @@ async fn connections(shared: &Shared, filter: ConnFilter, limit: usize) -> Answe
         }
     }
     let workers = shared.stats.len();
-    let lists = ask_workers(shared, |reply| WorkerRequest::Connections { filter: filter.clone(), limit, reply }).await;
+    // One more than the limit from each worker: a worker holding more than `limit` alone must
+    // still make the answer say it was truncated.
+    let ask_for = limit.saturating_add(1);
+    let lists =
+        ask_workers(shared, |reply| WorkerRequest::Connections { filter: filter.clone(), limit: ask_for, reply }).await;
     let answered = lists.len();
     let mut all: Vec<ConnInfo> = lists.into_iter().flatten().collect();
     all.sort_by_key(|c| std::cmp::Reverse(c.age_ms));
