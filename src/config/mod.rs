@@ -303,8 +303,8 @@ pub enum CheckProtocol {
     /// A MySQL/MariaDB login as `user` (no password) and a clean quit: passes when the server
     /// accepts the login.
     Mysql { user: String },
-    /// A PostgreSQL startup as `user` to `database`: passes on AuthenticationOk or any
-    /// authentication request (the server is up and accepting).
+    /// A PostgreSQL startup as `user` to `database` (default `postgres`): passes on a password
+    /// request (the server is up and accepting) or on AuthenticationOk once the session starts.
     Postgres { user: String, database: String },
 }
 

@@ -677,7 +677,7 @@ fn validate_health(
                 1 => CheckProtocol::Mysql { user: needs_user()? },
                 2 => {
                     let user = needs_user()?;
-                    CheckProtocol::Postgres { database: database.clone().unwrap_or_else(|| user.clone()), user }
+                    CheckProtocol::Postgres { database: database.clone().unwrap_or_else(|| "postgres".into()), user }
                 }
                 _ => CheckProtocol::Tcp,
             }
@@ -1189,7 +1189,7 @@ backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight
         )
         .unwrap();
         let health = config.pools[0].health.clone().unwrap();
-        assert_eq!(health.protocol, CheckProtocol::Postgres { user: "ringlb".into(), database: "ringlb".into() });
+        assert_eq!(health.protocol, CheckProtocol::Postgres { user: "ringlb".into(), database: "postgres".into() });
         assert_eq!(health.port, Some(8008));
         let line = base.lines().count() + 4;
         assert_error(

@@ -1,8 +1,9 @@
 //! The PostgreSQL check (`protocol = "postgres"`, HAProxy's `pgsql-check user U`): send a
 //! startup message for `user` and `database`; the server is up and accepting when it answers
 //! with an authentication message, AuthenticationOk or a request for a password alike. An
-//! ErrorResponse ("the database system is starting up", "too many clients") fails the check.
-//! After AuthenticationOk the check sends Terminate; after a password request it just closes.
+//! ErrorResponse ("the database system is starting up", "too many clients", "database does
+//! not exist" after AuthenticationOk) fails the check. After AuthenticationOk the check waits
+//! for ReadyForQuery and sends Terminate; after a password request it just closes.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -58,9 +59,7 @@ pub fn parse_reply(kind: u8, body: &[u8]) -> Result<bool, CheckFailure> {
     }
 }
 
-/// Sends the startup message and reads the first answer.
-pub async fn check(stream: &mut TcpStream, user: &str, database: &str) -> Result<(), CheckFailure> {
-    stream.write_all(&startup(user, database)).await.map_err(CheckFailure::Send)?;
+async fn read_message(stream: &mut TcpStream) -> Result<(u8, Vec<u8>), CheckFailure> {
     let mut head = [0u8; 5];
     stream.read_exact(&mut head).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -75,11 +74,34 @@ pub async fn check(stream: &mut TcpStream, user: &str, database: &str) -> Result
     }
     let mut body = vec![0u8; len - 4];
     stream.read_exact(&mut body).await.map_err(CheckFailure::Receive)?;
-    if parse_reply(head[0], &body)? {
-        // Logged in: say goodbye (Terminate) so the server logs no lost connection.
-        stream.write_all(&[b'X', 0, 0, 0, 4]).await.map_err(CheckFailure::Send)?;
+    Ok((head[0], body))
+}
+
+/// Most messages read after AuthenticationOk before ReadyForQuery (parameter statuses, the
+/// backend key, notices).
+const MAX_STARTUP_MESSAGES: usize = 256;
+
+/// Sends the startup message and reads the answer: an authentication request passes; after
+/// AuthenticationOk the session must start (ReadyForQuery; an ErrorResponse such as "database
+/// does not exist" or "too many clients" fails), then Terminate says goodbye so the server
+/// logs no lost connection.
+pub async fn check(stream: &mut TcpStream, user: &str, database: &str) -> Result<(), CheckFailure> {
+    stream.write_all(&startup(user, database)).await.map_err(CheckFailure::Send)?;
+    let (kind, body) = read_message(stream).await?;
+    if !parse_reply(kind, &body)? {
+        return Ok(());
     }
-    Ok(())
+    for _ in 0..MAX_STARTUP_MESSAGES {
+        match read_message(stream).await? {
+            (b'Z', _) => {
+                stream.write_all(&[b'X', 0, 0, 0, 4]).await.map_err(CheckFailure::Send)?;
+                return Ok(());
+            }
+            (b'E', body) => return parse_reply(b'E', &body).map(|_| ()),
+            _ => {}
+        }
+    }
+    Err(CheckFailure::Protocol(format!("postgres: no ReadyForQuery within {MAX_STARTUP_MESSAGES} messages")))
 }
 
 #[cfg(test)]
@@ -104,5 +126,59 @@ mod tests {
         assert_eq!(error.to_string(), "postgres error 57P03: the database system is starting up");
         assert!(parse_reply(b'N', b"").is_err());
         assert!(parse_reply(b'R', &[0, 0]).is_err());
+    }
+
+    /// Runs the check against a server that reads the startup message and answers `replies`;
+    /// returns the outcome and what the check sent after the startup message.
+    fn converse(replies: Vec<u8>) -> (Result<(), CheckFailure>, Vec<u8>) {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut len = [0u8; 4];
+            stream.read_exact(&mut len).unwrap();
+            let mut startup = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+            stream.read_exact(&mut startup).unwrap();
+            stream.write_all(&replies).unwrap();
+            let mut after = Vec::new();
+            let _ = stream.read_to_end(&mut after);
+            after
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let outcome = runtime.block_on(async {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let outcome = check(&mut stream, "ringlb", "postgres").await;
+            drop(stream);
+            outcome
+        });
+        (outcome, server.join().unwrap())
+    }
+
+    fn message(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![kind];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn after_authentication_ok_the_session_must_start_and_is_terminated() {
+        let mut ready = message(b'R', &0u32.to_be_bytes());
+        ready.extend(message(b'S', b"server_version\x0015.18\0"));
+        ready.extend(message(b'K', &[0; 8]));
+        ready.extend(message(b'Z', b"I"));
+        let (outcome, after) = converse(ready);
+        assert!(outcome.is_ok(), "{outcome:?}");
+        assert_eq!(after, [b'X', 0, 0, 0, 4], "Terminate");
+
+        let mut no_database = message(b'R', &0u32.to_be_bytes());
+        no_database.extend(message(b'E', b"SFATAL\0C3D000\0Mdatabase \"nope\" does not exist\0\0"));
+        let error = converse(no_database).0.unwrap_err().to_string();
+        assert!(error.contains("postgres error 3D000: database \"nope\" does not exist"), "{error}");
+
+        let (outcome, after) = converse(message(b'R', &10u32.to_be_bytes()));
+        assert!(outcome.is_ok(), "a password request: up");
+        assert!(after.is_empty(), "no password sent: {after:?}");
     }
 }
