@@ -3,7 +3,7 @@
 CARGO ?= cargo
 CONFIG ?= config/ringlb.toml
 
-.PHONY: all build run test lint ci bench clean
+.PHONY: all build run test lint ci bench deb clean
 
 all: build
 
@@ -31,6 +31,10 @@ ci:
 ## root. Results in bench-results/. Options through ARGS, e.g. make bench ARGS=--quick
 bench: build
 	scripts/bench.sh $(ARGS)
+
+## A Debian package in target/debian/ (binary, systemd units, /etc/ringlb/ringlb.toml, ringlb(8)).
+deb:
+	scripts/deb.sh
 
 clean:
 	$(CARGO) clean

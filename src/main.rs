@@ -12,7 +12,7 @@ use log::{error, info};
 use ringlb::config::Config;
 use ringlb::connlog;
 use ringlb::ctl::{self, Action};
-use ringlb::server::{Inherited, Invocation, Server};
+use ringlb::server::{Activated, Inherited, Invocation, Notifier, Server};
 use ringlb::sys;
 
 const EXAMPLES: &str = "\
@@ -66,6 +66,10 @@ enum Command {
         #[command(subcommand)]
         command: CtlCommand,
     },
+    /// Print the manual page (roff) made from this command line's definition; `make deb`
+    /// installs it as ringlb(8).
+    #[command(hide = true)]
+    Manpage,
 }
 
 #[derive(Subcommand)]
@@ -137,7 +141,23 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => run(&config),
+        Command::Manpage => manpage(),
         Command::Ctl { socket, config, json, command } => ctl(socket, config.as_deref(), json, command),
+    }
+}
+
+/// ringlb(8), from the clap definition (clap_mangen): synopsis, subcommands, examples and
+/// signals.
+fn manpage() -> ExitCode {
+    use clap::CommandFactory;
+    let man = clap_mangen::Man::new(Cli::command()).section("8");
+    let mut out = Vec::new();
+    match man.render(&mut out).and_then(|()| std::io::Write::write_all(&mut std::io::stdout(), &out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -240,7 +260,22 @@ fn run(path: &std::path::Path) -> ExitCode {
         log::warn!("{warning}");
     }
     let handed = inherited.as_ref().map_or(0, Inherited::count);
-    let server = match Server::start_from_file(&config, path, inherited.as_mut()) {
+    // Socket activation: listeners whose address systemd passed a socket for use it.
+    let mut activated = match Activated::from_env() {
+        Ok(activated) => activated,
+        Err(e) => {
+            error!("socket activation: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // SAFETY: no other thread runs yet. The passed sockets are this process's; a process an
+    // upgrade starts is handed them by this one.
+    unsafe {
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDNAMES");
+    }
+    let server = match Server::start_from_file(&config, path, inherited.as_mut(), Some(&mut activated)) {
         Ok(server) => server,
         Err(e) => {
             error!("{e}");
@@ -261,13 +296,20 @@ fn run(path: &std::path::Path) -> ExitCode {
     if let Some(address) = server.metrics_addr {
         info!("metrics on http://{address}/metrics");
     }
+    for address in activated.unused() {
+        log::warn!("socket activation: no listener binds {address}, so the socket systemd passed for it is not used");
+    }
+    let mut notifier = Notifier::from_env();
     if let Some(inherited) = inherited {
         info!("upgrade: took over {handed} listening sockets from the running process; telling it to drain");
+        // The old process tells systemd this one is the main process (MAINPID=).
         if let Err(e) = inherited.ready() {
             log::warn!("upgrade: cannot tell the old process this one serves: {e} (it may have exited)");
         }
+    } else {
+        notifier.ready(server.shared());
     }
-    match server.serve_until_stopped(&signals, invocation.as_ref()) {
+    match server.serve_until_stopped(&signals, invocation.as_ref(), &mut notifier) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");

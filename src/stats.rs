@@ -58,6 +58,7 @@ worker_stats! {
     backend_down_closed: "ringlb_connections_backend_down_closed_total", "Connections cut because their backend was marked down (on_down = close).";
     connect_failed: "ringlb_backend_connect_failures_total", "Backend connect attempts that failed or timed out.";
     accept_errors: "ringlb_accept_errors_total", "Accept failures (including file-descriptor exhaustion).";
+    ticks: "ringlb_worker_ticks_total", "Worker ticks (each worker ticks at least once a second; the systemd watchdog checks that every one does).";
     accept_backoffs: "ringlb_accept_backoffs_total", "Times accepting paused for 100 ms after running out of descriptors or memory.";
     over_limit: "ringlb_connections_over_limit_total", "Connections closed at accept because max_connections were open.";
     refused_access: "ringlb_connections_refused_access_total", "Connections refused by a listener's allow/deny rules.";

@@ -427,6 +427,52 @@ pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
     check(unsafe { libc::fcntl(fd, libc::F_SETFD, flags) }).map(drop)
 }
 
+/// The uid and primary gid of user `name`, from the passwd database.
+pub fn user_by_name(name: &str) -> Option<(u32, u32)> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: getpwnam_r writes into `entry` and `buf` (of the length given) only.
+    unsafe {
+        let mut entry: libc::passwd = mem::zeroed();
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwnam_r(name.as_ptr(), &mut entry, buf.as_mut_ptr().cast(), buf.len(), &mut found);
+        (rc == 0 && !found.is_null()).then_some((entry.pw_uid, entry.pw_gid))
+    }
+}
+
+/// The gid of group `name`, from the group database.
+pub fn group_by_name(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0u8; 64 * 1024];
+    // SAFETY: getgrnam_r writes into `entry` and `buf` (of the length given) only.
+    unsafe {
+        let mut entry: libc::group = mem::zeroed();
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        let rc = libc::getgrnam_r(name.as_ptr(), &mut entry, buf.as_mut_ptr().cast(), buf.len(), &mut found);
+        (rc == 0 && !found.is_null()).then_some(entry.gr_gid)
+    }
+}
+
+/// Becomes `uid`:`gid` (real, effective and saved; `gid` the only group). Leaving uid 0 clears
+/// every capability (permitted, effective, ambient). Call it before any thread starts: the
+/// syscalls here change the calling thread only.
+pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
+    let check = |rc: libc::c_long| if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) };
+    // SAFETY: raw syscalls with plain integer arguments and a pointer to one gid.
+    unsafe {
+        check(libc::syscall(libc::SYS_setgroups, 1, &gid as *const u32))?;
+        check(libc::syscall(libc::SYS_setresgid, gid, gid, gid))?;
+        check(libc::syscall(libc::SYS_setresuid, uid, uid, uid))?;
+    }
+    Ok(())
+}
+
+/// This process's effective uid.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -66,6 +66,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How backend names are resolved.
     pub dns: DnsConfig,
+    /// The user and group to run as once the sockets are bound (started as root).
+    pub run_as: Option<RunAs>,
     /// How bytes move between client and backend (default: auto).
     pub relay: Relay,
     /// The size of the splice pipes, when the relay splices (`splice`, `auto`).
@@ -144,6 +146,18 @@ impl ListenerConfig {
         pools.dedup();
         pools
     }
+}
+
+/// `user` and `group`: who ringlb runs as once its listeners and admin socket are bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub user: String,
+    pub uid: u32,
+    /// `group`'s, or the user's primary group.
+    pub gid: u32,
+    pub group: Option<String>,
+    /// The line of `user`.
+    pub line: usize,
 }
 
 /// The `[dns]` table: how backend names are resolved (on the control thread).

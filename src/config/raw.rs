@@ -24,6 +24,8 @@ pub struct RawConfig {
     pub connection_log: Option<Spanned<bool>>,
     pub log_format: Option<Spanned<String>>,
     pub dns: Option<Spanned<RawDns>>,
+    pub user: Option<Spanned<String>>,
+    pub group: Option<Spanned<String>>,
     #[serde(default)]
     pub listeners: BTreeMap<String, Spanned<RawListener>>,
     #[serde(default)]

@@ -12,6 +12,7 @@ use toml::Spanned;
 
 use super::raw::{RawBackend, RawConfig, RawDns, RawHealth, RawListener, RawPool};
 use super::*;
+use crate::sys;
 
 const CONNECT_TIMEOUT_ZERO: &str = "a connect timeout of 0 would fail every connection; use e.g. \"3s\"";
 
@@ -207,6 +208,7 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     };
     let connection_log = raw.connection_log.as_ref().is_none_or(|c| *c.get_ref());
     let dns = validate_dns(src, raw.dns.as_ref())?;
+    let run_as = validate_run_as(src, raw.user.as_ref(), raw.group.as_ref())?;
     let log_format = match &raw.log_format {
         None => LogFormat::Text,
         Some(f) => src.choice(f, "log_format", &[("text", LogFormat::Text), ("json", LogFormat::Json)])?,
@@ -303,6 +305,7 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         connection_log,
         log_format,
         dns,
+        run_as,
         relay,
         pipe_size,
         spread,
@@ -575,6 +578,52 @@ fn validate_pool(
         send_proxy,
         queue_timeout,
     })
+}
+
+/// `user` and `group`: both must exist here (the group defaults to the user's own).
+fn validate_run_as(
+    src: &Source<'_>,
+    user: Option<&Spanned<String>>,
+    group: Option<&Spanned<String>>,
+) -> Result<Option<RunAs>, ConfigError> {
+    let Some(user) = user else {
+        if let Some(group) = group {
+            return Err(src.invalid(
+                group.span(),
+                "group",
+                "group needs user; add user = \"ringlb\" (or leave group out)",
+            ));
+        }
+        return Ok(None);
+    };
+    let name = user.get_ref().trim();
+    let Some((uid, primary)) = sys::user_by_name(name) else {
+        return Err(src.invalid(
+            user.span(),
+            "user",
+            format!("there is no user {name:?} here; create it (e.g. adduser --system {name}) or leave user out"),
+        ));
+    };
+    let gid = match group {
+        None => primary,
+        Some(group) => {
+            let group_name = group.get_ref().trim();
+            sys::group_by_name(group_name).ok_or_else(|| {
+                src.invalid(
+                    group.span(),
+                    "group",
+                    format!("there is no group {group_name:?} here; name an existing group"),
+                )
+            })?
+        }
+    };
+    Ok(Some(RunAs {
+        user: name.to_string(),
+        uid,
+        gid,
+        group: group.map(|g| g.get_ref().trim().to_string()),
+        line: src.line_of(user.span()),
+    }))
 }
 
 fn validate_dns(src: &Source<'_>, raw: Option<&Spanned<RawDns>>) -> Result<DnsConfig, ConfigError> {

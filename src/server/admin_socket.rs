@@ -25,10 +25,27 @@ fn error(path: &Path, message: impl Into<String>) -> StartError {
 impl AdminSocket {
     /// Binds `path`, or takes `inherited` (the same socket, from the process an upgrade
     /// replaces).
-    pub fn bind(path: &Path, inherited: Option<UnixListener>) -> Result<(UnixListener, AdminSocket), StartError> {
+    /// With `owner` (uid, gid: the config's `user`), a new socket file belongs to that user, as
+    /// does the directory made for it, so that the process can remove it after leaving root.
+    pub fn bind(
+        path: &Path,
+        inherited: Option<UnixListener>,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(UnixListener, AdminSocket), StartError> {
         let listener = match inherited {
             Some(listener) => listener,
-            None => fresh(path)?,
+            None => {
+                let made_directory =
+                    path.parent().filter(|p| !p.as_os_str().is_empty() && !p.exists()).map(Path::to_path_buf);
+                let listener = fresh(path)?;
+                if let Some((uid, gid)) = owner {
+                    for owned in made_directory.iter().map(PathBuf::as_path).chain([path]) {
+                        std::os::unix::fs::chown(owned, Some(uid), Some(gid))
+                            .map_err(|e| error(path, format!("cannot give {} to uid {uid}: {e}", owned.display())))?;
+                    }
+                }
+                listener
+            }
         };
         let metadata = std::fs::metadata(path).map_err(|e| error(path, format!("cannot stat it: {e}")))?;
         Ok((listener, AdminSocket { path: path.to_path_buf(), id: identity(&metadata) }))
@@ -87,22 +104,22 @@ mod tests {
     fn a_socket_is_private_replaces_a_stale_one_and_refuses_a_live_one() {
         let dir = std::env::temp_dir().join(format!("ringlb-admin-{}", std::process::id()));
         let path = dir.join("sub/admin.sock");
-        let (listener, socket) = AdminSocket::bind(&path, None).unwrap();
+        let (listener, socket) = AdminSocket::bind(&path, None, None).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         // While it is served, a second ringlb may not take it.
-        let error = AdminSocket::bind(&path, None).err().unwrap().to_string();
+        let error = AdminSocket::bind(&path, None, None).err().unwrap().to_string();
         assert!(error.contains("another process"), "{error}");
         // Once nobody listens, the file is stale and replaced.
         drop(listener);
-        let (_listener, again) = AdminSocket::bind(&path, None).unwrap();
+        let (_listener, again) = AdminSocket::bind(&path, None, None).unwrap();
         // The first one's file is gone (replaced): removing it leaves the new one alone.
         socket.remove();
         assert!(path.exists());
         again.remove();
         assert!(!path.exists());
         std::fs::write(&path, "x").unwrap();
-        let error = AdminSocket::bind(&path, None).err().unwrap().to_string();
+        let error = AdminSocket::bind(&path, None, None).err().unwrap().to_string();
         assert!(error.contains("is not a socket"), "{error}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -87,6 +87,66 @@ fn limit_of(listener: &ListenerConfig) -> Option<Arc<SourceLimit>> {
     listener.max_conns_per_source.map(|n| Arc::new(SourceLimit::new(n.get())))
 }
 
+/// Listening sockets systemd passed (socket activation: `LISTEN_FDS`, `LISTEN_PID`), by the
+/// address each is bound to. A listener whose `bind` is one of them uses it instead of binding;
+/// every worker accepts from that one socket (a duplicate of it each), so the kernel's
+/// SO_REUSEPORT spreading is replaced by whichever worker accepts first.
+#[derive(Default)]
+pub struct Activated(Vec<(SocketAddr, Socket)>);
+
+impl Activated {
+    /// The sockets passed to this process (none without socket activation). Each must be a
+    /// listening TCP socket.
+    pub fn from_env() -> std::io::Result<Activated> {
+        let mut sockets = Vec::new();
+        for fd in sd_notify::listen_fds()? {
+            // SAFETY: systemd passed this descriptor to this process (LISTEN_PID is ours);
+            // nothing else owns it.
+            let socket = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let address = socket.local_addr().ok().and_then(|a| a.as_socket());
+            let listening = socket.is_listener().unwrap_or(false);
+            match address {
+                Some(address) if listening && socket.r#type().is_ok_and(|t| t == socket2::Type::STREAM) => {
+                    socket.set_nonblocking(true)?;
+                    // Accepted sockets inherit TCP_NODELAY from the listener.
+                    socket.set_tcp_nodelay(true)?;
+                    sockets.push((address, socket));
+                }
+                _ => {
+                    return Err(std::io::Error::other(format!(
+                        "descriptor {fd} passed by systemd is not a listening TCP socket; use ListenStream= in the .socket unit"
+                    )));
+                }
+            }
+        }
+        Ok(Activated(sockets))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The passed socket bound to `bind`, and a duplicate of it for every other worker.
+    fn take(&mut self, bind: SocketAddr, workers: usize) -> Option<std::io::Result<Vec<Socket>>> {
+        let i = self.0.iter().position(|(address, _)| *address == bind)?;
+        let (_, socket) = self.0.swap_remove(i);
+        let mut sockets = Vec::with_capacity(workers);
+        for _ in 1..workers {
+            match socket.try_clone() {
+                Ok(copy) => sockets.push(copy),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        sockets.insert(0, socket);
+        Some(Ok(sockets))
+    }
+
+    /// Addresses of passed sockets no listener took.
+    pub fn unused(&self) -> Vec<SocketAddr> {
+        self.0.iter().map(|(address, _)| *address).collect()
+    }
+}
+
 impl ListenerTable {
     /// Binds `config`'s listeners for `workers` workers, or takes the sockets `inherited`
     /// has for them (see [`Inherited::take_listener`]): the table, and each worker's
@@ -95,22 +155,38 @@ impl ListenerTable {
         config: &Config,
         workers: usize,
         mut inherited: Option<&mut Inherited>,
+        mut activated: Option<&mut Activated>,
     ) -> Result<(ListenerTable, Vec<Vec<WorkerListener>>), StartError> {
         let mut table = ListenerTable { entries: Vec::new(), workers, mailboxes: Vec::new(), shared: None };
         let mut by_worker: Vec<Vec<WorkerListener>> = (0..workers).map(|_| Vec::new()).collect();
         for listener in &config.listeners {
-            let (address, sockets) =
-                match inherited.as_deref_mut().and_then(|i| i.take_listener(&listener.name, listener.bind)) {
-                    Some((address, sockets)) if sockets.len() == workers => (address, sockets),
-                    Some((_, sockets)) => {
-                        return Err(StartError::Workers {
+            let (address, sockets) = match inherited
+                .as_deref_mut()
+                .and_then(|i| i.take_listener(&listener.name, listener.bind))
+            {
+                Some((address, sockets)) if sockets.len() == workers => (address, sockets),
+                Some((_, sockets)) => {
+                    return Err(StartError::Workers {
+                        listener: listener.name.clone(),
+                        handed: sockets.len(),
+                        workers,
+                    });
+                }
+                None => match activated.as_deref_mut().and_then(|a| a.take(listener.bind, workers)) {
+                    Some(Ok(sockets)) => {
+                        log::info!("listener {}: using the socket systemd passed for {}", listener.name, listener.bind);
+                        (listener.bind, sockets)
+                    }
+                    Some(Err(source)) => {
+                        return Err(StartError::Bind {
                             listener: listener.name.clone(),
-                            handed: sockets.len(),
-                            workers,
+                            address: listener.bind,
+                            source,
                         });
                     }
                     None => bind(listener, workers)?,
-                };
+                },
+            };
             for (w, socket) in sockets.into_iter().enumerate() {
                 by_worker[w].push(table.add(listener, config, address, socket, w));
             }

@@ -28,13 +28,16 @@ use crate::stats;
 use crate::sys;
 use crate::worker::{ListenerSettings, RingSizes, Worker, WorkerPlan};
 use admin_socket::AdminSocket;
+pub use listeners::Activated;
 use listeners::{ListenerTable, SharedTable};
+pub use notify::Notifier;
 use tokio::sync::oneshot;
 use upgrade::{Handed, Started};
 pub use upgrade::{Inherited, Invocation, UpgradeError};
 
 mod admin_socket;
 mod listeners;
+pub mod notify;
 pub mod upgrade;
 
 /// The listen backlog of every listener.
@@ -67,6 +70,8 @@ pub enum StartError {
         "listener {listener}: the running process has {handed} workers and this config says {workers}; an upgrade keeps the number of workers (restart ringlb to change it)"
     )]
     Workers { listener: String, handed: usize, workers: usize },
+    #[error("user = {user:?} (line {line}): {message}")]
+    RunAs { user: String, line: usize, message: String },
 }
 
 /// A running ringlb: its workers and the state they share.
@@ -101,16 +106,19 @@ impl Server {
     /// As [`Server::start`], for a config read from `path`: a reload (SIGHUP) reads it again.
     /// With `inherited` (this process is an upgrade), its sockets are used instead of binding
     /// where the config asks for the same, and its down backends start down.
+    /// With `activated` (socket activation), listeners bound to a passed socket's address use
+    /// it.
     pub fn start_from_file(
         config: &Config,
         path: &Path,
         inherited: Option<&mut Inherited>,
+        activated: Option<&mut Activated>,
     ) -> Result<Server, StartError> {
-        Self::start_inner(config, RingSizes::default(), Some(path.to_path_buf()), inherited)
+        Self::start_inner(config, RingSizes::default(), Some(path.to_path_buf()), inherited, activated)
     }
 
     pub fn start_with(config: &Config, sizes: RingSizes) -> Result<Server, StartError> {
-        Self::start_inner(config, sizes, None, None)
+        Self::start_inner(config, sizes, None, None, None)
     }
 
     fn start_inner(
@@ -118,6 +126,7 @@ impl Server {
         sizes: RingSizes,
         path: Option<PathBuf>,
         mut inherited: Option<&mut Inherited>,
+        activated: Option<&mut Activated>,
     ) -> Result<Server, StartError> {
         let fd_limit = match sys::raise_nofile_limit() {
             Ok(limit) => limit,
@@ -131,7 +140,8 @@ impl Server {
         crate::connlog::configure(config.connection_log, config.log_format == LogFormat::Json);
 
         // Bind every worker's listener here, so a bad address fails the start, not a thread.
-        let (mut table, listeners_by_worker) = ListenerTable::bind(config, workers, inherited.as_deref_mut())?;
+        let (mut table, listeners_by_worker) =
+            ListenerTable::bind(config, workers, inherited.as_deref_mut(), activated)?;
         let listen_addrs = table.addresses();
 
         let metrics = match config.metrics_bind {
@@ -150,12 +160,18 @@ impl Server {
         let (admin_listener, admin) = match &config.admin_socket {
             Some(path) => {
                 let inherited = inherited.as_deref_mut().and_then(|i| i.take_admin(path));
-                let (listener, socket) = AdminSocket::bind(path, inherited)?;
+                let owner = config.run_as.as_ref().map(|r| (r.uid, r.gid));
+                let (listener, socket) = AdminSocket::bind(path, inherited, owner)?;
                 let fd = listener.as_raw_fd();
                 (Some(listener), Some((socket, fd)))
             }
             None => (None, None),
         };
+
+        // Every socket is bound: leave root before any thread starts or a connection comes.
+        if let Some(run_as) = &config.run_as {
+            become_run_as(run_as)?;
+        }
 
         let carried = inherited.map(|i| i.carried.clone()).unwrap_or_default();
         let snapshot = first_snapshot(config, &carried);
@@ -392,13 +408,20 @@ impl Server {
     /// serving). Other handled signals are logged and change nothing. Returns when every
     /// worker has stopped. The signals must already be blocked in every thread (see
     /// [`sys::block_signals`]), which `main` does before starting.
-    pub fn serve_until_stopped(self, signals: &libc::sigset_t, invocation: Option<&Invocation>) -> io::Result<()> {
+    pub fn serve_until_stopped(
+        self,
+        signals: &libc::sigset_t,
+        invocation: Option<&Invocation>,
+        notifier: &mut Notifier,
+    ) -> io::Result<()> {
         let mut stopping = false;
         loop {
+            notifier.tick(&self.shared);
             match sys::wait_signal_timeout(signals, Duration::from_millis(200))? {
                 Some(signal @ (libc::SIGTERM | libc::SIGINT | libc::SIGQUIT)) if !stopping => {
                     stopping = true;
                     info!("{}: draining; stop accepting, open connections may finish", sys::signal_name(signal));
+                    notifier.stopping();
                     self.drain();
                 }
                 Some(signal @ (libc::SIGTERM | libc::SIGINT | libc::SIGQUIT)) => {
@@ -407,8 +430,10 @@ impl Server {
                 }
                 Some(libc::SIGHUP) if !stopping => {
                     info!("SIGHUP: reloading the config");
+                    notifier.reloading();
                     // The control thread logs and counts the outcome.
-                    let _ = self.reload(Source::File);
+                    let outcome = self.reload(Source::File);
+                    notifier.reloaded(&self.shared, outcome.as_ref().err().map(ToString::to_string).as_deref());
                 }
                 Some(libc::SIGUSR2) if !stopping => match invocation.map(|i| self.upgrade(i)) {
                     Some(Ok(pid)) => {
@@ -417,6 +442,8 @@ impl Server {
                             std::process::id()
                         );
                         stopping = true;
+                        // The new process is systemd's main process from here on.
+                        notifier.main_pid(pid);
                         self.drain();
                     }
                     Some(Err(e)) => error!("SIGUSR2: upgrade failed, this process keeps serving: {e}"),
@@ -444,6 +471,26 @@ impl Server {
             .collect();
         info!("stopped: {}", summary.join(" "));
         result
+    }
+}
+
+/// Runs as `run_as` from now on: as root, becomes that user and group (and so drops every
+/// capability); already that user (the new process of an upgrade, or started so), nothing to
+/// do; as anyone else, an error.
+fn become_run_as(run_as: &crate::config::RunAs) -> Result<(), StartError> {
+    let error = |message: String| StartError::RunAs { user: run_as.user.clone(), line: run_as.line, message };
+    match sys::effective_uid() {
+        uid if uid == run_as.uid => Ok(()),
+        0 => {
+            sys::become_user(run_as.uid, run_as.gid)
+                .map_err(|e| error(format!("cannot become uid {}: {e}", run_as.uid)))?;
+            info!("running as user {} (uid {}, gid {}) from here on", run_as.user, run_as.uid, run_as.gid);
+            Ok(())
+        }
+        uid => Err(error(format!(
+            "ringlb runs as uid {uid}, not root, so it cannot become uid {}; start it as root, or as that user, or leave user out",
+            run_as.uid
+        ))),
     }
 }
 

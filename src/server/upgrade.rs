@@ -111,6 +111,10 @@ impl Started {
         let inherited = theirs.as_raw_fd();
         let mut command = Command::new(&invocation.exe);
         command.args(&invocation.args).env(CHANNEL_ENV, inherited.to_string());
+        // systemd's watchdog is for the main process, which the new one becomes: without the
+        // old pid in WATCHDOG_PID it takes WATCHDOG_USEC as its own. LISTEN_PID names the old
+        // process, so the new one ignores LISTEN_FDS and takes the sockets handed to it.
+        command.env_remove("WATCHDOG_PID");
         // SAFETY: the hook only calls fcntl (async-signal-safe) on a descriptor the child has:
         // the channel's end stays close-on-exec in this process, so no other child gets it.
         unsafe { command.pre_exec(move || sys::set_cloexec(inherited, false)) };

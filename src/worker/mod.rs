@@ -259,6 +259,10 @@ pub struct Worker {
     bytes_reported_at: u64,
     /// Connection log lines, written once per batch.
     connlog: connlog::Writer,
+    /// Test hook (worker 0 only, from `RINGLB_TEST_STALL_FILE`): once this file exists, the
+    /// worker stops at its next tick and never comes back, as a worker stuck in a bug would;
+    /// the tests of the systemd watchdog use it.
+    stall_when: Option<std::path::PathBuf>,
 }
 
 impl Worker {
@@ -331,6 +335,7 @@ impl Worker {
             tick_generation: 0,
             bytes_reported_at: 0,
             connlog: connlog::Writer::default(),
+            stall_when: (plan.index == 0).then(|| std::env::var_os(STALL_ENV).map(Into::into)).flatten(),
         };
         // Steer before the server reports this worker ready, so that no connection accepted
         // after the start is spread by the kernel's hash alone.
@@ -426,6 +431,13 @@ impl Worker {
                     self.misc_inflight -= 1;
                 }
                 if c.result == -libc::ETIME {
+                    self.stats().ticks.add(1);
+                    if self.stall_when.as_ref().is_some_and(|path| path.exists()) {
+                        log::warn!("worker {}: stalled on purpose ({STALL_ENV}); it never comes back", self.index);
+                        loop {
+                            std::thread::park();
+                        }
+                    }
                     self.close_overdue();
                     if self.now.saturating_sub(self.bytes_reported_at) >= BYTES_REPORT_MS {
                         self.bytes_reported_at = self.now;
@@ -661,6 +673,9 @@ fn is_resource_shortage(errno: i32) -> bool {
 
 /// How often the tick looks for connections past a timeout: a tenth of the shortest one,
 /// between 10 ms and 1 s, so a timeout fires at most 10% late.
+/// The test hook's variable (see `Worker::stall_when`).
+pub const STALL_ENV: &str = "RINGLB_TEST_STALL_FILE";
+
 fn tick_interval(shortest: Option<Duration>) -> Duration {
     shortest.map_or(Duration::from_secs(1), |d| (d / 10).clamp(Duration::from_millis(10), Duration::from_secs(1)))
 }

@@ -66,6 +66,16 @@ impl Ringlb {
         Self::spawn(binary, config, None)
     }
 
+    /// As `start`, with the command made by `command` from the binary's path and the config
+    /// file's (it must run `ringlb run -c CONFIG` in the end: through a shell that sets
+    /// LISTEN_PID, with more environment, ...). Standard error is the log, as for `start`.
+    pub fn start_command(config: &str, command: impl FnOnce(&std::path::Path, &std::path::Path) -> Command) -> Ringlb {
+        let config_path = write_temp(config, "toml");
+        let mut command = command(std::path::Path::new(env!("CARGO_BIN_EXE_ringlb")), &config_path);
+        command.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        Self::launch(command, config, config_path)
+    }
+
     fn spawn(binary: &std::path::Path, config: &str, fd_limit: Option<u64>) -> Ringlb {
         let config_path = write_temp(config, "toml");
         let mut command = Command::new(binary);
@@ -89,6 +99,10 @@ impl Ringlb {
                 });
             }
         }
+        Self::launch(command, config, config_path)
+    }
+
+    fn launch(mut command: Command, config: &str, config_path: std::path::PathBuf) -> Ringlb {
         let mut child = command.spawn().expect("start ringlb");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
