@@ -215,13 +215,13 @@ echo "== the same with plain TCP checks (connect, close) in pool mysql; pool mys
 write_config tcp
 rm -f "$work/admin.sock"
 start_ringlb
+blocked_out=''
 blocked() {
-    local out
-    out=$(client_login) && return 1
-    [[ $out == *"is blocked"* ]]
+    blocked_out=$(client_login) && return 1
+    [[ $blocked_out == *"is blocked"* ]]
 }
 until_ok 120 blocked || fail "TCP checks did not get $host_ip blocked: $(client_login)"
-echo "ok   after TCP checks a client from $host_ip is refused: $(client_login | grep -o "1129.*blocked" | head -1)"
+echo "ok   after TCP checks a client from $host_ip is refused: $(grep -o "1129.*" <<<"$blocked_out" | head -1)"
 until_ok 30 is_health mysql_login down || fail "mysql_login: $(health mysql_login)"
 health mysql_login | grep -q "1129" || fail "mysql_login: $(health mysql_login)"
 is_health mysql up || fail "mysql (tcp): $(health mysql)"

@@ -281,6 +281,10 @@ impl Control {
     /// Puts the file's config with the addresses its names resolve to now into effect, as a
     /// reload does (without counting it as one).
     fn follow_names(&mut self) {
+        // Draining: no new connection will pick a backend, and the workers may be gone.
+        if self.shared.run_state() != RunState::Running {
+            return;
+        }
         let config = Arc::new(self.names.expand(&self.file));
         match self.apply(config) {
             Ok(report) if report.is_empty() => {}
