@@ -10,7 +10,7 @@ usage() {
     cat <<'EOF'
 Usage: scripts/bench.sh [--quick] [--rounds N] [--duration SECONDS] [--warmup S] [--pause S]
                         [--targets LIST] [--scenarios LIST] [--out DIR] [--idle-conns N]
-                        [--proxy-threads N]
+                        [--proxy-threads N] [--layout dedicated|shared] [--rate N]
 
 Runs the same load through eight targets and writes DIR/results.md, results.json and
 results.svg (DIR defaults to bench-results/ in the repository).
@@ -36,7 +36,19 @@ Scenarios (default: all):
   bulk       100 MiB downloads on 4 connections (wrk): GB/s, proxy CPU seconds per GB
   keepalive  100-byte requests on 50 keep-alive connections (wrk): req/s, p50, p99, CPU/request
   connclose  one TCP connection per request, 50 at a time (wrk, Connection: close): conn/s
-  redis      redis-benchmark -t set,get -c 50: req/s, CPU/request
+  redis      redis-benchmark -t set,get -c 50: req/s, p50, p99, CPU/request
+  fixedrate  100-byte keep-alive requests paced per connection so that every proxy gets the
+             same offered load: 60% of the slowest proxy's keep-alive req/s in this run (or
+             --rate); CPU/request, p50, p99 at that rate. Runs after the other scenarios.
+
+Layout (--layout):
+  dedicated  (default) the proxies run on the last half of the CPUs (the last one of 2), one
+             thread each, under taskset; wrk, redis-benchmark and the backends on the others.
+             As a balancer is deployed: on cores of its own.
+  shared     everything on every CPU, the proxies with one thread per CPU (the layout of
+             earlier reports).
+Every scenario also records the proxy's busy share: its CPU time over the wall time of the
+cores it has (how much headroom is left).
 
 Options:
   --quick            1 round, 3 s per scenario (finishes in under 3 minutes)
@@ -52,7 +64,10 @@ Options:
                      target, if the hard open-file limit is too low)
   --out DIR          where the results go (default bench-results/)
   --proxy-threads P  threads of every proxy: ringlb workers, HAProxy nbthread, nginx
-                     worker_processes (default: the CPUs, one per core as each is meant to run)
+                     worker_processes (default: one per CPU the proxies have in the layout)
+  --layout L         dedicated (default) or shared, above
+  --rate N           fixedrate: the requests/s to offer (default: 60% of the slowest proxy's
+                     keep-alive req/s, median over the rounds)
 
 Environment: RINGLB_BIN (the ringlb binary of the five ringlb targets), BENCH_PORT_BASE (default
 17000; ports BASE+1 to BASE+82 on 127.0.0.1 are used). Missing tools (haproxy, nginx,
@@ -75,8 +90,8 @@ bench_dir=$root/scripts/bench
 
 all_targets=(direct ringlb ringlb-copy ringlb-splice ringlb-pack ringlb-nolog haproxy nginx)
 ringlb_targets=(ringlb ringlb-copy ringlb-splice ringlb-pack ringlb-nolog)
-all_scenarios=(idle bulk keepalive connclose redis)
-quick=0 rounds='' duration='' warmup='' pause='' idle_conns=5000 out='' proxy_threads=''
+all_scenarios=(idle bulk keepalive connclose redis fixedrate)
+quick=0 rounds='' duration='' warmup='' pause='' idle_conns=5000 out='' proxy_threads='' layout=dedicated rate=''
 targets_arg=$(IFS=,; echo "${all_targets[*]}")
 scenarios_arg=$(IFS=,; echo "${all_scenarios[*]}")
 
@@ -87,7 +102,7 @@ while (($#)); do
     opt=$1 val=''
     case $opt in
         --*=*) val=${opt#*=}; opt=${opt%%=*} ;;
-        --rounds | --duration | --warmup | --pause | --targets | --scenarios | --out | --idle-conns | --proxy-threads)
+        --rounds | --duration | --warmup | --pause | --targets | --scenarios | --out | --idle-conns | --proxy-threads | --layout | --rate)
             (($# >= 2)) || die "$opt needs a value"
             val=$2; shift ;;
     esac
@@ -102,6 +117,8 @@ while (($#)); do
         --out) out=$val ;;
         --idle-conns) idle_conns=$val ;;
         --proxy-threads) proxy_threads=$val ;;
+        --layout) layout=$val ;;
+        --rate) rate=$val ;;
         -h | --help) usage; exit 0 ;;
         *) die "unknown option '$1' (see --help)" ;;
     esac
@@ -158,7 +175,28 @@ if wants_ringlb; then
 fi
 
 ncpu=$(nproc)
-: "${proxy_threads:=$ncpu}"
+# CPU lists (taskset -c) for the proxies and for the load and backends; empty: any CPU.
+proxy_cpus='' load_cpus='' proxy_cores=$ncpu load_cores=$ncpu
+case $layout in
+    dedicated)
+        ((ncpu >= 2)) || die "--layout dedicated needs 2 CPUs at least (this machine has $ncpu); use --layout shared"
+        mapfile -t cpu_ids < <(taskset -cp $$ | sed 's/.*: //' | tr ',' '\n' |
+            awk -F- '{ if (NF == 2) { for (i = $1; i <= $2; i++) print i } else print $1 }')
+        ((${#cpu_ids[@]} >= 2)) || die "--layout dedicated needs 2 CPUs this process may run on; use --layout shared"
+        proxy_cores=$((${#cpu_ids[@]} / 2))
+        load_cores=$((${#cpu_ids[@]} - proxy_cores))
+        proxy_cpus=$(IFS=,; echo "${cpu_ids[*]:load_cores}")
+        load_cpus=$(IFS=,; echo "${cpu_ids[*]:0:load_cores}")
+        ;;
+    shared) ;;
+    *) die "--layout must be dedicated or shared, not '$layout'" ;;
+esac
+if [[ -n $rate ]] && ! [[ $rate =~ ^[1-9][0-9]*$ ]]; then die "--rate must be a whole number of requests/s, not '$rate'"; fi
+: "${proxy_threads:=$proxy_cores}"
+# Command prefixes: taskset execs the command, so a background job's pid is the program's.
+on_proxy_cpus=() on_load_cpus=()
+[[ -n $proxy_cpus ]] && on_proxy_cpus=(taskset -c "$proxy_cpus")
+[[ -n $load_cpus ]] && on_load_cpus=(taskset -c "$load_cpus")
 [[ $proxy_threads =~ ^[1-9][0-9]*$ ]] || die "--proxy-threads must be a whole number above 0, not '$proxy_threads'"
 port_base=${BENCH_PORT_BASE:-17000}
 if ! [[ $port_base =~ ^[0-9]+$ ]] || ((port_base < 1024 || port_base > 65000)); then
@@ -175,7 +213,7 @@ declare -A redis_port=([direct]=${redis_ports[0]} [ringlb]=$((port_base + 22)) [
 
 needs_web=0 needs_redis=0
 for s in "${scenarios[@]}"; do
-    case $s in bulk | keepalive | connclose) needs_web=1 ;; redis | idle) needs_redis=1 ;; esac
+    case $s in bulk | keepalive | connclose | fixedrate) needs_web=1 ;; redis | idle) needs_redis=1 ;; esac
 done
 
 # ---------------------------------------------------------------- cleanup
@@ -342,7 +380,7 @@ write_backend_configs() {
     for p in "${web_ports[@]}"; do listen+="        listen 127.0.0.1:$p reuseport;"$'\n'; done
     cat >"$tmp/conf/nginx-backend.conf" <<EOF
 # Backend web server: 100-byte /small.bin and 100 MiB /big.bin on ${web_ports[*]}.
-worker_processes $ncpu;
+worker_processes $load_cores;
 worker_rlimit_nofile 20000;
 daemon off;
 pid $tmp/nginx-backend/nginx.pid;
@@ -371,7 +409,7 @@ start_backends() {
     if ((needs_web)); then
         nginx -t -q -e "$tmp/logs/nginx-backend.error.log" -p "$tmp/nginx-backend/" -c "$tmp/conf/nginx-backend.conf" ||
             die "nginx rejected the backend configuration (above)"
-        start_bg nginx-backend nginx -e "$tmp/logs/nginx-backend.error.log" -p "$tmp/nginx-backend/" -c "$tmp/conf/nginx-backend.conf"
+        start_bg nginx-backend "${on_load_cpus[@]}" nginx -e "$tmp/logs/nginx-backend.error.log" -p "$tmp/nginx-backend/" -c "$tmp/conf/nginx-backend.conf"
         wait_ports nginx-backend "${web_ports[@]}"
         local got
         got=$(timeout 5 bash -c "exec 3<>/dev/tcp/127.0.0.1/${web_ports[0]}; printf 'GET /small.bin HTTP/1.0\r\n\r\n' >&3; cat <&3" | tail -c 100) || true
@@ -380,7 +418,7 @@ start_backends() {
     if ((needs_redis)); then
         local p
         for p in "${redis_ports[@]}"; do
-            start_bg "redis-$p" redis-server --port "$p" --bind 127.0.0.1 --protected-mode no \
+            start_bg "redis-$p" "${on_load_cpus[@]}" redis-server --port "$p" --bind 127.0.0.1 --protected-mode no \
                 --save '' --appendonly no --daemonize no --maxclients 10000 --dir "$tmp" --logfile ''
         done
         for p in "${redis_ports[@]}"; do wait_ports "redis-$p" "$p"; done
@@ -517,9 +555,9 @@ start_target() { # start_target TARGET; sets target_pid ('' for direct)
     target_pid=''
     case $t in
         direct) return 0 ;;
-        ringlb | ringlb-copy | ringlb-splice | ringlb-pack | ringlb-nolog) start_bg "$t" "$RINGLB_BIN" run -c "$tmp/conf/$t.toml" ;;
-        haproxy) start_bg haproxy haproxy -db -f "$tmp/conf/haproxy.cfg" ;;
-        nginx) start_bg nginx nginx -e "$tmp/logs/nginx-stream.error.log" -p "$tmp/nginx-stream/" -c "$tmp/conf/nginx-stream.conf" ;;
+        ringlb | ringlb-copy | ringlb-splice | ringlb-pack | ringlb-nolog) start_bg "$t" "${on_proxy_cpus[@]}" "$RINGLB_BIN" run -c "$tmp/conf/$t.toml" ;;
+        haproxy) start_bg haproxy "${on_proxy_cpus[@]}" haproxy -db -f "$tmp/conf/haproxy.cfg" ;;
+        nginx) start_bg nginx "${on_proxy_cpus[@]}" nginx -e "$tmp/logs/nginx-stream.error.log" -p "$tmp/nginx-stream/" -c "$tmp/conf/nginx-stream.conf" ;;
     esac
     target_pid=${pid_of[$t]}
     local ports=()
@@ -539,14 +577,15 @@ stop_target() {
 
 run_scenario() { # run_scenario ROUND TARGET SCENARIO
     local r=$1 t=$2 s=$3 port
-    case $s in bulk | keepalive | connclose) port=${web_port[$t]} ;; *) port=${redis_port[$t]} ;; esac
+    case $s in bulk | keepalive | connclose | fixedrate) port=${web_port[$t]} ;; *) port=${redis_port[$t]} ;; esac
     if [[ $s == idle && $t == direct ]]; then
         printf '    %-13s %-10s %s\n' "$t" idle "(no proxy: nothing to measure)" # as run.py prints
         return 0
     fi
     python3 "$bench_dir/run.py" "$s" --target "$t" --round "$r" --port "$port" --pids "$target_pid" \
-        --out "$tmp/raw.jsonl" --duration "$duration" --warmup "$warmup" --threads "$ncpu" \
-        --conns 50 --redis-requests "$redis_requests" --idle-conns "$idle_conns" --settle "$settle" &
+        --out "$tmp/raw.jsonl" --duration "$duration" --warmup "$warmup" --threads "$load_cores" \
+        --conns 50 --redis-requests "$redis_requests" --idle-conns "$idle_conns" --settle "$settle" \
+        --cpus "$load_cpus" --proxy-cores "$proxy_threads" --rate "${rate:-0}" --tmp "$tmp" &
     runner_pid=$!
     wait "$runner_pid" || log "scenario runner for $t/$s exited with status $?"
     runner_pid=''
@@ -628,6 +667,7 @@ rm -f "$out/results.md" "$out/results.json" "$out/results.svg" # no stale result
         "$rounds" "$duration" "$warmup" "$pause" "$idle_conns" "$redis_requests"
     printf 'targets\t%s\nscenarios\t%s\ncpus\t%s\nproxy_threads\t%s\nnofile\t%s\n' \
         "${targets[*]}" "${scenarios[*]}" "$ncpu" "$proxy_threads" "$(ulimit -n)"
+    printf 'layout\t%s\nproxy_cpus\t%s\nload_cpus\t%s\n' "$layout" "${proxy_cpus:-all}" "${load_cpus:-all}"
     printf 'git\t%s\n' "$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)"
     for tool in ringlb haproxy nginx wrk redis; do
         case $tool in
@@ -651,17 +691,47 @@ start_backends
 log "backends up:$( ((needs_web)) && echo " nginx on ${web_ports[*]};")$( ((needs_redis)) && echo " redis on ${redis_ports[*]}")"
 
 start_s=$SECONDS
-for ((r = 1; r <= rounds; r++)); do
-    log "round $r of $rounds"
-    for t in "${targets[@]}"; do
-        start_target "$t"
-        [[ $t == direct ]] || log "  $t up (pid $target_pid)"
-        for s in "${scenarios[@]}"; do
-            run_scenario "$r" "$t" "$s"
+main_scenarios=()
+for s in "${scenarios[@]}"; do [[ $s == fixedrate ]] || main_scenarios+=("$s"); done
+if ((${#main_scenarios[@]})); then
+    for ((r = 1; r <= rounds; r++)); do
+        log "round $r of $rounds"
+        for t in "${targets[@]}"; do
+            start_target "$t"
+            [[ $t == direct ]] || log "  $t up (pid $target_pid)"
+            for s in "${main_scenarios[@]}"; do
+                run_scenario "$r" "$t" "$s"
+            done
+            stop_target "$t"
         done
-        stop_target "$t"
     done
-done
+fi
+if wants fixedrate "${scenarios[*]}"; then
+    if [[ -z $rate ]]; then
+        # 60% of the slowest proxy's keep-alive rate (median over the rounds) in this run.
+        rate=$(python3 - "$tmp/raw.jsonl" <<'EOP'
+import json, statistics, sys
+runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+by = {}
+for r in runs:
+    if r["ok"] and r["scenario"] == "keepalive" and r["target"] != "direct":
+        by.setdefault(r["target"], []).append(r["metrics"]["rps"])
+print(int(0.6 * min(statistics.median(v) for v in by.values())) if by else "")
+EOP
+        ) || true
+        [[ -n $rate ]] || die "fixedrate needs the keep-alive results of a proxy in this run (add keepalive to --scenarios) or --rate"
+        log "fixed rate: $rate requests/s (60% of the slowest proxy's keep-alive rate)"
+    fi
+    printf 'fixed_rate\t%s\n' "$rate" >>"$tmp/meta.tsv"
+    for ((r = 1; r <= rounds; r++)); do
+        log "fixed-rate round $r of $rounds"
+        for t in "${targets[@]}"; do
+            start_target "$t"
+            run_scenario "$r" "$t" fixedrate
+            stop_target "$t"
+        done
+    done
+fi
 log "load finished in $((SECONDS - start_s)) s; writing results"
 
 rm -rf "$out/configs"

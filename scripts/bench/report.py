@@ -44,23 +44,34 @@ SCENARIO_LABEL = {
     "keepalive": "keep-alive (100 B, 50 conns)",
     "connclose": "conn per request (50 conns)",
     "redis": "redis (SET+GET, 50 conns)",
+    "fixedrate": "fixed rate ({fixed_rate} req/s offered, 100 B)",
 }
 
 # (scenario, key in the record's metrics, what it is, higher is better)
 METRICS = [
     ("bulk", "gbps", "GB/s", True),
     ("bulk", "cpu_s_per_gb", "proxy CPU s per GB", False),
+    ("bulk", "busy_pct", "proxy cores busy %", False),
     ("keepalive", "rps", "req/s", True),
     ("keepalive", "p50_ms", "p50 latency ms", False),
     ("keepalive", "p99_ms", "p99 latency ms", False),
     ("keepalive", "cpu_us_per_req", "proxy CPU µs per request", False),
+    ("keepalive", "busy_pct", "proxy cores busy %", False),
     ("connclose", "cps", "connections/s", True),
     ("connclose", "p50_ms", "p50 latency ms", False),
     ("connclose", "p99_ms", "p99 latency ms", False),
     ("connclose", "cpu_us_per_conn", "proxy CPU µs per connection", False),
+    ("connclose", "busy_pct", "proxy cores busy %", False),
     ("redis", "rps", "req/s", True),
     ("redis", "p50_ms", "p50 latency ms", False),
+    ("redis", "p99_ms", "p99 latency ms", False),
     ("redis", "cpu_us_per_req", "proxy CPU µs per request", False),
+    ("redis", "busy_pct", "proxy cores busy %", False),
+    ("fixedrate", "rps", "req/s served", True),
+    ("fixedrate", "p50_ms", "p50 latency ms", False),
+    ("fixedrate", "p99_ms", "p99 latency ms", False),
+    ("fixedrate", "cpu_us_per_req", "proxy CPU µs per request", False),
+    ("fixedrate", "busy_pct", "proxy cores busy %", False),
     ("idle", "rss_kib_per_conn", "proxy RSS KiB per connection", False),
 ]
 
@@ -130,9 +141,16 @@ def summarise(runs, meta):
     return targets, metrics, per_round, median, ratio, best_peer
 
 
+def layout_text(meta):
+    if meta.get("layout") == "dedicated":
+        return (f"dedicated: every proxy on CPU(s) {meta.get('proxy_cpus', '?')} only (taskset), the load "
+                f"generator and the backends on CPU(s) {meta.get('load_cpus', '?')}")
+    return "shared: the proxy, the load generator and the backends share every CPU"
+
+
 def no_proxy(target, key):
     """Figures of the proxy itself (its CPU, its memory) do not exist for the direct runs."""
-    return target == "direct" and (key.startswith("cpu_") or key.startswith("rss_"))
+    return target == "direct" and (key.startswith("cpu_") or key.startswith("rss_") or key == "busy_pct")
 
 
 def verdict(r, higher):
@@ -151,6 +169,7 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
         f"- **Command:** `{meta.get('command', '?')}`",
         f"- **Machine:** {meta['kernel']}; CPU {meta['cpu_model']}, {meta.get('cpus', '?')} CPUs; "
         f"open-file limit {meta.get('nofile', '?')}",
+        f"- **Layout:** {layout_text(meta)}",
     ]
     versions = []
     if "version_ringlb" in meta:
@@ -176,7 +195,7 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
     table.append("| " + " | ".join(["---", "---"] + ["---:"] * len(targets) + ["---"] * (len(head) - 2 - len(targets))) + " |")
     last_s = None
     for s, key, what, higher in metrics:
-        label = SCENARIO_LABEL[s].format(idle_conns=idle_conns) if s != last_s else ""
+        label = SCENARIO_LABEL[s].format(idle_conns=idle_conns, fixed_rate=meta.get("fixed_rate", "?")) if s != last_s else ""
         last_s = s
         row = [label, f"{what} {'↑' if higher else '↓'}"]
         for t in targets:
@@ -232,9 +251,15 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
         "in the state the previous one left); then the proxy is stopped and the next target starts.",
         "- **Proxy CPU** is utime + stime from `/proc/PID/stat` (fields 14 and 15) summed over every "
         "process and thread of the proxy (nginx master and workers), sampled just before and just "
-        "after the load. The load generator, the backends and the proxy share the same "
-        f"{meta.get('cpus', '?')} CPUs, so throughput is bounded by that sharing; CPU per GB and per "
-        "request is the figure that carries over to a dedicated machine.",
+        "after the load. **Busy %** is that CPU time over the wall time of the cores the proxy has "
+        "(100% = they were never idle). " + ("With the dedicated layout the proxy's cores run nothing "
+        "else, so its throughput and latency are its own; " if meta.get("layout") == "dedicated" else
+        "The load generator, the backends and the proxy share the CPUs, so throughput is bounded by "
+        "that sharing; ") + "CPU per GB and per request is the figure that carries over to another machine.",
+        "- **Fixed rate:** wrk with every connection waiting 5 ms after each response before its next request (its Lua `delay`), "
+        "with as many connections as make the offered rate (60% of the slowest proxy's keep-alive "
+        "rate in the same run unless `--rate` set it); every proxy gets the same load, so CPU per "
+        "request and latency compare efficiency without the load generator deciding the rate.",
         "- **GB/s** counts every byte wrk read (10^9 bytes per GB); headers add ~200 bytes per 100 MiB. "
         "Latencies are wrk's (keep-alive, connection per request) and redis-benchmark's percentiles.",
         "- **Idle:** connections opened one by one to the proxy's Redis listener, each checked with a "
@@ -262,7 +287,7 @@ def svg(meta, targets, metrics, median, ratio):
          f'<text x="12" y="26" font-size="19" font-weight="bold">{escape(title)}: '
          f'median of {escape(meta.get("rounds", "?"))} round(s), {escape(meta.get("duration_s", "?"))} s each</text>',
          f'<text x="12" y="46" font-size="12" fill="#555">{escape(meta["date"])} · {escape(meta["kernel"])} · '
-         f'{escape(meta["cpu_model"])} × {escape(meta.get("cpus", "?"))} CPUs · load, backends and proxy share the CPUs · '
+         f'{escape(meta["cpu_model"])} × {escape(meta.get("cpus", "?"))} CPUs · {escape(meta.get("layout", "shared"))} layout · '
          f'x = ratio to the best of HAProxy and nginx</text>']
     x = 12
     for t in targets:

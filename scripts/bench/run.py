@@ -9,7 +9,13 @@ window only. Every load run has a deadline; a run that fails is recorded with it
     run.py SCENARIO --target T --round N --port P [--pids "PID ..."] --out raw.jsonl ...
 
 Scenarios: bulk, keepalive, connclose (wrk); redis (redis-benchmark); idle (sockets held
-here, with a PING round trip on each so it is connected through to a Redis backend).
+here, with a PING round trip on each so it is connected through to a Redis backend);
+fixedrate (wrk, 100-byte keep-alive requests paced per connection, about --rate requests/s in
+all: every proxy gets the same offered load, and the figures are CPU per request and latency).
+
+With --cpus, the load generator runs on those CPUs only (taskset), away from the proxy's; with
+--proxy-cores, the proxy's busy share (its CPU time over the wall time of the cores it has) is
+recorded too.
 """
 
 import argparse
@@ -47,6 +53,11 @@ class LoadError(Exception):
     pass
 
 
+def pinned(args, cmd):
+    """cmd on the load generator's CPUs (--cpus), if given."""
+    return (["taskset", "-c", args.cpus] if args.cpus else []) + cmd
+
+
 def run_tool(cmd, deadline):
     """Run a load generator; return its stdout. Kill it at the deadline (seconds)."""
     global _child
@@ -78,16 +89,16 @@ def measured(pids, fn):
     return result, cpu, wall
 
 
-def wrk(args, path, conns, timeout_s, extra_headers=()):
+def wrk(args, path, conns, timeout_s, extra_headers=(), script=WRK_LUA):
     """Run wrk once for args.duration seconds; return its JSON summary."""
     url = f"http://127.0.0.1:{args.port}{path}"
     threads = min(args.threads, conns)
     cmd = ["wrk", "-t", str(threads), "-c", str(conns), "-d", f"{args.duration}s",
-           "--timeout", f"{timeout_s}s", "--latency", "-s", WRK_LUA]
+           "--timeout", f"{timeout_s}s", "--latency", "-s", script]
     for h in extra_headers:
         cmd += ["-H", h]
     cmd.append(url)
-    out = run_tool(cmd, deadline=args.duration + timeout_s + 30)
+    out = run_tool(pinned(args, cmd), deadline=args.duration + timeout_s + 30)
     for line in out.splitlines():
         if line.startswith("WRKJSON "):
             summary = json.loads(line[len("WRKJSON "):])
@@ -147,7 +158,7 @@ def scenario_redis(args):
     cmd = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(args.port), "-c", str(args.conns),
            "-n", str(n), "-t", "set,get", "--csv"]
     deadline = max(60, args.duration * 20)
-    out, cpu, wall = measured(args.pids, lambda: run_tool(cmd, deadline))
+    out, cpu, wall = measured(args.pids, lambda: run_tool(pinned(args, cmd), deadline))
     tests = {}
     for row in csv.DictReader(io.StringIO(out)):
         tests[row["test"]] = {k: float(v) for k, v in row.items() if k != "test"}
@@ -161,6 +172,42 @@ def scenario_redis(args):
     if cpu is not None:
         m["cpu_us_per_req"] = cpu * 1e6 / (2 * n)
     return m, cpu, wall, {"requests": 2 * n, "tests": tests}
+
+
+# Between two requests on one connection in the fixed-rate scenario: a connection offers
+# 1000 / PACE_MS requests a second (less the response time, the same for every proxy within
+# a fraction of a millisecond), and --rate sets how many connections there are.
+PACE_MS = 5
+
+
+def scenario_fixedrate(args):
+    if not args.rate:
+        raise LoadError("fixedrate needs --rate")
+    conns = max(1, round(args.rate * PACE_MS / 1000))
+    with open(WRK_LUA) as f:
+        report = f.read()
+    script = os.path.join(args.tmp, f"wrk_paced_{os.getpid()}.lua")
+    with open(script, "w") as f:
+        f.write(report + f"\n-- paced: every connection waits {PACE_MS} ms between requests\n"
+                f"delay = function() return {PACE_MS} end\n")
+    try:
+        warmup_paced = args.warmup
+        if warmup_paced > 0:
+            saved, args.duration = args.duration, warmup_paced
+            try:
+                wrk(args, "/small.bin", conns, 5, (), script)
+            finally:
+                args.duration = saved
+        s, cpu, wall = measured(args.pids, lambda: wrk(args, "/small.bin", conns, 5, (), script))
+    finally:
+        os.unlink(script)
+    secs = s["duration_us"] / 1e6
+    lat = s["latency_us"]
+    m = {"rps": s["requests"] / secs, "p50_ms": lat["p50"] / 1e3, "p99_ms": lat["p99"] / 1e3}
+    if cpu is not None and s["requests"]:
+        m["cpu_us_per_req"] = cpu * 1e6 / s["requests"]
+    s["conns"] = conns
+    return m, cpu, wall, s
 
 
 def _ping(sock):
@@ -217,6 +264,7 @@ SCENARIOS = {
     "connclose": scenario_connclose,
     "redis": scenario_redis,
     "idle": scenario_idle,
+    "fixedrate": scenario_fixedrate,
 }
 
 
@@ -240,6 +288,10 @@ def main():
     p.add_argument("--redis-requests", type=int, default=200000, help="redis-benchmark -n, per test")
     p.add_argument("--idle-conns", type=int, default=5000)
     p.add_argument("--settle", type=float, default=1.0, help="seconds to wait before an RSS sample")
+    p.add_argument("--cpus", default="", help="taskset CPU list for the load generator (blank: any)")
+    p.add_argument("--proxy-cores", type=int, default=0, help="cores the proxy has, for its busy share")
+    p.add_argument("--rate", type=float, default=0, help="fixedrate: requests/s offered in all")
+    p.add_argument("--tmp", default="/tmp", help="where the fixed-rate wrk script is written")
     args = p.parse_args()
     args.pids = [int(x) for x in args.pids.split()]
 
@@ -247,6 +299,9 @@ def main():
               "ok": False, "error": None, "metrics": {}, "proxy_cpu_s": None, "wall_s": None}
     try:
         metrics, cpu, wall, raw = SCENARIOS[args.scenario](args)
+        if cpu is not None and wall and args.proxy_cores:
+            # How much of the proxy's cores the scenario kept busy: the headroom left.
+            metrics["busy_pct"] = 100 * cpu / wall / args.proxy_cores
         record.update(ok=True, metrics=metrics, proxy_cpu_s=cpu, wall_s=wall, raw=raw)
         errors = raw.get("errors_total", 0) if isinstance(raw, dict) else 0
         if errors:
