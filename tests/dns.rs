@@ -243,6 +243,27 @@ fn the_data_path_never_waits_for_dns() {
 }
 
 #[test]
+fn an_answer_naming_ringlbs_own_listener_is_left_out() {
+    let dns = DnsServer::start();
+    let (_backends, port) = loop {
+        let (backends, port) = backends_on_one_port(&["a"], 91);
+        // The listener takes the same port on 127.0.0.1.
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            break (backends, port);
+        }
+    };
+    dns.set("self.test", Reply::Addresses(vec![ip(1), ip(91)], 60));
+    let config = config(&dns.config("10s", "5m"), &format!("{{ address = \"self.test:{port}\" }}"), "")
+        .replace("[listeners.test]\nbind = \"127.0.0.1:0\"", &format!("[listeners.test]\nbind = \"127.0.0.1:{port}\""));
+    let lb = Ringlb::start(&config);
+    assert!(lb.logged(&format!("gives 127.0.0.1:{port}, ringlb's own listener: left out")), "{}", lb.log());
+    let backends: Vec<String> =
+        pool(&lb)["backends"].as_array().unwrap().iter().map(|b| b["address"].as_str().unwrap().to_string()).collect();
+    assert_eq!(backends, vec![format!("127.0.0.91:{port}")]);
+    assert_eq!(served(&lb, 5), vec!["a"; 5]);
+}
+
+#[test]
 fn a_reload_adds_and_drops_names() {
     let dns = DnsServer::start();
     let (_backends, port) = backends_on_one_port(&["a", "b"], 71);

@@ -11,6 +11,8 @@ mod host;
 mod raw;
 mod validate;
 
+pub use validate::loops_back;
+
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};

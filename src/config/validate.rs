@@ -318,7 +318,7 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
 /// Whether connecting to `backend` reaches the listener bound to `bind` (on any host: the
 /// same address, or a wildcard bind and a loopback backend). `host` checks the addresses that
 /// are only local on this host.
-fn loops_back(bind: SocketAddr, backend: SocketAddr) -> bool {
+pub fn loops_back(bind: SocketAddr, backend: SocketAddr) -> bool {
     bind.port() == backend.port()
         && bind.is_ipv4() == backend.is_ipv4()
         && (bind.ip() == backend.ip() || (bind.ip().is_unspecified() && backend.ip().is_loopback()))

@@ -27,7 +27,7 @@ use hickory_resolver::proto::rr::{RData, RecordType};
 use log::{info, warn};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::config::{BackendConfig, Config, DnsConfig, MAX_WEIGHT, MIN_DNS_REFRESH, NameConfig, NameKind};
+use crate::config::{BackendConfig, Config, DnsConfig, MAX_WEIGHT, MIN_DNS_REFRESH, NameConfig, NameKind, loops_back};
 
 /// How long one lookup (with its retries) may take.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -94,6 +94,8 @@ struct Entry {
     in_effect: Vec<Found>,
     last_good: Option<Instant>,
     status: NameStatus,
+    /// Addresses of the last answer that are ringlb's own listeners (left out, said once).
+    looping: Vec<SocketAddr>,
 }
 
 /// Every name of the config in effect, and their tasks.
@@ -103,13 +105,22 @@ pub struct Names {
     entries: HashMap<NameKey, Entry>,
     results: UnboundedSender<Looked>,
     next_task: u64,
+    /// Where ringlb's own listeners are bound: an answer naming one of them is left out (it
+    /// would loop back into ringlb).
+    listeners: Vec<SocketAddr>,
 }
 
 impl Names {
     /// Starts a task for every name of `config`; their outcomes go to `results`.
     pub fn start(config: &Config, results: UnboundedSender<Looked>) -> Names {
-        let mut names =
-            Names { dns: config.dns.clone(), resolver: None, entries: HashMap::new(), results, next_task: 0 };
+        let mut names = Names {
+            dns: config.dns.clone(),
+            resolver: None,
+            entries: HashMap::new(),
+            results,
+            next_task: 0,
+            listeners: Vec::new(),
+        };
         names.reconfigure(config);
         names
     }
@@ -122,6 +133,7 @@ impl Names {
     /// Follows the names of `config`: new ones get a task, gone ones lose theirs (and their
     /// addresses); with another `[dns]` table every name is looked up again with it.
     pub fn reconfigure(&mut self, config: &Config) {
+        self.listeners = config.listeners.iter().map(|l| l.bind).collect();
         if config.dns != self.dns {
             self.dns = config.dns.clone();
             self.resolver = None;
@@ -163,7 +175,8 @@ impl Names {
                 lookups_failed: 0,
                 holding: false,
             };
-            self.entries.insert(key, Entry { task, id, in_effect: Vec::new(), last_good: None, status });
+            let entry = Entry { task, id, in_effect: Vec::new(), last_good: None, status, looping: Vec::new() };
+            self.entries.insert(key, entry);
         }
     }
 
@@ -193,8 +206,24 @@ impl Names {
         let before = entry.in_effect.clone();
         let was_holding = entry.status.holding;
         let was_failing = matches!(entry.status.last, Some((_, Err(_))));
+        let listeners = &self.listeners;
         match looked.outcome {
-            Ok(found) => {
+            Ok(mut found) => {
+                let looping: Vec<SocketAddr> = found
+                    .iter()
+                    .map(|f| f.address)
+                    .filter(|a| listeners.iter().any(|&bind| loops_back(bind, *a)))
+                    .collect();
+                if !looping.is_empty() {
+                    if looping != entry.looping {
+                        warn!(
+                            "dns: pool {pool}: {label} gives {}, ringlb's own listener: left out (connections would loop back into ringlb)",
+                            looping.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                        );
+                    }
+                    found.retain(|f| !looping.contains(&f.address));
+                }
+                entry.looping = looping;
                 entry.status.lookups_ok += 1;
                 entry.status.last = Some((looked.at, Ok(found.len())));
                 entry.last_good = Some(Instant::now());
