@@ -103,6 +103,17 @@ runuser -u postgres -- "$pgbin/psql" -q -h "$work/pgsock" -c "CREATE ROLE ringlb
 connections() { sql "SHOW GLOBAL STATUS LIKE 'Connections'" | awk '{print $2}'; }
 client_login() { mariadb --no-defaults -h "$db_ip" -u app -papp -N -B -e "SELECT 1" 2>&1; }
 
+# A pool NAME with the database at PORT as its one backend, checked with the lines given
+# (interval 100 ms unless one of them sets it; rise and fall 1).
+pool() {
+    local name=$1 port=$2
+    shift 2
+    printf '\n[pools.%s]\nbackends = [{ address = "%s:%s" }]\n[pools.%s.health]\n' "$name" "$db_ip" "$port" "$name"
+    printf '%s\n' "$@"
+    [[ " $* " == *"interval = "* ]] || echo 'interval = "100ms"'
+    printf 'rise = 1\nfall = 1\n'
+}
+
 # The config; $1 is how the pool "mysql" is checked: "mysql" (a login) or "tcp" (connect, close).
 write_config() {
     local check='protocol = "mysql"
@@ -121,51 +132,11 @@ pool = "mysql"
 bind = "127.0.0.1:0"
 pool = "pg_trust"
 
-[pools.mysql]
-backends = [{ address = "$db_ip:3306" }]
-[pools.mysql.health]
-$check
-interval = "10ms"
-timeout = "2s"
-rise = 1
-fall = 1
-
-[pools.pg_trust]
-backends = [{ address = "$db_ip:5432" }]
-[pools.pg_trust.health]
-protocol = "postgres"
-user = "ringlb"
-interval = "100ms"
-rise = 1
-fall = 1
-
-[pools.pg_password]
-backends = [{ address = "$db_ip:5432" }]
-[pools.pg_password.health]
-protocol = "postgres"
-user = "app"
-interval = "100ms"
-rise = 1
-fall = 1
-
-[pools.pg_no_database]
-backends = [{ address = "$db_ip:5432" }]
-[pools.pg_no_database.health]
-protocol = "postgres"
-user = "ringlb"
-database = "nope"
-interval = "100ms"
-rise = 1
-fall = 1
-
-[pools.mysql_login]
-backends = [{ address = "$db_ip:3306" }]
-[pools.mysql_login.health]
-protocol = "mysql"
-user = "ringlb"
-interval = "100ms"
-rise = 1
-fall = 1
+$(pool mysql 3306 "$check" 'interval = "10ms"' 'timeout = "2s"')
+$(pool pg_trust 5432 'protocol = "postgres"' 'user = "ringlb"')
+$(pool pg_password 5432 'protocol = "postgres"' 'user = "app"')
+$(pool pg_no_database 5432 'protocol = "postgres"' 'user = "ringlb"' 'database = "nope"')
+$(pool mysql_login 3306 'protocol = "mysql"' 'user = "ringlb"')
 EOF
 }
 start_ringlb() {

@@ -205,13 +205,20 @@ pub enum NameKind {
     Srv { name: String },
 }
 
-impl NameConfig {
-    /// The name as the config writes it.
+impl NameKind {
+    /// The name as logs, metrics and the admin API show it.
     pub fn label(&self) -> String {
-        match &self.kind {
+        match self {
             NameKind::Host { host, port } => format!("{host}:{port}"),
             NameKind::Srv { name } => format!("srv {name}"),
         }
+    }
+}
+
+impl NameConfig {
+    /// The name as the config writes it.
+    pub fn label(&self) -> String {
+        self.kind.label()
     }
 }
 

@@ -53,15 +53,6 @@ pub struct NameKey {
     pub kind: NameKind,
 }
 
-impl NameKey {
-    fn label(&self) -> String {
-        match &self.kind {
-            NameKind::Host { host, port } => format!("{host}:{port}"),
-            NameKind::Srv { name } => format!("srv {name}"),
-        }
-    }
-}
-
 /// One lookup's outcome, as a name's task sends it to the control loop.
 #[derive(Debug)]
 pub struct Looked {
@@ -168,7 +159,7 @@ impl Names {
             let (task, id) = self.spawn(&key);
             let status = NameStatus {
                 pool: key.pool.clone(),
-                name: key.label(),
+                name: key.kind.label(),
                 addresses: Vec::new(),
                 last: None,
                 lookups_ok: 0,
@@ -201,7 +192,7 @@ impl Names {
         if entry.id != looked.task {
             return false;
         }
-        let label = looked.key.label();
+        let label = looked.key.kind.label();
         let pool = &looked.key.pool;
         let before = entry.in_effect.clone();
         let was_holding = entry.status.holding;
@@ -497,25 +488,17 @@ fn code(code: ResponseCode) -> String {
 /// Looks every name of `config` up once (for `ringlb check`): the names that do not resolve,
 /// and why.
 pub async fn unresolved(config: &Config) -> Vec<(String, String)> {
+    let resolver = build_resolver(&config.dns);
     let mut out = Vec::new();
-    let resolver = match build_resolver(&config.dns) {
-        Ok(resolver) => resolver,
-        Err(why) => {
-            for pool in &config.pools {
-                for name in &pool.names {
-                    out.push((format!("pools.{}: {} (line {})", pool.name, name.label(), name.line), why.clone()));
-                }
-            }
-            return out;
-        }
-    };
     for pool in &config.pools {
         for name in &pool.names {
-            let outcome = tokio::time::timeout(LOOKUP_TIMEOUT, resolve(&resolver, &name.kind)).await;
-            let why = match outcome {
-                Ok(Ok(_)) => continue,
-                Ok(Err(why)) => why,
-                Err(_) => format!("no answer within {LOOKUP_TIMEOUT:?}"),
+            let why = match &resolver {
+                Err(why) => why.clone(),
+                Ok(resolver) => match tokio::time::timeout(LOOKUP_TIMEOUT, resolve(resolver, &name.kind)).await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(why)) => why,
+                    Err(_) => format!("no answer within {LOOKUP_TIMEOUT:?}"),
+                },
             };
             out.push((format!("pools.{}: {} (line {})", pool.name, name.label(), name.line), why));
         }

@@ -267,6 +267,11 @@ impl Control {
         if changed {
             self.follow_names();
         }
+        self.publish_names();
+    }
+
+    /// What the metrics page shows of the names' lookups.
+    fn publish_names(&self) {
         self.shared.set_names(self.names.status(&self.file));
     }
 
@@ -275,7 +280,7 @@ impl Control {
         if self.names.record(answer) {
             self.follow_names();
         }
-        self.shared.set_names(self.names.status(&self.file));
+        self.publish_names();
     }
 
     /// Puts the file's config with the addresses its names resolve to now into effect, as a
@@ -336,7 +341,7 @@ impl Control {
         self.names.reconfigure(&file);
         self.file = file;
         self.shared.config_loaded();
-        self.shared.set_names(self.names.status(&self.file));
+        self.publish_names();
         Ok(report)
     }
 
