@@ -240,7 +240,12 @@ fn started_as_root_it_becomes_the_configured_user_with_no_capabilities() {
 fn a_config_with_user_started_as_another_user_than_root_or_that_one_is_refused() {
     let backend = Backend::echo();
     let path = write_temp(&config_for(&[backend.addr], "user = \"root\"", ""), "toml");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ringlb"));
+    // nobody may not reach the build's binary (the checkout may sit in a private directory):
+    // run a copy from the temporary directory.
+    let binary = std::env::temp_dir().join(format!("ringlb-as-nobody-{}", std::process::id()));
+    std::fs::copy(env!("CARGO_BIN_EXE_ringlb"), &binary).unwrap();
+    std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut command = Command::new(&binary);
     command.args(["run", "-c"]).arg(&path);
     // SAFETY: setgid and setuid are async-signal-safe; the child runs as nobody from here.
     unsafe {
@@ -251,7 +256,9 @@ fn a_config_with_user_started_as_another_user_than_root_or_that_one_is_refused()
             Ok(())
         });
     }
-    let out = command.output().unwrap();
+    let out = command.output();
+    let _ = std::fs::remove_file(&binary);
+    let out = out.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("user = \"root\" (line 2): ringlb runs as uid 65534, not root"), "{stderr}");
