@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Load test: ringlb (its defaults, the copy and splice relays, and spread = "pack") against
-# HAProxy (mode tcp) and nginx's stream module, with the same backends and the same load, in
-# alternating rounds; reports medians, the proxy's own CPU per GB / per request, and memory per
-# idle connection. See `--help`.
+# HAProxy (mode tcp) and nginx's stream module, with the same backends and the same load, the
+# targets back to back in every round; reports medians, the proxy's own CPU per GB / per
+# request, and memory per idle connection. See `--help`.
 set -euo pipefail
 
 readonly SCRIPT_NAME=scripts/bench.sh
@@ -49,6 +49,11 @@ Layout (--layout):
              earlier reports).
 Every scenario also records the proxy's busy share: its CPU time over the wall time of the
 cores it has (how much headroom is left).
+
+Order: every proxy is started once and runs to the end. Each round runs each scenario through
+every target back to back, the targets in an order rotated from round to round; the report's
+ratios are medians of per-round ratios, so noise from elsewhere on the machine that lasts a
+minute weighs on every target alike.
 
 Options:
   --quick            1 round, 3 s per scenario (finishes in under 3 minutes)
@@ -220,7 +225,7 @@ done
 
 tmp=$(mktemp -d /tmp/ringlb-bench.XXXXXX)
 chmod 755 "$tmp" # nginx workers (www-data or nobody) read the files served from here
-declare -A pid_of=()
+declare -A pid_of=() target_pid_of=()
 started=()          # names, in start order
 runner_pid=''
 temp_policy_rc=''
@@ -567,14 +572,6 @@ start_target() { # start_target TARGET; sets target_pid ('' for direct)
     sleep 0.5 # let every worker/thread finish starting before anything is measured
 }
 
-stop_target() {
-    [[ $1 == direct ]] && return 0
-    stop_proc "$1"
-    local i
-    for i in "${!started[@]}"; do [[ ${started[i]} == "$1" ]] && unset "started[i]"; done
-    started=("${started[@]}")
-}
-
 run_scenario() { # run_scenario ROUND TARGET SCENARIO
     local r=$1 t=$2 s=$3 port
     case $s in bulk | keepalive | connclose | fixedrate) port=${web_port[$t]} ;; *) port=${redis_port[$t]} ;; esac
@@ -582,6 +579,7 @@ run_scenario() { # run_scenario ROUND TARGET SCENARIO
         printf '    %-13s %-10s %s\n' "$t" idle "(no proxy: nothing to measure)" # as run.py prints
         return 0
     fi
+    local target_pid=${target_pid_of[$t]}
     python3 "$bench_dir/run.py" "$s" --target "$t" --round "$r" --port "$port" --pids "$target_pid" \
         --out "$tmp/raw.jsonl" --duration "$duration" --warmup "$warmup" --threads "$load_cores" \
         --conns 50 --redis-requests "$redis_requests" --idle-conns "$idle_conns" --settle "$settle" \
@@ -690,19 +688,31 @@ check_proxy_configs
 start_backends
 log "backends up:$( ((needs_web)) && echo " nginx on ${web_ports[*]};")$( ((needs_redis)) && echo " redis on ${redis_ports[*]}")"
 
+# Every proxy runs for the whole bench, each on its own ports, and every round runs each
+# scenario through every target back to back, the targets in a rotated order from round to
+# round: a minute of noise from elsewhere on the machine then falls on one round of every
+# target instead of on every scenario of one target, and the report's ratios compare targets
+# within a round.
+for t in "${targets[@]}"; do
+    start_target "$t"
+    target_pid_of[$t]=$target_pid
+    [[ $t == direct ]] || log "$t up (pid $target_pid)"
+done
+rotated() { # rotated ROUND: the targets, starting with the (ROUND-1)th one
+    local n=${#targets[@]} i
+    for ((i = 0; i < n; i++)); do echo "${targets[(i + $1 - 1) % n]}"; done
+}
 start_s=$SECONDS
 main_scenarios=()
 for s in "${scenarios[@]}"; do [[ $s == fixedrate ]] || main_scenarios+=("$s"); done
 if ((${#main_scenarios[@]})); then
     for ((r = 1; r <= rounds; r++)); do
         log "round $r of $rounds"
-        for t in "${targets[@]}"; do
-            start_target "$t"
-            [[ $t == direct ]] || log "  $t up (pid $target_pid)"
-            for s in "${main_scenarios[@]}"; do
+        mapfile -t order < <(rotated "$r")
+        for s in "${main_scenarios[@]}"; do
+            for t in "${order[@]}"; do
                 run_scenario "$r" "$t" "$s"
             done
-            stop_target "$t"
         done
     done
 fi
@@ -725,10 +735,9 @@ EOP
     printf 'fixed_rate\t%s\n' "$rate" >>"$tmp/meta.tsv"
     for ((r = 1; r <= rounds; r++)); do
         log "fixed-rate round $r of $rounds"
-        for t in "${targets[@]}"; do
-            start_target "$t"
+        mapfile -t order < <(rotated "$r")
+        for t in "${order[@]}"; do
             run_scenario "$r" "$t" fixedrate
-            stop_target "$t"
         done
     done
 fi

@@ -135,10 +135,26 @@ def summarise(runs, meta):
         best = (max if higher else min)(peers) if peers else None
         best_peer.setdefault(s, {})[key] = best[1] if best else None
         for t in targets:
-            v = median[t][s][key]
-            r = v / best[0] if best and v is not None and best[0] else None
-            ratio.setdefault(t, {}).setdefault(s, {})[key] = r
+            ratio.setdefault(t, {}).setdefault(s, {})[key] = paired_ratio(runs, t, best[1] if best else None, s, key)
     return targets, metrics, per_round, median, ratio, best_peer
+
+
+def paired_ratio(runs, target, peer, scenario, key):
+    """The median over the rounds of target / peer in the same round (rounds where both ran).
+
+    The targets of a round run back to back, so a stretch of noise from elsewhere on the machine
+    slows both sides of a round's ratio; the ratio of two medians would pair the target's quiet
+    rounds with the peer's noisy ones.
+    """
+    if peer is None:
+        return None
+
+    def by_round(t):
+        return {r["round"]: r["metrics"][key] for r in runs
+                if r["target"] == t and r["scenario"] == scenario and r["ok"] and key in r["metrics"]}
+    mine, theirs = by_round(target), by_round(peer)
+    ratios = [mine[n] / theirs[n] for n in mine if n in theirs and theirs[n]]
+    return statistics.median(ratios) if ratios else None
 
 
 def layout_text(meta):
@@ -185,9 +201,10 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
         f"(ringlb workers, HAProxy nbthread, nginx worker_processes); every figure is the median over the rounds")
     lines.append("")
     table = ["## Results", "",
-             "Each cell: the median, and in brackets its ratio to the **best peer** (the better of HAProxy "
-             "and nginx on that row; the \"best peer\" column says which). ↑ higher is better, ↓ lower is "
-             "better: on a ↓ row a ratio below 1.00x beats the peer.", ""]
+             "Each cell: the median over the rounds, and in brackets its ratio to the **best peer** (the "
+             "better of HAProxy and nginx on that row by median; the \"best peer\" column says which): the "
+             "median over the rounds of the two figures' ratio within a round. ↑ higher is better, ↓ lower "
+             "is better: on a ↓ row a ratio below 1.00x beats the peer.", ""]
     ours = [t for t in RINGLB if t in targets]
     head = ["scenario", "metric"] + [TARGET_LABEL[t] for t in targets] + ["best peer"]
     head += [f"{TARGET_LABEL[t]} vs best peer" for t in ours]
@@ -244,11 +261,14 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
         "and nginx do. **ringlb-nolog** is the defaults with `connection_log = false`: ringlb "
         "writes a line per connection by default (to a file here), HAProxy and nginx here none. "
         "Each is compared with the best peer, not with the others; `configs/ringlb*.toml` are the five.",
-        "- In every round each proxy is started fresh, the idle scenario runs first (so its RSS "
-        "baseline is a fresh process after 50 warm-up connections), then bulk, keep-alive, "
-        "connection per request and redis, each followed by a pause without load (`--pause`, so that "
-        "ringlb's `spread = \"pack\"`, which adapts to its load, starts each scenario settled and not "
-        "in the state the previous one left); then the proxy is stopped and the next target starts.",
+        "- Every proxy is started once and runs for the whole bench, each on its own ports (an idle "
+        "one costs nothing measurable). Every round runs the idle scenario, then bulk, keep-alive, "
+        "connection per request and redis, each through every target back to back (the targets in "
+        "an order rotated from round to round), and each run is followed by a pause without load "
+        "(`--pause`, so that ringlb's `spread = \"pack\"`, which adapts to its load, starts each run "
+        "settled). The fixed-rate rounds come last, the same way. This machine's speed changes from "
+        "minute to minute with load from elsewhere: running the targets of a round close together "
+        "and taking the median of the per-round ratios keeps that out of the comparison.",
         "- **Proxy CPU** is utime + stime from `/proc/PID/stat` (fields 14 and 15) summed over every "
         "process and thread of the proxy (nginx master and workers), sampled just before and just "
         "after the load. **Busy %** is that CPU time over the wall time of the cores the proxy has "
