@@ -15,6 +15,7 @@
 # Usage: scripts/db-checks.sh [RINGLB_BIN]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/install.sh
 ringlb=$(realpath "${1:-${RINGLB_BIN:-target/release/ringlb}}")
 [ -x "$ringlb" ] || { echo "no ringlb binary at $ringlb (build with: cargo build --release)" >&2; exit 1; }
 
@@ -22,16 +23,7 @@ missing=()
 command -v mariadbd >/dev/null || missing+=(mariadb-server)
 command -v mariadb >/dev/null || missing+=(mariadb-client)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    # Packages start system services; this script runs its own instances.
-    for service in mariadb postgresql; do
-        service "$service" stop >/dev/null 2>&1 || true
-    done
-fi
+install_missing "mariadb postgresql" "${missing[@]}"
 pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 
 ns=ringlb-db$$

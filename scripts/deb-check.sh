@@ -5,16 +5,12 @@
 # `dpkg --purge` removes it all again. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/install.sh
 missing=()
 command -v man >/dev/null || missing+=(man-db)
 command -v adduser >/dev/null || missing+=(adduser)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+install_missing "" "${missing[@]}"
 if dpkg -s ringlb >/dev/null 2>&1; then
     echo "a ringlb package is installed already; remove it first (dpkg --purge ringlb)" >&2
     exit 1

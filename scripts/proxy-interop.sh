@@ -8,22 +8,14 @@
 # ports and stops them on exit. Usage: scripts/proxy-interop.sh [RINGLB_BIN]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/install.sh
 ringlb=${1:-${RINGLB_BIN:-target/release/ringlb}}
 [ -x "$ringlb" ] || { echo "no ringlb binary at $ringlb (build with: cargo build --release)" >&2; exit 1; }
 
 missing=()
 command -v nginx >/dev/null || missing+=(nginx)
 command -v haproxy >/dev/null || missing+=(haproxy)
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    # Packages start system services; this script runs its own instances.
-    for service in nginx haproxy; do
-        systemctl disable --now "$service" >/dev/null 2>&1 || service "$service" stop >/dev/null 2>&1 || true
-    done
-fi
+install_missing "nginx haproxy" "${missing[@]}"
 
 work=$(mktemp -d)
 pids=()

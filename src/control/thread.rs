@@ -56,16 +56,24 @@ pub fn spawn(
         };
         runtime.block_on(async move {
             let ControlPlan { config, metrics, admin, per_worker, reloader, carried } = plan;
+            let listeners = (|| -> io::Result<_> {
+                let metrics = metrics
+                    .map(|l| l.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(l)))
+                    .transpose()?;
+                let admin = admin
+                    .map(|l| l.set_nonblocking(true).and_then(|()| tokio::net::UnixListener::from_std(l)))
+                    .transpose()?;
+                Ok((metrics, admin))
+            })();
+            let (metrics, admin) = match listeners {
+                Ok(listeners) => listeners,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
             let mut servers = Vec::new();
             if let Some(listener) = metrics {
-                let listener =
-                    match listener.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(listener)) {
-                        Ok(listener) => listener,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
                 let shared = Arc::clone(&shared);
                 servers.push(tokio_uring::spawn(http::serve(listener, "metrics", move |request| {
                     let shared = Arc::clone(&shared);
@@ -73,14 +81,6 @@ pub fn spawn(
                 })));
             }
             if let Some(listener) = admin {
-                let listener =
-                    match listener.set_nonblocking(true).and_then(|()| tokio::net::UnixListener::from_std(listener)) {
-                        Ok(listener) => listener,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
                 let shared = Arc::clone(&shared);
                 servers.push(tokio_uring::spawn(http::serve(listener, "admin", move |request| {
                     api::answer(Arc::clone(&shared), request)
@@ -286,14 +286,12 @@ impl Control {
     /// Puts the file's config with the addresses its names resolve to now into effect, as a
     /// reload does (without counting it as one).
     fn follow_names(&mut self) {
-        // Draining: no new connection will pick a backend, and the workers may be gone.
-        if self.shared.run_state() != RunState::Running {
-            return;
-        }
         let config = Arc::new(self.names.expand(&self.file));
         match self.apply(config) {
             Ok(report) if report.is_empty() => {}
             Ok(report) => info!("dns: {report}"),
+            // Draining: no new connection will pick a backend.
+            Err(ReloadError::Stopping) => {}
             Err(e) => error!("dns: the new addresses could not be put into effect: {e}"),
         }
     }
@@ -329,9 +327,6 @@ impl Control {
     }
 
     fn try_reload(&mut self, source: Source) -> Result<Report, ReloadError> {
-        if self.shared.run_state() != RunState::Running {
-            return Err(ReloadError::Stopping);
-        }
         let file = Arc::new(self.reloader.load(source)?);
         for warning in &file.warnings {
             warn!("reload: {warning}");
@@ -346,8 +341,12 @@ impl Control {
     }
 
     /// Puts `config` into effect: new pools (kept backends keep their health, counters and
-    /// admin settings), listeners, checks.
+    /// admin settings), listeners, checks. Refused once ringlb is draining: the workers may be
+    /// gone.
     fn apply(&mut self, config: Arc<Config>) -> Result<Report, ReloadError> {
+        if self.shared.run_state() != RunState::Running {
+            return Err(ReloadError::Stopping);
+        }
         let mut report = reload::compare(&self.config, &config);
         let current = self.shared.snapshot();
         let workers = self.shared.stats.len();
