@@ -11,11 +11,12 @@ usage() {
 Usage: scripts/bench.sh [--quick] [--rounds N] [--duration SECONDS] [--warmup S] [--pause S]
                         [--targets LIST] [--scenarios LIST] [--out DIR] [--idle-conns N]
                         [--proxy-threads N] [--layout dedicated|shared] [--rate N]
+                        [--alt-config TOML]
 
-Runs the same load through eight targets and writes DIR/results.md, results.json and
+Runs the same load through the targets and writes DIR/results.md, results.json and
 results.svg (DIR defaults to bench-results/ in the repository).
 
-Targets (default: all, in this order in every round):
+Targets (default: all but ringlb-alt, in this order in every round):
   direct         straight to one backend: the limit of this machine
   ringlb         $RINGLB_BIN (default target/release/ringlb), workers = P, least_conn,
                  the default relay (auto: copy; splice once a direction fills a buffer)
@@ -25,11 +26,14 @@ Targets (default: all, in this order in every round):
                  take connections (the default, "even", gives each worker its share)
   ringlb-nolog   the same as ringlb, but connection_log = false (ringlb logs a line per
                  connection by default, to a file here; HAProxy and nginx here log none)
+  ringlb-alt     only when named: $RINGLB_ALT_BIN (default: $RINGLB_BIN) with the ringlb
+                 configuration plus the --alt-config lines; for trying a change or a setting
+                 side by side with ringlb (the report adds its ratio to ringlb)
   haproxy        HAProxy, mode tcp, balance leastconn, nbthread = P
   nginx          nginx stream module, least_conn, worker_processes = P
 P is --proxy-threads: the same number of threads (processes for nginx) for every proxy.
 Ratios are to the best peer, the better of haproxy and nginx; each ringlb target is compared
-with that peer, never with another ringlb.
+with that peer, and ringlb-alt with ringlb too.
 
 Scenarios (default: all):
   idle       hold N connections (default 5000) through the proxy to Redis: RSS per connection
@@ -73,9 +77,13 @@ Options:
   --layout L         dedicated (default) or shared, above
   --rate N           fixedrate: the requests/s to offer (default: 60% of the slowest proxy's
                      keep-alive req/s, median over the rounds)
+  --alt-config TOML  top-level settings added to ringlb-alt's configuration, e.g.
+                     'relay = "copy"' (not workers, connect_timeout, idle_timeout or
+                     drain_timeout, which the bench sets)
 
-Environment: RINGLB_BIN (the ringlb binary of the five ringlb targets), BENCH_PORT_BASE (default
-17000; ports BASE+1 to BASE+82 on 127.0.0.1 are used). Missing tools (haproxy, nginx,
+Environment: RINGLB_BIN (the ringlb binary of the five ringlb targets), RINGLB_ALT_BIN (that of
+ringlb-alt; default RINGLB_BIN), BENCH_PORT_BASE (default 17000; ports BASE+1 to BASE+92 on
+127.0.0.1 are used). Missing tools (haproxy, nginx,
 libnginx-mod-stream, wrk, redis-server, redis-tools) are installed with apt-get when run as
 root; the services those packages would start are stopped and disabled. Every process the
 bench starts is stopped on exit, Ctrl-C included.
@@ -93,11 +101,12 @@ bench_dir=$root/scripts/bench
 
 # ---------------------------------------------------------------- options
 
-all_targets=(direct ringlb ringlb-copy ringlb-splice ringlb-pack ringlb-nolog haproxy nginx)
-ringlb_targets=(ringlb ringlb-copy ringlb-splice ringlb-pack ringlb-nolog)
+all_targets=(direct ringlb ringlb-copy ringlb-splice ringlb-pack ringlb-nolog ringlb-alt haproxy nginx)
+ringlb_targets=(ringlb ringlb-copy ringlb-splice ringlb-pack ringlb-nolog ringlb-alt)
 all_scenarios=(idle bulk keepalive connclose redis fixedrate)
 quick=0 rounds='' duration='' warmup='' pause='' idle_conns=5000 out='' proxy_threads='' layout=dedicated rate=''
-targets_arg=$(IFS=,; echo "${all_targets[*]}")
+alt_config=''
+targets_arg=$(IFS=,; echo "${all_targets[*]/ringlb-alt/}" | tr -s ,)
 scenarios_arg=$(IFS=,; echo "${all_scenarios[*]}")
 
 die() { printf '%s: error: %s\n' "$SCRIPT_NAME" "$*" >&2; exit 1; }
@@ -107,7 +116,7 @@ while (($#)); do
     opt=$1 val=''
     case $opt in
         --*=*) val=${opt#*=}; opt=${opt%%=*} ;;
-        --rounds | --duration | --warmup | --pause | --targets | --scenarios | --out | --idle-conns | --proxy-threads | --layout | --rate)
+        --rounds | --duration | --warmup | --pause | --targets | --scenarios | --out | --idle-conns | --proxy-threads | --layout | --rate | --alt-config)
             (($# >= 2)) || die "$opt needs a value"
             val=$2; shift ;;
     esac
@@ -124,6 +133,7 @@ while (($#)); do
         --proxy-threads) proxy_threads=$val ;;
         --layout) layout=$val ;;
         --rate) rate=$val ;;
+        --alt-config) alt_config=$val ;;
         -h | --help) usage; exit 0 ;;
         *) die "unknown option '$1' (see --help)" ;;
     esac
@@ -178,6 +188,15 @@ if wants_ringlb; then
     [[ -x $RINGLB_BIN ]] ||
         die "no ringlb binary at $RINGLB_BIN: build it (cargo build --release --bins, or make bench) or set RINGLB_BIN"
 fi
+RINGLB_ALT_BIN=${RINGLB_ALT_BIN:-$RINGLB_BIN}
+if [[ $RINGLB_ALT_BIN != /* ]]; then
+    if [[ -e $orig_pwd/$RINGLB_ALT_BIN ]]; then RINGLB_ALT_BIN=$orig_pwd/$RINGLB_ALT_BIN; else RINGLB_ALT_BIN=$root/$RINGLB_ALT_BIN; fi
+fi
+if wants ringlb-alt "${targets[*]}"; then
+    [[ -x $RINGLB_ALT_BIN ]] || die "no ringlb binary at $RINGLB_ALT_BIN (RINGLB_ALT_BIN, for ringlb-alt)"
+elif [[ -n $alt_config ]]; then
+    die "--alt-config is for the ringlb-alt target; add it to --targets"
+fi
 
 ncpu=$(nproc)
 # CPU lists (taskset -c) for the proxies and for the load and backends; empty: any CPU.
@@ -211,10 +230,10 @@ web_ports=($((port_base + 1)) $((port_base + 2)) $((port_base + 3)))
 redis_ports=($((port_base + 11)) $((port_base + 12)))
 declare -A web_port=([direct]=${web_ports[0]} [ringlb]=$((port_base + 21)) [haproxy]=$((port_base + 31))
     [nginx]=$((port_base + 41)) [ringlb-splice]=$((port_base + 51)) [ringlb-copy]=$((port_base + 61))
-    [ringlb-pack]=$((port_base + 71)) [ringlb-nolog]=$((port_base + 81)))
+    [ringlb-pack]=$((port_base + 71)) [ringlb-nolog]=$((port_base + 81)) [ringlb-alt]=$((port_base + 91)))
 declare -A redis_port=([direct]=${redis_ports[0]} [ringlb]=$((port_base + 22)) [haproxy]=$((port_base + 32))
     [nginx]=$((port_base + 42)) [ringlb-splice]=$((port_base + 52)) [ringlb-copy]=$((port_base + 62))
-    [ringlb-pack]=$((port_base + 72)) [ringlb-nolog]=$((port_base + 82)))
+    [ringlb-pack]=$((port_base + 72)) [ringlb-nolog]=$((port_base + 82)) [ringlb-alt]=$((port_base + 92)))
 
 needs_web=0 needs_redis=0
 for s in "${scenarios[@]}"; do
@@ -454,6 +473,9 @@ write_proxy_configs() {
             elif [[ $t == ringlb-nolog ]]; then
                 echo "# ringlb under test, no connection log: least_conn, $proxy_threads worker(s)."
                 echo 'connection_log = false'
+            elif [[ $t == ringlb-alt ]]; then
+                echo "# ringlb-alt: $RINGLB_ALT_BIN, least_conn, $proxy_threads worker(s), and --alt-config:"
+                [[ -z $alt_config ]] || printf '%s\n' "$alt_config"
             else
                 echo "# ringlb under test, relay = ${t#ringlb-}: least_conn, $proxy_threads worker(s)."
                 echo "relay = \"${t#ringlb-}\""
@@ -561,6 +583,7 @@ start_target() { # start_target TARGET; sets target_pid ('' for direct)
     case $t in
         direct) return 0 ;;
         ringlb | ringlb-copy | ringlb-splice | ringlb-pack | ringlb-nolog) start_bg "$t" "${on_proxy_cpus[@]}" "$RINGLB_BIN" run -c "$tmp/conf/$t.toml" ;;
+        ringlb-alt) start_bg "$t" "${on_proxy_cpus[@]}" "$RINGLB_ALT_BIN" run -c "$tmp/conf/$t.toml" ;;
         haproxy) start_bg haproxy "${on_proxy_cpus[@]}" haproxy -db -f "$tmp/conf/haproxy.cfg" ;;
         nginx) start_bg nginx "${on_proxy_cpus[@]}" nginx -e "$tmp/logs/nginx-stream.error.log" -p "$tmp/nginx-stream/" -c "$tmp/conf/nginx-stream.conf" ;;
     esac
@@ -619,7 +642,7 @@ check_tools
 fds_per_conn=2
 pipe_share=0
 if wants ringlb "${targets[*]}" || wants ringlb-splice "${targets[*]}" || wants ringlb-pack "${targets[*]}" ||
-    wants ringlb-nolog "${targets[*]}"; then
+    wants ringlb-nolog "${targets[*]}" || wants ringlb-alt "${targets[*]}"; then
     pipe_share=1
 fi
 fds_for() { # fds_for N: the open-file limit N idle connections need (10% spare: uneven workers)
@@ -661,6 +684,10 @@ rm -f "$out/results.md" "$out/results.json" "$out/results.svg" # no stale result
 {
     printf 'command\t%s\n' "$cmdline"
     printf 'ringlb_bin\t%s\n' "$RINGLB_BIN"
+    if wants ringlb-alt "${targets[*]}"; then
+        printf 'ringlb_alt_bin\t%s\n' "$RINGLB_ALT_BIN"
+        printf 'alt_config\t%s\n' "${alt_config//$'\n'/; }"
+    fi
     printf 'rounds\t%s\nduration_s\t%s\nwarmup_s\t%s\npause_s\t%s\nidle_conns\t%s\nredis_requests\t%s\n' \
         "$rounds" "$duration" "$warmup" "$pause" "$idle_conns" "$redis_requests"
     printf 'targets\t%s\nscenarios\t%s\ncpus\t%s\nproxy_threads\t%s\nnofile\t%s\n' \

@@ -7,7 +7,8 @@ Each figure is the median over the rounds that succeeded, and is also given as a
 best peer: the better of HAProxy and nginx for that figure (the higher one where higher is
 better, the lower one where lower is better); ringlb, ringlb-copy, ringlb-splice, ringlb-pack
 and ringlb-nolog (the defaults, the copy and splice relay modes, spread = "pack", and no
-connection log) are each compared with that peer, never with each other. The Markdown table is printed on stdout too.
+connection log) are each compared with that peer, never with each other; ringlb-alt (another
+binary or setting, tried side by side) is compared with that peer and with ringlb. The Markdown table is printed on stdout too.
 Exit status 3 when a run failed (the files are written all the same).
 """
 
@@ -28,6 +29,7 @@ TARGET_INFO = {
     "ringlb-splice": ("ringlb-splice", ["ringlb-", "splice"], "#756bb1"),
     "ringlb-pack": ("ringlb-pack", ["ringlb-", "pack"], "#d6616b"),
     "ringlb-nolog": ("ringlb-nolog", ["ringlb-", "nolog"], "#fd8d3c"),
+    "ringlb-alt": ("ringlb-alt", ["ringlb-", "alt"], "#8c6d31"),
     "haproxy": ("HAProxy", ["HAProxy"], "#3182bd"),
     "nginx": ("nginx stream", ["nginx"], "#31a354"),
 }
@@ -123,7 +125,7 @@ def summarise(runs, meta):
     targets = [t for t in TARGETS if t in meta.get("targets", "").split()]
     scenarios = meta.get("scenarios", "").split()
     metrics = [m for m in METRICS if m[0] in scenarios]
-    per_round, median, ratio, best_peer = {}, {}, {}, {}
+    per_round, median, ratio, best_peer, alt_vs_ringlb = {}, {}, {}, {}, {}
     for t in targets:
         for s, key, _, _ in metrics:
             vals = [r["metrics"][key] for r in sorted(runs, key=lambda r: r["round"])
@@ -136,7 +138,9 @@ def summarise(runs, meta):
         best_peer.setdefault(s, {})[key] = best[1] if best else None
         for t in targets:
             ratio.setdefault(t, {}).setdefault(s, {})[key] = paired_ratio(runs, t, best[1] if best else None, s, key)
-    return targets, metrics, per_round, median, ratio, best_peer
+        if "ringlb-alt" in targets and "ringlb" in targets:
+            alt_vs_ringlb.setdefault(s, {})[key] = paired_ratio(runs, "ringlb-alt", "ringlb", s, key)
+    return targets, metrics, per_round, median, ratio, best_peer, alt_vs_ringlb
 
 
 def paired_ratio(runs, target, peer, scenario, key):
@@ -177,7 +181,7 @@ def verdict(r, higher):
     return "better" if (r > 1) == higher else "worse"
 
 
-def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
+def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer, alt_vs_ringlb):
     idle_conns = meta.get("idle_conns", "?")
     lines = ["# ringlb load test", ""]
     lines += [
@@ -194,6 +198,9 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
         if f"version_{key}" in meta:
             versions.append(f"{name} {meta[f'version_{key}']}")
     lines.append("- **Versions:** " + "; ".join(versions))
+    if "ringlb_alt_bin" in meta:
+        lines.append(f"- **ringlb-alt:** `{meta['ringlb_alt_bin']}` with the ringlb configuration plus "
+                     f"`{meta.get('alt_config') or '(nothing)'}`")
     lines.append(
         f"- **Runs:** {meta.get('rounds', '?')} round(s), {meta.get('duration_s', '?')} s of load per scenario "
         f"(warm-up {meta.get('warmup_s', '0')} s, {meta.get('pause_s', '?')} s without load after each), redis-benchmark -n {meta.get('redis_requests', '?')} per test, "
@@ -208,6 +215,8 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
     ours = [t for t in RINGLB if t in targets]
     head = ["scenario", "metric"] + [TARGET_LABEL[t] for t in targets] + ["best peer"]
     head += [f"{TARGET_LABEL[t]} vs best peer" for t in ours]
+    if alt_vs_ringlb:
+        head.append("ringlb-alt vs ringlb")
     table.append("| " + " | ".join(head) + " |")
     table.append("| " + " | ".join(["---", "---"] + ["---:"] * len(targets) + ["---"] * (len(head) - 2 - len(targets))) + " |")
     last_s = None
@@ -226,6 +235,9 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
         for t in ours:
             r = ratio[t][s][key]
             row.append(f"{TARGET_LABEL[t]} {fmt_ratio(r)} ({verdict(r, higher)})" if r is not None else "n/a")
+        if alt_vs_ringlb:
+            r = alt_vs_ringlb[s][key]
+            row.append(f"{fmt_ratio(r)} ({verdict(r, higher)})" if r is not None else "n/a")
         table.append("| " + " | ".join(row) + " |")
     table.append("")
     lines += table
@@ -260,7 +272,9 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer):
         "take the connections, where by default (`even`) every worker takes its share, as HAProxy "
         "and nginx do. **ringlb-nolog** is the defaults with `connection_log = false`: ringlb "
         "writes a line per connection by default (to a file here), HAProxy and nginx here none. "
-        "Each is compared with the best peer, not with the others; `configs/ringlb*.toml` are the five.",
+        "Each is compared with the best peer, not with the others; `configs/ringlb*.toml` are their "
+        "configurations. **ringlb-alt**, when asked for, is another binary (`RINGLB_ALT_BIN`) or "
+        "setting (`--alt-config`) on the ringlb configuration, compared with ringlb as well.",
         "- Every proxy is started once and runs for the whole bench, each on its own ports (an idle "
         "one costs nothing measurable). Every round runs the idle scenario, then bulk, keep-alive, "
         "connection per request and redis, each through every target back to back (the targets in "
@@ -362,8 +376,8 @@ def main():
         with open(args.raw) as f:
             runs = [json.loads(line) for line in f if line.strip()]
     meta = read_meta(args.meta)
-    targets, metrics, per_round, median, ratio, best_peer = summarise(runs, meta)
-    md, table = markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer)
+    targets, metrics, per_round, median, ratio, best_peer, alt_vs_ringlb = summarise(runs, meta)
+    md, table = markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer, alt_vs_ringlb)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md)
@@ -376,6 +390,7 @@ def main():
         "median": median,
         "ratio_to_best_peer": ratio,
         "best_peer": best_peer,
+        "ringlb_alt_to_ringlb": alt_vs_ringlb,
         "per_round": per_round,
         "runs": runs,
     }
