@@ -180,18 +180,15 @@ abspath() { # relative to where the bench was started from
     if [[ $1 == /* ]]; then echo "$1"; else echo "$orig_pwd/$1"; fi
 }
 out=$(abspath "${out:-$root/bench-results}")
-RINGLB_BIN=${RINGLB_BIN:-target/release/ringlb}
-if [[ $RINGLB_BIN != /* ]]; then
-    if [[ -e $orig_pwd/$RINGLB_BIN ]]; then RINGLB_BIN=$orig_pwd/$RINGLB_BIN; else RINGLB_BIN=$root/$RINGLB_BIN; fi
-fi
+binary_path() { # a relative path from where the bench was started, else from the repository
+    if [[ $1 == /* ]]; then echo "$1"; elif [[ -e $orig_pwd/$1 ]]; then echo "$orig_pwd/$1"; else echo "$root/$1"; fi
+}
+RINGLB_BIN=$(binary_path "${RINGLB_BIN:-target/release/ringlb}")
 if wants_ringlb; then
     [[ -x $RINGLB_BIN ]] ||
         die "no ringlb binary at $RINGLB_BIN: build it (cargo build --release --bins, or make bench) or set RINGLB_BIN"
 fi
-RINGLB_ALT_BIN=${RINGLB_ALT_BIN:-$RINGLB_BIN}
-if [[ $RINGLB_ALT_BIN != /* ]]; then
-    if [[ -e $orig_pwd/$RINGLB_ALT_BIN ]]; then RINGLB_ALT_BIN=$orig_pwd/$RINGLB_ALT_BIN; else RINGLB_ALT_BIN=$root/$RINGLB_ALT_BIN; fi
-fi
+RINGLB_ALT_BIN=$(binary_path "${RINGLB_ALT_BIN:-$RINGLB_BIN}")
 if wants ringlb-alt "${targets[*]}"; then
     [[ -x $RINGLB_ALT_BIN ]] || die "no ringlb binary at $RINGLB_ALT_BIN (RINGLB_ALT_BIN, for ringlb-alt)"
 elif [[ -n $alt_config ]]; then
