@@ -41,9 +41,10 @@ Scenarios (default: all):
   keepalive  100-byte requests on 50 keep-alive connections (wrk): req/s, p50, p99, CPU/request
   connclose  one TCP connection per request, 50 at a time (wrk, Connection: close): conn/s
   redis      redis-benchmark -t set,get -c 50: req/s, p50, p99, CPU/request
-  fixedrate  100-byte keep-alive requests paced per connection so that every proxy gets the
+  fixedrate  100-byte keep-alive requests sent on a schedule, so that every proxy gets the
              same offered load: 60% of the slowest proxy's keep-alive req/s in this run (or
-             --rate); CPU/request, p50, p99 at that rate. Runs after the other scenarios.
+             --rate); CPU/request, p50, p99 at that rate (a run that serves less than 90%
+             of it is flagged). Runs after the other scenarios.
 
 Layout (--layout):
   dedicated  (default) the proxies run on the last half of the CPUs (the last one of 2), one

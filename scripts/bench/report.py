@@ -290,10 +290,12 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer, 
         "else, so its throughput and latency are its own; " if meta.get("layout") == "dedicated" else
         "The load generator, the backends and the proxy share the CPUs, so throughput is bounded by "
         "that sharing; ") + "CPU per GB and per request is the figure that carries over to another machine.",
-        "- **Fixed rate:** wrk with every connection waiting 5 ms after each response before its next request (its Lua `delay`), "
-        "with as many connections as make the offered rate (60% of the slowest proxy's keep-alive "
-        "rate in the same run unless `--rate` set it); every proxy gets the same load, so CPU per "
-        "request and latency compare efficiency without the load generator deciding the rate.",
+        "- **Fixed rate:** wrk sends on a schedule of the offered rate (60% of the slowest proxy's "
+        "keep-alive rate in the same run unless `--rate` set it; `wrk_paced.lua`: each request "
+        "waits for the next slot, whichever connection is free, over one connection per 5 ms of "
+        "schedule), so every proxy gets the same load and CPU per request and latency compare "
+        "efficiency without the load generator deciding the rate. A run that served less than 90% "
+        "of the offered rate is listed under warnings.",
         "- **GB/s** counts every byte wrk read (10^9 bytes per GB); headers add ~200 bytes per 100 MiB. "
         "Latencies are wrk's (keep-alive, connection per request) and redis-benchmark's percentiles.",
         "- **Idle:** connections opened one by one to the proxy's Redis listener, each checked with a "

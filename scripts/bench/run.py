@@ -10,8 +10,8 @@ window only. Every load run has a deadline; a run that fails is recorded with it
 
 Scenarios: bulk, keepalive, connclose (wrk); redis (redis-benchmark); idle (sockets held
 here, with a PING round trip on each so it is connected through to a Redis backend);
-fixedrate (wrk, 100-byte keep-alive requests paced per connection, about --rate requests/s in
-all: every proxy gets the same offered load, and the figures are CPU per request and latency).
+fixedrate (wrk, 100-byte keep-alive requests sent on a schedule of --rate requests/s in all:
+every proxy gets the same offered load, and the figures are CPU per request and latency).
 
 With --cpus, the load generator runs on those CPUs only (taskset), away from the proxy's; with
 --proxy-cores, the proxy's busy share (its CPU time over the wall time of the cores it has) is
@@ -174,22 +174,25 @@ def scenario_redis(args):
     return m, cpu, wall, {"requests": 2 * n, "tests": tests}
 
 
-# Between two requests on one connection in the fixed-rate scenario: a connection offers
-# 1000 / PACE_MS requests a second (less the response time, the same for every proxy within
-# a fraction of a millisecond), and --rate sets how many connections there are.
+# The fixed-rate scenario: wrk sends on a schedule of --rate requests a second in all
+# (wrk_paced.lua), over as many connections as make one request per PACE_MS on each, so that
+# a connection is free for the next slot unless answers take longer than that.
 PACE_MS = 5
+WRK_PACED_LUA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wrk_paced.lua")
 
 
 def scenario_fixedrate(args):
     if not args.rate:
         raise LoadError("fixedrate needs --rate")
     conns = max(1, round(args.rate * PACE_MS / 1000))
-    with open(WRK_LUA) as f:
-        report = f.read()
+    threads = min(args.threads, conns)
+    parts = []
+    for path in (WRK_LUA, WRK_PACED_LUA):
+        with open(path) as f:
+            parts.append(f.read())
     script = os.path.join(args.tmp, f"wrk_paced_{os.getpid()}.lua")
     with open(script, "w") as f:
-        f.write(report + f"\n-- paced: every connection waits {PACE_MS} ms between requests\n"
-                f"delay = function() return {PACE_MS} end\n")
+        f.write(parts[0] + f"\npaced_interval_ms = {threads * 1000 / args.rate!r}\n" + parts[1])
     try:
         warmup_paced = args.warmup
         if warmup_paced > 0:
@@ -304,10 +307,15 @@ def main():
             metrics["busy_pct"] = 100 * cpu / wall / args.proxy_cores
         record.update(ok=True, metrics=metrics, proxy_cpu_s=cpu, wall_s=wall, raw=raw)
         errors = raw.get("errors_total", 0) if isinstance(raw, dict) else 0
-        if errors:
-            record["warning"] = f"{errors} wrk errors: {raw['errors']}"
+        warnings = [f"{errors} wrk errors: {raw['errors']}"] if errors else []
+        if args.scenario == "fixedrate" and metrics["rps"] < 0.9 * args.rate:
+            warnings.append(f"served {metrics['rps']:.0f} of the {args.rate:.0f} requests/s offered: "
+                            "the load generator or the proxy did not keep up; a lower --rate compares CPU "
+                            "at a rate every target serves")
+        if warnings:
+            record["warning"] = "; ".join(warnings)
         line = _fmt(metrics) + (f", proxy CPU {cpu:.2f} s" if cpu is not None else "")
-        if errors:
+        if warnings:
             line += f"  [{record['warning']}]"
         print(f"    {args.target:13} {args.scenario:10} {line}", flush=True)
     except LoadError as e:
