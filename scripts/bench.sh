@@ -11,7 +11,7 @@ usage() {
 Usage: scripts/bench.sh [--quick] [--rounds N] [--duration SECONDS] [--warmup S] [--pause S]
                         [--targets LIST] [--scenarios LIST] [--out DIR] [--idle-conns N]
                         [--proxy-threads N] [--layout dedicated|shared] [--rate N]
-                        [--alt-config TOML]
+                        [--close-rate N] [--alt-config TOML]
 
 Runs the same load through the targets and writes DIR/results.md, results.json and
 results.svg (DIR defaults to bench-results/ in the repository).
@@ -45,6 +45,9 @@ Scenarios (default: all):
              same offered load: 60% of the slowest proxy's keep-alive req/s in this run (or
              --rate); CPU/request, p50, p99 at that rate (a run that serves less than 90%
              of it is flagged). Runs after the other scenarios.
+  fixedclose the same with one connection per request (Connection: close): 60% of the
+             slowest proxy's connclose conn/s in this run (or --close-rate); CPU/connection,
+             p50, p99 at that rate.
 
 Layout (--layout):
   dedicated  (default) the proxies run on the last half of the CPUs (the last one of 2), one
@@ -78,6 +81,8 @@ Options:
   --layout L         dedicated (default) or shared, above
   --rate N           fixedrate: the requests/s to offer (default: 60% of the slowest proxy's
                      keep-alive req/s, median over the rounds)
+  --close-rate N     fixedclose: the connections/s to offer (default: 60% of the slowest
+                     proxy's connclose conn/s, median over the rounds)
   --alt-config TOML  top-level settings added to ringlb-alt's configuration, e.g.
                      'relay = "copy"' (not workers, connect_timeout, idle_timeout or
                      drain_timeout, which the bench sets)
@@ -104,8 +109,9 @@ bench_dir=$root/scripts/bench
 
 all_targets=(direct ringlb ringlb-copy ringlb-splice ringlb-pack ringlb-nolog ringlb-alt haproxy nginx)
 ringlb_targets=(ringlb ringlb-copy ringlb-splice ringlb-pack ringlb-nolog ringlb-alt)
-all_scenarios=(idle bulk keepalive connclose redis fixedrate)
+all_scenarios=(idle bulk keepalive connclose redis fixedrate fixedclose)
 quick=0 rounds='' duration='' warmup='' pause='' idle_conns=5000 out='' proxy_threads='' layout=dedicated rate=''
+close_rate=''
 alt_config=''
 targets_arg=$(IFS=,; echo "${all_targets[*]/ringlb-alt/}" | tr -s ,)
 scenarios_arg=$(IFS=,; echo "${all_scenarios[*]}")
@@ -117,7 +123,7 @@ while (($#)); do
     opt=$1 val=''
     case $opt in
         --*=*) val=${opt#*=}; opt=${opt%%=*} ;;
-        --rounds | --duration | --warmup | --pause | --targets | --scenarios | --out | --idle-conns | --proxy-threads | --layout | --rate | --alt-config)
+        --rounds | --duration | --warmup | --pause | --targets | --scenarios | --out | --idle-conns | --proxy-threads | --layout | --rate | --close-rate | --alt-config)
             (($# >= 2)) || die "$opt needs a value"
             val=$2; shift ;;
     esac
@@ -134,6 +140,7 @@ while (($#)); do
         --proxy-threads) proxy_threads=$val ;;
         --layout) layout=$val ;;
         --rate) rate=$val ;;
+        --close-rate) close_rate=$val ;;
         --alt-config) alt_config=$val ;;
         -h | --help) usage; exit 0 ;;
         *) die "unknown option '$1' (see --help)" ;;
@@ -214,6 +221,9 @@ case $layout in
     *) die "--layout must be dedicated or shared, not '$layout'" ;;
 esac
 if [[ -n $rate ]] && ! [[ $rate =~ ^[1-9][0-9]*$ ]]; then die "--rate must be a whole number of requests/s, not '$rate'"; fi
+if [[ -n $close_rate ]] && ! [[ $close_rate =~ ^[1-9][0-9]*$ ]]; then
+    die "--close-rate must be a whole number of connections/s, not '$close_rate'"
+fi
 : "${proxy_threads:=$proxy_cores}"
 # Command prefixes: taskset execs the command, so a background job's pid is the program's.
 on_proxy_cpus=() on_load_cpus=()
@@ -235,7 +245,7 @@ declare -A redis_port=([direct]=${redis_ports[0]} [ringlb]=$((port_base + 22)) [
 
 needs_web=0 needs_redis=0
 for s in "${scenarios[@]}"; do
-    case $s in bulk | keepalive | connclose | fixedrate) needs_web=1 ;; redis | idle) needs_redis=1 ;; esac
+    case $s in bulk | keepalive | connclose | fixedrate | fixedclose) needs_web=1 ;; redis | idle) needs_redis=1 ;; esac
 done
 
 # ---------------------------------------------------------------- cleanup
@@ -594,8 +604,9 @@ start_target() { # start_target TARGET; sets target_pid ('' for direct)
 }
 
 run_scenario() { # run_scenario ROUND TARGET SCENARIO
-    local r=$1 t=$2 s=$3 port
-    case $s in bulk | keepalive | connclose | fixedrate) port=${web_port[$t]} ;; *) port=${redis_port[$t]} ;; esac
+    local r=$1 t=$2 s=$3 port offered=0
+    case $s in fixedrate) offered=$rate ;; fixedclose) offered=$close_rate ;; esac
+    case $s in bulk | keepalive | connclose | fixedrate | fixedclose) port=${web_port[$t]} ;; *) port=${redis_port[$t]} ;; esac
     if [[ $s == idle && $t == direct ]]; then
         printf '    %-13s %-10s %s\n' "$t" idle "(no proxy: nothing to measure)" # as run.py prints
         return 0
@@ -604,7 +615,7 @@ run_scenario() { # run_scenario ROUND TARGET SCENARIO
     python3 "$bench_dir/run.py" "$s" --target "$t" --round "$r" --port "$port" --pids "$target_pid" \
         --out "$tmp/raw.jsonl" --duration "$duration" --warmup "$warmup" --threads "$load_cores" \
         --conns 50 --redis-requests "$redis_requests" --idle-conns "$idle_conns" --settle "$settle" \
-        --cpus "$load_cpus" --proxy-cores "$proxy_threads" --rate "${rate:-0}" --tmp "$tmp" &
+        --cpus "$load_cpus" --proxy-cores "$proxy_threads" --rate "$offered" --tmp "$tmp" &
     runner_pid=$!
     wait "$runner_pid" || log "scenario runner for $t/$s exited with status $?"
     runner_pid=''
@@ -729,7 +740,7 @@ rotated() { # rotated ROUND: the targets, starting with the (ROUND-1)th one
 }
 start_s=$SECONDS
 main_scenarios=()
-for s in "${scenarios[@]}"; do [[ $s == fixedrate ]] || main_scenarios+=("$s"); done
+for s in "${scenarios[@]}"; do [[ $s == fixed* ]] || main_scenarios+=("$s"); done
 if ((${#main_scenarios[@]})); then
     for ((r = 1; r <= rounds; r++)); do
         log "round $r of $rounds"
@@ -741,31 +752,40 @@ if ((${#main_scenarios[@]})); then
         done
     done
 fi
-if wants fixedrate "${scenarios[*]}"; then
-    if [[ -z $rate ]]; then
-        # 60% of the slowest proxy's keep-alive rate (median over the rounds) in this run.
-        rate=$(python3 - "$tmp/raw.jsonl" <<'EOP'
+slowest_share() { # slowest_share SCENARIO KEY: 60% of the slowest proxy's median KEY in SCENARIO
+    python3 - "$tmp/raw.jsonl" "$1" "$2" <<'EOP'
 import json, statistics, sys
-runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+path, scenario, key = sys.argv[1:]
+runs = [json.loads(l) for l in open(path) if l.strip()]
 by = {}
 for r in runs:
-    if r["ok"] and r["scenario"] == "keepalive" and r["target"] != "direct":
-        by.setdefault(r["target"], []).append(r["metrics"]["rps"])
+    if r["ok"] and r["scenario"] == scenario and r["target"] != "direct":
+        by.setdefault(r["target"], []).append(r["metrics"][key])
 print(int(0.6 * min(statistics.median(v) for v in by.values())) if by else "")
 EOP
-        ) || true
-        [[ -n $rate ]] || die "fixedrate needs the keep-alive results of a proxy in this run (add keepalive to --scenarios) or --rate"
-        log "fixed rate: $rate requests/s (60% of the slowest proxy's keep-alive rate)"
+}
+# The fixed-rate scenarios, each at 60% of the slowest proxy's rate in its open-loop twin.
+for s in fixedrate fixedclose; do
+    wants "$s" "${scenarios[*]}" || continue
+    if [[ $s == fixedrate ]]; then
+        var=rate base=keepalive key=rps option=--rate meta_key=fixed_rate
+    else
+        var=close_rate base=connclose key=cps option=--close-rate meta_key=fixed_close_rate
     fi
-    printf 'fixed_rate\t%s\n' "$rate" >>"$tmp/meta.tsv"
+    if [[ -z ${!var} ]]; then
+        printf -v "$var" '%s' "$(slowest_share "$base" "$key" || true)"
+        [[ -n ${!var} ]] || die "$s needs the $base results of a proxy in this run (add $base to --scenarios) or $option"
+        log "$s: ${!var} per second offered (60% of the slowest proxy's $base rate)"
+    fi
+    printf '%s\t%s\n' "$meta_key" "${!var}" >>"$tmp/meta.tsv"
     for ((r = 1; r <= rounds; r++)); do
-        log "fixed-rate round $r of $rounds"
+        log "$s round $r of $rounds"
         mapfile -t order < <(rotated "$r")
         for t in "${order[@]}"; do
-            run_scenario "$r" "$t" fixedrate
+            run_scenario "$r" "$t" "$s"
         done
     done
-fi
+done
 log "load finished in $((SECONDS - start_s)) s; writing results"
 
 rm -rf "$out/configs"

@@ -47,6 +47,7 @@ SCENARIO_LABEL = {
     "connclose": "conn per request (50 conns)",
     "redis": "redis (SET+GET, 50 conns)",
     "fixedrate": "fixed rate ({fixed_rate} req/s offered, 100 B)",
+    "fixedclose": "fixed rate, conn per request ({fixed_close_rate} conn/s offered)",
 }
 
 # (scenario, key in the record's metrics, what it is, higher is better)
@@ -74,6 +75,11 @@ METRICS = [
     ("fixedrate", "p99_ms", "p99 latency ms", False),
     ("fixedrate", "cpu_us_per_req", "proxy CPU µs per request", False),
     ("fixedrate", "busy_pct", "proxy cores busy %", False),
+    ("fixedclose", "cps", "connections/s served", True),
+    ("fixedclose", "p50_ms", "p50 latency ms", False),
+    ("fixedclose", "p99_ms", "p99 latency ms", False),
+    ("fixedclose", "cpu_us_per_conn", "proxy CPU µs per connection", False),
+    ("fixedclose", "busy_pct", "proxy cores busy %", False),
     ("idle", "rss_kib_per_conn", "proxy RSS KiB per connection", False),
 ]
 
@@ -221,7 +227,8 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer, 
     table.append("| " + " | ".join(["---", "---"] + ["---:"] * len(targets) + ["---"] * (len(head) - 2 - len(targets))) + " |")
     last_s = None
     for s, key, what, higher in metrics:
-        label = SCENARIO_LABEL[s].format(idle_conns=idle_conns, fixed_rate=meta.get("fixed_rate", "?")) if s != last_s else ""
+        label = SCENARIO_LABEL[s].format(idle_conns=idle_conns, fixed_rate=meta.get("fixed_rate", "?"),
+                                     fixed_close_rate=meta.get("fixed_close_rate", "?")) if s != last_s else ""
         last_s = s
         row = [label, f"{what} {'↑' if higher else '↓'}"]
         for t in targets:
@@ -295,7 +302,9 @@ def markdown(meta, runs, targets, metrics, per_round, median, ratio, best_peer, 
         "waits for the next slot, whichever connection is free, over one connection per 5 ms of "
         "schedule), so every proxy gets the same load and CPU per request and latency compare "
         "efficiency without the load generator deciding the rate. A run that served less than 90% "
-        "of the offered rate is listed under warnings.",
+        "of the offered rate is listed under warnings. **Fixed rate, conn per request** does the same "
+        "with `Connection: close` (60% of the slowest proxy's connection-per-request rate unless "
+        "`--close-rate` set it): each request on a new connection, which waits for its slot.",
         "- **GB/s** counts every byte wrk read (10^9 bytes per GB); headers add ~200 bytes per 100 MiB. "
         "Latencies are wrk's (keep-alive, connection per request) and redis-benchmark's percentiles.",
         "- **Idle:** connections opened one by one to the proxy's Redis listener, each checked with a "

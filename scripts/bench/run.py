@@ -11,7 +11,8 @@ window only. Every load run has a deadline; a run that fails is recorded with it
 Scenarios: bulk, keepalive, connclose (wrk); redis (redis-benchmark); idle (sockets held
 here, with a PING round trip on each so it is connected through to a Redis backend);
 fixedrate (wrk, 100-byte keep-alive requests sent on a schedule of --rate requests/s in all:
-every proxy gets the same offered load, and the figures are CPU per request and latency).
+every proxy gets the same offered load, and the figures are CPU per request and latency);
+fixedclose (the same with one connection per request: CPU per connection and latency).
 
 With --cpus, the load generator runs on those CPUs only (taskset), away from the proxy's; with
 --proxy-cores, the proxy's busy share (its CPU time over the wall time of the cores it has) is
@@ -181,9 +182,9 @@ PACE_MS = 5
 WRK_PACED_LUA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wrk_paced.lua")
 
 
-def scenario_fixedrate(args):
+def _wrk_paced(args, headers, count_key, cpu_key):
     if not args.rate:
-        raise LoadError("fixedrate needs --rate")
+        raise LoadError(f"{args.scenario} needs --rate")
     conns = max(1, round(args.rate * PACE_MS / 1000))
     threads = min(args.threads, conns)
     parts = []
@@ -198,19 +199,29 @@ def scenario_fixedrate(args):
         if warmup_paced > 0:
             saved, args.duration = args.duration, warmup_paced
             try:
-                wrk(args, "/small.bin", conns, 5, (), script)
+                wrk(args, "/small.bin", conns, 5, headers, script)
             finally:
                 args.duration = saved
-        s, cpu, wall = measured(args.pids, lambda: wrk(args, "/small.bin", conns, 5, (), script))
+        s, cpu, wall = measured(args.pids, lambda: wrk(args, "/small.bin", conns, 5, headers, script))
     finally:
         os.unlink(script)
     secs = s["duration_us"] / 1e6
     lat = s["latency_us"]
-    m = {"rps": s["requests"] / secs, "p50_ms": lat["p50"] / 1e3, "p99_ms": lat["p99"] / 1e3}
+    m = {count_key: s["requests"] / secs, "p50_ms": lat["p50"] / 1e3, "p99_ms": lat["p99"] / 1e3}
     if cpu is not None and s["requests"]:
-        m["cpu_us_per_req"] = cpu * 1e6 / s["requests"]
+        m[cpu_key] = cpu * 1e6 / s["requests"]
     s["conns"] = conns
     return m, cpu, wall, s
+
+
+def scenario_fixedrate(args):
+    return _wrk_paced(args, (), "rps", "cpu_us_per_req")
+
+
+def scenario_fixedclose(args):
+    # As fixedrate, but each request on a new connection (wrk reconnects after each
+    # Connection: close answer and the new connection waits for its slot like any other).
+    return _wrk_paced(args, ("Connection: close",), "cps", "cpu_us_per_conn")
 
 
 def _ping(sock):
@@ -268,6 +279,7 @@ SCENARIOS = {
     "redis": scenario_redis,
     "idle": scenario_idle,
     "fixedrate": scenario_fixedrate,
+    "fixedclose": scenario_fixedclose,
 }
 
 
@@ -293,7 +305,7 @@ def main():
     p.add_argument("--settle", type=float, default=1.0, help="seconds to wait before an RSS sample")
     p.add_argument("--cpus", default="", help="taskset CPU list for the load generator (blank: any)")
     p.add_argument("--proxy-cores", type=int, default=0, help="cores the proxy has, for its busy share")
-    p.add_argument("--rate", type=float, default=0, help="fixedrate: requests/s offered in all")
+    p.add_argument("--rate", type=float, default=0, help="fixedrate, fixedclose: requests/s offered in all")
     p.add_argument("--tmp", default="/tmp", help="where the fixed-rate wrk script is written")
     args = p.parse_args()
     args.pids = [int(x) for x in args.pids.split()]
@@ -308,8 +320,9 @@ def main():
         record.update(ok=True, metrics=metrics, proxy_cpu_s=cpu, wall_s=wall, raw=raw)
         errors = raw.get("errors_total", 0) if isinstance(raw, dict) else 0
         warnings = [f"{errors} wrk errors: {raw['errors']}"] if errors else []
-        if args.scenario == "fixedrate" and metrics["rps"] < 0.9 * args.rate:
-            warnings.append(f"served {metrics['rps']:.0f} of the {args.rate:.0f} requests/s offered: "
+        served = metrics.get("rps", metrics.get("cps", 0))
+        if args.scenario in ("fixedrate", "fixedclose") and served < 0.9 * args.rate:
+            warnings.append(f"served {served:.0f} of the {args.rate:.0f} requests/s offered: "
                             "the load generator or the proxy did not keep up; a lower --rate compares CPU "
                             "at a rate every target serves")
         if warnings:
