@@ -264,6 +264,41 @@ fn an_answer_naming_ringlbs_own_listener_is_left_out() {
 }
 
 #[test]
+fn an_srv_target_that_does_not_resolve_is_left_out_and_the_others_serve() {
+    let dns = DnsServer::start();
+    let (_backends, port) = backends_on_one_port(&["a"], 101);
+    dns.set("a.test", Reply::Addresses(vec![ip(101)], 60));
+    dns.set("gone.test", Reply::NxDomain);
+    dns.set("slow.test", Reply::Silent);
+    dns.set(
+        "_pg._tcp.db.test",
+        Reply::Srv(
+            vec![(10, 1, port, "gone.test".into()), (10, 1, port, "slow.test".into()), (10, 1, port, "a.test".into())],
+            60,
+        ),
+    );
+    let lb = Ringlb::start(&config(&dns.config("10s", "5m"), "{ srv = \"_pg._tcp.db.test\" }", ""));
+    let addresses = |lb: &Ringlb| -> Vec<String> {
+        pool(lb)["backends"].as_array().unwrap().iter().map(|b| b["address"].as_str().unwrap().to_string()).collect()
+    };
+    assert!(
+        Ringlb::eventually(WAIT, || addresses(&lb) == vec![format!("127.0.0.101:{port}")]),
+        "backends {:?}\n{}",
+        addresses(&lb),
+        lb.log()
+    );
+    assert_eq!(served(&lb, 5), vec!["a"; 5]);
+    assert!(
+        lb.logged("an SRV target that does not resolve, gone.test: NXDOMAIN (no such name): left out"),
+        "{}",
+        lb.log()
+    );
+    assert!(lb.logged("an SRV target that does not resolve, slow.test: "), "{}", lb.log());
+    // Said once, not at every lookup.
+    assert_eq!(lb.log().matches("gone.test: NXDOMAIN").count(), 1, "{}", lb.log());
+}
+
+#[test]
 fn a_reload_adds_and_drops_names() {
     let dns = DnsServer::start();
     let (_backends, port) = backends_on_one_port(&["a", "b"], 71);

@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use socket2::{Domain, Socket, Type};
 
-use super::{Config, ConfigError};
+use super::{Config, ConfigError, loops_back};
 
 /// Binds a throwaway socket to `addr` without listening.
 fn probe(addr: SocketAddr) -> io::Result<()> {
@@ -26,6 +26,17 @@ fn probe(addr: SocketAddr) -> io::Result<()> {
 /// Whether `ip` is an address of this host (binding to it works).
 fn is_local(ip: IpAddr) -> bool {
     probe(SocketAddr::new(ip, 0)).is_ok()
+}
+
+/// Whether connecting to `backend` reaches the listener bound to `bind` on this host: the
+/// cases [`loops_back`] sees on any host, and an address of this host on the port of a
+/// wildcard listener.
+pub fn reaches_listener(bind: SocketAddr, backend: SocketAddr) -> bool {
+    loops_back(bind, backend)
+        || (bind.ip().is_unspecified()
+            && bind.port() == backend.port()
+            && bind.is_ipv4() == backend.is_ipv4()
+            && is_local(backend.ip()))
 }
 
 pub fn check(config: &Config) -> Result<(), ConfigError> {
@@ -61,10 +72,7 @@ pub fn check(config: &Config) -> Result<(), ConfigError> {
         }
         for pool in &config.pools {
             for (i, backend) in pool.backends.iter().enumerate() {
-                if backend.address.port() == port
-                    && backend.address.is_ipv4() == ip.is_ipv4()
-                    && is_local(backend.address.ip())
-                {
+                if reaches_listener(listener.bind, backend.address) {
                     return Err(invalid(
                         backend.line,
                         format!("pools.{}.backends[{i}].address", pool.name),

@@ -11,6 +11,7 @@ mod host;
 mod raw;
 mod validate;
 
+pub use host::reaches_listener;
 pub use validate::loops_back;
 
 use std::net::SocketAddr;

@@ -11,11 +11,21 @@
 //! an empty answer) keeps the last good answer until `dns.hold` has passed since it came,
 //! then the name has no backends until it resolves again. Each change of a name's state
 //! (resolves, fails, holds, emptied) is logged once.
+//!
+//! An answer is not trusted further than a config would be: an address that cannot be
+//! connected to (0.0.0.0 or ::, port 0, multicast, broadcast) or that reaches one of ringlb's
+//! own listeners (the same address, loopback or an address of this host on the port of a
+//! wildcard listener) is left out, and a name gives at most [`MAX_ADDRESSES`] backends; what
+//! is left out is logged when it changes. The targets of an SRV answer are looked up at the
+//! same time, and one that does not resolve is left out while the others serve (the lookup
+//! fails only when none resolves).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::future::join_all;
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig};
@@ -27,13 +37,21 @@ use hickory_resolver::proto::rr::{RData, RecordType};
 use log::{info, warn};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::config::{BackendConfig, Config, DnsConfig, MAX_WEIGHT, MIN_DNS_REFRESH, NameConfig, NameKind, loops_back};
+use crate::config::{
+    BackendConfig, Config, DnsConfig, MAX_WEIGHT, MIN_DNS_REFRESH, NameConfig, NameKind, reaches_listener,
+};
 
 /// How long one lookup (with its retries) may take.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long an SRV target's addresses may take (the targets are looked up together, after
+/// the SRV answer, within [`LOOKUP_TIMEOUT`]).
+const TARGET_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a start waits for the first answers, so that a pool given by name has its backends
 /// before the first connection (and a binary upgrade's new process before it takes over).
 pub const FIRST_ANSWERS: Duration = Duration::from_secs(3);
+/// The most backends one name gives (the first ones of its answer): a few thousand records fit
+/// in one answer over TCP, and each backend is health-checked.
+pub const MAX_ADDRESSES: usize = 256;
 
 /// One address a name resolved to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +79,8 @@ pub struct Looked {
     /// The task that looked (a reload may have replaced it since).
     pub task: u64,
     pub outcome: Result<Vec<Found>, String>,
+    /// Why each SRV target of a successful answer that did not resolve did not ("TARGET: WHY").
+    pub unresolved: Vec<String>,
 }
 
 /// What the metrics page and the admin API show of a name.
@@ -85,8 +105,8 @@ struct Entry {
     in_effect: Vec<Found>,
     last_good: Option<Instant>,
     status: NameStatus,
-    /// Addresses of the last answer that are ringlb's own listeners (left out, said once).
-    looping: Vec<SocketAddr>,
+    /// What of the last answer was left out, and why (logged when it changes).
+    left_out: Vec<String>,
 }
 
 /// Every name of the config in effect, and their tasks.
@@ -166,7 +186,7 @@ impl Names {
                 lookups_failed: 0,
                 holding: false,
             };
-            let entry = Entry { task, id, in_effect: Vec::new(), last_good: None, status, looping: Vec::new() };
+            let entry = Entry { task, id, in_effect: Vec::new(), last_good: None, status, left_out: Vec::new() };
             self.entries.insert(key, entry);
         }
     }
@@ -199,22 +219,17 @@ impl Names {
         let was_failing = matches!(entry.status.last, Some((_, Err(_))));
         let listeners = &self.listeners;
         match looked.outcome {
-            Ok(mut found) => {
-                let looping: Vec<SocketAddr> = found
-                    .iter()
-                    .map(|f| f.address)
-                    .filter(|a| listeners.iter().any(|&bind| loops_back(bind, *a)))
-                    .collect();
-                if !looping.is_empty() {
-                    if looping != entry.looping {
-                        warn!(
-                            "dns: pool {pool}: {label} gives {}, ringlb's own listener: left out (connections would loop back into ringlb)",
-                            looping.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-                        );
+            Ok(found) => {
+                let (found, mut left_out) = usable(found, listeners);
+                left_out.extend(
+                    looked.unresolved.iter().map(|why| format!("an SRV target that does not resolve, {why}: left out")),
+                );
+                if left_out != entry.left_out {
+                    for why in &left_out {
+                        warn!("dns: pool {pool}: {label} gives {why}");
                     }
-                    found.retain(|f| !looping.contains(&f.address));
                 }
-                entry.looping = looping;
+                entry.left_out = left_out;
                 entry.status.lookups_ok += 1;
                 entry.status.last = Some((looked.at, Ok(found.len())));
                 entry.last_good = Some(Instant::now());
@@ -311,6 +326,41 @@ fn addresses(found: &[Found]) -> String {
     found.iter().map(|f| f.address.to_string()).collect::<Vec<_>>().join(", ")
 }
 
+/// The addresses of `found` that can be backends, and what was left out and why: addresses
+/// nothing can connect to, ringlb's own listeners, and those past [`MAX_ADDRESSES`].
+fn usable(found: Vec<Found>, listeners: &[SocketAddr]) -> (Vec<Found>, Vec<String>) {
+    let mut kept = Vec::new();
+    let (mut unusable, mut looping, mut past) = (Vec::new(), Vec::new(), 0);
+    for f in found {
+        let ip = f.address.ip();
+        let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+        if ip.is_unspecified() || ip.is_multicast() || broadcast || f.address.port() == 0 {
+            unusable.push(f.address);
+        } else if listeners.iter().any(|&bind| reaches_listener(bind, f.address)) {
+            looping.push(f.address);
+        } else if kept.len() == MAX_ADDRESSES {
+            past += 1;
+        } else {
+            kept.push(f);
+        }
+    }
+    let list = |a: &[SocketAddr]| a.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    let mut left_out = Vec::new();
+    if !unusable.is_empty() {
+        left_out.push(format!("{}, which cannot be connected to: left out", list(&unusable)));
+    }
+    if !looping.is_empty() {
+        left_out.push(format!(
+            "{}, ringlb's own listener: left out (connections would loop back into ringlb)",
+            list(&looping)
+        ));
+    }
+    if past > 0 {
+        left_out.push(format!("{past} addresses more than the {MAX_ADDRESSES} a name may give: left out"));
+    }
+    (kept, left_out)
+}
+
 /// A resolver for the `[dns]` table: its servers, or those of /etc/resolv.conf. No cache (a
 /// name's task decides when to ask again) and no hosts file for listed servers.
 pub fn build_resolver(dns: &DnsConfig) -> Result<TokioResolver, String> {
@@ -353,41 +403,78 @@ async fn follow(
 ) {
     loop {
         let at = SystemTime::now();
+        let mut unresolved = Vec::new();
         let (outcome, wait) = match &resolver {
             Ok(resolver) => match tokio::time::timeout(LOOKUP_TIMEOUT, resolve(resolver, &key.kind)).await {
-                Ok(Ok((found, ttl))) => (Ok(found), ttl.clamp(MIN_DNS_REFRESH, refresh.max(MIN_DNS_REFRESH))),
+                Ok(Ok(answer)) => {
+                    unresolved = answer.unresolved;
+                    (Ok(answer.found), answer.ttl.clamp(MIN_DNS_REFRESH, refresh.max(MIN_DNS_REFRESH)))
+                }
                 Ok(Err(why)) => (Err(why), MIN_DNS_REFRESH),
                 Err(_) => (Err(format!("no answer within {LOOKUP_TIMEOUT:?}")), MIN_DNS_REFRESH),
             },
             Err(why) => (Err(why.clone()), MIN_DNS_REFRESH),
         };
-        if results.send(Looked { key: key.clone(), at, task, outcome }).is_err() {
+        if results.send(Looked { key: key.clone(), at, task, outcome, unresolved }).is_err() {
             return;
         }
         tokio::time::sleep(wait).await;
     }
 }
 
-/// Looks `kind` up once: the addresses and the shortest TTL of the answer.
-pub async fn resolve(resolver: &TokioResolver, kind: &NameKind) -> Result<(Vec<Found>, Duration), String> {
+/// One lookup's answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub found: Vec<Found>,
+    /// The shortest TTL of the records used.
+    pub ttl: Duration,
+    /// Why each SRV target that did not resolve did not ("TARGET: WHY"; left out, the others
+    /// serve).
+    pub unresolved: Vec<String>,
+}
+
+/// Looks `kind` up once.
+pub async fn resolve(resolver: &TokioResolver, kind: &NameKind) -> Result<Answer, String> {
     match kind {
         NameKind::Host { host, port } => {
             let (ips, ttl) = addresses_of(resolver, host, None).await?;
             let found =
                 ips.into_iter().map(|ip| Found { address: SocketAddr::new(ip, *port), weight: None, priority: 0 });
-            Ok((found.collect(), ttl))
+            Ok(Answer { found: found.collect(), ttl, unresolved: Vec::new() })
         }
         NameKind::Srv { name } => {
             let lookup = resolver.lookup(name.as_str(), RecordType::SRV).await.map_err(|e| failure(&e))?;
             let mut ttl = shortest_ttl(&lookup);
-            let mut found = Vec::new();
-            for record in lookup.answers() {
-                let RData::SRV(srv) = &record.data else { continue };
-                let target = srv.target.to_ascii();
-                if target == "." {
-                    continue;
-                }
-                let (ips, target_ttl) = addresses_of(resolver, &target, Some(&lookup)).await?;
+            let srvs: Vec<_> = lookup
+                .answers()
+                .iter()
+                .filter_map(|record| match &record.data {
+                    RData::SRV(srv) if srv.target.to_ascii() != "." => Some(srv),
+                    _ => None,
+                })
+                .collect();
+            // Every target at once: a slow one does not hold the others up.
+            let targets: Vec<String> = srvs.iter().map(|srv| srv.target.to_ascii()).collect();
+            let additionals = &lookup;
+            let looked = join_all(targets.iter().map(|target| async move {
+                tokio::time::timeout(TARGET_TIMEOUT, addresses_of(resolver, target, Some(additionals)))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!("{}: no answer within {TARGET_TIMEOUT:?}", target.trim_end_matches('.')))
+                    })
+            }))
+            .await;
+            let (mut found, mut unresolved) = (Vec::new(), Vec::new());
+            for (srv, outcome) in srvs.iter().zip(looked) {
+                let (ips, target_ttl) = match outcome {
+                    Ok(answer) => answer,
+                    Err(why) => {
+                        if !unresolved.contains(&why) {
+                            unresolved.push(why);
+                        }
+                        continue;
+                    }
+                };
                 ttl = ttl.min(target_ttl);
                 let weight = u32::from(srv.weight).clamp(1, MAX_WEIGHT);
                 for ip in ips {
@@ -398,9 +485,12 @@ pub async fn resolve(resolver: &TokioResolver, kind: &NameKind) -> Result<(Vec<F
                 }
             }
             if found.is_empty() {
-                return Err("the SRV answer names no reachable target".into());
+                return Err(match unresolved.is_empty() {
+                    true => "the SRV answer names no reachable target".into(),
+                    false => format!("no SRV target resolves ({})", unresolved.join("; ")),
+                });
             }
-            Ok((found, ttl))
+            Ok(Answer { found, ttl, unresolved })
         }
     }
 }
@@ -441,6 +531,7 @@ async fn addresses_of(
     if ips.is_empty() {
         // A failure that is not "no such record" says more (SERVFAIL, a timeout).
         let worst = errors.iter().find(|e| !is_no_records(e)).or(errors.first());
+        let host = host.trim_end_matches('.');
         return Err(worst.map_or_else(|| format!("{host}: an empty answer"), |e| format!("{host}: {}", failure(e))));
     }
     Ok((ips, ttl))
@@ -504,4 +595,54 @@ pub async fn unresolved(config: &Config) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(address: &str) -> Found {
+        Found { address: address.parse().unwrap(), weight: None, priority: 0 }
+    }
+
+    fn addresses(found: &[Found]) -> Vec<String> {
+        found.iter().map(|f| f.address.to_string()).collect()
+    }
+
+    #[test]
+    fn addresses_nothing_connects_to_and_ringlbs_own_listeners_are_left_out() {
+        let listeners = ["0.0.0.0:5432".parse().unwrap(), "127.0.0.1:6379".parse().unwrap()];
+        let answer = [
+            "0.0.0.0:5432",
+            "[::]:5432",
+            "224.0.0.1:5432",
+            "255.255.255.255:5432",
+            "192.0.2.7:0",
+            "127.0.0.9:5432",
+            "127.0.0.1:6379",
+            "192.0.2.7:5432",
+            "[2001:db8::7]:5432",
+            "127.0.0.1:6380",
+        ];
+        let (kept, left_out) = usable(answer.iter().map(|a| found(a)).collect(), &listeners);
+        assert_eq!(addresses(&kept), ["192.0.2.7:5432", "[2001:db8::7]:5432", "127.0.0.1:6380"]);
+        assert_eq!(
+            left_out,
+            [
+                "0.0.0.0:5432, [::]:5432, 224.0.0.1:5432, 255.255.255.255:5432, 192.0.2.7:0, which cannot be connected to: left out",
+                "127.0.0.9:5432, 127.0.0.1:6379, ringlb's own listener: left out (connections would loop back into ringlb)",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_name_gives_at_most_max_addresses() {
+        let answer: Vec<Found> =
+            (0..MAX_ADDRESSES + 44).map(|i| found(&format!("198.51.{}.{}:80", i / 250, 1 + i % 250))).collect();
+        let (kept, left_out) = usable(answer.clone(), &[]);
+        assert_eq!(kept, answer[..MAX_ADDRESSES]);
+        assert_eq!(left_out, [format!("44 addresses more than the {MAX_ADDRESSES} a name may give: left out")]);
+        let (kept, left_out) = usable(answer[..MAX_ADDRESSES].to_vec(), &[]);
+        assert_eq!((kept.len(), left_out.len()), (MAX_ADDRESSES, 0));
+    }
 }
