@@ -141,6 +141,28 @@ impl fmt::Display for CheckFailure {
     }
 }
 
+/// The most characters of a backend's own text (a database's error message) a log line shows.
+const MAX_SHOWN: usize = 200;
+
+/// Text a backend sent, for a log line: control characters escaped (it cannot start a line of
+/// its own) and cut to [`MAX_SHOWN`] characters.
+fn shown(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut chars = text.chars();
+    let mut out = String::new();
+    for c in chars.by_ref().take(MAX_SHOWN) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    if chars.next().is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
 /// An OS error in lower case without the "(os error N)" tail, for log lines.
 fn describe(e: &io::Error) -> String {
     let text = e.to_string();
@@ -214,6 +236,18 @@ mod tests {
 
     fn run(state: &mut HealthState, results: &str) -> Vec<Option<bool>> {
         results.chars().map(|c| state.record(c == '+')).collect()
+    }
+
+    #[test]
+    fn a_backends_text_is_shown_on_one_line_and_cut_short() {
+        assert_eq!(shown("l'ecriture échoue".as_bytes()), "l'ecriture échoue");
+        assert_eq!(
+            shown(b"x\n[2025-01-01T00:00:00Z ERROR ringlb] forged\r\x1b[0m"),
+            "x\\n[2025-01-01T00:00:00Z ERROR ringlb] forged\\r\\u{1b}[0m"
+        );
+        let long = "y".repeat(MAX_SHOWN + 1);
+        assert_eq!(shown(long.as_bytes()), format!("{}...", &long[..MAX_SHOWN]));
+        assert_eq!(shown(&long.as_bytes()[..MAX_SHOWN]), &long[..MAX_SHOWN]);
     }
 
     #[test]

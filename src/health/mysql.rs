@@ -81,7 +81,7 @@ fn server_error(payload: &[u8]) -> CheckFailure {
         Some(b'#') => payload.get(9..).unwrap_or_default(),
         _ => payload.get(3..).unwrap_or_default(),
     };
-    CheckFailure::Refused(format!("mysql error {code}: {}", String::from_utf8_lossy(message)))
+    CheckFailure::Refused(format!("mysql error {code}: {}", super::shown(message)))
 }
 
 async fn read_packet(stream: &mut TcpStream) -> Result<(u8, Vec<u8>), CheckFailure> {

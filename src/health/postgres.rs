@@ -46,7 +46,7 @@ pub fn parse_reply(kind: u8, body: &[u8]) -> Result<bool, CheckFailure> {
             let mut message = String::new();
             let mut code = String::new();
             for field in body.split(|&b| b == 0).filter(|f| !f.is_empty()) {
-                let text = String::from_utf8_lossy(&field[1..]).into_owned();
+                let text = super::shown(&field[1..]);
                 match field[0] {
                     b'M' => message = text,
                     b'C' => code = text,
@@ -124,6 +124,8 @@ mod tests {
         assert!(!parse_reply(b'R', &10u32.to_be_bytes()).unwrap(), "SASL: up and asking");
         let error = parse_reply(b'E', b"SFATAL\0C57P03\0Mthe database system is starting up\0\0").unwrap_err();
         assert_eq!(error.to_string(), "postgres error 57P03: the database system is starting up");
+        let forged = parse_reply(b'E', b"C28000\0Mno\n[2026-01-01T00:00:00Z ERROR ringlb] forged\0\0").unwrap_err();
+        assert_eq!(forged.to_string(), "postgres error 28000: no\\n[2026-01-01T00:00:00Z ERROR ringlb] forged");
         assert!(parse_reply(b'N', b"").is_err());
         assert!(parse_reply(b'R', &[0, 0]).is_err());
     }
