@@ -362,10 +362,15 @@ impl Worker {
             if entry.local.is_none() {
                 entry.local = sys::local_addr(fd).ok();
             }
-            if let (Some(client), Some(local)) = (entry.client, entry.local) {
-                let header = proxy_protocol::encode(version, client, local);
-                entry.conn.prepare_prefix(skip, Some(header.as_bytes()));
-            }
+            let (Some(client), Some(local)) = (entry.client, entry.local) else {
+                // Neither address can be had only when the client is gone already: without
+                // them there is no header to send, and the backend must not get the client's
+                // own (incoming) header in its place.
+                self.step(slot, |conn, ops| conn.reject(End::ClientGone, ops));
+                return;
+            };
+            let header = proxy_protocol::encode(version, client, local);
+            entry.conn.prepare_prefix(skip, Some(header.as_bytes()));
         } else {
             entry.conn.prepare_prefix(skip, None);
         }
