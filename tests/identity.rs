@@ -131,6 +131,28 @@ fn accept_proxy_carries_the_client_address_onward() {
 }
 
 #[test]
+fn a_proxy_v2_header_with_large_tlvs_in_one_segment_is_read_whole() {
+    // 1,845 bytes of header (a 1,800-byte NOOP TLV): more than a new connection's first read
+    // takes, so the read buffer grows while the header is read.
+    let backend = mirror(b"hello");
+    let lb = Ringlb::start(&listener_config("accept_proxy = true", &[backend.addr], "send_proxy = \"v1\""));
+    let tlv_len: u16 = 1800;
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n\x21\x11".to_vec();
+    header.extend_from_slice(&(12 + 3 + tlv_len).to_be_bytes());
+    header.extend_from_slice(&[203, 0, 113, 9, 198, 51, 100, 1]);
+    header.extend_from_slice(&4243u16.to_be_bytes());
+    header.extend_from_slice(&443u16.to_be_bytes());
+    header.push(0x04); // PP2_TYPE_NOOP
+    header.extend_from_slice(&tlv_len.to_be_bytes());
+    header.extend(std::iter::repeat_n(b'n', usize::from(tlv_len)));
+    header.extend_from_slice(b"hello");
+    let expected = b"PROXY TCP4 203.0.113.9 198.51.100.1 4243 443\r\nhello";
+    let mut client = connect(lb.addr());
+    assert_eq!(through(&mut client, &header, expected.len()), expected);
+    assert_eq!(lb.metrics()["ringlb_connections_handshake_failed_total"], 0.0);
+}
+
+#[test]
 fn missing_malformed_or_late_proxy_header_closes_and_counts() {
     let backend = mirror(b"hello");
     let lb = Ringlb::start(&listener_config("accept_proxy = true\nhandshake_timeout = \"300ms\"", &[backend.addr], ""));

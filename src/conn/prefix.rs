@@ -6,22 +6,42 @@ use crate::admission::proxy_protocol;
 
 /// Room kept in front of the bytes read from the client, for the outgoing PROXY header.
 const HEADROOM: usize = proxy_protocol::V1_MAX;
+/// Client bytes a new prefix has room for: most PROXY headers and many ClientHellos fit; it
+/// doubles (up to what routing may need) only when a connection sends more, so connections
+/// that send nothing hold little.
+const FIRST_ROOM: usize = 1024;
 
 /// Bytes sent to the backend before relaying: an outgoing PROXY header and the client bytes
-/// read while routing. Boxed, so its address stays put while the kernel reads or writes it,
-/// and freed once sent.
+/// read while routing. Boxed, so its address stays put while the kernel reads or writes it
+/// (its buffer grows only between reads), and freed once sent.
 #[derive(Debug)]
 pub struct Prefix {
     data: Box<[u8]>,
     /// Start and end of the bytes still to send (after `prepare`), or of the bytes read.
     start: usize,
     end: usize,
+    /// The most client bytes it may read.
+    capacity: usize,
 }
 
 impl Prefix {
-    /// A prefix that can read `capacity` client bytes.
+    /// A prefix that can read up to `capacity` client bytes (with room for the first
+    /// [`FIRST_ROOM`] of them to begin with).
     pub fn new(capacity: usize) -> Box<Prefix> {
-        Box::new(Prefix { data: vec![0; HEADROOM + capacity].into_boxed_slice(), start: HEADROOM, end: HEADROOM })
+        let room = capacity.min(FIRST_ROOM);
+        Box::new(Prefix { data: vec![0; HEADROOM + room].into_boxed_slice(), start: HEADROOM, end: HEADROOM, capacity })
+    }
+
+    /// Makes room for the next read if the buffer is full but may still grow (twice the size,
+    /// up to the capacity). Only between reads: the kernel writes into the buffer while one
+    /// is in flight.
+    fn make_room(&mut self) {
+        let room = self.data.len() - HEADROOM;
+        if self.end == self.data.len() && room < self.capacity {
+            let mut bigger = vec![0; HEADROOM + (2 * room).min(self.capacity)].into_boxed_slice();
+            bigger[..self.end].copy_from_slice(&self.data[..self.end]);
+            self.data = bigger;
+        }
     }
 
     /// The client bytes read so far.
@@ -29,9 +49,9 @@ impl Prefix {
         &self.data[HEADROOM..self.end]
     }
 
-    /// Whether there is room to read more.
+    /// Whether it may read more.
     pub fn has_room(&self) -> bool {
-        self.end < self.data.len()
+        self.end < HEADROOM + self.capacity
     }
 
     /// Where the next read goes and how much it may take.
@@ -98,6 +118,9 @@ impl Conn {
         debug_assert!(matches!(self.phase, Phase::New | Phase::Handshake));
         debug_assert!(self.prefix.as_ref().is_some_and(|p| p.has_room()));
         self.phase = Phase::Handshake;
+        if let Some(prefix) = self.prefix.as_mut() {
+            prefix.make_room();
+        }
         let fd = self.client;
         self.emit(Op::ReadPrefix { fd }, ops);
     }
@@ -129,5 +152,56 @@ impl Conn {
             self.flows[Dir::Up.index()] = Flow::Done;
             self.reset_from(Side::Backend, ops);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads `bytes` into `prefix` as the kernel would, as far as they fit in one read.
+    fn read(prefix: &mut Prefix, bytes: &[u8]) -> usize {
+        prefix.make_room();
+        let (at, room) = prefix.free_space();
+        let n = bytes.len().min(room as usize);
+        // SAFETY: `at` points at `room` writable bytes of the prefix's buffer.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), at, n) };
+        prefix.filled(n);
+        n
+    }
+
+    #[test]
+    fn a_prefix_starts_small_and_grows_between_reads_up_to_its_capacity() {
+        let capacity = 18_000;
+        let mut prefix = Prefix::new(capacity);
+        assert_eq!(prefix.data.len(), HEADROOM + FIRST_ROOM, "a connection that sends nothing holds little");
+        let sent: Vec<u8> = (0..capacity + 500).map(|i| i as u8).collect();
+        let mut taken = 0;
+        let mut reads = 0;
+        while prefix.has_room() {
+            taken += read(&mut prefix, &sent[taken..]);
+            reads += 1;
+            assert_eq!(prefix.received(), &sent[..taken], "the bytes read stay as they came");
+        }
+        assert_eq!(taken, capacity, "never more than the capacity");
+        assert_eq!(prefix.data.len(), HEADROOM + capacity);
+        assert_eq!(reads, 6, "1 KiB, then doubling: 1, 2, 4, 8, 16, 18 KiB");
+        // What is sent: an outgoing header in the headroom, then the bytes after `skip`.
+        prefix.prepare(16, b"PROXY UNKNOWN\r\n");
+        assert_eq!(&prefix.pending()[..15], b"PROXY UNKNOWN\r\n");
+        assert_eq!(&prefix.pending()[15..], &sent[16..capacity]);
+    }
+
+    #[test]
+    fn a_small_capacity_is_allocated_whole_and_a_header_alone_needs_no_room() {
+        let mut prefix = Prefix::new(107);
+        assert_eq!(prefix.data.len(), HEADROOM + 107);
+        assert_eq!(read(&mut prefix, &[b'x'; 200]), 107);
+        assert!(!prefix.has_room());
+        let mut header_only = Prefix::new(0);
+        assert!(!header_only.has_room());
+        header_only.make_room();
+        header_only.prepare(0, b"PROXY UNKNOWN\r\n");
+        assert_eq!(header_only.pending(), b"PROXY UNKNOWN\r\n");
     }
 }
