@@ -11,18 +11,27 @@
 //! termination state is HAProxy's (see [`crate::conn::Termination`] and the README).
 //!
 //! A line per connection at tens of thousands of connections a second must not cost a
-//! syscall and a lock each: every worker collects its lines in a [`Writer`] and writes them
-//! to stderr at most every [`FLUSH_EVERY_MS`] (or once [`FLUSH_AT`] bytes are waiting; a quiet
-//! worker writes what it holds at its next tick, within a second), in the format of the other
-//! log lines (`main`'s), in writes of whole lines of at most [`PIPE_BUF`] bytes (so that a
-//! pipe, as journald's, never interleaves them with another thread's). `RUST_LOG` is read
-//! once, at start.
+//! syscall and a lock each: every worker collects its lines in a [`Writer`] and hands them on
+//! at most every [`FLUSH_EVERY_MS`] (or once [`FLUSH_AT`] bytes are waiting; a quiet worker
+//! hands on what it holds at its next tick, within a second), in the format of the other log
+//! lines (`main`'s). `RUST_LOG` is read once, at start.
+//!
+//! A worker never writes to stderr itself: a stderr that does not keep up (journald busy, a
+//! full pipe, a slow disk) would stop every connection of the worker. The `ringlb-log` thread
+//! writes the batches, in writes of whole lines of at most [`PIPE_BUF`] bytes (so that a
+//! pipe, as journald's, never interleaves them with another thread's). When
+//! [`QUEUED_BATCHES`] batches already wait for it, a worker drops its batch and counts the
+//! lines (`ringlb_connection_log_dropped_total`); the log thread says how many were dropped
+//! once it writes again. This is HAProxy's choice for its logs (a log server that does not
+//! keep up loses lines, not connections).
 
 use std::fmt::Write;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -34,9 +43,88 @@ pub const PIPE_BUF: usize = 4096;
 pub const FLUSH_AT: usize = 16 * 1024;
 /// ... or once this long has passed since it last wrote (worker clock, ms).
 pub const FLUSH_EVERY_MS: u64 = 50;
+/// Batches that may wait for the log thread (each about [`FLUSH_AT`] bytes at most); a worker
+/// drops a batch past that rather than wait.
+pub const QUEUED_BATCHES: usize = 64;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 static JSON: AtomicBool = AtomicBool::new(false);
+/// Lines dropped since the log thread last said so.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// What the workers send the log thread.
+enum Message {
+    Lines(String),
+    /// Answered once everything sent before is written.
+    Flushed(SyncSender<()>),
+}
+
+/// The log thread's queue, started on first use; `None` if the thread could not be started
+/// (the lines are then written by the worker, as a last resort).
+fn sink() -> Option<&'static SyncSender<Message>> {
+    static SINK: OnceLock<Option<SyncSender<Message>>> = OnceLock::new();
+    SINK.get_or_init(|| {
+        let (tx, rx) = sync_channel(QUEUED_BATCHES);
+        std::thread::Builder::new().name("ringlb-log".into()).spawn(move || write_batches(&rx)).ok().map(|_| tx)
+    })
+    .as_ref()
+}
+
+/// The log thread: writes each batch, and after one that came once lines were dropped, says
+/// how many.
+fn write_batches(rx: &Receiver<Message>) {
+    for message in rx {
+        match message {
+            Message::Lines(text) => {
+                write_stderr(&text);
+                let dropped = DROPPED.swap(0, Ordering::Relaxed);
+                if dropped > 0 {
+                    write_stderr(&dropped_line(dropped));
+                }
+            }
+            Message::Flushed(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// The warning that `n` lines were dropped, as a log line of `main`'s format.
+fn dropped_line(n: u64) -> String {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let message = format!("{n} connection log lines dropped: standard error did not keep up");
+    if json() {
+        format!(
+            "{{\"time\":\"{}\",\"level\":\"WARN\",\"target\":\"{TARGET}\",\"message\":\"{message}\"}}\n",
+            timestamp(now)
+        )
+    } else {
+        format!("[{} WARN  {TARGET}] {message}\n", timestamp(now))
+    }
+}
+
+/// Writes whole lines to stderr, in pieces a pipe keeps together.
+fn write_stderr(text: &str) {
+    let mut out = std::io::stderr().lock();
+    for chunk in line_chunks(text, PIPE_BUF) {
+        // Nowhere to report a failing stderr; the lines are dropped.
+        let _ = out.write_all(chunk.as_bytes());
+    }
+}
+
+/// Waits up to `timeout` for the log thread to write every batch handed to it (at exit).
+pub fn finish(timeout: Duration) {
+    let Some(tx) = sink() else { return };
+    let (done, written) = sync_channel(1);
+    if tx.try_send(Message::Flushed(done)).is_ok() {
+        match written.recv_timeout(timeout) {
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {}
+            Err(RecvTimeoutError::Timeout) => {
+                log::warn!("connection log: stderr did not take the last lines within {timeout:?}")
+            }
+        }
+    }
+}
 
 /// Turns the connection log on or off and sets the format (at start and on every reload);
 /// off too when `RUST_LOG` leaves out `info` for [`TARGET`].
@@ -171,25 +259,38 @@ impl Writer {
 
     /// Writes what was collected if it is [`FLUSH_AT`] bytes or more, or was last written
     /// [`FLUSH_EVERY_MS`] or more before `now` (worker clock, ms).
-    pub fn flush_due(&mut self, now: u64) {
+    /// Returns the number of lines dropped, as [`Writer::flush`].
+    pub fn flush_due(&mut self, now: u64) -> u64 {
         if !self.buf.is_empty() && (self.buf.len() >= FLUSH_AT || now.saturating_sub(self.flushed_at) >= FLUSH_EVERY_MS)
         {
             self.flushed_at = now;
-            self.flush();
+            return self.flush();
         }
+        0
     }
 
-    /// Writes what was collected.
-    pub fn flush(&mut self) {
+    /// Hands what was collected to the log thread; the number of lines dropped because it has
+    /// [`QUEUED_BATCHES`] waiting already.
+    pub fn flush(&mut self) -> u64 {
         if self.buf.is_empty() {
-            return;
+            return 0;
         }
-        let mut out = std::io::stderr().lock();
-        for chunk in line_chunks(&self.buf, PIPE_BUF) {
-            // Nowhere to report a failing stderr; the lines are dropped.
-            let _ = out.write_all(chunk.as_bytes());
+        let text = std::mem::take(&mut self.buf);
+        let Some(tx) = sink() else {
+            write_stderr(&text);
+            return 0;
+        };
+        match tx.try_send(Message::Lines(text)) {
+            Ok(()) => 0,
+            Err(TrySendError::Full(message) | TrySendError::Disconnected(message)) => {
+                let lines = match &message {
+                    Message::Lines(text) => text.matches('\n').count() as u64,
+                    Message::Flushed(_) => 0,
+                };
+                DROPPED.fetch_add(lines, Ordering::Relaxed);
+                lines
+            }
         }
-        self.buf.clear();
     }
 }
 

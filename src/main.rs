@@ -309,7 +309,10 @@ fn run(path: &std::path::Path) -> ExitCode {
     } else {
         notifier.ready(server.shared());
     }
-    match server.serve_until_stopped(&signals, invocation.as_ref(), &mut notifier) {
+    let served = server.serve_until_stopped(&signals, invocation.as_ref(), &mut notifier);
+    // The workers have stopped: their last connection lines are with the log thread.
+    connlog::finish(std::time::Duration::from_secs(2));
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");

@@ -73,6 +73,7 @@ worker_stats! {
     buffer_waits: "ringlb_buffer_waits_total", "Receives ended because the buffer ring was empty (they resume when buffers return).";
     moved: "ringlb_connections_moved_total", "Connections handed to another worker (spread = \"pack\").";
     receive_stops: "ringlb_receive_stops_total", "Receives stopped because 4 buffers waited behind a slower destination (backpressure).";
+    connection_log_dropped: "ringlb_connection_log_dropped_total", "Connection log lines dropped because standard error did not keep up (a worker never waits for it).";
     pipe_shortages: "ringlb_splice_pipe_shortages_total", "Splice rounds that found no pipe to spare and went through a ring buffer.";
     sq_full: "ringlb_ring_sq_full_total", "Submissions that found the submission queue full and waited for the next submit.";
     cq_overflow: "ringlb_ring_cq_overflow_total", "Completions the kernel held back because the completion queue was full.";

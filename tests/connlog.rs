@@ -5,6 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::thread;
 use std::time::Duration;
 
 use common::*;
@@ -212,4 +213,34 @@ fn json_lines_and_no_lines() {
     let counters = lb.stop();
     assert_eq!(counters["connections_finished_total"], 1);
     assert!(!lb.log().contains("ringlb::connection"), "{}", lb.log());
+}
+
+#[test]
+fn a_stderr_that_does_not_keep_up_loses_lines_not_connections() {
+    let backend = Backend::echo();
+    let lb = Ringlb::start(&config(&[backend.addr], "metrics_bind = \"127.0.0.1:0\"", "", ""));
+    lb.pause_log();
+    // 8,000 lines of about 200 bytes: more than the pipe (64 KiB) and the log thread's queue
+    // (64 batches of at most 16 KiB) hold, so a worker that waited for stderr would stop here
+    // and a connection would time out.
+    let addr = lb.addr();
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            thread::spawn(move || {
+                for _ in 0..2_000 {
+                    let mut stream = connect(addr);
+                    round_trip(&mut stream, b"ping").expect("a connection while stderr is stuck");
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+    lb.resume_log();
+    assert!(lb.logged("connection log lines dropped: standard error did not keep up"), "{}", lb.log());
+    let dropped = lb.metrics()["ringlb_connection_log_dropped_total"];
+    assert!(dropped > 0.0, "no line dropped");
+    let logged = lb.log().matches("INFO  ringlb::connection] client=").count();
+    assert!(logged < 8_000, "every line was logged ({logged}), though {dropped} were dropped");
 }

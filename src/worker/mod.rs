@@ -386,12 +386,16 @@ impl Worker {
             if sq_full > 0 {
                 self.stats().sq_full.add(sq_full);
             }
-            self.connlog.flush_due(self.now);
+            let dropped = self.connlog.flush_due(self.now);
+            if dropped > 0 {
+                self.stats().connection_log_dropped.add(dropped);
+            }
             if self.finished() {
                 break;
             }
         }
-        self.connlog.flush();
+        let dropped = self.connlog.flush();
+        self.stats().connection_log_dropped.add(dropped);
         self.bufs.unregister(&self.ring);
         debug!("worker {}: stopped", self.index);
         Ok(())

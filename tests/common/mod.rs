@@ -29,6 +29,8 @@ pub struct Ringlb {
     /// Where the metrics page is, when the config has `metrics_bind`.
     pub metrics_addr: Option<SocketAddr>,
     log: Arc<Mutex<String>>,
+    /// While true, nothing reads the process's stderr (see [`Ringlb::pause_log`]).
+    log_paused: Arc<(Mutex<bool>, std::sync::Condvar)>,
     config_path: std::path::PathBuf,
     /// The admin socket, when the config has `admin_socket`.
     pub admin_socket: Option<std::path::PathBuf>,
@@ -108,9 +110,15 @@ impl Ringlb {
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = mpsc::channel();
         let log_writer = Arc::clone(&log);
+        let log_paused = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let paused = Arc::clone(&log_paused);
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                {
+                    let (lock, resumed) = &*paused;
+                    let _held = resumed.wait_while(lock.lock().unwrap(), |paused| *paused).unwrap();
+                }
                 // With log_format = "json", the message of a JSON line.
                 let message = if line.starts_with('{') {
                     serde_json::from_str::<serde_json::Value>(&line)
@@ -164,7 +172,18 @@ impl Ringlb {
             .lines()
             .find_map(|l| l.trim().strip_prefix("admin_socket = "))
             .map(|v| std::path::PathBuf::from(v.trim_matches('"')));
-        Ringlb { child, addrs, metrics_addr, log, config_path, admin_socket }
+        Ringlb { child, addrs, metrics_addr, log, log_paused, config_path, admin_socket }
+    }
+
+    /// Stops reading the process's stderr (after the line being read), so that its pipe fills
+    /// and writes to it block, until [`Ringlb::resume_log`].
+    pub fn pause_log(&self) {
+        *self.log_paused.0.lock().unwrap() = true;
+    }
+
+    pub fn resume_log(&self) {
+        *self.log_paused.0.lock().unwrap() = false;
+        self.log_paused.1.notify_all();
     }
 
     /// Scrapes the metrics page: series (name with labels) -> value.
