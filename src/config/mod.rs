@@ -12,7 +12,7 @@ mod raw;
 mod validate;
 
 pub use host::reaches_listener;
-pub use validate::loops_back;
+pub use validate::{loops_back, unconnectable};
 
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};

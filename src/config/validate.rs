@@ -315,6 +315,16 @@ fn validate(src: &Source<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     })
 }
 
+/// Whether nothing can connect to `address` as a backend: the unspecified address (Linux takes
+/// it for loopback), a multicast or broadcast address, port 0.
+pub fn unconnectable(address: SocketAddr) -> bool {
+    let ip = address.ip();
+    ip.is_unspecified()
+        || ip.is_multicast()
+        || matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast())
+        || address.port() == 0
+}
+
 /// Whether connecting to `backend` reaches the listener bound to `bind` (on any host: the
 /// same address, or a wildcard bind and a loopback backend). `host` checks the addresses that
 /// are only local on this host.
@@ -835,7 +845,7 @@ fn validate_backend(src: &Source<'_>, key: &str, entry: &Spanned<RawBackend>) ->
     let text = address.get_ref().trim();
     let line = src.line_of(address.span());
     if let Ok(parsed) = text.parse::<SocketAddr>() {
-        if parsed.port() == 0 || parsed.ip().is_unspecified() {
+        if unconnectable(parsed) {
             return Err(src.invalid(
                 address.span(),
                 &field,
@@ -1038,6 +1048,13 @@ backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight
             &["pools.web.backends[1].address", "cannot be connected"],
         );
         assert_error(&GOOD.replace("127.0.0.1:9002", "127.0.0.1:0"), 17, &["pools.web.backends[1].address"]);
+        for unconnectable in ["224.0.0.1:9002", "255.255.255.255:9002", "[ff02::1]:9002"] {
+            assert_error(
+                &GOOD.replace("127.0.0.1:9002", unconnectable),
+                17,
+                &["pools.web.backends[1].address", "cannot be connected"],
+            );
+        }
     }
 
     #[test]

@@ -39,6 +39,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::{
     BackendConfig, Config, DnsConfig, MAX_WEIGHT, MIN_DNS_REFRESH, NameConfig, NameKind, reaches_listener,
+    unconnectable,
 };
 
 /// How long one lookup (with its retries) may take.
@@ -332,9 +333,7 @@ fn usable(found: Vec<Found>, listeners: &[SocketAddr]) -> (Vec<Found>, Vec<Strin
     let mut kept = Vec::new();
     let (mut unusable, mut looping, mut past) = (Vec::new(), Vec::new(), 0);
     for f in found {
-        let ip = f.address.ip();
-        let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
-        if ip.is_unspecified() || ip.is_multicast() || broadcast || f.address.port() == 0 {
+        if unconnectable(f.address) {
             unusable.push(f.address);
         } else if listeners.iter().any(|&bind| reaches_listener(bind, f.address)) {
             looping.push(f.address);
