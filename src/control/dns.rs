@@ -79,9 +79,7 @@ pub struct Looked {
     pub at: SystemTime,
     /// The task that looked (a reload may have replaced it since).
     pub task: u64,
-    pub outcome: Result<Vec<Found>, String>,
-    /// Why each SRV target of a successful answer that did not resolve did not ("TARGET: WHY").
-    pub unresolved: Vec<String>,
+    pub outcome: Result<Answer, String>,
 }
 
 /// What the metrics page and the admin API show of a name.
@@ -220,10 +218,10 @@ impl Names {
         let was_failing = matches!(entry.status.last, Some((_, Err(_))));
         let listeners = &self.listeners;
         match looked.outcome {
-            Ok(found) => {
-                let (found, mut left_out) = usable(found, listeners);
+            Ok(answer) => {
+                let (found, mut left_out) = usable(answer.found, listeners);
                 left_out.extend(
-                    looked.unresolved.iter().map(|why| format!("an SRV target that does not resolve, {why}: left out")),
+                    answer.unresolved.iter().map(|why| format!("an SRV target that does not resolve, {why}: left out")),
                 );
                 if left_out != entry.left_out {
                     for why in &left_out {
@@ -402,19 +400,18 @@ async fn follow(
 ) {
     loop {
         let at = SystemTime::now();
-        let mut unresolved = Vec::new();
         let (outcome, wait) = match &resolver {
             Ok(resolver) => match tokio::time::timeout(LOOKUP_TIMEOUT, resolve(resolver, &key.kind)).await {
                 Ok(Ok(answer)) => {
-                    unresolved = answer.unresolved;
-                    (Ok(answer.found), answer.ttl.clamp(MIN_DNS_REFRESH, refresh.max(MIN_DNS_REFRESH)))
+                    let wait = answer.ttl.clamp(MIN_DNS_REFRESH, refresh.max(MIN_DNS_REFRESH));
+                    (Ok(answer), wait)
                 }
                 Ok(Err(why)) => (Err(why), MIN_DNS_REFRESH),
                 Err(_) => (Err(format!("no answer within {LOOKUP_TIMEOUT:?}")), MIN_DNS_REFRESH),
             },
             Err(why) => (Err(why.clone()), MIN_DNS_REFRESH),
         };
-        if results.send(Looked { key: key.clone(), at, task, outcome, unresolved }).is_err() {
+        if results.send(Looked { key: key.clone(), at, task, outcome }).is_err() {
             return;
         }
         tokio::time::sleep(wait).await;
@@ -444,18 +441,19 @@ pub async fn resolve(resolver: &TokioResolver, kind: &NameKind) -> Result<Answer
         NameKind::Srv { name } => {
             let lookup = resolver.lookup(name.as_str(), RecordType::SRV).await.map_err(|e| failure(&e))?;
             let mut ttl = shortest_ttl(&lookup);
+            // Each record with its target's name ("." names no target).
             let srvs: Vec<_> = lookup
                 .answers()
                 .iter()
                 .filter_map(|record| match &record.data {
-                    RData::SRV(srv) if srv.target.to_ascii() != "." => Some(srv),
+                    RData::SRV(srv) => Some((srv, srv.target.to_ascii())),
                     _ => None,
                 })
+                .filter(|(_, target)| target != ".")
                 .collect();
             // Every target at once: a slow one does not hold the others up.
-            let targets: Vec<String> = srvs.iter().map(|srv| srv.target.to_ascii()).collect();
             let additionals = &lookup;
-            let looked = join_all(targets.iter().map(|target| async move {
+            let looked = join_all(srvs.iter().map(|(_, target)| async move {
                 tokio::time::timeout(TARGET_TIMEOUT, addresses_of(resolver, target, Some(additionals)))
                     .await
                     .unwrap_or_else(|_| {
@@ -464,7 +462,7 @@ pub async fn resolve(resolver: &TokioResolver, kind: &NameKind) -> Result<Answer
             }))
             .await;
             let (mut found, mut unresolved) = (Vec::new(), Vec::new());
-            for (srv, outcome) in srvs.iter().zip(looked) {
+            for ((srv, _), outcome) in srvs.iter().zip(looked) {
                 let (ips, target_ttl) = match outcome {
                     Ok(answer) => answer,
                     Err(why) => {
