@@ -112,12 +112,12 @@ def wrk(args, path, conns, timeout_s, extra_headers=(), script=WRK_LUA):
     return summary
 
 
-def warmup(args, path, conns, extra_headers=()):
+def warmup(args, path, conns, extra_headers=(), script=WRK_LUA):
     if args.warmup > 0:
         saved = args.duration
         args.duration = args.warmup
         try:
-            wrk(args, path, conns, 10, extra_headers)
+            wrk(args, path, conns, 10, extra_headers, script)
         finally:
             args.duration = saved
 
@@ -133,15 +133,20 @@ def scenario_bulk(args):
     return m, cpu, wall, s
 
 
-def _wrk_small(args, headers, count_key, cpu_key):
-    warmup(args, "/small.bin", args.conns, headers)
-    s, cpu, wall = measured(args.pids, lambda: wrk(args, "/small.bin", args.conns, 5, headers))
+def _small_metrics(s, cpu, count_key, cpu_key):
+    """Rate, p50, p99 and CPU per request of a wrk run of small requests."""
     secs = s["duration_us"] / 1e6
     lat = s["latency_us"]
     m = {count_key: s["requests"] / secs, "p50_ms": lat["p50"] / 1e3, "p99_ms": lat["p99"] / 1e3}
     if cpu is not None and s["requests"]:
         m[cpu_key] = cpu * 1e6 / s["requests"]
-    return m, cpu, wall, s
+    return m
+
+
+def _wrk_small(args, headers, count_key, cpu_key):
+    warmup(args, "/small.bin", args.conns, headers)
+    s, cpu, wall = measured(args.pids, lambda: wrk(args, "/small.bin", args.conns, 5, headers))
+    return _small_metrics(s, cpu, count_key, cpu_key), cpu, wall, s
 
 
 def scenario_keepalive(args):
@@ -195,23 +200,12 @@ def _wrk_paced(args, headers, count_key, cpu_key):
     with open(script, "w") as f:
         f.write(parts[0] + f"\npaced_interval_ms = {threads * 1000 / args.rate!r}\n" + parts[1])
     try:
-        warmup_paced = args.warmup
-        if warmup_paced > 0:
-            saved, args.duration = args.duration, warmup_paced
-            try:
-                wrk(args, "/small.bin", conns, 5, headers, script)
-            finally:
-                args.duration = saved
+        warmup(args, "/small.bin", conns, headers, script)
         s, cpu, wall = measured(args.pids, lambda: wrk(args, "/small.bin", conns, 5, headers, script))
     finally:
         os.unlink(script)
-    secs = s["duration_us"] / 1e6
-    lat = s["latency_us"]
-    m = {count_key: s["requests"] / secs, "p50_ms": lat["p50"] / 1e3, "p99_ms": lat["p99"] / 1e3}
-    if cpu is not None and s["requests"]:
-        m[cpu_key] = cpu * 1e6 / s["requests"]
     s["conns"] = conns
-    return m, cpu, wall, s
+    return _small_metrics(s, cpu, count_key, cpu_key), cpu, wall, s
 
 
 def scenario_fixedrate(args):
