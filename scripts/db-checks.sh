@@ -68,7 +68,9 @@ in_ns() { ip netns exec "$ns" "$@"; }
 echo "== MariaDB $(mariadbd --version | awk '{print $3}') and PostgreSQL $("$pgbin/postgres" --version | awk '{print $3}') in namespace $ns ($db_ip)"
 mariadb-install-db --no-defaults --datadir="$work/mysql" --user=root --skip-test-db >"$work/mysql-install.log" 2>&1 \
     || { cat "$work/mysql-install.log"; exit 1; }
-in_ns mariadbd --no-defaults --datadir="$work/mysql" --user=root --bind-address="$db_ip" --port=3306 \
+# Started with ip itself, not through in_ns: a shell function in the background is a subshell,
+# and $! would be that subshell's pid, which cleanup would kill, leaving the server running.
+ip netns exec "$ns" mariadbd --no-defaults --datadir="$work/mysql" --user=root --bind-address="$db_ip" --port=3306 \
     --socket="$work/mysql.sock" --pid-file="$work/mysql.pid" --log-error="$work/mysql.err" \
     --max-connect-errors=10 --skip-log-bin &
 pids+=($!)
@@ -85,7 +87,7 @@ local all all trust
 host all ringlb $host_ip/32 trust
 host all all $host_ip/32 scram-sha-256
 EOF
-in_ns runuser -u postgres -- "$pgbin/postgres" -D "$work/pg" -c listen_addresses="$db_ip" -c port=5432 \
+ip netns exec "$ns" runuser -u postgres -- "$pgbin/postgres" -D "$work/pg" -c listen_addresses="$db_ip" -c port=5432 \
     -c unix_socket_directories="$work/pgsock" >"$work/pg.log" 2>&1 &
 pids+=($!)
 until_ok 60 "$pgbin/pg_isready" -q -h "$db_ip" -p 5432 || { cat "$work/pg.log"; fail "PostgreSQL did not start"; }
