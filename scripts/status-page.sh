@@ -66,10 +66,16 @@ import socket, sys
 socks = [socket.socket() for _ in range(int(sys.argv[1]))]
 for s in socks:
     s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
+ports = [s.getsockname()[1] for s in socks]
+for s in socks:
+    s.close()
+print(" ".join(map(str, ports)))
 EOF
 }
-read -r listen metrics up down < <(free_ports 4)
+# Command substitution, not `< <(...)`: bash then waits for python to exit, so no port is still
+# held when a server binds it (through `< <(...)` the demo backend sometimes found its port taken).
+ports=$(free_ports 4)
+read -r listen metrics up down <<<"$ports"
 
 cat >"$tmp/ringlb.toml" <<EOF
 workers = 2
@@ -102,18 +108,23 @@ try:
 except Exception:
     pass' "http://127.0.0.1:$metrics/$1"
 }
-# Wait until ringlb serves and has marked the second backend down.
+# Wait until ringlb serves, has seen the first backend up and marked the second down.
+healthy() {
+    local text
+    text=$(get metrics)
+    grep -q "ringlb_backend_up{pool=\"web\",backend=\"127.0.0.1:$up\"} 1" <<<"$text" &&
+        grep -q "ringlb_backend_up{pool=\"web\",backend=\"127.0.0.1:$down\"} 0" <<<"$text"
+}
 for _ in $(seq 1 100); do
-    if get metrics | grep -q "ringlb_backend_up{pool=\"web\",backend=\"127.0.0.1:$down\"} 0"; then break; fi
+    if healthy; then break; fi
     kill -0 "$ringlb_pid" 2>/dev/null || { cat "$tmp/ringlb.log" >&2; die "ringlb exited"; }
     sleep 0.2
 done
-get metrics | grep -q "ringlb_backend_up{pool=\"web\",backend=\"127.0.0.1:$down\"} 0" ||
-    { cat "$tmp/ringlb.log" >&2; die "the down backend was never marked down"; }
+healthy || { cat "$tmp/ringlb.log" "$tmp/backend.log" >&2; die "the backends never showed one up and one down"; }
 "$RINGLB_BIN" ctl --socket "$tmp/admin.sock" weight web "127.0.0.1:$up" 3 >/dev/null ||
     die "ringlb ctl weight failed"
 # Traffic for the charts, until ringlb has taken two samples (one rate; a sample every 5 s).
-python3 - "$listen" "$metrics" <<'EOF' || die "no rates in /status.json"
+python3 - "$listen" "$metrics" <<'EOF' || { cat "$tmp/ringlb.log" "$tmp/backend.log" >&2; die "no rates in /status.json"; }
 import json, socket, sys, time, urllib.request
 listen, metrics = int(sys.argv[1]), int(sys.argv[2])
 deadline = time.monotonic() + 30
