@@ -243,8 +243,7 @@ fn a_config_with_user_started_as_another_user_than_root_or_that_one_is_refused()
     // nobody may not reach the build's binary (the checkout may sit in a private directory):
     // run a copy from the temporary directory.
     let binary = std::env::temp_dir().join(format!("ringlb-as-nobody-{}", std::process::id()));
-    std::fs::copy(env!("CARGO_BIN_EXE_ringlb"), &binary).unwrap();
-    std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    copy_executable(std::path::Path::new(env!("CARGO_BIN_EXE_ringlb")), &binary);
     let mut command = Command::new(&binary);
     command.args(["run", "-c"]).arg(&path);
     // SAFETY: setgid and setuid are async-signal-safe; the child runs as nobody from here.

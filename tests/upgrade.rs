@@ -129,13 +129,13 @@ fn an_upgrade_runs_the_binary_that_replaced_the_old_one_at_its_path() {
     let dir = std::env::temp_dir().join(format!("ringlb-upgrade-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let binary = dir.join("ringlb");
-    std::fs::copy(env!("CARGO_BIN_EXE_ringlb"), &binary).unwrap();
+    copy_executable(std::path::Path::new(env!("CARGO_BIN_EXE_ringlb")), &binary);
     let mut lb = Ringlb::start_binary(&binary, &config(&[backend.addr], ""));
     let addr = lb.addr();
 
     // As a package manager replaces it: a new file renamed over the path.
     let fresh = dir.join("ringlb.new");
-    std::fs::copy(env!("CARGO_BIN_EXE_ringlb"), &fresh).unwrap();
+    copy_executable(std::path::Path::new(env!("CARGO_BIN_EXE_ringlb")), &fresh);
     std::fs::rename(&fresh, &binary).unwrap();
     let running = std::fs::read_link(format!("/proc/{}/exe", lb.pid())).unwrap();
     assert!(running.to_string_lossy().ends_with(" (deleted)"), "{running:?}");

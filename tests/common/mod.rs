@@ -46,6 +46,17 @@ fn temp_path(suffix: &str) -> std::path::PathBuf {
 }
 
 /// Writes `text` to a fresh temporary file and returns its path.
+/// Copies the executable `from` to `to` (mode 0755) with `cp`, in a process of its own.
+///
+/// `std::fs::copy` would hold the new file open for writing in this process, and a child that
+/// another test thread forks meanwhile inherits that descriptor until it execs: running the
+/// copy then fails with ETXTBSY ("Text file busy").
+pub fn copy_executable(from: &std::path::Path, to: &std::path::Path) {
+    let status = Command::new("cp").arg(from).arg(to).status().expect("run cp");
+    assert!(status.success(), "cp {} {} failed", from.display(), to.display());
+    std::fs::set_permissions(to, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
 pub fn write_temp(text: &str, suffix: &str) -> std::path::PathBuf {
     let path = temp_path(suffix);
     std::fs::write(&path, text).unwrap();
