@@ -35,10 +35,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n):
+    """n distinct free loopback ports (held together while chosen, so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def wait_port(port, proc, what, timeout=20.0):
@@ -198,8 +204,8 @@ def main():
         if not os.access(path, os.X_OK):
             sys.exit(f"{path} is missing: build it with cargo build --release --bins")
 
-    backends = [free_port(), free_port()]
-    listen, metrics = free_port(), free_port()
+    first, second, listen, metrics = free_ports(4)
+    backends = [first, second]
     work = tempfile.mkdtemp(prefix="ringlb-change-")
     path = os.path.join(work, "ringlb.toml")
     both, first = config(listen, metrics, backends), config(listen, metrics, backends[:1])

@@ -26,7 +26,18 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# free_ports N: N distinct free loopback ports, released before python exits (ports taken one
+# call at a time could repeat).
+free_ports() {
+    python3 -c 'import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+ports = [s.getsockname()[1] for s in socks]
+for s in socks:
+    s.close()
+print(" ".join(map(str, ports)))' "$1"
+}
 wait_port() {
     for _ in $(seq 1 100); do
         python3 -c "import socket,sys; socket.create_connection(('$1', $2), timeout=0.2)" 2>/dev/null && return 0
@@ -36,7 +47,9 @@ wait_port() {
     return 1
 }
 
-nginx_port=$(free_port); haproxy_port=$(free_port); front_port=$(free_port)
+all_ports=$(free_ports 9)
+read -r nginx_port haproxy_port front_port ringlb_accept_port p0 p1 p2 p3 p4 <<<"$all_ports"
+ports=("$p0" "$p1" "$p2" "$p3" "$p4")
 # nginx answers with the address its PROXY parser read.
 mkdir -p "$work/nginx"
 cat > "$work/nginx/nginx.conf" <<CONF
@@ -59,7 +72,6 @@ nginx -c "$work/nginx/nginx.conf" -p "$work/nginx" & pids+=($!)
 
 # HAProxy answers with the address its accept-proxy read, and also fronts ringlb with
 # send-proxy-v2 for the accept_proxy check.
-ringlb_accept_port=$(free_port)
 cat > "$work/haproxy.cfg" <<CONF
 global
     log stderr format raw local0 err
@@ -81,7 +93,6 @@ backend to_ringlb
 CONF
 haproxy -f "$work/haproxy.cfg" -db & pids+=($!)
 
-ports=(); for _ in 1 2 3 4 5; do ports+=("$(free_port)"); done
 cat > "$work/ringlb.toml" <<CONF
 workers = 2
 [listeners.v1_nginx]
