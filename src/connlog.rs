@@ -30,7 +30,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -65,24 +65,33 @@ fn sink() -> Option<&'static SyncSender<Message>> {
     static SINK: OnceLock<Option<SyncSender<Message>>> = OnceLock::new();
     SINK.get_or_init(|| {
         let (tx, rx) = sync_channel(QUEUED_BATCHES);
-        std::thread::Builder::new().name("ringlb-log".into()).spawn(move || write_batches(&rx)).ok().map(|_| tx)
+        std::thread::Builder::new()
+            .name("ringlb-log".into())
+            .spawn(move || write_batches(&rx, write_stderr))
+            .ok()
+            .map(|_| tx)
     })
     .as_ref()
 }
 
-/// The log thread: writes each batch, and after one that came once lines were dropped, says
-/// how many.
-fn write_batches(rx: &Receiver<Message>) {
+/// The log thread: writes each batch with `write`, and after one that came once lines were
+/// dropped, says how many.
+fn write_batches(rx: &Receiver<Message>, write: impl Fn(&str)) {
+    let say_dropped = || {
+        let dropped = DROPPED.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            write(&dropped_line(dropped));
+        }
+    };
     for message in rx {
         match message {
             Message::Lines(text) => {
-                write_stderr(&text);
-                let dropped = DROPPED.swap(0, Ordering::Relaxed);
-                if dropped > 0 {
-                    write_stderr(&dropped_line(dropped));
-                }
+                write(&text);
+                say_dropped();
             }
             Message::Flushed(done) => {
+                // Lines dropped after the last batch written are counted here, at exit.
+                say_dropped();
                 let _ = done.send(());
             }
         }
@@ -113,16 +122,31 @@ fn write_stderr(text: &str) {
 }
 
 /// Waits up to `timeout` for the log thread to write every batch handed to it (at exit).
+///
+/// The queue may be full (stderr stuck while connections ended): the flush request then waits
+/// for room too, from a thread of its own, so that the wait as a whole keeps to `timeout`.
+/// Lines dropped since the last batch written are counted in a last warning.
 pub fn finish(timeout: Duration) {
-    let Some(tx) = sink() else { return };
+    if let Some(tx) = sink() {
+        flush(tx, timeout);
+    }
+}
+
+/// [`finish`] with the log thread's queue `tx`.
+fn flush(tx: &SyncSender<Message>, timeout: Duration) {
     let (done, written) = sync_channel(1);
-    if tx.try_send(Message::Flushed(done)).is_ok() {
-        match written.recv_timeout(timeout) {
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => {}
-            Err(RecvTimeoutError::Timeout) => {
-                log::warn!("connection log: stderr did not take the last lines within {timeout:?}")
-            }
+    let queued = match tx.try_send(Message::Flushed(done)) {
+        Ok(()) => true,
+        Err(TrySendError::Full(request)) => {
+            let tx = tx.clone();
+            std::thread::Builder::new().name("ringlb-log-exit".into()).spawn(move || tx.send(request)).is_ok()
         }
+        Err(TrySendError::Disconnected(_)) => false,
+    };
+    if queued {
+        // Past the timeout the lines still waiting are lost; nothing is said, as saying it
+        // would wait for the same stderr.
+        let _ = written.recv_timeout(timeout);
     }
 }
 
@@ -378,6 +402,40 @@ mod tests {
         assert!(!line.contains('\n'));
         let none = Record { pool: None, backend: None, connect_ms: None, ..record(None, "db") };
         assert!(none.text().contains("pool=- backend=- queued_ms=0 connect_ms=-"), "{}", none.text());
+    }
+
+    #[test]
+    fn at_exit_a_full_queue_is_written_before_finish_returns() {
+        use std::sync::{Arc, Condvar, Mutex};
+        // A stderr that takes nothing until the gate opens, and says when it holds a batch.
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let written = Arc::new(Mutex::new(String::new()));
+        let (holding, held) = sync_channel(1);
+        let (tx, rx) = sync_channel(QUEUED_BATCHES);
+        let (stderr_gate, stderr_text) = (Arc::clone(&gate), Arc::clone(&written));
+        std::thread::spawn(move || {
+            write_batches(&rx, |text| {
+                let _ = holding.try_send(());
+                let (open, opened) = &*stderr_gate;
+                drop(opened.wait_while(open.lock().unwrap(), |open| !*open).unwrap());
+                stderr_text.lock().unwrap().push_str(text);
+            })
+        });
+        tx.send(Message::Lines("line 0\n".into())).unwrap();
+        held.recv().unwrap();
+        // The log thread holds line 0; fill its queue.
+        let mut sent = 1;
+        while tx.try_send(Message::Lines(format!("line {sent}\n"))).is_ok() {
+            sent += 1;
+        }
+        assert_eq!(sent, 1 + QUEUED_BATCHES);
+        let finishing = std::thread::spawn(move || {
+            flush(&tx, Duration::from_secs(60));
+            written.lock().unwrap().lines().filter(|l| l.starts_with("line ")).count()
+        });
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        assert_eq!(finishing.join().unwrap(), sent, "finish returned before every queued batch was written");
     }
 
     #[test]
