@@ -57,3 +57,64 @@ fn a_request_ending_in_bare_line_feeds_is_answered() {
     assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
     assert!(response.contains("ringlb_connections_accepted_total"), "{response}");
 }
+
+/// Reads one response of a kept-alive connection: its head (lower-cased) and body.
+fn read_response(stream: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let head_end = loop {
+        if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = stream.read(&mut buf).expect("read a response");
+        assert!(n > 0, "the connection closed before a response: {}", String::from_utf8_lossy(&data));
+        data.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&data[..head_end]).to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .expect("a content-length");
+    while data.len() < head_end + length {
+        let n = stream.read(&mut buf).expect("read a body");
+        assert!(n > 0, "the connection closed in a body");
+        data.extend_from_slice(&buf[..n]);
+    }
+    (head, data[head_end..].to_vec())
+}
+
+#[test]
+fn a_full_metrics_port_closes_connections_after_their_response_so_clients_take_turns() {
+    let backend = Backend::echo();
+    let lb = Ringlb::start(&metrics_config(backend.addr));
+    let metrics = lb.metrics_addr.unwrap();
+    // Kept-alive connections close themselves after HEADER_TIMEOUT (5 s) idle, which frees
+    // slots: a run that took that long proves nothing about fullness and is made again.
+    for _attempt in 0..5 {
+        let started = std::time::Instant::now();
+        let mut kept = Vec::new();
+        let closing = loop {
+            let mut stream = connect(metrics);
+            stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let (head, body) = read_response(&mut stream);
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            assert!(String::from_utf8_lossy(&body).contains("ringlb_connections_accepted_total"));
+            if head.contains("connection: close") {
+                break stream;
+            }
+            kept.push(stream);
+            assert!(kept.len() <= 32, "33 connections kept alive on a port that holds 32");
+        };
+        if started.elapsed() >= Duration::from_secs(4) {
+            continue;
+        }
+        // 32 slots, one of them held by the accept waiting for the next connection.
+        assert!(kept.len() >= 30, "a response closed its connection with only {} others open", kept.len());
+        let mut closing = closing;
+        let (rest, end) = read_until_end(&mut closing);
+        assert!(rest.is_empty() && end.is_ok(), "the closing connection ended cleanly: {rest:?} {end:?}");
+        return;
+    }
+    panic!("five runs each took over 4 s");
+}

@@ -5,7 +5,10 @@
 //! each server holds at most [`MAX_CONNECTIONS`] at once (more wait in the listen backlog,
 //! holding no descriptor of ringlb's), a client has [`HEADER_TIMEOUT`] to send each request
 //! head (also between keep-alive requests) and [`CONNECTION_TIMEOUT`] in all, and a request
-//! body is read up to [`MAX_BODY`]. tokio's sockets are closed as soon as they are dropped;
+//! body is read up to [`MAX_BODY`]. While every slot is taken, each response closes its
+//! connection (`Connection: close`), so clients that keep connections alive cannot keep a
+//! waiting one out: its turn comes at the next response (nginx closes kept-alive connections
+//! when it runs short of them too). tokio's sockets are closed as soon as they are dropped;
 //! tokio-uring's are not while a read is in flight, which is why they are not used here.
 
 use std::convert::Infallible;
@@ -17,7 +20,7 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Bytes, Incoming};
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -92,8 +95,9 @@ where
         match listener.accept().await {
             Ok(stream) => {
                 let handle = handle.clone();
+                let slots = Arc::clone(&slots);
                 tokio::task::spawn_local(async move {
-                    serve_connection(stream, handle).await;
+                    serve_connection(stream, handle, slots).await;
                     drop(permit);
                 });
             }
@@ -109,7 +113,8 @@ where
     }
 }
 
-async fn serve_connection<S, H, F>(stream: S, handle: H)
+/// Serves one connection; `slots` are the server's free connection slots.
+async fn serve_connection<S, H, F>(stream: S, handle: H, slots: Arc<Semaphore>)
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
     H: Fn(Req) -> F + Clone + 'static,
@@ -125,7 +130,14 @@ where
         .half_close(true);
     let service = service_fn(move |request: Request<Incoming>| {
         let handle = handle.clone();
-        async move { Ok::<_, Infallible>(answer(request, handle).await) }
+        let slots = Arc::clone(&slots);
+        async move {
+            let mut reply = answer(request, handle).await;
+            if slots.available_permits() == 0 {
+                reply.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(reply)
+        }
     });
     let mut connection = pin!(builder.serve_connection(TokioIo::new(stream), service));
     tokio::select! {
