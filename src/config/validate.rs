@@ -648,8 +648,15 @@ fn validate_dns(src: &Source<'_>, raw: Option<&Spanned<RawDns>>) -> Result<DnsCo
                 .ok()
                 .or_else(|| text.parse::<std::net::IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)));
             match parsed {
-                Some(address) if address.port() != 0 && !address.ip().is_unspecified() => servers.push(address),
-                _ => {
+                Some(address) if !unconnectable(address) => servers.push(address),
+                Some(_) => {
+                    return Err(src.invalid(
+                        server.span(),
+                        "dns.servers",
+                        format!("{text:?} cannot be queried (an unspecified, multicast or broadcast address, or port 0); write a name server's address, e.g. \"10.0.0.2\" or \"127.0.0.1:5353\""),
+                    ));
+                }
+                None => {
                     return Err(src.invalid(
                         server.span(),
                         "dns.servers",
@@ -1243,6 +1250,13 @@ backends = [{ address = "127.0.0.1:9001" }, { address = "127.0.0.1:9002", weight
         }
         let after = GOOD.lines().count() + 3;
         assert_error(&format!("{GOOD}\n[dns]\nservers = [\"resolver\"]\n"), after, &["dns.servers", "IP:port"]);
+        for unusable in ["0.0.0.0", "224.0.0.251:5353", "255.255.255.255", "[ff02::fb]:5353", "10.0.0.2:0"] {
+            assert_error(
+                &format!("{GOOD}\n[dns]\nservers = [\"{unusable}\"]\n"),
+                after,
+                &["dns.servers", unusable, "cannot be queried"],
+            );
+        }
         assert_error(&format!("{GOOD}\n[dns]\nrefresh = \"500ms\"\n"), after, &["dns.refresh", "at least 1s"]);
     }
 
