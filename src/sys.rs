@@ -486,7 +486,11 @@ mod tests {
             x = std::hint::black_box(x.wrapping_add(1));
         }
         let other = std::thread::spawn(thread_id).join().unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        // join returns once the thread's id is cleared; the kernel reaps the task just after.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while thread_cpu_time(other).is_some() && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
         assert_eq!(thread_cpu_time(other), None, "a thread that exited has no clock");
     }
 
@@ -558,15 +562,23 @@ mod tests {
         let pipe = pipe(65536).unwrap();
         assert_eq!(splice(accepted.as_raw_fd(), pipe.write.as_raw_fd(), 65536), -libc::EAGAIN, "nothing to read yet");
         client.write_all(b"spliced").unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        readable(accepted.as_raw_fd());
         assert_eq!(splice(accepted.as_raw_fd(), pipe.write.as_raw_fd(), 65536), 7);
         assert_eq!(splice(pipe.read.as_raw_fd(), accepted.as_raw_fd(), 7), 7, "echo it back");
         let mut back = [0u8; 7];
         client.read_exact(&mut back).unwrap();
         assert_eq!(&back, b"spliced");
         drop(client);
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        readable(accepted.as_raw_fd());
         assert_eq!(splice(accepted.as_raw_fd(), pipe.write.as_raw_fd(), 65536), 0, "end of stream");
+    }
+
+    /// Waits (up to 10 s) until `fd` has bytes or an end of stream to read.
+    fn readable(fd: RawFd) {
+        let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd, alive for the call.
+        let ready = unsafe { libc::poll(&mut poll, 1, 10_000) };
+        assert_eq!(ready, 1, "fd {fd} did not become readable");
     }
 
     #[test]

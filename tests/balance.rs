@@ -202,7 +202,9 @@ fn hung_backend_is_taken_out_by_send_expect_check() {
         closed.fetch_add(1, Ordering::SeqCst);
     });
     let addrs = vec![backends[0].addr, hung.addr, backends[2].addr];
-    let health = format!("{FAST_HEALTH}\nsend = \"PING\\r\\n\"\nexpect = \"+PONG\"");
+    // 1 s for a reply: the healthy backends answer from a thread of this (busy) test process.
+    let fast = FAST_HEALTH.replace("timeout = \"200ms\"", "timeout = \"1s\"");
+    let health = format!("{fast}\nsend = \"PING\\r\\n\"\nexpect = \"+PONG\"");
     let lb = Ringlb::start(&pool_config("round_robin", &addrs, "", &health));
     assert!(
         Ringlb::eventually(Duration::from_secs(10), || lb

@@ -233,8 +233,8 @@ fn max_conns_per_source_counts_over_all_workers() {
     drop(held.pop());
     assert!(
         Ringlb::eventually(Duration::from_secs(5), || {
-            let mut s = connect_from(a, lb.addr());
-            round_trip(&mut s, b"room again").is_ok()
+            // Refused (reset, maybe before connect returns) until the slot is free.
+            try_connect_from(a, lb.addr()).is_ok_and(|mut s| round_trip(&mut s, b"room again").is_ok())
         }),
         "a slot did not free"
     );
@@ -263,6 +263,12 @@ fn backend_max_conns_queues_until_a_slot_frees_or_the_queue_timeout() {
         waiting.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
         let mut back = [0u8; 7];
         assert!(waiting.read_exact(&mut back).is_err(), "round {round}: served past max_conns");
+        // Queued before the slot frees (else it would be served without waiting).
+        assert!(
+            Ringlb::eventually(Duration::from_secs(10), || lb.metrics()["ringlb_connections_queued_total"]
+                == (round + 1) as f64),
+            "round {round}: the connection was not queued"
+        );
         drop(held.remove(0));
         waiting.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         waiting.read_exact(&mut back).unwrap_or_else(|e| panic!("round {round}: not served after a slot freed: {e}"));

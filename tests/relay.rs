@@ -192,12 +192,12 @@ fn all_backends_down_closes_client_promptly(relay: &str) {
 
 fn idle_connection_is_closed_but_busy_one_is_not(relay: &str) {
     let backend = Backend::echo();
-    let lb = Ringlb::start(&config_for(&[backend.addr], &top(relay, "idle_timeout = \"1s\""), ""));
+    let lb = Ringlb::start(&config_for(&[backend.addr], &top(relay, "idle_timeout = \"2s\""), ""));
     // Busy: a round trip every 100 ms for twice the idle timeout; a pause of the test thread
-    // would have to last 900 ms to look idle.
+    // would have to last 1.9 s to look idle.
     let mut busy = connect(lb.addr());
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(2) {
+    while start.elapsed() < Duration::from_secs(4) {
         round_trip(&mut busy, b"still here").expect("a busy connection must stay open");
         thread::sleep(Duration::from_millis(100));
     }

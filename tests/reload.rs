@@ -105,9 +105,10 @@ fn listeners_added_and_removed_by_a_reload() {
     let (a, b) = (lb.addrs["a"], lb.addrs["b"]);
     let mut on_b = connect(b);
     round_trip(&mut on_b, b"before").unwrap();
-    // b goes, c comes; a (same bind) keeps its sockets. Connections on b drain for 2 s.
-    let next =
-        config(&[backend.addr], "drain_timeout = \"2s\"", "") + "[listeners.c]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n";
+    // b goes, c comes; a (same bind) keeps its sockets. Connections on b drain for 10 s (time
+    // enough for the checks below on a loaded machine).
+    let next = config(&[backend.addr], "drain_timeout = \"10s\"", "")
+        + "[listeners.c]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n";
     let outcome = lb.reload(&next);
     assert!(outcome.contains("listeners removed: b") && outcome.contains("listeners added: c/"), "{outcome}");
     let c = lb.added_listener("c");

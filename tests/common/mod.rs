@@ -694,6 +694,17 @@ pub fn try_connect_from(source: std::net::IpAddr, addr: SocketAddr) -> std::io::
     Ok(stream)
 }
 
+/// A connection to `addr` whose local address is known even if `connect` fails: ringlb may
+/// reset a refused connection before `connect` returns (ECONNRESET).
+pub fn connect_bound(addr: SocketAddr) -> (SocketAddr, std::io::Result<TcpStream>) {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).unwrap();
+    let any: SocketAddr = if addr.is_ipv4() { "127.0.0.1:0".parse().unwrap() } else { "[::1]:0".parse().unwrap() };
+    socket.bind(&any.into()).unwrap();
+    let local = socket.local_addr().unwrap().as_socket().unwrap();
+    let stream = socket.connect(&addr.into()).map(|()| TcpStream::from(socket));
+    (local, stream)
+}
+
 /// Whether a connection from `source` to `addr` is closed or reset by ringlb without an
 /// answer (before or after `connect` returns).
 pub fn refused_from(source: std::net::IpAddr, addr: SocketAddr) -> bool {
