@@ -5,7 +5,8 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use ringlb::connlog::{Record, timestamp};
+use ringlb::connlog::Record;
+use ringlb::logger::timestamp;
 
 fn record() -> Record<'static> {
     Record {

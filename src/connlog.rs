@@ -11,161 +11,42 @@
 //! termination state is HAProxy's (see [`crate::conn::Termination`] and the README).
 //!
 //! A line per connection at tens of thousands of connections a second must not cost a
-//! syscall and a lock each: every worker collects its lines in a [`Writer`] and hands them on
-//! at most every [`FLUSH_EVERY_MS`] (or once [`FLUSH_AT`] bytes are waiting; a quiet worker
-//! hands on what it holds at its next tick, within a second), in the format of the other log
-//! lines (`main`'s). `RUST_LOG` is read once, at start.
-//!
-//! A worker never writes to stderr itself: a stderr that does not keep up (journald busy, a
-//! full pipe, a slow disk) would stop every connection of the worker. The `ringlb-log` thread
-//! writes the batches, in writes of whole lines of at most [`PIPE_BUF`] bytes (so that a
-//! pipe, as journald's, never interleaves them with another thread's). When
-//! [`QUEUED_BATCHES`] batches already wait for it, a worker drops its batch and counts the
-//! lines (`ringlb_connection_log_dropped_total`); the log thread says how many were dropped
-//! once it writes again. This is HAProxy's choice for its logs (a log server that does not
-//! keep up loses lines, not connections).
+//! syscall and a lock each: every worker collects its lines in a [`Writer`] and hands them to
+//! the log thread ([`crate::logger`]) at most every [`FLUSH_EVERY_MS`] (or once [`FLUSH_AT`]
+//! bytes are waiting; a quiet worker hands on what it holds at its next tick, within a
+//! second), in the format of the other log lines. A batch that finds the log thread's queue
+//! full is dropped and its lines counted (`ringlb_connection_log_dropped_total`). `RUST_LOG`
+//! is read once, at start.
 
 use std::fmt::Write;
-use std::io::Write as _;
 use std::net::SocketAddr;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use crate::logger;
+
 /// The log target of connection lines.
 pub const TARGET: &str = "ringlb::connection";
-/// The most bytes one write to a pipe keeps together.
-pub const PIPE_BUF: usize = 4096;
 /// A worker writes what it collected once it holds this much.
 pub const FLUSH_AT: usize = 16 * 1024;
 /// ... or once this long has passed since it last wrote (worker clock, ms).
 pub const FLUSH_EVERY_MS: u64 = 50;
-/// Batches that may wait for the log thread (each about [`FLUSH_AT`] bytes at most); a worker
-/// drops a batch past that rather than wait.
-pub const QUEUED_BATCHES: usize = 64;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
-static JSON: AtomicBool = AtomicBool::new(false);
-/// Lines dropped since the log thread last said so.
-static DROPPED: AtomicU64 = AtomicU64::new(0);
-
-/// What the workers send the log thread.
-enum Message {
-    Lines(String),
-    /// Answered once everything sent before is written.
-    Flushed(SyncSender<()>),
-}
-
-/// The log thread's queue, started on first use; `None` if the thread could not be started
-/// (the lines are then written by the worker, as a last resort).
-fn sink() -> Option<&'static SyncSender<Message>> {
-    static SINK: OnceLock<Option<SyncSender<Message>>> = OnceLock::new();
-    SINK.get_or_init(|| {
-        let (tx, rx) = sync_channel(QUEUED_BATCHES);
-        std::thread::Builder::new()
-            .name("ringlb-log".into())
-            .spawn(move || write_batches(&rx, write_stderr))
-            .ok()
-            .map(|_| tx)
-    })
-    .as_ref()
-}
-
-/// The log thread: writes each batch with `write`, and after one that came once lines were
-/// dropped, says how many.
-fn write_batches(rx: &Receiver<Message>, write: impl Fn(&str)) {
-    let say_dropped = || {
-        let dropped = DROPPED.swap(0, Ordering::Relaxed);
-        if dropped > 0 {
-            write(&dropped_line(dropped));
-        }
-    };
-    for message in rx {
-        match message {
-            Message::Lines(text) => {
-                write(&text);
-                say_dropped();
-            }
-            Message::Flushed(done) => {
-                // Lines dropped after the last batch written are counted here, at exit.
-                say_dropped();
-                let _ = done.send(());
-            }
-        }
-    }
-}
-
-/// The warning that `n` lines were dropped, as a log line of `main`'s format.
-fn dropped_line(n: u64) -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let message = format!("{n} connection log lines dropped: standard error did not keep up");
-    if json() {
-        format!(
-            "{{\"time\":\"{}\",\"level\":\"WARN\",\"target\":\"{TARGET}\",\"message\":\"{message}\"}}\n",
-            timestamp(now)
-        )
-    } else {
-        format!("[{} WARN  {TARGET}] {message}\n", timestamp(now))
-    }
-}
-
-/// Writes whole lines to stderr, in pieces a pipe keeps together.
-fn write_stderr(text: &str) {
-    let mut out = std::io::stderr().lock();
-    for chunk in line_chunks(text, PIPE_BUF) {
-        // Nowhere to report a failing stderr; the lines are dropped.
-        let _ = out.write_all(chunk.as_bytes());
-    }
-}
-
-/// Waits up to `timeout` for the log thread to write every batch handed to it (at exit).
-///
-/// The queue may be full (stderr stuck while connections ended): the flush request then waits
-/// for room too, from a thread of its own, so that the wait as a whole keeps to `timeout`.
-/// Lines dropped since the last batch written are counted in a last warning.
-pub fn finish(timeout: Duration) {
-    if let Some(tx) = sink() {
-        flush(tx, timeout);
-    }
-}
-
-/// [`finish`] with the log thread's queue `tx`.
-fn flush(tx: &SyncSender<Message>, timeout: Duration) {
-    let (done, written) = sync_channel(1);
-    let queued = match tx.try_send(Message::Flushed(done)) {
-        Ok(()) => true,
-        Err(TrySendError::Full(request)) => {
-            let tx = tx.clone();
-            std::thread::Builder::new().name("ringlb-log-exit".into()).spawn(move || tx.send(request)).is_ok()
-        }
-        Err(TrySendError::Disconnected(_)) => false,
-    };
-    if queued {
-        // Past the timeout the lines still waiting are lost; nothing is said, as saying it
-        // would wait for the same stderr.
-        let _ = written.recv_timeout(timeout);
-    }
-}
 
 /// Turns the connection log on or off and sets the format (at start and on every reload);
 /// off too when `RUST_LOG` leaves out `info` for [`TARGET`].
 pub fn configure(enabled: bool, json: bool) {
     let wanted = enabled && log::log_enabled!(target: TARGET, log::Level::Info);
     ENABLED.store(wanted, Ordering::Relaxed);
-    JSON.store(json, Ordering::Relaxed);
+    logger::set_json(json);
 }
 
 /// Whether connection lines are wanted.
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
-}
-
-/// Whether lines are written as JSON.
-pub fn json() -> bool {
-    JSON.load(Ordering::Relaxed)
 }
 
 /// One ended connection.
@@ -264,9 +145,9 @@ impl Writer {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         if now != self.second || self.stamp.is_empty() {
             self.second = now;
-            self.stamp = timestamp(now);
+            self.stamp = logger::timestamp(now);
         }
-        if json() {
+        if logger::json() {
             let fields = record.json();
             let _ = writeln!(
                 self.buf,
@@ -293,67 +174,14 @@ impl Writer {
         0
     }
 
-    /// Hands what was collected to the log thread; the number of lines dropped because it has
-    /// [`QUEUED_BATCHES`] waiting already.
+    /// Hands what was collected to the log thread; the number of lines dropped because its
+    /// queue was full.
     pub fn flush(&mut self) -> u64 {
         if self.buf.is_empty() {
             return 0;
         }
-        let text = std::mem::take(&mut self.buf);
-        let Some(tx) = sink() else {
-            write_stderr(&text);
-            return 0;
-        };
-        match tx.try_send(Message::Lines(text)) {
-            Ok(()) => 0,
-            Err(TrySendError::Full(message) | TrySendError::Disconnected(message)) => {
-                let lines = match &message {
-                    Message::Lines(text) => text.matches('\n').count() as u64,
-                    Message::Flushed(_) => 0,
-                };
-                DROPPED.fetch_add(lines, Ordering::Relaxed);
-                lines
-            }
-        }
+        logger::send(std::mem::take(&mut self.buf))
     }
-}
-
-/// `text` (whole lines) cut into pieces of at most `max` bytes each that end at a line's end
-/// (a longer line is a piece of its own).
-fn line_chunks(text: &str, max: usize) -> impl Iterator<Item = &str> {
-    let mut rest = text;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let window = &rest.as_bytes()[..rest.len().min(max)];
-        let end = match window.iter().rposition(|&b| b == b'\n') {
-            Some(i) if rest.len() > max => i + 1,
-            _ if rest.len() <= max => rest.len(),
-            // One line longer than `max`: up to its end.
-            _ => rest.find('\n').map_or(rest.len(), |i| i + 1),
-        };
-        let (chunk, tail) = rest.split_at(end);
-        rest = tail;
-        Some(chunk)
-    })
-}
-
-/// `secs` since the Unix epoch as RFC 3339 in UTC, to the second (as env_logger writes it).
-pub fn timestamp(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// A value written bare if it is plain (printable ASCII, no space, quote or `=`), else quoted.
@@ -402,64 +230,6 @@ mod tests {
         assert!(!line.contains('\n'));
         let none = Record { pool: None, backend: None, connect_ms: None, ..record(None, "db") };
         assert!(none.text().contains("pool=- backend=- queued_ms=0 connect_ms=-"), "{}", none.text());
-    }
-
-    #[test]
-    fn at_exit_a_full_queue_is_written_before_finish_returns() {
-        use std::sync::{Arc, Condvar, Mutex};
-        // A stderr that takes nothing until the gate opens, and says when it holds a batch.
-        let gate = Arc::new((Mutex::new(false), Condvar::new()));
-        let written = Arc::new(Mutex::new(String::new()));
-        let (holding, held) = sync_channel(1);
-        let (tx, rx) = sync_channel(QUEUED_BATCHES);
-        let (stderr_gate, stderr_text) = (Arc::clone(&gate), Arc::clone(&written));
-        std::thread::spawn(move || {
-            write_batches(&rx, |text| {
-                let _ = holding.try_send(());
-                let (open, opened) = &*stderr_gate;
-                drop(opened.wait_while(open.lock().unwrap(), |open| !*open).unwrap());
-                stderr_text.lock().unwrap().push_str(text);
-            })
-        });
-        tx.send(Message::Lines("line 0\n".into())).unwrap();
-        held.recv().unwrap();
-        // The log thread holds line 0; fill its queue.
-        let mut sent = 1;
-        while tx.try_send(Message::Lines(format!("line {sent}\n"))).is_ok() {
-            sent += 1;
-        }
-        assert_eq!(sent, 1 + QUEUED_BATCHES);
-        let finishing = std::thread::spawn(move || {
-            flush(&tx, Duration::from_secs(60));
-            written.lock().unwrap().lines().filter(|l| l.starts_with("line ")).count()
-        });
-        *gate.0.lock().unwrap() = true;
-        gate.1.notify_all();
-        assert_eq!(finishing.join().unwrap(), sent, "finish returned before every queued batch was written");
-    }
-
-    #[test]
-    fn timestamps_are_rfc3339_in_utc() {
-        assert_eq!(timestamp(0), "1970-01-01T00:00:00Z");
-        assert_eq!(timestamp(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(timestamp(1_796_233_404), "2026-12-02T17:43:24Z");
-    }
-
-    #[test]
-    fn lines_are_written_whole_in_pieces_that_a_pipe_keeps_together() {
-        let line = "x".repeat(99) + "\n";
-        let text = line.repeat(100);
-        let chunks: Vec<&str> = line_chunks(&text, PIPE_BUF).collect();
-        assert_eq!(chunks.concat(), text);
-        assert!(
-            chunks.iter().all(|c| c.len() <= PIPE_BUF && c.ends_with('\n')),
-            "{:?}",
-            chunks.iter().map(|c| c.len()).collect::<Vec<_>>()
-        );
-        assert_eq!(chunks.len(), 3);
-        let long = "y".repeat(5000) + "\n" + "z\n";
-        let chunks: Vec<&str> = line_chunks(&long, PIPE_BUF).collect();
-        assert_eq!(chunks, vec![&long[..5001], "z\n"]);
     }
 
     #[test]

@@ -29,6 +29,8 @@
 //!   first served over all workers.
 //! - [`spread`] holds everything `spread = "pack"` needs (the default, `even`, uses none of
 //!   it): the policy, CPU clocks, the steering program and the hand-over between workers.
+//! - [`logger`] writes every log line from one thread, so a slow stderr never stops a worker;
+//!   [`connlog`] is the line per connection.
 //! - [`stats`] are per-worker counters; [`ring`] and [`sys`] hold the io_uring wrapper and the
 //!   few syscalls made outside the ring, and with them almost all the `unsafe` (the rest is
 //!   the worker's three submission points, each saying what keeps its memory alive).
@@ -41,6 +43,7 @@ pub mod connlog;
 pub mod control;
 pub mod ctl;
 pub mod health;
+pub mod logger;
 pub mod pool;
 pub mod queue;
 pub mod ring;

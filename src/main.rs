@@ -10,10 +10,10 @@ use clap::{Parser, Subcommand};
 use log::{error, info};
 
 use ringlb::config::Config;
-use ringlb::connlog;
 use ringlb::ctl::{self, Action};
 use ringlb::server::{Activated, Inherited, Invocation, Notifier, Server};
 use ringlb::sys;
+use ringlb::{connlog, logger};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -120,8 +120,8 @@ fn duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format(log_line).init();
-    match cli.command {
+    logger::init();
+    let code = match cli.command {
         Command::Check { config: path } => match Config::load(&path) {
             Ok(config) => {
                 for warning in &config.warnings {
@@ -143,7 +143,11 @@ fn main() -> ExitCode {
         Command::Run { config } => run(&config),
         Command::Manpage => manpage(),
         Command::Ctl { socket, config, json, command } => ctl(socket, config.as_deref(), json, command),
-    }
+    };
+    // Every line logged is written before the process exits (the workers' last connection
+    // lines, the final counters).
+    logger::finish(std::time::Duration::from_secs(2));
+    code
 }
 
 /// ringlb(8), from the clap definition (clap_mangen): synopsis, subcommands, examples and
@@ -205,24 +209,6 @@ fn ctl(socket: Option<PathBuf>, config: Option<&std::path::Path>, json: bool, co
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// One log line: `[time LEVEL target] message`, or with `log_format = "json"` a JSON object.
-/// (Connection lines are written by the workers in the same format: see `connlog`.)
-fn log_line(buf: &mut env_logger::fmt::Formatter, record: &log::Record<'_>) -> std::io::Result<()> {
-    use std::io::Write;
-    let time = buf.timestamp();
-    if connlog::json() {
-        let message = serde_json::Value::String(record.args().to_string());
-        writeln!(
-            buf,
-            "{{\"time\":\"{time}\",\"level\":\"{}\",\"target\":\"{}\",\"message\":{message}}}",
-            record.level(),
-            record.target()
-        )
-    } else {
-        writeln!(buf, "[{time} {:<5} {}] {}", record.level(), record.target(), record.args())
     }
 }
 
@@ -310,8 +296,6 @@ fn run(path: &std::path::Path) -> ExitCode {
         notifier.ready(server.shared());
     }
     let served = server.serve_until_stopped(&signals, invocation.as_ref(), &mut notifier);
-    // The workers have stopped: their last connection lines are with the log thread.
-    connlog::finish(std::time::Duration::from_secs(2));
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -219,7 +219,10 @@ fn json_lines_and_no_lines() {
 #[test]
 fn a_stderr_that_does_not_keep_up_loses_lines_not_connections() {
     let backend = Backend::echo();
-    let lb = Ringlb::start(&config(&[backend.addr], "metrics_bind = \"127.0.0.1:0\"", "", ""));
+    // Every second connection first tries a backend that refuses, and each worker warns about
+    // it (once a second): a warning, too, must not wait for stderr.
+    let (_refusing, refused) = refusing_addr();
+    let lb = Ringlb::start(&config(&[refused, backend.addr], "metrics_bind = \"127.0.0.1:0\"", "", ""));
     lb.pause_log();
     // 8,000 lines of about 200 bytes: more than the pipe (64 KiB) and the log thread's queue
     // (64 batches of at most 16 KiB) hold, so a worker that waited for stderr would stop here
@@ -239,9 +242,10 @@ fn a_stderr_that_does_not_keep_up_loses_lines_not_connections() {
         client.join().unwrap();
     }
     lb.resume_log();
-    assert!(lb.logged("connection log lines dropped: standard error did not keep up"), "{}", lb.log());
+    assert!(lb.logged("log lines dropped: standard error did not keep up"), "{}", lb.log());
     let dropped = lb.metrics()["ringlb_connection_log_dropped_total"];
     assert!(dropped > 0.0, "no line dropped");
     let logged = lb.log().matches("INFO  ringlb::connection] client=").count();
     assert!(logged < 8_000, "every line was logged ({logged}), though {dropped} were dropped");
+    assert!(lb.logged("failed: Connection refused"), "{}", lb.log());
 }

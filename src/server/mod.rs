@@ -172,6 +172,8 @@ impl Server {
         if let Some(run_as) = &config.run_as {
             become_run_as(run_as)?;
         }
+        // The first thread: log lines go through it from here on.
+        crate::logger::start();
 
         let carried = inherited.map(|i| i.carried.clone()).unwrap_or_default();
         let snapshot = first_snapshot(config, &carried);

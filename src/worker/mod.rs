@@ -351,6 +351,8 @@ impl Worker {
 
     /// Runs until drained and every completion is in.
     pub fn run(mut self) -> io::Result<()> {
+        // A stderr that does not keep up costs this worker log lines, never its connections.
+        crate::logger::never_wait();
         if let Some(pack) = self.shared.pack() {
             pack.register_thread(self.index, sys::thread_id());
         }

@@ -1,0 +1,329 @@
+//! The process's log: every line, from every thread, is written to stderr by one thread,
+//! `ringlb-log`, so that a stderr that does not keep up (journald busy, a full pipe, a slow
+//! disk) never stops a worker and with it every connection the worker holds.
+//!
+//! Lines are formatted where they are logged (`[TIME LEVEL target] message`, or a JSON object
+//! with `log_format = "json"`) and handed to the log thread's queue. A worker never waits for
+//! room: when [`QUEUED_BATCHES`] batches already wait, its line (or its batch of connection
+//! lines, see [`crate::connlog`]) is dropped and counted, and the log thread says how many
+//! once it writes again. This is HAProxy's choice for its logs (a log server that does not
+//! keep up loses lines, not connections). Other threads (main, control) wait for room, so
+//! their lines are never lost. `RUST_LOG` filters as env_logger does (default `info`).
+//!
+//! The log thread writes whole lines, in writes of at most [`PIPE_BUF`] bytes, so that a pipe
+//! (as journald's) never interleaves them with another writer's. [`finish`] at exit waits for
+//! what is queued to be written.
+
+use std::cell::Cell;
+use std::io::Write as _;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The most bytes one write to a pipe keeps together.
+pub const PIPE_BUF: usize = 4096;
+/// Batches that may wait for the log thread; a worker drops its lines past that rather than
+/// wait.
+pub const QUEUED_BATCHES: usize = 64;
+
+static JSON: AtomicBool = AtomicBool::new(false);
+/// Lines dropped since the log thread last said so.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+/// The log thread's queue, once [`start`]ed; `None` inside if it could not be started. Without
+/// it, lines are written by the thread that logs them.
+static SINK: OnceLock<Option<SyncSender<Message>>> = OnceLock::new();
+
+thread_local! {
+    /// Whether this thread drops a line rather than wait for room in the queue.
+    static NEVER_WAITS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// What the log thread is sent.
+enum Message {
+    Lines(String),
+    /// Answered once everything sent before is written.
+    Flushed(SyncSender<()>),
+}
+
+/// Installs the logger for the `log` macros: `RUST_LOG` (default `info`) decides what is
+/// logged.
+pub fn init() {
+    let filter = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
+    let max = filter.filter();
+    if log::set_boxed_logger(Box::new(Logger { filter })).is_ok() {
+        log::set_max_level(max);
+    }
+}
+
+/// Marks the calling thread as one that must never wait for stderr (a worker): its lines are
+/// dropped and counted when the queue is full.
+pub fn never_wait() {
+    NEVER_WAITS.with(|never| never.set(true));
+}
+
+/// Sets the format of every line (at start and on every reload).
+pub fn set_json(json: bool) {
+    JSON.store(json, Ordering::Relaxed);
+}
+
+/// Whether lines are written as JSON.
+pub fn json() -> bool {
+    JSON.load(Ordering::Relaxed)
+}
+
+struct Logger {
+    filter: env_logger::Logger,
+}
+
+impl log::Log for Logger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.filter.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.filter.matches(record) {
+            send(line(record.level(), record.target(), &record.args().to_string()));
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// One log line, newline included.
+fn line(level: log::Level, target: &str, message: &str) -> String {
+    let time = timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()));
+    if json() {
+        let message = serde_json::Value::String(message.to_string());
+        format!("{{\"time\":\"{time}\",\"level\":\"{level}\",\"target\":\"{target}\",\"message\":{message}}}\n")
+    } else {
+        format!("[{time} {level:<5} {target}] {message}\n")
+    }
+}
+
+/// Hands `text` (whole lines) to the log thread. On a thread marked with [`never_wait`], a full
+/// queue drops it: the number of lines dropped is returned (and said later by the log thread).
+pub fn send(text: String) -> u64 {
+    let Some(tx) = sink() else {
+        write_stderr(&text);
+        return 0;
+    };
+    if !NEVER_WAITS.with(Cell::get) {
+        if let Err(e) = tx.send(Message::Lines(text)) {
+            // The log thread is gone: write it here.
+            if let Message::Lines(text) = e.0 {
+                write_stderr(&text);
+            }
+        }
+        return 0;
+    }
+    match tx.try_send(Message::Lines(text)) {
+        Ok(()) => 0,
+        Err(TrySendError::Full(message) | TrySendError::Disconnected(message)) => {
+            let lines = match &message {
+                Message::Lines(text) => text.matches('\n').count() as u64,
+                Message::Flushed(_) => 0,
+            };
+            DROPPED.fetch_add(lines, Ordering::Relaxed);
+            lines
+        }
+    }
+}
+
+/// Starts the log thread (once; later calls do nothing). The server calls it after it left
+/// root, which changes only the calling thread: no thread may start before.
+pub fn start() {
+    SINK.get_or_init(|| {
+        let (tx, rx) = sync_channel(QUEUED_BATCHES);
+        std::thread::Builder::new()
+            .name("ringlb-log".into())
+            .spawn(move || write_batches(&rx, write_stderr))
+            .ok()
+            .map(|_| tx)
+    });
+}
+
+/// The log thread's queue, if it runs.
+fn sink() -> Option<&'static SyncSender<Message>> {
+    SINK.get().and_then(Option::as_ref)
+}
+
+/// The log thread: writes each batch with `write`, and after one that came once lines were
+/// dropped, says how many.
+fn write_batches(rx: &Receiver<Message>, write: impl Fn(&str)) {
+    let say_dropped = || {
+        let dropped = DROPPED.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            let message = format!("{dropped} log lines dropped: standard error did not keep up");
+            write(&line(log::Level::Warn, "ringlb::log", &message));
+        }
+    };
+    for message in rx {
+        match message {
+            Message::Lines(text) => {
+                write(&text);
+                say_dropped();
+            }
+            Message::Flushed(done) => {
+                // Lines dropped after the last batch written are counted here, at exit.
+                say_dropped();
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Writes whole lines to stderr, in pieces a pipe keeps together.
+fn write_stderr(text: &str) {
+    let mut out = std::io::stderr().lock();
+    for chunk in line_chunks(text, PIPE_BUF) {
+        // Nowhere to report a failing stderr; the lines are dropped.
+        let _ = out.write_all(chunk.as_bytes());
+    }
+}
+
+/// Waits up to `timeout` for the log thread to write every line handed to it (at exit).
+///
+/// The queue may be full (stderr stuck while connections ended): the flush request then waits
+/// for room too, from a thread of its own, so that the wait as a whole keeps to `timeout`.
+/// Lines dropped since the last batch written are counted in a last warning.
+pub fn finish(timeout: Duration) {
+    if let Some(tx) = sink() {
+        flush(tx, timeout);
+    }
+}
+
+/// [`finish`] with the log thread's queue `tx`.
+fn flush(tx: &SyncSender<Message>, timeout: Duration) {
+    let (done, written) = sync_channel(1);
+    let queued = match tx.try_send(Message::Flushed(done)) {
+        Ok(()) => true,
+        Err(TrySendError::Full(request)) => {
+            let tx = tx.clone();
+            std::thread::Builder::new().name("ringlb-log-exit".into()).spawn(move || tx.send(request)).is_ok()
+        }
+        Err(TrySendError::Disconnected(_)) => false,
+    };
+    if queued {
+        // Past the timeout the lines still waiting are lost; nothing is said, as saying it
+        // would wait for the same stderr.
+        let _ = written.recv_timeout(timeout);
+    }
+}
+
+/// `text` (whole lines) cut into pieces of at most `max` bytes each that end at a line's end
+/// (a longer line is a piece of its own).
+fn line_chunks(text: &str, max: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let window = &rest.as_bytes()[..rest.len().min(max)];
+        let end = match window.iter().rposition(|&b| b == b'\n') {
+            Some(i) if rest.len() > max => i + 1,
+            _ if rest.len() <= max => rest.len(),
+            // One line longer than `max`: up to its end.
+            _ => rest.find('\n').map_or(rest.len(), |i| i + 1),
+        };
+        let (chunk, tail) = rest.split_at(end);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+/// `secs` since the Unix epoch as RFC 3339 in UTC, to the second.
+pub fn timestamp(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Condvar, Mutex};
+
+    use super::*;
+
+    /// A log thread over a stderr that takes nothing until the gate opens: its queue, the gate,
+    /// what it wrote, and a signal that it holds a batch.
+    #[allow(clippy::type_complexity)]
+    fn stuck_log_thread() -> (SyncSender<Message>, Arc<(Mutex<bool>, Condvar)>, Arc<Mutex<String>>, Receiver<()>) {
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let written = Arc::new(Mutex::new(String::new()));
+        let (holding, held) = sync_channel(1);
+        let (tx, rx) = sync_channel(QUEUED_BATCHES);
+        let (stderr_gate, stderr_text) = (Arc::clone(&gate), Arc::clone(&written));
+        std::thread::spawn(move || {
+            write_batches(&rx, |text| {
+                let _ = holding.try_send(());
+                let (open, opened) = &*stderr_gate;
+                drop(opened.wait_while(open.lock().unwrap(), |open| !*open).unwrap());
+                stderr_text.lock().unwrap().push_str(text);
+            })
+        });
+        (tx, gate, written, held)
+    }
+
+    #[test]
+    fn at_exit_a_full_queue_is_written_before_finish_returns() {
+        let (tx, gate, written, held) = stuck_log_thread();
+        tx.send(Message::Lines("line 0\n".into())).unwrap();
+        held.recv().unwrap();
+        // The log thread holds line 0; fill its queue.
+        let mut sent = 1;
+        while tx.try_send(Message::Lines(format!("line {sent}\n"))).is_ok() {
+            sent += 1;
+        }
+        assert_eq!(sent, 1 + QUEUED_BATCHES);
+        let finishing = std::thread::spawn(move || {
+            flush(&tx, Duration::from_secs(60));
+            written.lock().unwrap().lines().filter(|l| l.starts_with("line ")).count()
+        });
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        assert_eq!(finishing.join().unwrap(), sent, "finish returned before every queued batch was written");
+    }
+
+    #[test]
+    fn a_line_has_the_time_level_and_target() {
+        let text = line(log::Level::Warn, "ringlb::worker", "a \"quoted\" word");
+        let (stamp, rest) = text.strip_prefix('[').unwrap().split_once(' ').unwrap();
+        assert_eq!(stamp.len(), "2026-12-02T17:43:24Z".len(), "{text}");
+        assert_eq!(rest, "WARN  ringlb::worker] a \"quoted\" word\n");
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_in_utc() {
+        assert_eq!(timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(timestamp(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(timestamp(1_796_233_404), "2026-12-02T17:43:24Z");
+    }
+
+    #[test]
+    fn lines_are_written_whole_in_pieces_that_a_pipe_keeps_together() {
+        let line = "x".repeat(99) + "\n";
+        let text = line.repeat(100);
+        let chunks: Vec<&str> = line_chunks(&text, PIPE_BUF).collect();
+        assert_eq!(chunks.concat(), text);
+        assert!(
+            chunks.iter().all(|c| c.len() <= PIPE_BUF && c.ends_with('\n')),
+            "{:?}",
+            chunks.iter().map(|c| c.len()).collect::<Vec<_>>()
+        );
+        assert_eq!(chunks.len(), 3);
+        let long = "y".repeat(5000) + "\n" + "z\n";
+        let chunks: Vec<&str> = line_chunks(&long, PIPE_BUF).collect();
+        assert_eq!(chunks, vec![&long[..5001], "z\n"]);
+    }
+}
