@@ -11,10 +11,12 @@
 //! when it runs short of them too). tokio's sockets are closed as soon as they are dropped;
 //! tokio-uring's are not while a read is in flight, which is why they are not used here.
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -89,15 +91,20 @@ where
     F: Future<Output = Reply> + 'static,
 {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Connections being served (the accept loop holds a slot while it waits, so the free
+    // slots alone do not say whether the server is full).
+    let open = Rc::new(Cell::new(0usize));
     let mut errors = 0u64;
     loop {
         let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { return };
         match listener.accept().await {
             Ok(stream) => {
                 let handle = handle.clone();
-                let slots = Arc::clone(&slots);
+                let open = Rc::clone(&open);
+                open.set(open.get() + 1);
                 tokio::task::spawn_local(async move {
-                    serve_connection(stream, handle, slots).await;
+                    serve_connection(stream, handle, Rc::clone(&open)).await;
+                    open.set(open.get() - 1);
                     drop(permit);
                 });
             }
@@ -113,8 +120,8 @@ where
     }
 }
 
-/// Serves one connection; `slots` are the server's free connection slots.
-async fn serve_connection<S, H, F>(stream: S, handle: H, slots: Arc<Semaphore>)
+/// Serves one connection; `open` counts the server's connections, this one included.
+async fn serve_connection<S, H, F>(stream: S, handle: H, open: Rc<Cell<usize>>)
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
     H: Fn(Req) -> F + Clone + 'static,
@@ -130,10 +137,10 @@ where
         .half_close(true);
     let service = service_fn(move |request: Request<Incoming>| {
         let handle = handle.clone();
-        let slots = Arc::clone(&slots);
+        let open = Rc::clone(&open);
         async move {
             let mut reply = answer(request, handle).await;
-            if slots.available_permits() == 0 {
+            if open.get() >= MAX_CONNECTIONS {
                 reply.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
             }
             Ok::<_, Infallible>(reply)
