@@ -21,6 +21,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// The log thread's name.
+const THREAD: &str = "ringlb-log";
+/// The target of the log thread's own warning.
+const TARGET: &str = "ringlb::log";
 /// The most bytes one write to a pipe keeps together.
 pub const PIPE_BUF: usize = 4096;
 /// Batches that may wait for the log thread; a worker drops its lines past that rather than
@@ -47,13 +51,21 @@ enum Message {
 }
 
 /// Installs the logger for the `log` macros: `RUST_LOG` (default `info`) decides what is
-/// logged.
+/// logged. A panic first lets the log thread write what it holds (up to half a second), so
+/// the lines before it are not lost (release builds abort on a panic).
 pub fn init() {
     let filter = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
     let max = filter.filter();
     if log::set_boxed_logger(Box::new(Logger { filter })).is_ok() {
         log::set_max_level(max);
     }
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() != Some(THREAD) {
+            finish(Duration::from_millis(500));
+        }
+        previous(info);
+    }));
 }
 
 /// Marks the calling thread as one that must never wait for stderr (a worker): its lines are
@@ -135,11 +147,7 @@ pub fn send(text: String) -> u64 {
 pub fn start() {
     SINK.get_or_init(|| {
         let (tx, rx) = sync_channel(QUEUED_BATCHES);
-        std::thread::Builder::new()
-            .name("ringlb-log".into())
-            .spawn(move || write_batches(&rx, write_stderr))
-            .ok()
-            .map(|_| tx)
+        std::thread::Builder::new().name(THREAD.into()).spawn(move || write_batches(&rx, write_stderr)).ok().map(|_| tx)
     });
 }
 
@@ -153,9 +161,10 @@ fn sink() -> Option<&'static SyncSender<Message>> {
 fn write_batches(rx: &Receiver<Message>, write: impl Fn(&str)) {
     let say_dropped = || {
         let dropped = DROPPED.swap(0, Ordering::Relaxed);
-        if dropped > 0 {
+        let wanted = log::logger().enabled(&log::Metadata::builder().level(log::Level::Warn).target(TARGET).build());
+        if dropped > 0 && wanted {
             let message = format!("{dropped} log lines dropped: standard error did not keep up");
-            write(&line(log::Level::Warn, "ringlb::log", &message));
+            write(&line(log::Level::Warn, TARGET, &message));
         }
     };
     for message in rx {
