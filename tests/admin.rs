@@ -140,6 +140,7 @@ fn drain_wait_fails_when_time_runs_out_and_usage_errors_exit_2() {
     // With every backend drained, a new connection is closed, not sent to it.
     // (A reset may come before connect returns.)
     if let Ok(mut refused) = TcpStream::connect(lb.addr()) {
+        refused.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         assert!(who(&mut refused).is_err());
     }
     // Unknown pool and backend: refused (1); bad arguments: usage (2).

@@ -45,7 +45,6 @@ fn temp_path(suffix: &str) -> std::path::PathBuf {
     ))
 }
 
-/// Writes `text` to a fresh temporary file and returns its path.
 /// Copies the executable `from` to `to` (mode 0755) with `cp`, in a process of its own.
 ///
 /// `std::fs::copy` would hold the new file open for writing in this process, and a child that
@@ -57,6 +56,7 @@ pub fn copy_executable(from: &std::path::Path, to: &std::path::Path) {
     std::fs::set_permissions(to, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 }
 
+/// Writes `text` to a fresh temporary file and returns its path.
 pub fn write_temp(text: &str, suffix: &str) -> std::path::PathBuf {
     let path = temp_path(suffix);
     std::fs::write(&path, text).unwrap();
@@ -702,6 +702,9 @@ pub fn connect_bound(addr: SocketAddr) -> (SocketAddr, std::io::Result<TcpStream
     socket.bind(&any.into()).unwrap();
     let local = socket.local_addr().unwrap().as_socket().unwrap();
     let stream = socket.connect(&addr.into()).map(|()| TcpStream::from(socket));
+    if let Ok(stream) = &stream {
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    }
     (local, stream)
 }
 
