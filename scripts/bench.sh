@@ -350,7 +350,7 @@ install_tools() {
         chmod 755 "$temp_policy_rc"
     fi
     if ! { timeout 300 apt-get update -q &&
-        DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -q --no-install-recommends "${missing[@]}"; } \
+        DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -q -o DPkg::Lock::Timeout=300 --no-install-recommends "${missing[@]}"; } \
         >"$tmp/apt.log" 2>&1; then
         tail -n 15 "$tmp/apt.log" >&2
         die "apt-get could not install ${missing[*]} (see above)"

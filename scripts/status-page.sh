@@ -43,7 +43,7 @@ if ! find_browser; then
     command -v apt-get >/dev/null || die "chromium is missing and there is no apt-get to install it"
     log "installing chromium (apt-get)"
     apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 --no-install-recommends chromium >/dev/null ||
         die "apt-get could not install chromium"
     find_browser || die "chromium is missing after install"
 fi

@@ -9,8 +9,10 @@ install_missing() {
     (($#)) || return 0
     echo "installing $*"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    # Wait for a dpkg lock another apt (unattended-upgrades on a fresh machine) holds, and try
+    # the index download twice.
+    apt-get update -qq || apt-get update -qq
+    apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends "$@" >/dev/null
     for service in $services; do
         systemctl disable --now "$service" >/dev/null 2>&1 || service "$service" stop >/dev/null 2>&1 || true
     done
