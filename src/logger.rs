@@ -7,8 +7,9 @@
 //! room: when [`QUEUED_BATCHES`] batches already wait, its line (or its batch of connection
 //! lines, see [`crate::connlog`]) is dropped and counted, and the log thread says how many
 //! once it writes again. This is HAProxy's choice for its logs (a log server that does not
-//! keep up loses lines, not connections). Other threads (main, control) wait for room, so
-//! their lines are never lost. `RUST_LOG` filters as env_logger does (default `info`).
+//! keep up loses lines, not connections). Other threads (main, control) wait for room, up to
+//! [`WAIT_FOR_ROOM`] (see [`send`]), so their lines are not lost to a slow stderr, and a
+//! stopped one does not stop them. `RUST_LOG` filters as env_logger does (default `info`).
 //!
 //! The log thread writes whole lines, in writes of at most [`PIPE_BUF`] bytes, so that a pipe
 //! (as journald's) never interleaves them with another writer's. [`finish`] at exit waits for
@@ -19,7 +20,7 @@ use std::io::Write as _;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The log thread's name.
 const THREAD: &str = "ringlb-log";
@@ -30,10 +31,14 @@ pub const PIPE_BUF: usize = 4096;
 /// Batches that may wait for the log thread; a worker drops its lines past that rather than
 /// wait.
 pub const QUEUED_BATCHES: usize = 64;
+/// Longest another thread waits for room in the queue (see [`send`]).
+pub const WAIT_FOR_ROOM: Duration = Duration::from_secs(5);
 
 static JSON: AtomicBool = AtomicBool::new(false);
 /// Lines dropped since the log thread last said so.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
+/// Set when a line waited [`WAIT_FOR_ROOM`] in vain; cleared once the log thread writes.
+static STUCK: AtomicBool = AtomicBool::new(false);
 /// The log thread's queue, once [`start`]ed; `None` inside if it could not be started. Without
 /// it, lines are written by the thread that logs them.
 static SINK: OnceLock<Option<SyncSender<Message>>> = OnceLock::new();
@@ -113,23 +118,39 @@ fn line(level: log::Level, target: &str, message: &str) -> String {
     }
 }
 
-/// Hands `text` (whole lines) to the log thread. On a thread marked with [`never_wait`], a full
-/// queue drops it: the number of lines dropped is returned (and said later by the log thread).
+/// Hands `text` (whole lines) to the log thread; the number of lines dropped is returned (and
+/// said later by the log thread).
+///
+/// On a thread marked with [`never_wait`], a full queue drops the lines. Other threads wait up
+/// to [`WAIT_FOR_ROOM`]; a line that still finds no room marks stderr as stuck, and until the
+/// log thread writes again every thread drops what finds the queue full: a stderr that stopped
+/// costs the main and control threads one wait, not their work (a drain, health checks).
 pub fn send(text: String) -> u64 {
     let Some(tx) = sink() else {
         write_stderr(&text);
         return 0;
     };
-    if !NEVER_WAITS.with(Cell::get) {
-        if let Err(e) = tx.send(Message::Lines(text)) {
-            // The log thread is gone: write it here.
-            if let Message::Lines(text) = e.0 {
-                write_stderr(&text);
+    let mut message = Message::Lines(text);
+    if !NEVER_WAITS.with(Cell::get) && !STUCK.load(Ordering::Relaxed) {
+        let deadline = Instant::now() + WAIT_FOR_ROOM;
+        loop {
+            match tx.try_send(message) {
+                Ok(()) => return 0,
+                Err(TrySendError::Full(back)) => message = back,
+                Err(TrySendError::Disconnected(back)) => {
+                    message = back;
+                    break;
+                }
             }
+            if Instant::now() >= deadline {
+                STUCK.store(true, Ordering::Relaxed);
+                break;
+            }
+            // Rare (the queue holds 64 batches): a short nap rather than a second channel.
+            std::thread::sleep(Duration::from_millis(1));
         }
-        return 0;
     }
-    match tx.try_send(Message::Lines(text)) {
+    match tx.try_send(message) {
         Ok(()) => 0,
         Err(TrySendError::Full(message) | TrySendError::Disconnected(message)) => {
             let lines = match &message {
@@ -171,6 +192,7 @@ fn write_batches(rx: &Receiver<Message>, write: impl Fn(&str)) {
         match message {
             Message::Lines(text) => {
                 write(&text);
+                STUCK.store(false, Ordering::Relaxed);
                 say_dropped();
             }
             Message::Flushed(done) => {

@@ -216,18 +216,10 @@ fn json_lines_and_no_lines() {
     assert!(!lb.log().contains("ringlb::connection"), "{}", lb.log());
 }
 
-#[test]
-fn a_stderr_that_does_not_keep_up_loses_lines_not_connections() {
-    let backend = Backend::echo();
-    // Every second connection first tries a backend that refuses, and each worker warns about
-    // it (once a second): a warning, too, must not wait for stderr.
-    let (_refusing, refused) = refusing_addr();
-    let lb = Ringlb::start(&config(&[refused, backend.addr], "metrics_bind = \"127.0.0.1:0\"", "", ""));
-    lb.pause_log();
-    // 8,000 lines of about 200 bytes: more than the pipe (64 KiB) and the log thread's queue
-    // (64 batches of at most 16 KiB) hold, so a worker that waited for stderr would stop here
-    // and a connection would time out.
-    let addr = lb.addr();
+/// 8,000 connections (lines of about 200 bytes: more than the pipe, 64 KiB, and the log
+/// thread's queue, 64 batches of at most 16 KiB, hold), each of which must be served: a worker
+/// that waited for a stuck stderr would stop and a connection would time out.
+fn eight_thousand_connections(addr: SocketAddr) {
     let clients: Vec<_> = (0..4)
         .map(|_| {
             thread::spawn(move || {
@@ -241,6 +233,17 @@ fn a_stderr_that_does_not_keep_up_loses_lines_not_connections() {
     for client in clients {
         client.join().unwrap();
     }
+}
+
+#[test]
+fn a_stderr_that_does_not_keep_up_loses_lines_not_connections() {
+    let backend = Backend::echo();
+    // Every second connection first tries a backend that refuses, and each worker warns about
+    // it (once a second): a warning, too, must not wait for stderr.
+    let (_refusing, refused) = refusing_addr();
+    let lb = Ringlb::start(&config(&[refused, backend.addr], "metrics_bind = \"127.0.0.1:0\"", "", ""));
+    lb.pause_log();
+    eight_thousand_connections(lb.addr());
     lb.resume_log();
     assert!(lb.logged("log lines dropped: standard error did not keep up"), "{}", lb.log());
     let dropped = lb.metrics()["ringlb_connection_log_dropped_total"];
@@ -248,4 +251,18 @@ fn a_stderr_that_does_not_keep_up_loses_lines_not_connections() {
     let logged = lb.log().matches("INFO  ringlb::connection] client=").count();
     assert!(logged < 8_000, "every line was logged ({logged}), though {dropped} were dropped");
     assert!(lb.logged("failed: Connection refused"), "{}", lb.log());
+}
+
+#[test]
+fn a_stop_drains_and_exits_while_stderr_stays_stuck() {
+    let backend = Backend::echo();
+    let mut lb = Ringlb::start(&config(&[backend.addr], "", "", ""));
+    lb.pause_log();
+    eight_thousand_connections(lb.addr());
+    // stderr takes nothing, and the log thread's queue is full: the main thread's lines about
+    // the drain wait a while, then are dropped, and the drain goes on.
+    lb.signal(libc::SIGTERM);
+    let status = lb.wait_exit(Duration::from_secs(60));
+    lb.resume_log();
+    assert!(status.is_some_and(|s| s.success()), "ringlb did not exit while stderr was stuck: {status:?}");
 }
