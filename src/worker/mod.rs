@@ -677,11 +677,11 @@ fn is_resource_shortage(errno: i32) -> bool {
     matches!(errno, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
 }
 
-/// How often the tick looks for connections past a timeout: a tenth of the shortest one,
-/// between 10 ms and 1 s, so a timeout fires at most 10% late.
 /// The test hook's variable (see `Worker::stall_when`).
 pub const STALL_ENV: &str = "RINGLB_TEST_STALL_FILE";
 
+/// How often the tick looks for connections past a timeout: a tenth of the shortest one,
+/// between 10 ms and 1 s, so a timeout fires at most 10% late.
 fn tick_interval(shortest: Option<Duration>) -> Duration {
     shortest.map_or(Duration::from_secs(1), |d| (d / 10).clamp(Duration::from_millis(10), Duration::from_secs(1)))
 }
