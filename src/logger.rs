@@ -18,8 +18,8 @@
 use std::cell::Cell;
 use std::io::Write as _;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The log thread's name.
@@ -31,14 +31,20 @@ pub const PIPE_BUF: usize = 4096;
 /// Batches that may wait for the log thread; a worker drops its lines past that rather than
 /// wait.
 pub const QUEUED_BATCHES: usize = 64;
+/// Places in the queue past [`QUEUED_BATCHES`] that only threads other than workers use, so
+/// that a busy connection log does not keep their lines waiting.
+pub const RESERVED: usize = 16;
 /// Longest another thread waits for room in the queue (see [`send`]).
 pub const WAIT_FOR_ROOM: Duration = Duration::from_secs(5);
 
 static JSON: AtomicBool = AtomicBool::new(false);
 /// Lines dropped since the log thread last said so.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
-/// Set when a line waited [`WAIT_FOR_ROOM`] in vain; cleared once the log thread writes.
+/// Set when a line waited [`WAIT_FOR_ROOM`] in vain; cleared once the log thread has written
+/// everything queued.
 static STUCK: AtomicBool = AtomicBool::new(false);
+/// Batches in the queue.
+static QUEUED: AtomicUsize = AtomicUsize::new(0);
 /// The log thread's queue, once [`start`]ed; `None` inside if it could not be started. Without
 /// it, lines are written by the thread that logs them.
 static SINK: OnceLock<Option<SyncSender<Message>>> = OnceLock::new();
@@ -57,7 +63,8 @@ enum Message {
 
 /// Installs the logger for the `log` macros: `RUST_LOG` (default `info`) decides what is
 /// logged. A panic first lets the log thread write what it holds (up to half a second), so
-/// the lines before it are not lost (release builds abort on a panic).
+/// the lines before it are not lost (release builds abort on a panic); if stderr does not take
+/// them, the panic message is queued rather than written.
 pub fn init() {
     let filter = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
     let max = filter.filter();
@@ -66,10 +73,15 @@ pub fn init() {
     }
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        if std::thread::current().name() != Some(THREAD) {
-            finish(Duration::from_millis(500));
+        let on_log_thread = std::thread::current().name() == Some(THREAD);
+        if on_log_thread || (finish(Duration::from_millis(500)) && !STUCK.load(Ordering::Relaxed)) {
+            previous(info);
+        } else {
+            // stderr does not take lines: the default hook's write could wait forever (and a
+            // release build would never abort). Queue the message instead, if there is room.
+            let where_ = std::thread::current().name().unwrap_or("a thread").to_string();
+            send(line(log::Level::Error, TARGET, &format!("{where_} panicked: {info}")));
         }
-        previous(info);
     }));
 }
 
@@ -121,54 +133,79 @@ fn line(level: log::Level, target: &str, message: &str) -> String {
 /// Hands `text` (whole lines) to the log thread; the number of lines dropped is returned (and
 /// said later by the log thread).
 ///
-/// On a thread marked with [`never_wait`], a full queue drops the lines. Other threads wait up
-/// to [`WAIT_FOR_ROOM`]; a line that still finds no room marks stderr as stuck, and until the
-/// log thread writes again every thread drops what finds the queue full: a stderr that stopped
-/// costs the main and control threads one wait, not their work (a drain, health checks).
+/// A thread marked with [`never_wait`] drops the lines when [`QUEUED_BATCHES`] wait already;
+/// the [`RESERVED`] places past that are for the other threads. They wait up to
+/// [`WAIT_FOR_ROOM`] when the queue is full; a line that still finds no room marks stderr as
+/// stuck, and until the log thread has caught up they too drop what finds the queue full: a
+/// stderr that stopped costs the main and control threads one wait, not their work.
 pub fn send(text: String) -> u64 {
     let Some(tx) = sink() else {
         write_stderr(&text);
         return 0;
     };
+    send_to(tx, &QUEUED, text, !NEVER_WAITS.with(Cell::get))
+}
+
+/// [`send`] to the queue `tx` holding `queued` batches, from a thread that `waits` or not.
+fn send_to(tx: &SyncSender<Message>, queued: &AtomicUsize, text: String, waits: bool) -> u64 {
     let mut message = Message::Lines(text);
-    if !NEVER_WAITS.with(Cell::get) && !STUCK.load(Ordering::Relaxed) {
+    if waits {
         let deadline = Instant::now() + WAIT_FOR_ROOM;
         loop {
-            match tx.try_send(message) {
+            message = match queue(tx, queued, message) {
                 Ok(()) => return 0,
-                Err(TrySendError::Full(back)) => message = back,
+                Err(TrySendError::Full(back)) => back,
                 Err(TrySendError::Disconnected(back)) => {
-                    message = back;
-                    break;
+                    // The log thread is gone: write it here.
+                    if let Message::Lines(text) = back {
+                        write_stderr(&text);
+                    }
+                    return 0;
                 }
+            };
+            if STUCK.load(Ordering::Relaxed) {
+                break;
             }
             if Instant::now() >= deadline {
                 STUCK.store(true, Ordering::Relaxed);
                 break;
             }
-            // Rare (the queue holds 64 batches): a short nap rather than a second channel.
+            // Rare (the queue holds 80 batches): a short nap rather than a second channel.
             std::thread::sleep(Duration::from_millis(1));
         }
+    } else if queued.load(Ordering::Relaxed) < QUEUED_BATCHES {
+        message = match queue(tx, queued, message) {
+            Ok(()) => return 0,
+            Err(TrySendError::Full(back) | TrySendError::Disconnected(back)) => back,
+        };
     }
-    match tx.try_send(message) {
-        Ok(()) => 0,
-        Err(TrySendError::Full(message) | TrySendError::Disconnected(message)) => {
-            let lines = match &message {
-                Message::Lines(text) => text.matches('\n').count() as u64,
-                Message::Flushed(_) => 0,
-            };
-            DROPPED.fetch_add(lines, Ordering::Relaxed);
-            lines
-        }
-    }
+    let lines = match &message {
+        Message::Lines(text) => text.matches('\n').count() as u64,
+        Message::Flushed(_) => 0,
+    };
+    DROPPED.fetch_add(lines, Ordering::Relaxed);
+    lines
+}
+
+/// Queues `message` if there is room, counted in `queued` (before it is sent, so the log
+/// thread never takes it off first).
+fn queue(tx: &SyncSender<Message>, queued: &AtomicUsize, message: Message) -> Result<(), TrySendError<Message>> {
+    queued.fetch_add(1, Ordering::Relaxed);
+    tx.try_send(message).inspect_err(|_| {
+        queued.fetch_sub(1, Ordering::Relaxed);
+    })
 }
 
 /// Starts the log thread (once; later calls do nothing). The server calls it after it left
 /// root, which changes only the calling thread: no thread may start before.
 pub fn start() {
     SINK.get_or_init(|| {
-        let (tx, rx) = sync_channel(QUEUED_BATCHES);
-        std::thread::Builder::new().name(THREAD.into()).spawn(move || write_batches(&rx, write_stderr)).ok().map(|_| tx)
+        let (tx, rx) = sync_channel(QUEUED_BATCHES + RESERVED);
+        std::thread::Builder::new()
+            .name(THREAD.into())
+            .spawn(move || write_batches(&rx, &QUEUED, write_stderr))
+            .ok()
+            .map(|_| tx)
     });
 }
 
@@ -177,9 +214,10 @@ fn sink() -> Option<&'static SyncSender<Message>> {
     SINK.get().and_then(Option::as_ref)
 }
 
-/// The log thread: writes each batch with `write`, and after one that came once lines were
-/// dropped, says how many.
-fn write_batches(rx: &Receiver<Message>, write: impl Fn(&str)) {
+/// The log thread: writes each batch with `write` (and takes it off `queued`), and after one
+/// that came once lines were dropped, says how many. Once it has written everything queued,
+/// stderr no longer counts as stuck.
+fn write_batches(rx: &Receiver<Message>, queued: &AtomicUsize, write: impl Fn(&str)) {
     let say_dropped = || {
         let dropped = DROPPED.swap(0, Ordering::Relaxed);
         let wanted = log::logger().enabled(&log::Metadata::builder().level(log::Level::Warn).target(TARGET).build());
@@ -188,11 +226,22 @@ fn write_batches(rx: &Receiver<Message>, write: impl Fn(&str)) {
             write(&line(log::Level::Warn, TARGET, &message));
         }
     };
-    for message in rx {
+    loop {
+        let message = match rx.try_recv() {
+            Ok(message) => message,
+            Err(TryRecvError::Empty) => {
+                STUCK.store(false, Ordering::Relaxed);
+                match rx.recv() {
+                    Ok(message) => message,
+                    Err(_) => return,
+                }
+            }
+            Err(TryRecvError::Disconnected) => return,
+        };
         match message {
             Message::Lines(text) => {
+                queued.fetch_sub(1, Ordering::Relaxed);
                 write(&text);
-                STUCK.store(false, Ordering::Relaxed);
                 say_dropped();
             }
             Message::Flushed(done) => {
@@ -213,19 +262,18 @@ fn write_stderr(text: &str) {
     }
 }
 
-/// Waits up to `timeout` for the log thread to write every line handed to it (at exit).
+/// Waits up to `timeout` for the log thread to write every line handed to it (at exit); whether
+/// it did (true without a log thread).
 ///
 /// The queue may be full (stderr stuck while connections ended): the flush request then waits
 /// for room too, from a thread of its own, so that the wait as a whole keeps to `timeout`.
 /// Lines dropped since the last batch written are counted in a last warning.
-pub fn finish(timeout: Duration) {
-    if let Some(tx) = sink() {
-        flush(tx, timeout);
-    }
+pub fn finish(timeout: Duration) -> bool {
+    sink().is_none_or(|tx| flush(tx, timeout))
 }
 
-/// [`finish`] with the log thread's queue `tx`.
-fn flush(tx: &SyncSender<Message>, timeout: Duration) {
+/// [`finish`] with the log thread's queue `tx`: whether everything was written in time.
+fn flush(tx: &SyncSender<Message>, timeout: Duration) -> bool {
     let (done, written) = sync_channel(1);
     let queued = match tx.try_send(Message::Flushed(done)) {
         Ok(()) => true,
@@ -235,11 +283,9 @@ fn flush(tx: &SyncSender<Message>, timeout: Duration) {
         }
         Err(TrySendError::Disconnected(_)) => false,
     };
-    if queued {
-        // Past the timeout the lines still waiting are lost; nothing is said, as saying it
-        // would wait for the same stderr.
-        let _ = written.recv_timeout(timeout);
-    }
+    // Past the timeout the lines still waiting are lost; nothing is said, as saying it would
+    // wait for the same stderr.
+    queued && written.recv_timeout(timeout).is_ok()
 }
 
 /// `text` (whole lines) cut into pieces of at most `max` bytes each that end at a line's end
@@ -289,26 +335,51 @@ mod tests {
     /// A log thread over a stderr that takes nothing until the gate opens: its queue, the gate,
     /// what it wrote, and a signal that it holds a batch.
     #[allow(clippy::type_complexity)]
-    fn stuck_log_thread() -> (SyncSender<Message>, Arc<(Mutex<bool>, Condvar)>, Arc<Mutex<String>>, Receiver<()>) {
+    fn stuck_log_thread()
+    -> (SyncSender<Message>, Arc<AtomicUsize>, Arc<(Mutex<bool>, Condvar)>, Arc<Mutex<String>>, Receiver<()>) {
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
         let written = Arc::new(Mutex::new(String::new()));
         let (holding, held) = sync_channel(1);
-        let (tx, rx) = sync_channel(QUEUED_BATCHES);
-        let (stderr_gate, stderr_text) = (Arc::clone(&gate), Arc::clone(&written));
+        let (tx, rx) = sync_channel(QUEUED_BATCHES + RESERVED);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (stderr_gate, stderr_text, taken) = (Arc::clone(&gate), Arc::clone(&written), Arc::clone(&queued));
         std::thread::spawn(move || {
-            write_batches(&rx, |text| {
+            write_batches(&rx, &taken, |text| {
                 let _ = holding.try_send(());
                 let (open, opened) = &*stderr_gate;
                 drop(opened.wait_while(open.lock().unwrap(), |open| !*open).unwrap());
                 stderr_text.lock().unwrap().push_str(text);
             })
         });
-        (tx, gate, written, held)
+        (tx, queued, gate, written, held)
+    }
+
+    #[test]
+    fn a_busy_connection_log_leaves_room_for_the_other_threads() {
+        let (tx, queued, gate, written, held) = stuck_log_thread();
+        assert_eq!(send_to(&tx, &queued, "worker 0\n".into(), false), 0);
+        held.recv().unwrap();
+        // The log thread holds the first batch; workers may queue QUEUED_BATCHES more.
+        for n in 1..=QUEUED_BATCHES {
+            assert_eq!(send_to(&tx, &queued, format!("worker {n}\n"), false), 0, "batch {n}");
+        }
+        assert_eq!(send_to(&tx, &queued, "worker dropped\n".into(), false), 1, "a worker past the limit drops");
+        // A waiting thread finds room at once (else it would wait 5 s and drop it, returning 1).
+        for n in 0..RESERVED {
+            assert_eq!(send_to(&tx, &queued, format!("control {n}\n"), true), 0, "control line {n}");
+        }
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        flush(&tx, Duration::from_secs(60));
+        let text = written.lock().unwrap().clone();
+        assert_eq!(text.lines().filter(|l| l.starts_with("worker ")).count(), 1 + QUEUED_BATCHES, "{text}");
+        assert_eq!(text.lines().filter(|l| l.starts_with("control ")).count(), RESERVED, "{text}");
+        assert_eq!(queued.load(Ordering::Relaxed), 0);
     }
 
     #[test]
     fn at_exit_a_full_queue_is_written_before_finish_returns() {
-        let (tx, gate, written, held) = stuck_log_thread();
+        let (tx, _, gate, written, held) = stuck_log_thread();
         tx.send(Message::Lines("line 0\n".into())).unwrap();
         held.recv().unwrap();
         // The log thread holds line 0; fill its queue.
@@ -316,7 +387,7 @@ mod tests {
         while tx.try_send(Message::Lines(format!("line {sent}\n"))).is_ok() {
             sent += 1;
         }
-        assert_eq!(sent, 1 + QUEUED_BATCHES);
+        assert_eq!(sent, 1 + QUEUED_BATCHES + RESERVED);
         let finishing = std::thread::spawn(move || {
             flush(&tx, Duration::from_secs(60));
             written.lock().unwrap().lines().filter(|l| l.starts_with("line ")).count()

@@ -218,20 +218,20 @@ impl Control {
         // failed connect does not mark it down either (record says nothing changed).
         let Some(change) = self.checks.record(pool, backend, &result) else { return };
         let name = &pool_config.name;
+        let health = self.checks.health(pool);
+        let was_all_down = self.shared.snapshot().pools[pool].all_down();
+        let all_down = !health.up.iter().any(|&u| u);
+        // The workers get the change before it is logged: a log line may wait for stderr.
+        self.rebuild(pool);
         match &result {
             Ok(()) => info!("pool {name}: backend {address} UP after {} passed checks", change.streak),
             Err(why) => warn!("pool {name}: backend {address} DOWN after {} failed checks ({why})", change.streak),
         }
-        let health = self.checks.health(pool);
-        let current = self.shared.snapshot();
-        let was_all_down = current.pools[pool].all_down();
-        let all_down = !health.up.iter().any(|&u| u);
         if all_down && !was_all_down {
             error!("pool {name}: every backend is down; sending connections to all of them (fail open)");
         } else if was_all_down && !all_down {
             info!("pool {name}: a backend is up again; no longer failing open");
         }
-        self.rebuild(pool);
     }
 
     /// Publishes a snapshot with pool `pool` rebuilt from its health and admin settings now.

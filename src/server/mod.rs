@@ -422,13 +422,14 @@ impl Server {
             match sys::wait_signal_timeout(signals, Duration::from_millis(200))? {
                 Some(signal @ (libc::SIGTERM | libc::SIGINT | libc::SIGQUIT)) if !stopping => {
                     stopping = true;
-                    info!("{}: draining; stop accepting, open connections may finish", sys::signal_name(signal));
-                    notifier.stopping();
+                    // Acted on before it is logged: a log line may wait for stderr.
                     self.drain();
+                    notifier.stopping();
+                    info!("{}: draining; stop accepting, open connections may finish", sys::signal_name(signal));
                 }
                 Some(signal @ (libc::SIGTERM | libc::SIGINT | libc::SIGQUIT)) => {
-                    info!("{}: closing remaining connections now", sys::signal_name(signal));
                     self.close_now();
+                    info!("{}: closing remaining connections now", sys::signal_name(signal));
                 }
                 Some(libc::SIGHUP) if !stopping => {
                     info!("SIGHUP: reloading the config");
