@@ -139,7 +139,7 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Adds the line of `record`, as `main` formats log lines: `[TIME INFO  TARGET] FIELDS`,
+    /// Adds the line of `record`, as [`logger`] formats log lines: `[TIME INFO  TARGET] FIELDS`,
     /// or a JSON object with the record's fields beside `time`, `level` and `target`.
     pub fn push(&mut self, record: &Record<'_>) {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -147,19 +147,15 @@ impl Writer {
             self.second = now;
             self.stamp = logger::timestamp(now);
         }
-        if logger::json() {
+        let json = logger::json();
+        logger::write_head(&mut self.buf, json, &self.stamp, log::Level::Info, TARGET);
+        if json {
             let fields = record.json();
-            let _ = writeln!(
-                self.buf,
-                "{{\"time\":\"{}\",\"level\":\"INFO\",\"target\":\"{TARGET}\",{}",
-                self.stamp,
-                fields.strip_prefix('{').unwrap_or(&fields)
-            );
+            self.buf.push_str(fields.strip_prefix('{').unwrap_or(&fields));
         } else {
-            let _ = write!(self.buf, "[{} INFO  {TARGET}] ", self.stamp);
             record.write_text(&mut self.buf);
-            self.buf.push('\n');
         }
+        self.buf.push('\n');
     }
 
     /// Writes what was collected if it is [`FLUSH_AT`] bytes or more, or was last written

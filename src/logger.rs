@@ -16,6 +16,7 @@
 //! what is queued to be written.
 
 use std::cell::Cell;
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -54,11 +55,17 @@ thread_local! {
     static NEVER_WAITS: Cell<bool> = const { Cell::new(false) };
 }
 
-/// What the log thread is sent.
-enum Message {
-    Lines(String),
-    /// Answered once everything sent before is written.
-    Flushed(SyncSender<()>),
+/// What the log thread is sent: lines to write, or (with `flushed`) a request to answer once
+/// everything sent before is written.
+struct Message {
+    text: String,
+    flushed: Option<SyncSender<()>>,
+}
+
+impl Message {
+    fn lines(text: String) -> Message {
+        Message { text, flushed: None }
+    }
 }
 
 /// Installs the logger for the `log` macros: `RUST_LOG` (default `info`) decides what is
@@ -122,12 +129,27 @@ impl log::Log for Logger {
 /// One log line, newline included.
 fn line(level: log::Level, target: &str, message: &str) -> String {
     let time = timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()));
-    if json() {
-        let message = serde_json::Value::String(message.to_string());
-        format!("{{\"time\":\"{time}\",\"level\":\"{level}\",\"target\":\"{target}\",\"message\":{message}}}\n")
+    let json = json();
+    let mut out = String::with_capacity(64 + message.len());
+    write_head(&mut out, json, &time, level, target);
+    if json {
+        let _ = write!(out, "\"message\":{}}}", serde_json::Value::String(message.to_string()));
     } else {
-        format!("[{time} {level:<5} {target}] {message}\n")
+        out.push_str(message);
     }
+    out.push('\n');
+    out
+}
+
+/// The start of every line, the connection log's too: `[TIME LEVEL target] `, or with `json`
+/// the opening of a JSON object with `time`, `level` and `target` and a comma, for the line's
+/// own fields to follow.
+pub fn write_head(out: &mut String, json: bool, time: &str, level: log::Level, target: &str) {
+    let _ = if json {
+        write!(out, "{{\"time\":\"{time}\",\"level\":\"{level}\",\"target\":\"{target}\",")
+    } else {
+        write!(out, "[{time} {level:<5} {target}] ")
+    };
 }
 
 /// Hands `text` (whole lines) to the log thread; the number of lines dropped is returned (and
@@ -147,19 +169,16 @@ pub fn send(text: String) -> u64 {
 }
 
 /// [`send`] to the queue `tx` holding `queued` batches, from a thread that `waits` or not.
-fn send_to(tx: &SyncSender<Message>, queued: &AtomicUsize, text: String, waits: bool) -> u64 {
-    let mut message = Message::Lines(text);
+fn send_to(tx: &SyncSender<Message>, queued: &AtomicUsize, mut text: String, waits: bool) -> u64 {
     if waits {
         let deadline = Instant::now() + WAIT_FOR_ROOM;
         loop {
-            message = match queue(tx, queued, message) {
+            text = match queue(tx, queued, text) {
                 Ok(()) => return 0,
                 Err(TrySendError::Full(back)) => back,
                 Err(TrySendError::Disconnected(back)) => {
                     // The log thread is gone: write it here.
-                    if let Message::Lines(text) = back {
-                        write_stderr(&text);
-                    }
+                    write_stderr(&back);
                     return 0;
                 }
             };
@@ -174,25 +193,26 @@ fn send_to(tx: &SyncSender<Message>, queued: &AtomicUsize, text: String, waits: 
             std::thread::sleep(Duration::from_millis(1));
         }
     } else if queued.load(Ordering::Relaxed) < QUEUED_BATCHES {
-        message = match queue(tx, queued, message) {
+        text = match queue(tx, queued, text) {
             Ok(()) => return 0,
             Err(TrySendError::Full(back) | TrySendError::Disconnected(back)) => back,
         };
     }
-    let lines = match &message {
-        Message::Lines(text) => text.matches('\n').count() as u64,
-        Message::Flushed(_) => 0,
-    };
+    let lines = text.matches('\n').count() as u64;
     DROPPED.fetch_add(lines, Ordering::Relaxed);
     lines
 }
 
-/// Queues `message` if there is room, counted in `queued` (before it is sent, so the log
-/// thread never takes it off first).
-fn queue(tx: &SyncSender<Message>, queued: &AtomicUsize, message: Message) -> Result<(), TrySendError<Message>> {
+/// Queues `text` if there is room, counted in `queued` (before it is sent, so the log thread
+/// never takes it off first); what did not go is handed back.
+fn queue(tx: &SyncSender<Message>, queued: &AtomicUsize, text: String) -> Result<(), TrySendError<String>> {
     queued.fetch_add(1, Ordering::Relaxed);
-    tx.try_send(message).inspect_err(|_| {
+    tx.try_send(Message::lines(text)).map_err(|e| {
         queued.fetch_sub(1, Ordering::Relaxed);
+        match e {
+            TrySendError::Full(message) => TrySendError::Full(message.text),
+            TrySendError::Disconnected(message) => TrySendError::Disconnected(message.text),
+        }
     })
 }
 
@@ -238,13 +258,13 @@ fn write_batches(rx: &Receiver<Message>, queued: &AtomicUsize, write: impl Fn(&s
             }
             Err(TryRecvError::Disconnected) => return,
         };
-        match message {
-            Message::Lines(text) => {
+        match message.flushed {
+            None => {
                 queued.fetch_sub(1, Ordering::Relaxed);
-                write(&text);
+                write(&message.text);
                 say_dropped();
             }
-            Message::Flushed(done) => {
+            Some(done) => {
                 // Lines dropped after the last batch written are counted here, at exit.
                 say_dropped();
                 let _ = done.send(());
@@ -275,7 +295,7 @@ pub fn finish(timeout: Duration) -> bool {
 /// [`finish`] with the log thread's queue `tx`: whether everything was written in time.
 fn flush(tx: &SyncSender<Message>, timeout: Duration) -> bool {
     let (done, written) = sync_channel(1);
-    let queued = match tx.try_send(Message::Flushed(done)) {
+    let queued = match tx.try_send(Message { text: String::new(), flushed: Some(done) }) {
         Ok(()) => true,
         Err(TrySendError::Full(request)) => {
             let tx = tx.clone();
@@ -380,11 +400,11 @@ mod tests {
     #[test]
     fn at_exit_a_full_queue_is_written_before_finish_returns() {
         let (tx, _, gate, written, held) = stuck_log_thread();
-        tx.send(Message::Lines("line 0\n".into())).unwrap();
+        tx.send(Message::lines("line 0\n".into())).unwrap();
         held.recv().unwrap();
         // The log thread holds line 0; fill its queue.
         let mut sent = 1;
-        while tx.try_send(Message::Lines(format!("line {sent}\n"))).is_ok() {
+        while tx.try_send(Message::lines(format!("line {sent}\n"))).is_ok() {
             sent += 1;
         }
         assert_eq!(sent, 1 + QUEUED_BATCHES + RESERVED);

@@ -295,8 +295,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     } else {
         notifier.ready(server.shared());
     }
-    let served = server.serve_until_stopped(&signals, invocation.as_ref(), &mut notifier);
-    match served {
+    match server.serve_until_stopped(&signals, invocation.as_ref(), &mut notifier) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
