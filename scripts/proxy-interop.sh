@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/install.sh
+. scripts/lib/ports.sh
 ringlb=${1:-${RINGLB_BIN:-target/release/ringlb}}
 [ -x "$ringlb" ] || { echo "no ringlb binary at $ringlb (build with: cargo build --release)" >&2; exit 1; }
 
@@ -26,18 +27,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# free_ports N: N distinct free loopback ports, released before python exits (ports taken one
-# call at a time could repeat).
-free_ports() {
-    python3 -c 'import socket, sys
-socks = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-ports = [s.getsockname()[1] for s in socks]
-for s in socks:
-    s.close()
-print(" ".join(map(str, ports)))' "$1"
-}
 wait_port() {
     for _ in $(seq 1 100); do
         python3 -c "import socket,sys; socket.create_connection(('$1', $2), timeout=0.2)" 2>/dev/null && return 0

@@ -60,20 +60,7 @@ trap cleanup EXIT
 [[ -n $out ]] || out=$tmp/out
 mkdir -p "$out"
 
-free_ports() { # free_ports N: N free loopback ports
-    python3 - "$1" <<'EOF'
-import socket, sys
-socks = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-ports = [s.getsockname()[1] for s in socks]
-for s in socks:
-    s.close()
-print(" ".join(map(str, ports)))
-EOF
-}
-# Command substitution, not `< <(...)`: bash then waits for python to exit, so no port is still
-# held when a server binds it (through `< <(...)` the demo backend sometimes found its port taken).
+. "$root/scripts/lib/ports.sh"
 ports=$(free_ports 4)
 read -r listen metrics up down <<<"$ports"
 

@@ -1,4 +1,4 @@
-# Sourced by the check scripts (db-checks.sh, deb-check.sh, proxy-interop.sh).
+# Sourced by the check scripts (db-checks.sh, deb-check.sh, proxy-interop.sh); ports.sh beside it.
 #
 # install_missing "SERVICES" PACKAGE...: installs the packages with apt-get (quietly; nothing
 # if none is named), then stops and disables the system services SERVICES that installing them
